@@ -1,0 +1,262 @@
+"""Typed, validated experiment configuration.
+
+One :class:`ExperimentConfig` describes a run. It is loaded from YAML and/or CLI flags and
+validated once, at the edge, by :func:`load_config`; every error names the offending field
+and is raised as :class:`ConfigError`, which the CLI turns into a one-line message and exit
+code 2. Inner code trusts the object it is given.
+
+Every constant marked [design] in ``shared/docs/method.md`` is a field here, so a user who has
+the paper's exact values can set them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; ``str(err)`` is a one-line message naming the field."""
+
+
+DATASETS = ("digits", "cifar10-folder", "cifar10", "cifar100", "svhn")
+MODELS = ("cnn", "resnet18")
+PARTITIONS = ("iid", "dirichlet", "kclass")
+STRATEGIES = ("fp32", "all-ptq", "all-qat", "random-hybrid", "fedhq", "fedhq-coarse", "fedfq")
+
+# Default fleet: device class -> share of clients. Names index hardware.catalog.DEVICES.
+DEFAULT_FLEET = {
+    "raspberry-pi-4": 0.15,
+    "raspberry-pi-5": 0.15,
+    "jetson-nano": 0.15,
+    "jetson-xavier-nx": 0.1,
+    "snapdragon-8-gen-2": 0.15,
+    "apple-m2-laptop": 0.1,
+    "jetson-agx-orin": 0.1,
+    "nvidia-t4": 0.05,
+    "nvidia-a6000": 0.05,
+}
+
+
+@dataclass
+class ExperimentConfig:
+    """All knobs of one FedHQ run. Defaults are the embedded digits run of ``make run``."""
+
+    # --- data -------------------------------------------------------------------------
+    dataset: str = "digits"
+    data_dir: str | None = None
+    download: bool = False           # only ever with an explicit --download
+    max_train_samples: int = 0       # 0 = all; subsample the train split (seeded)
+    max_test_samples: int = 0
+    test_fraction: float = 0.2       # digits only: held-out share
+    server_calib_size: int = 256     # small server split, used only by the fp32 baseline
+    partition: str = "dirichlet"
+    alpha: float = 0.5               # Dirichlet concentration
+    classes_per_client: int = 2      # for partition=kclass
+    min_shard_size: int = 10
+    # --- model / training ---------------------------------------------------------------
+    model: str = "cnn"
+    clients: int = 20
+    rounds: int = 15
+    fraction: float = 0.5
+    local_epochs: int = 2
+    batch_size: int = 16
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    # --- quantization -------------------------------------------------------------------
+    w_bits: int = 4
+    a_bits: int = 8
+    upload_bits: int = 8
+    first_last_bits: int = 8         # [design] first conv and last linear kept at this; 0 = same as w/a bits
+    ptq_act_percentile: float = 99.99  # [design] PTQ activation clipping percentile
+    calib_batches: int = 4           # [design] PTQ calibration batches on the device
+    ema_momentum: float = 0.9        # [design] QAT activation-range EMA
+    # --- strategy / allocation --------------------------------------------------------
+    strategy: str = "all-qat"
+    xi: float = 0.2
+    qat_share: float = -1.0          # random-hybrid: QAT share; <0 = take fedhq's when known, else 0.5
+    adjust_every: int = 3            # [design] fine-grained adjustment period (rounds)
+    search_band: float = 0.25        # [design] fine search flips clients within this distance of the line
+    pilot_rounds: int = 3            # [design] significance fitting: pilot rounds per strategy
+    significance: str = "auto"       # auto | refit | none : use registry version, force a refit, or skip
+    fedfq_avg_bits: float = 4.0      # fedfq: average upload bits per parameter
+    fedfq_iters: int = 300           # fedfq: simulated-annealing iterations
+    # --- simulated fleet / clock ------------------------------------------------------
+    fleet: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FLEET))
+    jitter_sigma: float = 0.15       # [design] log-normal sigma of per-round time jitter
+    throttle_prob: float = 0.2       # [design] share of clients throttled beyond their spec sheet
+    throttle_factor: float = 2.5     # [design] slowdown of a throttled client
+    profile_batch_sizes: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
+    profile_reps: int = 3
+    # --- execution ----------------------------------------------------------------------
+    seed: int = 0
+    device: str = "auto"             # auto | cpu | cuda
+    max_concurrency: int = 0         # concurrent client trainings; 0 = number of CPU cores
+    eval_every: int = 1
+    # --- tracking -----------------------------------------------------------------------
+    tracking: bool = True
+    tracking_uri: str | None = None  # default from mlflow.yaml
+    experiment: str | None = None
+    registered_model: str | None = None
+    state_dir: str = ".fedhq"
+
+    # ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "ExperimentConfig":
+        return validate(dataclasses.replace(self, **changes))
+
+
+FIELD_NAMES = tuple(f.name for f in fields(ExperimentConfig))
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    return str(f.type).replace("typing.", "")
+
+
+def _coerce(name: str, ftype: str, value: Any) -> Any:
+    """Coerce a YAML/CLI value to the field's declared type, or raise ConfigError."""
+    if value is None:
+        if "None" in ftype:
+            return None
+        raise ConfigError(f"{name}: must not be empty")
+    try:
+        if ftype.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ValueError
+        if ftype.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if ftype.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if ftype.startswith("str"):
+            if not isinstance(value, (str, int, float)):
+                raise ValueError
+            return str(value)
+        if ftype.startswith("dict"):
+            if not isinstance(value, dict):
+                raise ValueError
+            return {str(k): float(v) for k, v in value.items()}
+        if ftype.startswith("list"):
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return [int(v) for v in value]
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"{name}: expected {ftype.split(' ')[0]}, got {value!r}")
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Check every field's range; return ``cfg`` or raise ConfigError naming the field."""
+    from .hardware.catalog import DEVICES  # local import: catalog is data only
+
+    _check(cfg.dataset in DATASETS, "dataset", f"unknown dataset {cfg.dataset!r} (choose from {', '.join(DATASETS)})")
+    _check(cfg.model in MODELS, "model", f"unknown model {cfg.model!r} (choose from {', '.join(MODELS)})")
+    _check(cfg.partition in PARTITIONS, "partition", f"unknown partition {cfg.partition!r} (choose from {', '.join(PARTITIONS)})")
+    _check(cfg.strategy in STRATEGIES, "strategy", f"unknown strategy {cfg.strategy!r} (choose from {', '.join(STRATEGIES)})")
+    for name in ("w_bits", "a_bits"):
+        _check(2 <= getattr(cfg, name) <= 8, name, f"must be in 2..8, got {getattr(cfg, name)}")
+    _check(cfg.upload_bits in (2, 3, 4, 5, 6, 7, 8, 16, 32), "upload_bits", f"must be 2..8, 16 or 32, got {cfg.upload_bits}")
+    _check(cfg.first_last_bits == 0 or 2 <= cfg.first_last_bits <= 8, "first_last_bits", "must be 0 or in 2..8")
+    _check(cfg.rounds >= 1, "rounds", f"must be >= 1, got {cfg.rounds}")
+    _check(cfg.clients >= 1, "clients", f"must be >= 1, got {cfg.clients}")
+    _check(0.0 < cfg.fraction <= 1.0, "fraction", f"must be in (0, 1], got {cfg.fraction}")
+    _check(cfg.local_epochs >= 1, "local_epochs", f"must be >= 1, got {cfg.local_epochs}")
+    _check(cfg.batch_size >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}")
+    _check(cfg.lr > 0, "lr", "must be > 0")
+    _check(0 <= cfg.momentum < 1, "momentum", "must be in [0, 1)")
+    _check(cfg.alpha > 0, "alpha", f"must be > 0, got {cfg.alpha}")
+    _check(cfg.classes_per_client >= 1, "classes_per_client", "must be >= 1")
+    _check(cfg.min_shard_size >= 1, "min_shard_size", "must be >= 1")
+    _check(0 < cfg.test_fraction < 1, "test_fraction", "must be in (0, 1)")
+    _check(cfg.max_train_samples >= 0, "max_train_samples", "must be >= 0")
+    _check(cfg.max_test_samples >= 0, "max_test_samples", "must be >= 0")
+    _check(cfg.server_calib_size >= 1, "server_calib_size", "must be >= 1")
+    _check(0.0 <= cfg.xi <= 1.0, "xi", f"must be in [0, 1], got {cfg.xi}")
+    _check(cfg.qat_share <= 1.0, "qat_share", "must be <= 1 (negative = automatic)")
+    _check(cfg.adjust_every >= 1, "adjust_every", "must be >= 1")
+    _check(cfg.search_band >= 0, "search_band", "must be >= 0")
+    _check(cfg.pilot_rounds >= 1, "pilot_rounds", "must be >= 1")
+    _check(cfg.significance in ("auto", "refit", "none"), "significance", "must be auto, refit or none")
+    _check(0.5 <= cfg.fedfq_avg_bits <= 16, "fedfq_avg_bits", "must be in [0.5, 16]")
+    _check(cfg.fedfq_iters >= 1, "fedfq_iters", "must be >= 1")
+    _check(50 < cfg.ptq_act_percentile <= 100, "ptq_act_percentile", "must be in (50, 100]")
+    _check(cfg.calib_batches >= 1, "calib_batches", "must be >= 1")
+    _check(0 <= cfg.ema_momentum < 1, "ema_momentum", "must be in [0, 1)")
+    _check(cfg.jitter_sigma >= 0, "jitter_sigma", "must be >= 0")
+    _check(0 <= cfg.throttle_prob <= 1, "throttle_prob", "must be in [0, 1]")
+    _check(cfg.throttle_factor >= 1, "throttle_factor", "must be >= 1")
+    _check(len(cfg.profile_batch_sizes) >= 2 and all(b >= 1 for b in cfg.profile_batch_sizes),
+           "profile_batch_sizes", "needs at least two positive batch sizes")
+    _check(cfg.profile_reps >= 1, "profile_reps", "must be >= 1")
+    _check(cfg.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
+    _check(cfg.max_concurrency >= 0, "max_concurrency", "must be >= 0")
+    _check(cfg.eval_every >= 1, "eval_every", "must be >= 1")
+    _check(bool(cfg.fleet), "fleet", "must name at least one device class")
+    for name, share in cfg.fleet.items():
+        _check(name in DEVICES, "fleet", f"unknown device class {name!r} (see fedhq_core/hardware/catalog.py)")
+        _check(share >= 0, "fleet", f"share of {name!r} must be >= 0")
+    _check(sum(cfg.fleet.values()) > 0, "fleet", "shares must not all be zero")
+    if cfg.dataset == "digits":
+        pass
+    else:
+        _check(cfg.data_dir is not None, "data_dir", f"dataset {cfg.dataset!r} needs --data-dir")
+        if not cfg.download:
+            _check(Path(cfg.data_dir).is_dir(), "data_dir", f"directory not found: {cfg.data_dir}")
+    return cfg
+
+
+def from_mapping(values: dict[str, Any], base: ExperimentConfig | None = None, source: str = "config") -> ExperimentConfig:
+    """Build a validated config from ``base`` updated with ``values`` (unknown keys rejected)."""
+    types = {f.name: _type_name(f) for f in fields(ExperimentConfig)}
+    cfg = dataclasses.replace(base) if base is not None else ExperimentConfig()
+    for key, value in values.items():
+        if key not in types:
+            raise ConfigError(f"{key}: unknown key in {source}")
+        setattr(cfg, key, _coerce(key, types[key], value))
+    return validate(cfg)
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or a syntax error raises ConfigError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}: YAML syntax error{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of config keys")
+    return data
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """YAML file (optional) then CLI overrides (``None`` values are ignored)."""
+    values: dict[str, Any] = read_yaml(path) if path else {}
+    source = str(path) if path else "config"
+    cfg = from_mapping(values, source=source) if values else ExperimentConfig()
+    if overrides:
+        cfg = from_mapping({k: v for k, v in overrides.items() if v is not None}, base=cfg, source="flags")
+    return validate(cfg)

@@ -1,0 +1,93 @@
+"""The simulated fleet and clock.
+
+Each client gets a device class (drawn from the fleet's shares) and, with probability
+``throttle_prob``, a hidden slowdown the spec sheet does not show (thermal throttling,
+background load). A client's simulated time in a round is
+
+    predicted compute (roofline on its device) x log-normal jitter x hidden slowdown
+    + upload bytes / uplink bandwidth
+
+and a round lasts as long as its slowest sampled client plus the server's measured time.
+The allocator sees spec-sheet predictions only; the hidden slowdown and jitter show up in the
+observed times, which is what the fine-grained cost model learns from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .catalog import DEVICES, DeviceClass
+from .speed_model import RooflineModel
+
+
+@dataclass
+class Fleet:
+    devices: list[DeviceClass]
+    slowdown: np.ndarray           # hidden per-client factor (1 = as the spec sheet says)
+    jitter_sigma: float
+    seed: int
+
+    @classmethod
+    def build(cls, n_clients: int, shares: dict[str, float], throttle_prob: float, throttle_factor: float,
+              jitter_sigma: float, seed: int) -> "Fleet":
+        rng = np.random.default_rng([seed, 1009])
+        names = sorted(shares)
+        p = np.array([shares[n] for n in names], dtype=float)
+        p /= p.sum()
+        # Largest-remainder allocation of exact counts, then a seeded shuffle: the fleet mix is
+        # what the config says, not a noisy sample of it.
+        raw = p * n_clients
+        counts = np.floor(raw).astype(int)
+        for i in np.argsort(-(raw - counts))[: n_clients - counts.sum()]:
+            counts[i] += 1
+        assigned = [n for n, c in zip(names, counts) for _ in range(c)]
+        rng.shuffle(assigned)
+        throttled = rng.random(n_clients) < throttle_prob
+        slowdown = np.where(throttled, throttle_factor, 1.0)
+        return cls([DEVICES[n] for n in assigned], slowdown, jitter_sigma, seed)
+
+    def jitter(self, rnd: int, cid: int) -> float:
+        if self.jitter_sigma == 0:
+            return 1.0
+        return float(np.random.default_rng([self.seed, 2029, rnd, cid]).lognormal(0.0, self.jitter_sigma))
+
+
+@dataclass
+class ClientTime:
+    compute_s: float       # spec-sheet prediction
+    observed_s: float      # what the simulated device actually took (jitter, hidden slowdown)
+    upload_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.observed_s + self.upload_s
+
+
+def predict_compute(speed: RooflineModel, device: DeviceClass, strategy: str, train_batches: list[int],
+                    forward_batches: list[int]) -> float:
+    """Spec-sheet compute time of a local round (training steps + forward-only passes)."""
+    mode = "qat" if strategy == "qat" else "fp32"
+    return speed.steps_time(mode, train_batches, device) + speed.steps_time("fwd", forward_batches, device)
+
+
+@dataclass
+class SimulatedClock:
+    fleet: Fleet
+    speed: RooflineModel
+    now_s: float = 0.0
+    history: list[float] = field(default_factory=list)
+
+    def client_time(self, rnd: int, cid: int, strategy: str, train_batches: list[int], forward_batches: list[int],
+                    upload_bytes: int) -> ClientTime:
+        dev = self.fleet.devices[cid]
+        compute = predict_compute(self.speed, dev, strategy, train_batches, forward_batches)
+        observed = compute * self.fleet.jitter(rnd, cid) * float(self.fleet.slowdown[cid])
+        return ClientTime(compute, observed, upload_bytes * 8.0 / dev.uplink_bps)
+
+    def advance(self, client_times: list[ClientTime], server_s: float) -> float:
+        """Close a round: its length is the slowest client plus the server's time."""
+        length = max((c.total_s for c in client_times), default=0.0) + server_s
+        self.now_s += length
+        self.history.append(length)
+        return length

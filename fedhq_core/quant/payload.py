@@ -1,0 +1,105 @@
+"""The client's upload: its model *update* quantized at ``upload_bits`` with stochastic rounding,
+really bit-packed into bytes, plus its activation ranges.
+
+Floating tensors of >= 2 dims get one symmetric scale per output row; 1-D tensors one scale.
+At 16/32 bits the update is sent as float16/float32 bytes. Stochastic rounding
+(``floor(x/s + u)``, ``u ~ U[0,1)``) keeps ``E[dequantize(q)] = x``, so small updates do not
+round away on average. Integer buffers (e.g. BatchNorm's ``num_batches_tracked``) are not sent.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class PackedTensor:
+    data: bytes
+    scale: np.ndarray        # float32, one per row (or one), empty for float payloads
+    shape: tuple[int, ...]
+    bits: int
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) + int(self.scale.nbytes)
+
+
+@dataclass
+class Payload:
+    """What one client uploads in one round."""
+
+    tensors: dict[str, PackedTensor]
+    act_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    n_samples: int = 0
+    weight_steps: dict[str, np.ndarray] = field(default_factory=dict)  # QAT's learned per-channel steps
+
+    @property
+    def nbytes(self) -> int:
+        # activation ranges travel as two float32 each, weight steps as float32
+        return (sum(t.nbytes for t in self.tensors.values()) + 8 * len(self.act_ranges)
+                + sum(int(v.nbytes) for v in self.weight_steps.values()))
+
+
+def pack_bits(values: np.ndarray, bits: int) -> bytes:
+    """Pack unsigned integers < 2**bits (uint8 array) into ``ceil(n*bits/8)`` bytes."""
+    v = np.ascontiguousarray(values, dtype=np.uint8).reshape(-1)
+    if bits == 8:
+        return v.tobytes()
+    planes = np.unpackbits(v[:, None], axis=1)[:, 8 - bits:]  # (n, bits), MSB first
+    return np.packbits(planes.reshape(-1)).tobytes()
+
+
+def unpack_bits(data: bytes, bits: int, n: int) -> np.ndarray:
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if bits == 8:
+        return raw[:n].copy()
+    planes = np.unpackbits(raw)[: n * bits].reshape(n, bits)
+    full = np.zeros((n, 8), dtype=np.uint8)
+    full[:, 8 - bits:] = planes
+    return np.packbits(full, axis=1).reshape(-1)
+
+
+def quantize_tensor(x: torch.Tensor, bits: int, gen: torch.Generator | None) -> PackedTensor:
+    x = x.detach().float().cpu()
+    shape = tuple(x.shape)
+    if bits >= 16:
+        dtype = np.float16 if bits == 16 else np.float32
+        return PackedTensor(x.numpy().astype(dtype).tobytes(), np.zeros(0, np.float32), shape, bits)
+    rows = x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1)
+    qmax = 2 ** (bits - 1) - 1
+    scale = (rows.abs().amax(dim=1, keepdim=True) / qmax).clamp_min(1e-12)
+    noise = torch.rand(rows.shape, generator=gen, dtype=rows.dtype)
+    q = torch.clamp(torch.floor(rows / scale + noise), -qmax - 1, qmax).to(torch.int16)
+    unsigned = (q + qmax + 1).to(torch.uint8).numpy()
+    return PackedTensor(pack_bits(unsigned, bits), scale.reshape(-1).numpy().astype(np.float32), shape, bits)
+
+
+def dequantize_tensor(p: PackedTensor) -> torch.Tensor:
+    n = int(np.prod(p.shape)) if p.shape else 1
+    if p.bits >= 16:
+        dtype = np.float16 if p.bits == 16 else np.float32
+        return torch.from_numpy(np.frombuffer(p.data, dtype=dtype).astype(np.float32).reshape(p.shape))
+    qmax = 2 ** (p.bits - 1) - 1
+    q = torch.from_numpy(unpack_bits(p.data, p.bits, n).astype(np.float32)) - (qmax + 1)
+    rows = q.reshape(len(p.scale), -1) * torch.from_numpy(p.scale)[:, None]
+    return rows.reshape(p.shape)
+
+
+def pack_update(local: dict[str, torch.Tensor], global_: dict[str, torch.Tensor], bits: int | dict[str, int],
+                gen: torch.Generator | None = None, act_ranges: dict[str, tuple[float, float]] | None = None,
+                n_samples: int = 0, weight_steps: dict[str, torch.Tensor] | None = None) -> Payload:
+    """Quantize ``local - global`` for every floating tensor. ``bits`` may be per tensor (fedfq)."""
+    tensors = {}
+    for k, v in local.items():
+        if not v.is_floating_point():
+            continue
+        b = bits[k] if isinstance(bits, dict) else bits
+        tensors[k] = quantize_tensor(v.detach().cpu() - global_[k].detach().cpu(), b, gen)
+    steps = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in (weight_steps or {}).items()}
+    return Payload(tensors, dict(act_ranges or {}), n_samples, steps)
+
+
+def unpack_update(payload: Payload) -> dict[str, torch.Tensor]:
+    return {k: dequantize_tensor(p) for k, p in payload.tensors.items()}

@@ -1,0 +1,100 @@
+"""Server side: FedAvg of dequantized updates into an FP32 master, averaging of the clients'
+activation ranges, and evaluation of the FP32 master and of the deployed quantized model.
+
+The deployed model is the master quantized at w_bits/a_bits: MSE-optimal per-channel weight
+scales computed from the master itself and the clients' averaged activation ranges, so the
+server needs no data. Only the fp32 baseline, whose clients send no ranges, is calibrated on a
+small server split (:func:`calibrate_on_server`).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .client import ClientResult
+from .quant import get_act_ranges, load_model_state, prepare_deploy, reset_act_ranges, set_mode, unpack_update
+
+
+def fedavg(global_state: dict[str, torch.Tensor], results: Sequence[ClientResult]) -> dict[str, torch.Tensor]:
+    """Master += sum_m (|D_m| / sum |D|) * dequantized update_m (floating tensors only)."""
+    if not results:
+        return global_state
+    total = float(sum(r.n_samples for r in results))
+    new = {k: v.clone() for k, v in global_state.items()}
+    for r in sorted(results, key=lambda r: r.cid):  # fixed order: same sums on any runner
+        w = r.n_samples / total
+        for k, delta in unpack_update(r.payload).items():
+            new[k].add_(delta.to(new[k].device, new[k].dtype), alpha=w)
+    return new
+
+
+def average_ranges(results: Iterable[ClientResult],
+                   previous: dict[str, tuple[float, float]] | None = None) -> dict[str, tuple[float, float]] | None:
+    """Sample-weighted mean of the uploaded activation ranges; keeps ``previous`` if none came."""
+    acc: dict[str, list[float]] = {}
+    for r in results:
+        for k, (lo, hi) in r.payload.act_ranges.items():
+            a = acc.setdefault(k, [0.0, 0.0, 0.0])
+            a[0] += r.n_samples * lo
+            a[1] += r.n_samples * hi
+            a[2] += r.n_samples
+    if not acc:
+        return previous
+    return {k: (lo / n, hi / n) for k, (lo, hi, n) in acc.items()}
+
+
+def average_steps(results: Iterable[ClientResult]) -> dict[str, torch.Tensor] | None:
+    """Sample-weighted mean of the QAT clients' learned weight steps (None when no QAT client)."""
+    acc: dict[str, torch.Tensor] = {}
+    n_tot = 0
+    for r in results:
+        if not r.payload.weight_steps:
+            continue
+        n_tot += r.n_samples
+        for k, v in r.payload.weight_steps.items():
+            acc[k] = acc.get(k, 0) + r.n_samples * torch.from_numpy(v)
+    return {k: v / n_tot for k, v in acc.items()} if acc else None
+
+
+@torch.no_grad()
+def calibrate_on_server(model: nn.Module, state: dict[str, torch.Tensor], x: torch.Tensor,
+                        batch_size: int = 64) -> dict[str, tuple[float, float]]:
+    """Percentile activation ranges from a small server split (fp32 baseline only)."""
+    load_model_state(model, state)
+    reset_act_ranges(model)
+    set_mode(model, "observe")
+    model.eval()
+    device = next(model.parameters()).device
+    for i in range(0, len(x), batch_size):
+        model(x[i:i + batch_size].to(device))
+    set_mode(model, "fp")
+    return get_act_ranges(model)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> tuple[float, float]:
+    """Accuracy (0..1) and mean cross-entropy of ``model`` in its current mode."""
+    model.eval()
+    device = next(model.parameters()).device
+    correct, loss = 0, 0.0
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        out = model(xb)
+        loss += float(F.cross_entropy(out, yb, reduction="sum"))
+        correct += int((out.argmax(1) == yb).sum())
+    return correct / max(1, len(y)), loss / max(1, len(y))
+
+
+def evaluate_global(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[str, tuple[float, float]] | None,
+                    x: torch.Tensor, y: torch.Tensor, steps: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """FP32 master and deployed (quantized) accuracy/loss on a test split."""
+    load_model_state(model, state)
+    set_mode(model, "fp")
+    acc_fp, loss_fp = evaluate(model, x, y)
+    prepare_deploy(model, ranges, steps)
+    acc_q, loss_q = evaluate(model, x, y)
+    set_mode(model, "fp")
+    return {"acc_fp32": acc_fp, "loss_fp32": loss_fp, "acc_q": acc_q, "loss_q": loss_q}

@@ -1,0 +1,25 @@
+"""Prefect flows and deployments of FedHQ.
+
+Importing this package sets Prefect's defaults for a local, offline run *before* Prefect is
+imported: PREFECT_HOME inside the project's state folder (unless the user set it), analytics
+off, and no API URL, so Prefect runs in its ephemeral mode. Set ``PREFECT_API_URL`` to use a
+real server.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def configure_prefect_env(state_dir: str | None = None) -> None:
+    state = Path(state_dir or os.environ.get("FEDHQ_STATE_DIR", ".fedhq")).resolve()
+    os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+configure_prefect_env()

@@ -1,0 +1,155 @@
+"""The ``fedhq`` command line.
+
+Bad input (an unknown key or dataset, a value out of range, a missing file or folder, a YAML
+syntax error) prints one line ``fedhq: error: <field>: <what>`` and exits 2, with no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from fedhq_core.config import DATASETS, MODELS, PARTITIONS, STRATEGIES, ConfigError, ExperimentConfig, load_config
+from fedhq_core.data import DataError
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage + message)
+        raise UsageError(message)
+
+
+# flag -> (config key, type, help). Every flag is also settable in --config YAML by its key.
+CONFIG_FLAGS: list[tuple[str, str, Callable | None, str]] = [
+    ("--dataset", "dataset", str, f"dataset: {', '.join(DATASETS)} (default digits, embedded)"),
+    ("--data-dir", "data_dir", str, "local folder with the dataset (needed for all but digits)"),
+    ("--model", "model", str, f"model: {', '.join(MODELS)} (default cnn)"),
+    ("--clients", "clients", int, "number of clients K (default 20)"),
+    ("--rounds", "rounds", int, "communication rounds R (default 15)"),
+    ("--fraction", "fraction", float, "fraction C of clients sampled per round, in (0, 1] (default 0.5)"),
+    ("--local-epochs", "local_epochs", int, "local epochs E (default 2)"),
+    ("--batch-size", "batch_size", int, "client batch size (default 16)"),
+    ("--lr", "lr", float, "client SGD learning rate (default 0.05)"),
+    ("--partition", "partition", str, f"partitioner: {', '.join(PARTITIONS)} (default dirichlet)"),
+    ("--alpha", "alpha", float, "Dirichlet concentration alpha (default 0.5; smaller = more non-IID)"),
+    ("--w-bits", "w_bits", int, "deployed weight bits, 2..8 (default 4)"),
+    ("--a-bits", "a_bits", int, "deployed activation bits, 2..8 (default 8)"),
+    ("--upload-bits", "upload_bits", int, "bits of the uploaded update: 2..8, 16 or 32 (default 8)"),
+    ("--strategy", "strategy", str, f"strategy: {', '.join(STRATEGIES)} (default all-qat)"),
+    ("--xi", "xi", float, "FedHQ trade-off xi in [0, 1]: 0 = accuracy, 1 = speed (default 0.2)"),
+    ("--seed", "seed", int, "random seed (default 0)"),
+    ("--max-train-samples", "max_train_samples", int, "subsample the train split to N images (0 = all)"),
+    ("--max-test-samples", "max_test_samples", int, "subsample the test split to N images (0 = all)"),
+    ("--device", "device", str, "auto, cpu or cuda (default auto)"),
+    ("--max-concurrency", "max_concurrency", int, "clients trained at once (default: CPU cores)"),
+    ("--tracking-uri", "tracking_uri", str, "MLflow tracking URI (default from mlflow.yaml: sqlite:///mlflow.db)"),
+    ("--experiment", "experiment", str, "MLflow experiment name (default from mlflow.yaml)"),
+    ("--state-dir", "state_dir", str, "folder for caches and Prefect's home (default .fedhq)"),
+]
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys (flags override it)")
+    for flag, key, typ, help_ in CONFIG_FLAGS:
+        p.add_argument(flag, dest=key, type=typ, default=None, help=help_)
+    p.add_argument("--download", dest="download", action="store_const", const=True, default=None,
+                   help="allow torchvision to download cifar10/cifar100/svhn into --data-dir")
+    p.add_argument("--no-tracking", dest="tracking", action="store_const", const=False, default=None,
+                   help="do not log to MLflow")
+    p.add_argument("--set", dest="set_", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any config key, e.g. --set jitter_sigma=0.3 (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    overrides: dict[str, Any] = {key: getattr(args, key) for _, key, _, _ in CONFIG_FLAGS}
+    overrides["download"] = args.download
+    overrides["tracking"] = args.tracking
+    for item in args.set_:
+        if "=" not in item:
+            raise ConfigError(f"--set: expected KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        import yaml
+        overrides[k.strip()] = yaml.safe_load(v)
+    return load_config(args.config, overrides)
+
+
+def write_json(path: str, data: dict[str, Any]) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
+    os.replace(tmp, p)
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def format_table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    from flows.train import run_training
+
+    summary = run_training(cfg, progress=not args.no_progress)
+    rows = [[cfg.strategy, summary["config"]["dataset"], cfg.rounds, f"w{cfg.w_bits}a{cfg.a_bits}",
+             summary["final_acc_q"], summary["final_acc_fp32"], round(summary["total_sim_s"], 2),
+             round(summary["wall_s"], 1), f"{summary['upload_bytes'] / 1e6:.2f}", summary["run_id"] or "-"]]
+    print(format_table(["strategy", "dataset", "rounds", "bits", "acc_q", "acc_fp32", "sim_s", "wall_s",
+                        "upload_MB", "mlflow_run"], rows))
+    if args.json:
+        write_json(args.json, summary)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fedhq", description="FedHQ: hybrid PTQ/QAT federated learning, orchestrated by Prefect "
+                                          "and tracked in MLflow.")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, required=True)
+    r = sub.add_parser("run", help="one training run (the embedded digits default without flags)")
+    add_config_flags(r)
+    r.add_argument("--json", metavar="FILE", help="write the run's result as JSON")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_run)
+    for extra in _EXTRA_COMMANDS:
+        extra(sub)
+    return p
+
+
+_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except (UsageError, ConfigError, DataError) as err:
+        print(f"fedhq: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fedhq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

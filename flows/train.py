@@ -1,0 +1,118 @@
+"""The training flow: one federated run as Prefect tasks, tracked in MLflow.
+
+profile (once) -> per round: allocate -> train sampled clients (submitted to the task runner,
+so they run concurrently) -> aggregate -> evaluate -> log. Ends by logging and registering the
+deployed quantized model.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable
+
+from . import configure_prefect_env
+
+configure_prefect_env()
+
+import torch  # noqa: E402
+from prefect import flow  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+
+from fedhq_core.config import ExperimentConfig, from_mapping  # noqa: E402
+from fedhq_core.hardware import RooflineModel  # noqa: E402
+from fedhq_core.simulation import RoundOps, RoundRecord, Simulation, default_concurrency, run_rounds  # noqa: E402
+from tasks import training as T  # noqa: E402
+
+
+def set_torch_threads(cfg: ExperimentConfig) -> int:
+    """Concurrent clients x intra-op threads must not exceed the cores, or they thrash."""
+    workers = default_concurrency(cfg)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    return workers
+
+
+def tracker_for(cfg: ExperimentConfig):
+    if not cfg.tracking:
+        return None
+    from tasks.tracking import Tracker, TrackingSettings
+
+    return Tracker(TrackingSettings.load(tracking_uri=cfg.tracking_uri, experiment=cfg.experiment,
+                                         registered_model=cfg.registered_model))
+
+
+def model_tags(sim: Simulation, summary: dict[str, Any]) -> dict[str, Any]:
+    cfg = sim.cfg
+    return {"strategy": cfg.strategy, "xi": cfg.xi, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
+            "dataset": sim.dataset_name, "model": cfg.model, "final_acc_q": round(summary["final_acc_q"], 5),
+            "final_acc_fp32": round(summary["final_acc_fp32"], 5), "total_sim_s": round(summary["total_sim_s"], 3),
+            "seed": cfg.seed}
+
+
+def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, sim: Simulation | None = None,
+                parent_run_id: str | None = None, run_name: str | None = None, progress: bool = False,
+                on_round: Callable[[RoundRecord], None] | None = None, register: bool = True) -> dict[str, Any]:
+    """Body of a training run; must be called inside a flow (tasks are submitted to its runner)."""
+    set_torch_threads(cfg)
+    sim = sim or Simulation(cfg)
+    T.profile_hardware(sim, speed)
+    tracker = tracker_for(cfg)
+    run_id = None
+    if tracker:
+        run_id = tracker.start(run_name or f"{cfg.strategy}-{sim.dataset_name}-s{cfg.seed}", cfg.to_dict(),
+                               tags={"strategy": cfg.strategy, "dataset": sim.dataset_name},
+                               parent_run_id=parent_run_id)
+        tracker.log_metrics({f"speed_{k}": v for k, v in sim.speed.summary().items()}, step=0)
+        tracker.log_dict({"counts": {k: vars(v) for k, v in sim.speed.counts.items()},
+                          "holdout": sim.speed.holdout, **sim.speed.summary()}, "speed_model.json")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.rounds, desc=f"{cfg.strategy}", unit="round", file=sys.stderr, leave=True)
+
+    def _on_round(rec: RoundRecord) -> None:
+        if tracker:
+            tracker.log_metrics(rec.metrics(), step=rec.round)
+        if bar:
+            bar.set_postfix(acc_q=f"{rec.acc_q:.3f}", sim_s=f"{rec.sim_time_s:.1f}", qat=rec.n_qat)
+            bar.update(1)
+        if on_round:
+            on_round(rec)
+
+    ops = RoundOps(submit_train=T.train_client.submit, allocate=T.allocate, aggregate=T.aggregate,
+                   evaluate=T.evaluate)
+    status = "FAILED"
+    try:
+        run_rounds(sim, ops, _on_round)
+        status = "FINISHED"
+    finally:
+        if bar:
+            bar.close()
+        if tracker and status == "FAILED":
+            tracker.end("FAILED")
+    summary = sim.summary(run_id)
+    if tracker:
+        for name, path in getattr(sim.allocator, "artifacts", lambda: {})().items():
+            tracker.log_artifact(path, "allocation")
+        tracker.log_metrics({"final_acc_q": summary["final_acc_q"], "final_acc_fp32": summary["final_acc_fp32"],
+                             "total_sim_s": summary["total_sim_s"], "total_upload_bytes": summary["upload_bytes"],
+                             "alloc_overhead_s": summary["alloc_overhead_s"]}, step=cfg.rounds)
+        if register:
+            summary["model_version"] = tracker.register_global_model(sim.deployed_bundle(), model_tags(sim, summary))
+        summary["wall_s"] = sim.summary()["wall_s"]
+        tracker.log_dict({k: v for k, v in summary.items() if k != "rounds"}, "summary.json")
+        tracker.end("FINISHED")
+    return summary
+
+
+@flow(name="fedhq-train", persist_result=False, log_prints=True)
+def train_flow(config: dict[str, Any], progress: bool = False) -> dict[str, Any]:
+    """One FedHQ training run. ``config`` holds ExperimentConfig fields (validated here)."""
+    cfg = from_mapping(config)
+    return execute_run(cfg, progress=progress)
+
+
+def run_training(cfg: ExperimentConfig, progress: bool = False) -> dict[str, Any]:
+    """Run :func:`train_flow` on a thread-pool task runner sized for ``cfg``."""
+    workers = set_torch_threads(cfg)
+    f = train_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
+    return f(cfg.to_dict(), progress=progress)

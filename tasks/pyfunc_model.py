@@ -1,0 +1,65 @@
+"""The registered global model as an MLflow pyfunc: the deployed (quantized) FedHQ model.
+
+Artifacts: ``weights.safetensors`` (FP32 master, learned weight steps, activation ranges),
+``meta.json`` (architecture and bit-widths) and ``int_weights.safetensors`` (the deployable int
+form: int8-stored weight integers, per-channel scales, activation ranges). Everything loads with
+safetensors, never pickle.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def save_bundle(bundle: dict[str, Any], directory: str) -> dict[str, str]:
+    tensors = {f"state.{k}": v.detach().cpu().contiguous() for k, v in bundle["state"].items()}
+    tensors.update({f"steps.{k}": v.detach().cpu().contiguous() for k, v in (bundle.get("steps") or {}).items()})
+    tensors.update({f"ranges.{k}": torch.tensor(v, dtype=torch.float32) for k, v in (bundle.get("ranges") or {}).items()})
+    files = {"weights": os.path.join(directory, "weights.safetensors"), "meta": os.path.join(directory, "meta.json"),
+             "int_weights": os.path.join(directory, "int_weights.safetensors")}
+    save_file(tensors, files["weights"])
+    save_file({k: v.contiguous() for k, v in bundle["int_weights"].items()}, files["int_weights"])
+    with open(files["meta"], "w") as f:
+        json.dump(bundle["meta"], f)
+    return files
+
+
+def load_bundle(weights: str, meta: str) -> torch.nn.Module:
+    """Rebuild the deployed model (deploy mode) from saved artifacts."""
+    from fedhq_core.models import build_model
+    from fedhq_core.quant import configure_observers, load_model_state, prepare_deploy, prepare_model
+
+    with open(meta) as f:
+        m = json.load(f)
+    t = load_file(weights)
+    state = {k[6:]: v for k, v in t.items() if k.startswith("state.")}
+    steps = {k[6:]: v for k, v in t.items() if k.startswith("steps.")}
+    ranges = {k[7:]: (float(v[0]), float(v[1])) for k, v in t.items() if k.startswith("ranges.")}
+    model = build_model(m["model"], tuple(m["in_shape"]), m["num_classes"])
+    prepare_model(model, m["w_bits"], m["a_bits"], m["first_last_bits"])
+    configure_observers(model, 0.9, 99.99)
+    load_model_state(model, state)
+    prepare_deploy(model, ranges or None, steps or None)
+    model.eval()
+    return model
+
+
+class GlobalModel(mlflow.pyfunc.PythonModel):
+    """``predict`` takes images (N, C, H, W) or flattened rows (N, C*H*W), normalized like the
+    training data, and returns the predicted class per row."""
+
+    def load_context(self, context) -> None:
+        self.model = load_bundle(context.artifacts["weights"], context.artifacts["meta"])
+        with open(context.artifacts["meta"]) as f:
+            self.in_shape = tuple(json.load(f)["in_shape"])
+
+    def predict(self, context, model_input, params=None):
+        x = np.asarray(model_input, dtype=np.float32).reshape(-1, *self.in_shape)
+        with torch.no_grad():
+            return self.model(torch.from_numpy(x)).argmax(1).numpy()

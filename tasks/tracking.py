@@ -1,0 +1,187 @@
+"""MLflow tracking for FedHQ runs: settings from ``mlflow.yaml``, run/metric logging and the
+model registry. Only this package (and flows/) import mlflow; fedhq_core never does.
+
+Settings precedence: CLI ``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > ``mlflow.yaml`` in the
+working folder > the packaged defaults (a sqlite file ``mlflow.db`` in the working folder with
+artifacts under ``./mlartifacts``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULTS = {
+    "tracking_uri": "sqlite:///mlflow.db",
+    "artifact_location": "./mlartifacts",
+    "experiment": "fedhq",
+    "registered_model": "fedhq-global-model",
+    "cost_model": "fedhq-cost-model",
+    "significance_model": "fedhq-significance",
+    "async_logging": True,
+}
+
+# Explicit requirements: MLflow's inference imports the model and takes ~10 s per call.
+def pip_requirements() -> list[str]:
+    import torch
+
+    return [f"torch=={torch.__version__.split('+')[0]}", "numpy", "safetensors", "fedhq"]
+
+
+@dataclass
+class TrackingSettings:
+    tracking_uri: str
+    artifact_location: str | None
+    experiment: str
+    registered_model: str
+    cost_model: str
+    significance_model: str
+    async_logging: bool = True
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, tracking_uri: str | None = None,
+             experiment: str | None = None, registered_model: str | None = None) -> "TrackingSettings":
+        from fedhq_core.config import read_yaml
+
+        values = dict(DEFAULTS)
+        p = Path(path) if path else Path(os.environ.get("FEDHQ_MLFLOW_YAML", "mlflow.yaml"))
+        if p.is_file():
+            data = read_yaml(p)
+            unknown = set(data) - set(DEFAULTS)
+            if unknown:
+                from fedhq_core.config import ConfigError
+                raise ConfigError(f"{sorted(unknown)[0]}: unknown key in {p}")
+            values.update({k: v for k, v in data.items() if v is not None})
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            values["tracking_uri"] = os.environ["MLFLOW_TRACKING_URI"]
+        if tracking_uri:
+            values["tracking_uri"] = tracking_uri
+        if experiment:
+            values["experiment"] = experiment
+        if registered_model:
+            values["registered_model"] = registered_model
+        art = values.get("artifact_location")
+        if art and "://" not in str(art):
+            art = Path(art).resolve().as_uri()
+        values["artifact_location"] = art
+        return cls(**values)
+
+
+_lock = threading.Lock()
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+
+
+class Tracker:
+    """One MLflow run. Thread-safe; metrics are logged asynchronously off the hot path."""
+
+    def __init__(self, settings: TrackingSettings):
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.settings = settings
+        self.mlflow = mlflow
+        self.client = MlflowClient(tracking_uri=settings.tracking_uri)
+        self.run_id: str | None = None
+        self._pending: list[Any] = []
+
+    def experiment_id(self, name: str | None = None) -> str:
+        name = name or self.settings.experiment
+        with _lock:
+            exp = self.client.get_experiment_by_name(name)
+            if exp is not None:
+                return exp.experiment_id
+            return self.client.create_experiment(name, artifact_location=self.settings.artifact_location)
+
+    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None,
+              parent_run_id: str | None = None, run_id: str | None = None) -> str:
+        if run_id:
+            self.run_id = run_id
+            return run_id
+        tags = dict(tags or {})
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags)
+        self.run_id = run.info.run_id
+        flat: dict[str, str] = {}
+        _flatten("", params, flat)
+        from mlflow.entities import Param
+        items = [Param(k, v[:6000]) for k, v in flat.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+        return self.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        ms = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v == v]  # drop NaN
+        if self.settings.async_logging:
+            self._pending.append(self.client.log_batch(self.run_id, metrics=ms, synchronous=False))
+        else:
+            self.client.log_batch(self.run_id, metrics=ms)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_dict(self, data: dict, name: str) -> None:
+        self.client.log_dict(self.run_id, data, name)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def flush(self) -> None:
+        for op in self._pending:
+            if op is not None:
+                op.wait()
+        self._pending.clear()
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.flush()
+        self.client.set_terminated(self.run_id, status)
+
+    # --- registry --------------------------------------------------------------------
+    def register_global_model(self, bundle: dict[str, Any], tags: dict[str, Any]) -> str:
+        """Log the deployed model as a pyfunc model plus its int form, register it, tag it."""
+        from tasks.pyfunc_model import GlobalModel, save_bundle
+
+        with tempfile.TemporaryDirectory() as tmp:
+            files = save_bundle(bundle, tmp)
+            self.mlflow.set_tracking_uri(self.settings.tracking_uri)
+            with self.mlflow.start_run(run_id=self.run_id):
+                info = self.mlflow.pyfunc.log_model(name="model", python_model=GlobalModel(), artifacts=files,
+                                                    pip_requirements=pip_requirements())
+            self.client.log_artifact(self.run_id, files["int_weights"], "deployable")
+            int_size = os.path.getsize(files["int_weights"])
+        version = self.register(self.settings.registered_model, info.model_uri,
+                                dict(tags, int_model_bytes=int_size))
+        return version
+
+    def register(self, name: str, model_uri: str, tags: dict[str, Any], aliases: tuple[str, ...] = ()) -> str:
+        from mlflow.exceptions import MlflowException
+
+        with _lock:
+            try:
+                self.client.get_registered_model(name)
+            except MlflowException:
+                self.client.create_registered_model(name)
+            mv = self.client.create_model_version(name, model_uri, run_id=self.run_id,
+                                                  tags={k: str(v) for k, v in tags.items()})
+        for alias in aliases:
+            self.client.set_registered_model_alias(name, alias, mv.version)
+        return str(mv.version)

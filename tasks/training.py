@@ -1,0 +1,45 @@
+"""Thin Prefect tasks around the round verbs of :class:`fedhq_core.Simulation`.
+
+Results stay in memory (``persist_result=False``) and inputs are never hashed
+(``NO_CACHE``): a task's arguments are models and payloads, and hashing them on every call
+would cost more than the work.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from fedhq_core.allocation import Allocation
+from fedhq_core.client import ClientResult
+from fedhq_core.hardware import RooflineModel
+from fedhq_core.simulation import Simulation
+
+OPTS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
+
+
+@task(name="profile-hardware", **OPTS)
+def profile_hardware(sim: Simulation, speed: RooflineModel | None = None) -> RooflineModel:
+    """Count and time host steps per strategy and batch size; fit the roofline model."""
+    return sim.profile(speed)
+
+
+@task(name="allocate", **OPTS)
+def allocate(sim: Simulation, rnd: int, sampled: list[int]) -> tuple[Allocation, float]:
+    return sim.allocate(rnd, sampled)
+
+
+@task(name="train-client", task_run_name="train-client-{cid}-r{rnd}", **OPTS)
+def train_client(sim: Simulation, rnd: int, cid: int, strategy: str, upload_bits: Any = None) -> ClientResult:
+    return sim.train(rnd, cid, strategy, upload_bits)
+
+
+@task(name="aggregate", **OPTS)
+def aggregate(sim: Simulation, results: list[ClientResult]) -> float:
+    return sim.aggregate(results)
+
+
+@task(name="evaluate", **OPTS)
+def evaluate(sim: Simulation) -> dict[str, float]:
+    return sim.evaluate()
