@@ -7,8 +7,17 @@ notebook::
     sim = run(ExperimentConfig(rounds=5))
     print(sim.summary()["final_acc_q"])
 """
-from .config import ConfigError, ExperimentConfig, load_config
-from .simulation import Simulation, run
+from .config import ExperimentConfig, load_config
+from .errors import ConfigError, DataError
+
+
+def __getattr__(name: str):  # torch is imported only when the simulation is used
+    if name in ("Simulation", "run"):
+        from . import simulation
+
+        return getattr(simulation, name)
+    raise AttributeError(name)
+
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "ExperimentConfig", "load_config", "Simulation", "run", "__version__"]
+__all__ = ["ConfigError", "DataError", "ExperimentConfig", "load_config", "Simulation", "run", "__version__"]

@@ -39,6 +39,7 @@ class TrainSpec:
     upload_bits: int | dict[str, int] = 8
     calib_batches: int = 4
     seed: int = 0
+    fedfq: tuple[float, int] | None = None   # (average upload bits, annealing iterations)
 
 
 @dataclass
@@ -130,6 +131,11 @@ def train_client(model: nn.Module, cid: int, x: torch.Tensor, y: torch.Tensor, g
             forward_batches = [len(yb) for _, yb in calib] * 2
     set_mode(model, "fp")
     local = {k: v.detach() for k, v in model_state(model).items()}
+    if spec.fedfq is not None:
+        from .allocation.fedfq import fedfq_bits
+
+        deltas = {k: local[k].cpu() - global_state[k].cpu() for k in local if local[k].is_floating_point()}
+        spec.upload_bits = fedfq_bits(deltas, spec.fedfq[0], spec.fedfq[1], spec.seed)
     payload = pack_update(local, global_state, spec.upload_bits, gen, ranges, n_samples=len(y), weight_steps=steps)
     return ClientResult(cid, spec.strategy, payload, len(y), batches, forward_batches, loss, quant_loss,
                         time.perf_counter() - t0)

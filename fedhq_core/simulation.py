@@ -23,6 +23,7 @@ from torch import nn
 from .allocation import Allocation, RoundFeedback, build_allocator
 from .client import ClientResult, TrainSpec, train_client
 from .config import ExperimentConfig
+from .errors import ConfigError
 from .data import Dataset, Split, load_dataset, partition
 from .hardware import (ClientTime, Fleet, RooflineModel, SimulatedClock, count_step, measure_host_peaks,
                        measure_step_times)
@@ -87,7 +88,7 @@ class RoundRecord:
 class Simulation:
     """State of one run. Construct, then :meth:`profile`, then rounds (see :func:`run`)."""
 
-    def __init__(self, cfg: ExperimentConfig, dataset: Dataset | None = None):
+    def __init__(self, cfg: ExperimentConfig, dataset: Dataset | None = None, significance: Any = None):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         ds = dataset or load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, seed=cfg.seed,
@@ -101,8 +102,11 @@ class Simulation:
         n_cal = min(cfg.server_calib_size, max(1, len(ds.train) // 10))
         self.server_calib: Split = ds.train.subset(np.sort(perm[:n_cal]))
         pool = ds.train.subset(np.sort(perm[n_cal:]))
-        idx = partition(pool.y.numpy(), cfg.clients, cfg.partition, rng, alpha=cfg.alpha,
-                        classes_per_client=cfg.classes_per_client, min_size=cfg.min_shard_size)
+        try:
+            idx = partition(pool.y.numpy(), cfg.clients, cfg.partition, rng, alpha=cfg.alpha,
+                            classes_per_client=cfg.classes_per_client, min_size=cfg.min_shard_size)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         self.shards: list[Split] = [pool.subset(i) for i in idx]
         self.global_labels = pool.y.numpy()
         self.test: Split = ds.test
@@ -118,11 +122,25 @@ class Simulation:
                                  cfg.jitter_sigma, cfg.seed)
         self.speed: RooflineModel | None = None
         self.clock: SimulatedClock | None = None
-        self.allocator = build_allocator(cfg)
+        self.allocator = build_allocator(cfg, significance)
         self.records: list[RoundRecord] = []
         self.rnd = 0
         self.wall_start = time.perf_counter()
         self.upload_bytes_total = 0
+
+    def needs_significance(self) -> bool:
+        return getattr(self.allocator, "significance", 0) is None and hasattr(self.allocator, "significance_of")
+
+    def set_significance(self, model: Any) -> None:
+        self.allocator.significance = model  # type: ignore[attr-defined]
+
+    def fit_significance(self, map_fn: Callable = map) -> Any:
+        """Offline SigAcc fitting by pilot rounds (see allocation.pilot); does not touch the run's state."""
+        from .allocation.pilot import fit_significance
+
+        if self.speed is None:
+            self.profile()
+        return fit_significance(self, self.cfg.pilot_rounds, map_fn)
 
     # --- models -------------------------------------------------------------------------
     def new_model(self) -> nn.Module:
@@ -194,9 +212,12 @@ class Simulation:
 
     def client_spec(self, rnd: int, cid: int, strategy: str, upload_bits: Any = None) -> TrainSpec:
         cfg = self.cfg
-        bits = upload_bits if upload_bits is not None else (32 if strategy == "fp32" else cfg.upload_bits)
+        fedfq = (cfg.fedfq_avg_bits, cfg.fedfq_iters) if upload_bits == "fedfq" else None
+        if upload_bits is None or fedfq:
+            upload_bits = 32 if strategy == "fp32" and not fedfq else cfg.upload_bits
         return TrainSpec(strategy, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay,
-                         bits, cfg.calib_batches, seed=int(np.random.default_rng([cfg.seed, 53, rnd, cid]).integers(2**62)))
+                         upload_bits, cfg.calib_batches,
+                         seed=int(np.random.default_rng([cfg.seed, 53, rnd, cid]).integers(2**62)), fedfq=fedfq)
 
     def train(self, rnd: int, cid: int, strategy: str, upload_bits: Any = None) -> ClientResult:
         shard = self.shards[cid]
@@ -239,7 +260,7 @@ class Simulation:
                           sum(s == "fp32" for s in strategies.values()), alloc_s, strategies, extra)
         self.records.append(rec)
         t0 = time.perf_counter()
-        self.allocator.observe(RoundFeedback(rnd, results, times, metrics), self)
+        rec.extra.update(self.allocator.observe(RoundFeedback(rnd, results, times, metrics), self) or {})
         rec.alloc_s += time.perf_counter() - t0
         self.rnd = rnd + 1
         return rec
@@ -320,5 +341,7 @@ def run(cfg: ExperimentConfig, on_round: Callable[[RoundRecord], None] | None = 
     if sim.speed is None:
         sim.profile()
     with ThreadPoolExecutor(default_concurrency(cfg)) as pool:
+        if sim.needs_significance():
+            sim.set_significance(sim.fit_significance(pool.map))
         ops = RoundOps(submit_train=lambda s, *a: pool.submit(s.train, *a))
         return run_rounds(sim, ops, on_round)

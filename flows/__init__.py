@@ -14,6 +14,7 @@ from pathlib import Path
 def configure_prefect_env(state_dir: str | None = None) -> None:
     state = Path(state_dir or os.environ.get("FEDHQ_STATE_DIR", ".fedhq")).resolve()
     os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

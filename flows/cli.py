@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from fedhq_core.config import DATASETS, MODELS, PARTITIONS, STRATEGIES, ConfigError, ExperimentConfig, load_config
-from fedhq_core.data import DataError
+from fedhq_core.config import DATASETS, MODELS, PARTITIONS, STRATEGIES, ExperimentConfig, load_config
+from fedhq_core.errors import ConfigError, DataError
 
 EXIT_USAGE = 2
 

@@ -59,7 +59,7 @@ class GlobalModel(mlflow.pyfunc.PythonModel):
         with open(context.artifacts["meta"]) as f:
             self.in_shape = tuple(json.load(f)["in_shape"])
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input, params=None):  # noqa: D401 (untyped: any array-like)
         x = np.asarray(model_input, dtype=np.float32).reshape(-1, *self.in_shape)
         with torch.no_grad():
             return self.model(torch.from_numpy(x)).argmax(1).numpy()

@@ -158,13 +158,15 @@ class Tracker:
     # --- registry --------------------------------------------------------------------
     def register_global_model(self, bundle: dict[str, Any], tags: dict[str, Any]) -> str:
         """Log the deployed model as a pyfunc model plus its int form, register it, tag it."""
-        from tasks.pyfunc_model import GlobalModel, save_bundle
+        from tasks.pyfunc_model import save_bundle
+
+        entry = str(Path(__file__).with_name("pyfunc_entry.py"))
 
         with tempfile.TemporaryDirectory() as tmp:
             files = save_bundle(bundle, tmp)
             self.mlflow.set_tracking_uri(self.settings.tracking_uri)
             with self.mlflow.start_run(run_id=self.run_id):
-                info = self.mlflow.pyfunc.log_model(name="model", python_model=GlobalModel(), artifacts=files,
+                info = self.mlflow.pyfunc.log_model(name="model", python_model=entry, artifacts=files,
                                                     pip_requirements=pip_requirements())
             self.client.log_artifact(self.run_id, files["int_weights"], "deployable")
             int_size = os.path.getsize(files["int_weights"])

@@ -3,9 +3,24 @@ from __future__ import annotations
 
 from ..config import ExperimentConfig
 from .base import Allocation, Allocator, FleetView, RandomHybridAllocator, RoundFeedback, UniformAllocator
+from .fedhq import FedHQAllocator, allocate_coarse, local_search, objective
+from .significance import SignificanceModel
 
 
-def build_allocator(cfg: ExperimentConfig) -> Allocator:
+class FedFQAllocator(Allocator):
+    """FP32 local training; every client's uplink is bit-allocated by simulated annealing."""
+
+    name = "fedfq"
+
+    def allocate(self, rnd: int, sampled: list[int], view) -> Allocation:
+        return Allocation({c: "fp32" for c in sampled}, upload_bits={c: "fedfq" for c in sampled})
+
+
+def needs_significance(strategy: str) -> bool:
+    return strategy in ("fedhq", "fedhq-coarse")
+
+
+def build_allocator(cfg: ExperimentConfig, significance: SignificanceModel | None = None) -> Allocator:
     s = cfg.strategy
     if s == "fp32":
         return UniformAllocator("fp32", s)
@@ -15,8 +30,14 @@ def build_allocator(cfg: ExperimentConfig) -> Allocator:
         return UniformAllocator("qat", s)
     if s == "random-hybrid":
         return RandomHybridAllocator(cfg.qat_share if cfg.qat_share >= 0 else 0.5, cfg.seed)
-    raise ValueError(f"strategy: {s!r} is not available yet")
+    if s in ("fedhq", "fedhq-coarse"):
+        return FedHQAllocator(cfg.xi, significance, fine=(s == "fedhq"), adjust_every=cfg.adjust_every,
+                              search_band=cfg.search_band, seed=cfg.seed)
+    if s == "fedfq":
+        return FedFQAllocator()
+    raise ValueError(f"strategy: unknown strategy {s!r}")
 
 
-__all__ = ["Allocation", "Allocator", "FleetView", "RandomHybridAllocator", "RoundFeedback", "UniformAllocator",
+__all__ = ["FedFQAllocator", "FedHQAllocator", "SignificanceModel", "allocate_coarse", "local_search", "objective",
+           "needs_significance", "Allocation", "Allocator", "FleetView", "RandomHybridAllocator", "RoundFeedback", "UniformAllocator",
            "build_allocator"]

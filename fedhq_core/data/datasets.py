@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 
-class DataError(ValueError):
-    """A dataset could not be read; the message names the file or directory."""
+from ..errors import DataError
 
 
 @dataclass
@@ -83,7 +82,7 @@ def _decode(paths: list[str]) -> np.ndarray:
     return out
 
 
-def _scan_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
+def _scan_folder(root: Path, per_class: int = 0) -> tuple[list[str], list[int], list[str]]:
     if not root.is_dir():
         raise DataError(f"{root}: image folder not found")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
@@ -92,6 +91,7 @@ def _scan_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
     paths, labels = [], []
     for ci, c in enumerate(classes):
         files = sorted(f for f in os.listdir(root / c) if f.lower().endswith((".jpg", ".jpeg", ".png")))
+        files = files[:per_class] if per_class > 0 else files
         paths += [str(root / c / f) for f in files]
         labels += [ci] * len(files)
     if not paths:
@@ -99,8 +99,8 @@ def _scan_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
     return paths, labels, classes
 
 
-def _load_folder_split(root: Path, cache_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    paths, labels, classes = _scan_folder(root)
+def _load_folder_split(root: Path, cache_dir: Path, per_class: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    paths, labels, classes = _scan_folder(root, per_class)
     key = hashlib.sha1(("|".join([str(root.resolve()), str(len(paths)), paths[0], paths[-1]])).encode()).hexdigest()[:16]
     cache = cache_dir / f"imagefolder-{key}.npz"
     if cache.is_file():
@@ -121,9 +121,9 @@ def _load_folder_split(root: Path, cache_dir: Path) -> tuple[np.ndarray, np.ndar
     return x, y, classes
 
 
-def _cifar_folder(data_dir: Path, cache_dir: Path) -> Dataset:
-    xtr, ytr, classes = _load_folder_split(data_dir / "train", cache_dir)
-    xte, yte, classes_te = _load_folder_split(data_dir / "test", cache_dir)
+def _cifar_folder(data_dir: Path, cache_dir: Path, per_class: int = 0) -> Dataset:
+    xtr, ytr, classes = _load_folder_split(data_dir / "train", cache_dir, per_class)
+    xte, yte, classes_te = _load_folder_split(data_dir / "test", cache_dir, per_class)
     if classes != classes_te:
         raise DataError(f"{data_dir}: train and test class folders differ")
     tr, te = _normalize(xtr.transpose(0, 3, 1, 2), xte.transpose(0, 3, 1, 2))
@@ -141,6 +141,16 @@ def _torchvision_sets(name: str, data_dir: Path, download: bool):
         class _Local(cls):  # type: ignore[misc, valid-type]
             def _check_integrity(self) -> bool:  # noqa: D401
                 return all((Path(self.root) / f(self)).is_file() for f in files)
+
+            def _load_meta(self) -> None:  # CIFAR: same as torchvision's, minus the md5 check
+                import pickle
+
+                path = Path(self.root) / self.base_folder / self.meta["filename"]
+                if not path.is_file():
+                    raise RuntimeError(f"metadata file not found: {path}")
+                with open(path, "rb") as fh:
+                    self.classes = pickle.load(fh, encoding="latin1")[self.meta["key"]]
+                self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         return _Local
 
     try:
@@ -174,8 +184,9 @@ def _subsample(split: Split, n: int, rng: np.random.Generator) -> Split:
 
 def load_dataset(name: str, data_dir: str | None = None, *, download: bool = False, seed: int = 0,
                  test_fraction: float = 0.2, max_train: int = 0, max_test: int = 0,
-                 cache_dir: str | os.PathLike = ".fedhq/cache") -> Dataset:
-    """Load ``name`` into memory, optionally subsampled (seeded)."""
+                 cache_dir: str | os.PathLike = ".fedhq/cache", per_class: int = 0) -> Dataset:
+    """Load ``name`` into memory, optionally subsampled (seeded). ``per_class`` > 0 reads only the
+    first N files of each class folder (image folders only; for quick tests)."""
     if name == "digits":
         ds = _digits(test_fraction, seed)
     else:
@@ -185,7 +196,7 @@ def load_dataset(name: str, data_dir: str | None = None, *, download: bool = Fal
         if not root.is_dir() and not download:
             raise DataError(f"{root}: data directory not found")
         if name == "cifar10-folder":
-            ds = _cifar_folder(root, Path(cache_dir))
+            ds = _cifar_folder(root, Path(cache_dir), per_class)
         elif name in ("cifar10", "cifar100", "svhn"):
             ds = _torchvision_sets(name, root, download)
         else:

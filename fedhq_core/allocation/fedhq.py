@@ -1,0 +1,187 @@
+"""The FedHQ allocator: coarse geometric initialization, then fine-grained ML-based adjustment.
+
+Coarse [paper: 2D space of normalised speed and accuracy significance; design: the rules]:
+  * speed score v_m = 1 / t_m^PTQ, normalised to s_m in [0, 1] (1 = fastest);
+  * significance SigAcc_m from the fitted regressor, normalised to a_m in [0, 1];
+  * free QAT: t_m^QAT <= T* = max over sampled clients of t^PTQ costs no round time;
+  * otherwise QAT iff (1 - xi) * a_m >= xi * (1 - s_m)  (xi = 1: free QAT only).
+
+Fine [paper: ML-based adjustment with a cost model; design: what it learns and the search]:
+  * a cost model (scikit-learn) learns log(observed / spec-sheet time) per client and strategy
+    from the rounds so far (jitter and hidden throttling that the spec sheet misses), and the PTQ
+    clients' reported quantization losses update their significance features;
+  * every ``adjust_every`` rounds it is refitted (a new registry version); its error on the next
+    round is reported beside the spec sheet's;
+  * a local search flips clients within ``search_band`` of the line to minimise
+    J(x) = xi * T(x) / T_ref + (1 - xi) * (A_ref - A(x)) / A_ref.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .base import Allocation, Allocator, RoundFeedback
+from .significance import SignificanceModel, client_features, label_histogram, minmax
+
+
+def allocate_coarse(s_hat: np.ndarray, a_hat: np.ndarray, t_ptq: np.ndarray, t_qat: np.ndarray,
+                    xi: float) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean QAT mask and the free-QAT mask of the coarse stage."""
+    deadline = float(np.max(t_ptq))
+    free = t_qat <= deadline
+    line = (1.0 - xi) * a_hat >= xi * (1.0 - s_hat) if xi < 1.0 else np.zeros_like(free)
+    return free | line, free
+
+
+def objective(x: np.ndarray, t_ptq: np.ndarray, t_qat: np.ndarray, a_hat: np.ndarray, xi: float) -> float:
+    t_ref = float(np.max(t_ptq))
+    a_ref = float(a_hat.sum()) or 1.0
+    t = float(np.max(np.where(x, t_qat, t_ptq)))
+    return xi * t / t_ref + (1.0 - xi) * (a_ref - float(a_hat[x].sum())) / a_ref
+
+
+def local_search(x0: np.ndarray, s_hat: np.ndarray, a_hat: np.ndarray, t_ptq: np.ndarray, t_qat: np.ndarray,
+                 xi: float, band: float, max_sweeps: int = 10) -> np.ndarray:
+    """Greedy first-improvement flips of clients near the line, until no flip lowers J."""
+    x = x0.copy()
+    margin = np.abs((1.0 - xi) * a_hat - xi * (1.0 - s_hat))
+    near = np.flatnonzero(margin <= band)
+    best = objective(x, t_ptq, t_qat, a_hat, xi)
+    for _ in range(max_sweeps):
+        improved = False
+        for i in near:
+            x[i] = ~x[i]
+            j = objective(x, t_ptq, t_qat, a_hat, xi)
+            if j < best - 1e-12:
+                best, improved = j, True
+            else:
+                x[i] = ~x[i]
+        if not improved:
+            break
+    return x
+
+
+@dataclass
+class CostModel:
+    """log(observed / spec-sheet) time per (client, strategy), learned from past rounds."""
+
+    seed: int = 0
+    regressor: Any = None
+    version: int = 0
+    rows: list[list[float]] = field(default_factory=list)
+    targets: list[float] = field(default_factory=list)
+    client_log_ratio: dict[int, list[float]] = field(default_factory=dict)
+
+    def _features(self, cid: int, pred_s: float, is_qat: bool) -> list[float]:
+        hist = self.client_log_ratio.get(cid, [])
+        return [np.log(max(pred_s, 1e-9)), float(is_qat), float(np.mean(hist)) if hist else 0.0, float(len(hist))]
+
+    def add(self, cid: int, pred_s: float, observed_s: float, is_qat: bool) -> None:
+        self.rows.append(self._features(cid, pred_s, is_qat))
+        target = float(np.log(max(observed_s, 1e-9) / max(pred_s, 1e-9)))
+        self.targets.append(target)
+        self.client_log_ratio.setdefault(cid, []).append(target)
+
+    def refit(self) -> None:
+        from sklearn.ensemble import GradientBoostingRegressor
+
+        reg = GradientBoostingRegressor(n_estimators=40, max_depth=2, learning_rate=0.2, random_state=self.seed)
+        reg.fit(np.asarray(self.rows), np.asarray(self.targets))
+        self.regressor = reg
+        self.version += 1
+
+    def correct(self, cids: list[int], pred: np.ndarray, is_qat: bool) -> np.ndarray:
+        if self.regressor is None:
+            return pred
+        X = np.asarray([self._features(c, p, is_qat) for c, p in zip(cids, pred)])
+        return pred * np.exp(self.regressor.predict(X))
+
+
+class FedHQAllocator(Allocator):
+    """``fine=False`` is the ``fedhq-coarse`` ablation (stage 1 only, spec-sheet times)."""
+
+    def __init__(self, xi: float, significance: SignificanceModel | None, *, fine: bool = True,
+                 adjust_every: int = 3, search_band: float = 0.25, seed: int = 0):
+        self.name = "fedhq" if fine else "fedhq-coarse"
+        self.xi = xi
+        self.significance = significance
+        self.fine = fine
+        self.adjust_every = adjust_every
+        self.search_band = search_band
+        self.cost = CostModel(seed=seed)
+        self.quant_sensitivity: dict[int, float] = {}
+        self.refits: list[dict[str, Any]] = []      # new cost-model versions, for the tracking layer
+        self._last_pred: dict[int, tuple[float, float]] = {}  # cid -> (cost-model pred, spec pred)
+        self._hist_cache: np.ndarray | None = None
+
+    # --- analyses ----------------------------------------------------------------------
+    def significance_of(self, cids: list[int], view) -> np.ndarray:
+        if self.significance is None:
+            return np.zeros(len(cids))
+        if self._hist_cache is None:
+            self._hist_cache = label_histogram(view.global_labels, view.num_classes)
+        X = np.stack([client_features(view.shards[c].y.numpy(), self._hist_cache,
+                                      self.quant_sensitivity.get(c, 0.0)) for c in cids])
+        return self.significance.predict(X)
+
+    def allocate(self, rnd: int, sampled: list[int], view) -> Allocation:
+        t0 = time.perf_counter()
+        spec = view.predicted_times(sampled)
+        t_ptq, t_qat = spec["ptq"], spec["qat"]
+        if self.fine:
+            t_ptq = self.cost.correct(sampled, t_ptq, False)
+            t_qat = self.cost.correct(sampled, t_qat, True)
+        s_hat = minmax(1.0 / t_ptq)
+        sig = self.significance_of(sampled, view)
+        a_hat = minmax(sig)
+        x, free = allocate_coarse(s_hat, a_hat, t_ptq, t_qat, self.xi)
+        coarse = x.copy()
+        adjusted = bool(self.fine and self.cost.regressor is not None)
+        if adjusted:
+            x = local_search(x, s_hat, a_hat, t_ptq, t_qat, self.xi, self.search_band)
+        strategies = {c: ("qat" if q else "ptq") for c, q in zip(sampled, x)}
+        self._last_pred = {c: (float(np.where(q, tq, tp)), float(np.where(q, sq, sp)))
+                           for c, q, tp, tq, sp, sq in zip(sampled, x, t_ptq, t_qat, spec["ptq"], spec["qat"])}
+        info = {
+            "qat_share": float(x.mean()), "n_free_qat": int(free.sum()), "n_flipped": int((x != coarse).sum()),
+            "pred_round_s": float(np.max(np.where(x, t_qat, t_ptq))), "cost_model_version": self.cost.version,
+            "scatter": {"cids": list(sampled), "s_hat": s_hat.tolist(), "a_hat": a_hat.tolist(),
+                        "qat": x.tolist(), "free": free.tolist(), "coarse": coarse.tolist(), "xi": self.xi,
+                        "round": rnd, "adjusted": adjusted},
+            "alloc_compute_s": time.perf_counter() - t0,
+        }
+        return Allocation(strategies, info=info)
+
+    def observe(self, feedback: RoundFeedback, view) -> dict[str, float]:
+        out: dict[str, float] = {}
+        errs_model, errs_spec = [], []
+        for r in feedback.results:
+            if r.quant_loss is not None:
+                self.quant_sensitivity[r.cid] = float(r.quant_loss)
+            t = feedback.times[r.cid]
+            spec_total = t.compute_s + t.upload_s
+            if r.cid in self._last_pred:
+                pred_model, pred_spec = self._last_pred[r.cid]
+                errs_model.append(abs(pred_model - t.total_s) / t.total_s)
+                errs_spec.append(abs(pred_spec - t.total_s) / t.total_s)
+            self.cost.add(r.cid, spec_total, t.total_s, r.strategy == "qat")
+        if errs_model:
+            out["cost_model_mape"] = float(np.mean(errs_model))
+            out["spec_sheet_mape"] = float(np.mean(errs_spec))
+        if self.fine and (feedback.rnd + 1) % self.adjust_every == 0:
+            t0 = time.perf_counter()
+            self.cost.refit()
+            out["cost_model_refit_s"] = time.perf_counter() - t0
+            self.refits.append({"version": self.cost.version, "round": feedback.rnd, "model": self.cost.regressor,
+                                "n_samples": len(self.cost.targets)})
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"quant_sensitivity": dict(self.quant_sensitivity), "cost": self.cost}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.quant_sensitivity = dict(state["quant_sensitivity"])
+        self.cost = state["cost"]

@@ -1,0 +1,9 @@
+"""User-facing errors. Both carry a one-line message that names the field or file."""
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; ``str(err)`` is a one-line message naming the field."""
+
+
+class DataError(ValueError):
+    """A dataset could not be read; the message names the file or directory."""
