@@ -124,6 +124,7 @@ class Simulation:
         self.clock: SimulatedClock | None = None
         self.allocator = build_allocator(cfg, significance)
         self.records: list[RoundRecord] = []
+        self.last_allocation_info: dict[str, Any] = {}
         self.rnd = 0
         self.wall_start = time.perf_counter()
         self.upload_bytes_total = 0
@@ -208,7 +209,12 @@ class Simulation:
     def allocate(self, rnd: int, sampled: list[int]) -> tuple[Allocation, float]:
         t0 = time.perf_counter()
         alloc = self.allocator.allocate(rnd, sampled, self)
+        self.last_allocation_info = alloc.info
         return alloc, time.perf_counter() - t0
+
+    def allocator_refit_before(self, rnd: int) -> bool:
+        """True when the cost model was refitted right before round ``rnd`` (an adjustment round)."""
+        return any(r["round"] == rnd - 1 for r in getattr(self.allocator, "refits", []))
 
     def client_spec(self, rnd: int, cid: int, strategy: str, upload_bits: Any = None) -> TrainSpec:
         cfg = self.cfg

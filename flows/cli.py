@@ -121,6 +121,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit_significance(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    from flows.train import fit_significance_flow
+
+    res = fit_significance_flow(cfg.to_dict())
+    print(format_table(["key", "value"], [[k, v] for k, v in res.items()]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fedhq", description="FedHQ: hybrid PTQ/QAT federated learning, orchestrated by Prefect "
                                           "and tracked in MLflow.")
@@ -130,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", metavar="FILE", help="write the run's result as JSON")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_run)
+    f = sub.add_parser("fit-significance", help="offline SigAcc fitting by pilot rounds; registers "
+                                                 "fedhq-significance (alias current)")
+    add_config_flags(f)
+    f.set_defaults(func=cmd_fit_significance)
     for extra in _EXTRA_COMMANDS:
         extra(sub)
     return p

@@ -57,6 +57,8 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
     T.profile_hardware(sim, speed)
     tracker = tracker_for(cfg)
     run_id = None
+    if sim.needs_significance():
+        sim.set_significance(obtain_significance(sim, tracker))
     if tracker:
         run_id = tracker.start(run_name or f"{cfg.strategy}-{sim.dataset_name}-s{cfg.seed}", cfg.to_dict(),
                                tags={"strategy": cfg.strategy, "dataset": sim.dataset_name},
@@ -69,9 +71,17 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
         from tqdm import tqdm
         bar = tqdm(total=cfg.rounds, desc=f"{cfg.strategy}", unit="round", file=sys.stderr, leave=True)
 
+    plot_dir = os.path.join(cfg.state_dir, "plots", run_id or f"{cfg.strategy}-s{cfg.seed}")
+
     def _on_round(rec: RoundRecord) -> None:
         if tracker:
             tracker.log_metrics(rec.metrics(), step=rec.round)
+        scatter = sim.last_allocation_info.get("scatter")
+        if tracker and scatter and (rec.round == 0 or scatter.get("adjusted") and sim.allocator_refit_before(rec.round)):
+            from tasks.plots import allocation_scatter
+
+            tracker.log_artifact(allocation_scatter(scatter, os.path.join(plot_dir, f"allocation-r{rec.round:03d}.png")),
+                                 "allocation")
         if bar:
             bar.set_postfix(acc_q=f"{rec.acc_q:.3f}", sim_s=f"{rec.sim_time_s:.1f}", qat=rec.n_qat)
             bar.update(1)
@@ -91,8 +101,11 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
             tracker.end("FAILED")
     summary = sim.summary(run_id)
     if tracker:
-        for name, path in getattr(sim.allocator, "artifacts", lambda: {})().items():
-            tracker.log_artifact(path, "allocation")
+        for refit in getattr(sim.allocator, "refits", []):
+            tracker.log_sklearn(refit["model"], f"cost-model-v{refit['version']}", tracker.settings.cost_model,
+                                {"strategy": cfg.strategy, "dataset": sim.dataset_name, "xi": cfg.xi,
+                                 "round": refit["round"], "n_samples": refit["n_samples"],
+                                 "run_version": refit["version"]}, aliases=("current",))
         tracker.log_metrics({"final_acc_q": summary["final_acc_q"], "final_acc_fp32": summary["final_acc_fp32"],
                              "total_sim_s": summary["total_sim_s"], "total_upload_bytes": summary["upload_bytes"],
                              "alloc_overhead_s": summary["alloc_overhead_s"]}, step=cfg.rounds)
@@ -104,7 +117,42 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
     return summary
 
 
-@flow(name="fedhq-train", persist_result=False, log_prints=True)
+def obtain_significance(sim: Simulation, tracker=None):
+    """The registry's ``current`` SigAcc model for this setting, else fit one now (and register it)."""
+    from fedhq_core.allocation.pilot import significance_tags
+
+    wanted = significance_tags(sim.cfg)
+    if tracker and sim.cfg.significance == "auto":
+        model, why = tracker.load_significance(wanted)
+        if model is not None:
+            print(f"fedhq: using {tracker.settings.significance_model} {why} (alias current)", file=sys.stderr)
+            return model
+        print(f"fedhq: no current {tracker.settings.significance_model} for this setting ({why}); "
+              f"fitting one with {sim.cfg.pilot_rounds} pilot rounds", file=sys.stderr)
+    model = T.fit_significance(sim)
+    if tracker:
+        tracker.start(f"fit-significance-{sim.dataset_name}", {**wanted, "pilot_rounds": sim.cfg.pilot_rounds},
+                      tags={"kind": "fit-significance"})
+        tracker.log_metrics({"train_r2": model.train_r2, "mean_gain": model.tags["mean_gain"]})
+        version = tracker.log_sklearn(model.regressor, "significance", tracker.settings.significance_model,
+                                      {**model.tags, "train_r2": round(model.train_r2, 4)}, aliases=("current",))
+        tracker.end()
+        print(f"fedhq: registered {tracker.settings.significance_model} version {version} as current", file=sys.stderr)
+    return model
+
+
+@flow(name="fedhq-fit-significance", persist_result=False)
+def fit_significance_flow(config: dict[str, Any]) -> dict[str, Any]:
+    """Offline SigAcc fitting: pilot rounds, regressor, registry version with alias ``current``."""
+    cfg = from_mapping({**config, "significance": "refit"})
+    set_torch_threads(cfg)
+    sim = Simulation(cfg.replace(strategy="fedhq"))
+    T.profile_hardware(sim, None)
+    model = obtain_significance(sim, tracker_for(cfg))
+    return {"train_r2": model.train_r2, **model.tags}
+
+
+@flow(name="fedhq-train", persist_result=False)
 def train_flow(config: dict[str, Any], progress: bool = False) -> dict[str, Any]:
     """One FedHQ training run. ``config`` holds ExperimentConfig fields (validated here)."""
     cfg = from_mapping(config)

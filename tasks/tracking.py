@@ -174,6 +174,38 @@ class Tracker:
                                 dict(tags, int_model_bytes=int_size))
         return version
 
+    def log_sklearn(self, model: Any, name: str, registered: str, tags: dict[str, Any],
+                    aliases: tuple[str, ...] = ()) -> str:
+        """Log a scikit-learn model in this run and register it as a new version of ``registered``."""
+        import sklearn
+
+        self.mlflow.set_tracking_uri(self.settings.tracking_uri)
+        with self.mlflow.start_run(run_id=self.run_id, nested=True):
+            # skops serialization (no pickle); tree ensembles need their node type declared trusted
+            info = self.mlflow.sklearn.log_model(model, name=name,
+                                                 pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
+                                                 skops_trusted_types=["sklearn.tree._tree.Tree"])
+        return self.register(registered, info.model_uri, tags, aliases)
+
+    def load_significance(self, wanted: dict[str, Any]):
+        """The registry's ``current`` significance model if it was fitted for ``wanted``'s setting."""
+        from mlflow.exceptions import MlflowException
+
+        from fedhq_core.allocation import SignificanceModel
+
+        name = self.settings.significance_model
+        try:
+            mv = self.client.get_model_version_by_alias(name, "current")
+        except MlflowException:
+            return None, "no registered version"
+        mismatch = {k: (mv.tags.get(k), str(v)) for k, v in wanted.items() if mv.tags.get(k) != str(v)}
+        if mismatch:
+            k, (have, want) = next(iter(mismatch.items()))
+            return None, f"version {mv.version} was fitted for {k}={have}, this run has {k}={want}"
+        self.mlflow.set_tracking_uri(self.settings.tracking_uri)
+        reg = self.mlflow.sklearn.load_model(f"models:/{name}/{mv.version}")
+        return SignificanceModel(reg, dict(mv.tags)), f"version {mv.version}"
+
     def register(self, name: str, model_uri: str, tags: dict[str, Any], aliases: tuple[str, ...] = ()) -> str:
         from mlflow.exceptions import MlflowException
 

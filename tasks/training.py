@@ -43,3 +43,14 @@ def aggregate(sim: Simulation, results: list[ClientResult]) -> float:
 @task(name="evaluate", **OPTS)
 def evaluate(sim: Simulation) -> dict[str, float]:
     return sim.evaluate()
+
+
+@task(name="fit-significance", **OPTS)
+def fit_significance(sim: Simulation):
+    """Pilot rounds (every client under PTQ and QAT) and the SigAcc regressor fit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedhq_core.simulation import default_concurrency
+
+    with ThreadPoolExecutor(default_concurrency(sim.cfg)) as pool:
+        return sim.fit_significance(pool.map)

@@ -1,0 +1,83 @@
+"""Figures: the allocation scatter (why each client got PTQ or QAT) and benchmark charts."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def allocation_scatter(data: dict[str, Any], path: str, title: str | None = None) -> str:
+    """Clients at (s_hat, a_hat), coloured by strategy, with the xi line (1-xi)*a = xi*(1-s)."""
+    s, a = np.asarray(data["s_hat"]), np.asarray(data["a_hat"])
+    qat, free = np.asarray(data["qat"], bool), np.asarray(data["free"], bool)
+    coarse = np.asarray(data.get("coarse", data["qat"]), bool)
+    xi = float(data["xi"])
+    fig, ax = plt.subplots(figsize=(5.2, 4.6), dpi=110)
+    if xi < 1:
+        xs = np.linspace(0, 1, 50)
+        ys = xi * (1 - xs) / (1 - xi)
+        ax.plot(xs, ys, "k--", lw=1, label=f"ξ line: (1−ξ)·â = ξ·(1−ŝ), ξ={xi:g}")
+        ax.fill_between(xs, ys, 1.05, color="tab:green", alpha=0.06)
+    ax.scatter(s[qat & ~free], a[qat & ~free], c="tab:green", s=50, label="QAT (above the line)", zorder=3)
+    ax.scatter(s[qat & free], a[qat & free], c="tab:green", marker="*", s=120, label="QAT (free: t_QAT ≤ T*)",
+               zorder=3)
+    ax.scatter(s[~qat], a[~qat], c="tab:red", marker="s", s=45, label="PTQ", zorder=3)
+    flipped = qat != coarse
+    if flipped.any():
+        ax.scatter(s[flipped], a[flipped], facecolors="none", edgecolors="k", s=160, lw=1.2,
+                   label="flipped by fine search", zorder=4)
+    for cid, x, y in zip(data["cids"], s, a):
+        ax.annotate(str(cid), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("speed ŝ (normalised 1/t_PTQ, 1 = fastest)")
+    ax.set_ylabel("accuracy significance â (normalised SigAcc)")
+    ax.set_title(title or f"FedHQ allocation, round {data['round']}")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def accuracy_vs_time(curves: dict[str, list[list[float]]], path: str, target: float | None = None) -> str:
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    for name, pts in curves.items():
+        if pts:
+            t, acc = zip(*pts)
+            ax.plot(t, np.asarray(acc) * 100, marker=".", label=name, lw=1.4 if name != "fedhq" else 2.4)
+    if target is not None:
+        ax.axhline(target * 100, color="gray", ls=":", lw=1, label=f"TTA target {target * 100:.1f}%")
+    ax.set_xlabel("simulated time (s)")
+    ax.set_ylabel("deployed quantized test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def tta_bars(tta: dict[str, float | None], path: str) -> str:
+    names = list(tta)
+    vals = [tta[n] if tta[n] is not None else 0.0 for n in names]
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
+    bars = ax.bar(names, vals, color=["tab:green" if n == "fedhq" else "tab:blue" for n in names])
+    for b, n in zip(bars, names):
+        if tta[n] is None:
+            ax.annotate("not reached", (b.get_x() + b.get_width() / 2, 0), ha="center", va="bottom", fontsize=7,
+                        rotation=90)
+    ax.set_ylabel("simulated time to target accuracy (s)")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
