@@ -130,6 +130,56 @@ def cmd_fit_significance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return [kind(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+    return parse
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    from flows.bench import ALL_STRATEGIES, bench_table, run_bench
+
+    strategies = args.strategies or list(ALL_STRATEGIES)
+    for s in strategies:
+        if s not in STRATEGIES:
+            raise ConfigError(f"strategies: unknown strategy {s!r} (choose from {', '.join(STRATEGIES)})")
+    if args.target is not None and not 0 < args.target <= 1:
+        raise ConfigError(f"target: must be in (0, 1], got {args.target}")
+    seeds = args.seeds or [cfg.seed]
+    out = run_bench(cfg, strategies, seeds, args.target, progress=not args.no_progress)
+    headers, rows = bench_table(out)
+    print(f"target accuracy for TTA: {out['target']:.4f}   seeds: {seeds}")
+    print(format_table(headers, rows))
+    for k in ("speedup_tta_vs", "acc_gain_vs_all_ptq", "gap_recovered_vs_all_ptq", "sim_time_vs_all_ptq"):
+        if k in out:
+            print(f"{k}: {json.dumps(out[k], default=_json_default)}")
+    if args.json:
+        write_json(args.json, out)
+    return 0
+
+
+def cmd_bench_overhead(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    from flows.overhead import measure
+
+    r = measure({k: v for k, v in cfg.to_dict().items() if k not in ("tracking_uri",)}, reps=args.reps)
+    rows = [["whole run (process start to exit)", round(r["flow_wall_s"], 2), round(r["bare_wall_s"], 2),
+             round(r["ratio_total"], 3)],
+            ["steady-state round (median)", round(r["steady_round_flow_s"], 4), round(r["steady_round_bare_s"], 4),
+             round(r["ratio_steady_round"], 3)],
+            ["peak RSS, children included (MiB)", round(r["flow_peak_rss_mib"]), round(r["bare_peak_rss_mib"]), "-"]]
+    print(f"fp32 FedAvg, {cfg.dataset}, {r['rounds']} rounds, {cfg.clients} clients, fraction {cfg.fraction}: "
+          f"Prefect flow + MLflow tracking vs a bare PyTorch loop")
+    print(format_table(["measure", "fedhq_flow", "bare_loop", "ratio"], rows))
+    if args.json:
+        write_json(args.json, r)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fedhq", description="FedHQ: hybrid PTQ/QAT federated learning, orchestrated by Prefect "
                                           "and tracked in MLflow.")
@@ -143,6 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "fedhq-significance (alias current)")
     add_config_flags(f)
     f.set_defaults(func=cmd_fit_significance)
+    b = sub.add_parser("bench", help="every strategy side by side on the same clients, shards, devices and seeds")
+    add_config_flags(b)
+    b.add_argument("--strategies", type=_csv(str), help="comma-separated (default: all seven)")
+    b.add_argument("--seeds", type=_csv(int), help="comma-separated seeds (default: the config's seed)")
+    b.add_argument("--target", type=float, help="TTA target accuracy 0..1 (default 95%% of all-qat's final)")
+    b.add_argument("--json", metavar="FILE", help="write the results (schema in README)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.set_defaults(func=cmd_bench)
+    o = sub.add_parser("bench-overhead", help="wall time and memory of the flow + tracking vs a bare PyTorch loop")
+    add_config_flags(o)
+    o.add_argument("--reps", type=int, default=1, help="repeat both runs and take medians (default 1)")
+    o.add_argument("--json", metavar="FILE", help="write the measurements as JSON")
+    o.set_defaults(func=cmd_bench_overhead)
     for extra in _EXTRA_COMMANDS:
         extra(sub)
     return p

@@ -156,36 +156,42 @@ class Tracker:
         self.client.set_terminated(self.run_id, status)
 
     # --- registry --------------------------------------------------------------------
+    def _log_model_dir(self, save: Any, artifact_path: str) -> str:
+        """Save a model with an MLflow flavour's ``save_model`` and upload it as run artifacts.
+
+        Much cheaper than ``log_model`` (no logged-model entity, no environment inference);
+        the registry version points at ``runs:/<run>/<artifact_path>`` and loads the same way.
+        """
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, artifact_path)
+            save(path)
+            self.client.log_artifacts(self.run_id, path, artifact_path)
+        return f"runs:/{self.run_id}/{artifact_path}"
+
     def register_global_model(self, bundle: dict[str, Any], tags: dict[str, Any]) -> str:
         """Log the deployed model as a pyfunc model plus its int form, register it, tag it."""
         from tasks.pyfunc_model import save_bundle
 
         entry = str(Path(__file__).with_name("pyfunc_entry.py"))
-
         with tempfile.TemporaryDirectory() as tmp:
             files = save_bundle(bundle, tmp)
-            self.mlflow.set_tracking_uri(self.settings.tracking_uri)
-            with self.mlflow.start_run(run_id=self.run_id):
-                info = self.mlflow.pyfunc.log_model(name="model", python_model=entry, artifacts=files,
-                                                    pip_requirements=pip_requirements())
+            uri = self._log_model_dir(lambda path: self.mlflow.pyfunc.save_model(
+                path, python_model=entry, artifacts=files, pip_requirements=pip_requirements()), "model")
             self.client.log_artifact(self.run_id, files["int_weights"], "deployable")
             int_size = os.path.getsize(files["int_weights"])
-        version = self.register(self.settings.registered_model, info.model_uri,
-                                dict(tags, int_model_bytes=int_size))
-        return version
+        return self.register(self.settings.registered_model, uri, dict(tags, int_model_bytes=int_size))
 
     def log_sklearn(self, model: Any, name: str, registered: str, tags: dict[str, Any],
                     aliases: tuple[str, ...] = ()) -> str:
         """Log a scikit-learn model in this run and register it as a new version of ``registered``."""
+        import mlflow.sklearn
         import sklearn
 
-        self.mlflow.set_tracking_uri(self.settings.tracking_uri)
-        with self.mlflow.start_run(run_id=self.run_id, nested=True):
-            # skops serialization (no pickle); tree ensembles need their node type declared trusted
-            info = self.mlflow.sklearn.log_model(model, name=name,
-                                                 pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
-                                                 skops_trusted_types=["sklearn.tree._tree.Tree"])
-        return self.register(registered, info.model_uri, tags, aliases)
+        # skops serialization (no pickle); tree ensembles need their node type declared trusted
+        uri = self._log_model_dir(lambda path: mlflow.sklearn.save_model(
+            model, path, pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
+            skops_trusted_types=["sklearn.tree._tree.Tree"]), name)
+        return self.register(registered, uri, tags, aliases)
 
     def load_significance(self, wanted: dict[str, Any]):
         """The registry's ``current`` significance model if it was fitted for ``wanted``'s setting."""

@@ -1,0 +1,176 @@
+"""Benchmark flow: every strategy side by side on the same clients, shards, devices and seeds.
+
+The host is profiled once and the data loaded once; per seed, the SigAcc model is obtained once
+and shared by fedhq and fedhq-coarse; random-hybrid takes fedhq's measured QAT share. Each
+strategy run is an MLflow run nested under the benchmark's parent run.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from typing import Any
+
+from . import configure_prefect_env
+
+configure_prefect_env()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from prefect import flow  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+
+from fedhq_core.config import ExperimentConfig, from_mapping  # noqa: E402
+from fedhq_core.data import load_dataset  # noqa: E402
+from fedhq_core.metrics import accuracy_at, mean_std, speedup, time_to_accuracy  # noqa: E402
+from fedhq_core.simulation import Simulation  # noqa: E402
+from tasks import training as T  # noqa: E402
+
+from .train import execute_run, obtain_significance, set_torch_threads, tracker_for  # noqa: E402
+
+ALL_STRATEGIES = ("fedhq", "all-qat", "all-ptq", "fp32", "fedfq", "random-hybrid", "fedhq-coarse")
+METRICS = ("final_acc_q", "final_acc_fp32", "tta_sim_s", "total_sim_s", "wall_s", "upload_bytes", "qat_share",
+           "alloc_overhead_s")
+
+
+def host_info(device: str) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "device": device, "python": platform.python_version()}
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def ordered(strategies: list[str]) -> list[str]:
+    """fedhq first (random-hybrid needs its QAT share), then all-qat (the TTA target), then the rest."""
+    first = [s for s in ("fedhq", "all-qat") if s in strategies]
+    return first + [s for s in strategies if s not in first]
+
+
+def summarize(per_seed: dict[int, dict[str, dict[str, Any]]], target: float | None) -> dict[str, Any]:
+    """Per-seed results -> strategies table (means, spreads), speedups and gains."""
+    seeds = sorted(per_seed)
+    for seed in seeds:
+        runs = per_seed[seed]
+        tgt = target if target is not None else 0.95 * (runs["all-qat"]["final_acc_q"] if "all-qat" in runs else
+                                                        max(r["final_acc_q"] for r in runs.values()))
+        for r in runs.values():
+            r["target"] = tgt
+            r["tta_sim_s"] = time_to_accuracy(r["curve"], tgt)
+    names = list(per_seed[seeds[0]])
+    strategies: dict[str, Any] = {}
+    for name in names:
+        entry: dict[str, Any] = {}
+        for m in METRICS:
+            mean, std = mean_std(per_seed[s][name][m] for s in seeds)
+            entry[m] = mean
+            if len(seeds) > 1:
+                entry[f"{m}_std"] = std
+        entry["curve"] = per_seed[seeds[0]][name]["curve"]
+        entry["run_id"] = per_seed[seeds[0]][name].get("run_id")
+        strategies[name] = entry
+    out: dict[str, Any] = {"strategies": strategies, "target": mean_std(per_seed[s][names[0]]["target"]
+                                                                         for s in seeds)[0]}
+    if "fedhq" in names:
+        out["speedup_tta_vs"] = {}
+        for base in names:
+            if base == "fedhq":
+                continue
+            vals = [speedup(per_seed[s][base]["tta_sim_s"], per_seed[s]["fedhq"]["tta_sim_s"]) for s in seeds]
+            out["speedup_tta_vs"][base] = mean_std(vals)[0]
+        if "all-ptq" in names:
+            gains = [accuracy_at(per_seed[s]["fedhq"]["curve"], per_seed[s]["all-ptq"]["total_sim_s"])
+                     - per_seed[s]["all-ptq"]["final_acc_q"] for s in seeds]
+            out["acc_gain_vs_all_ptq"] = mean_std(gains)[0]
+        if {"all-ptq", "all-qat"} <= set(names):
+            rec = []
+            for s in seeds:
+                gap = per_seed[s]["all-qat"]["final_acc_q"] - per_seed[s]["all-ptq"]["final_acc_q"]
+                rec.append((per_seed[s]["fedhq"]["final_acc_q"] - per_seed[s]["all-ptq"]["final_acc_q"]) / gap
+                           if gap > 0 else None)
+            out["gap_recovered_vs_all_ptq"] = mean_std(rec)[0]
+            out["sim_time_vs_all_ptq"] = mean_std(per_seed[s]["fedhq"]["total_sim_s"] / per_seed[s]["all-ptq"]["total_sim_s"]
+                                                  for s in seeds)[0]
+    return out
+
+
+@flow(name="fedhq-bench", persist_result=False)
+def bench_flow(config: dict[str, Any], strategies: list[str], seeds: list[int], target: float | None = None,
+               progress: bool = False) -> dict[str, Any]:
+    base = from_mapping(config)
+    set_torch_threads(base)
+    ds = load_dataset(base.dataset, base.data_dir, download=base.download, seed=base.seed,
+                      test_fraction=base.test_fraction, max_train=base.max_train_samples,
+                      max_test=base.max_test_samples, cache_dir=os.path.join(base.state_dir, "cache"))
+    tracker = tracker_for(base)
+    parent = None
+    speed = None
+    per_seed: dict[int, dict[str, dict[str, Any]]] = {}
+    for seed in seeds:
+        sig = None
+        per_seed[seed] = {}
+        for name in ordered(strategies):
+            cfg = base.replace(strategy=name, seed=seed)
+            if name == "random-hybrid" and cfg.qat_share < 0 and "fedhq" in per_seed[seed]:
+                cfg = cfg.replace(qat_share=per_seed[seed]["fedhq"]["qat_share"])
+            sim = Simulation(cfg, dataset=ds)
+            if speed is None:
+                speed = T.profile_hardware(sim, None)
+                if tracker:
+                    parent = tracker.start(f"bench-{ds.name}", {**base.to_dict(), "strategies": strategies,
+                                                                 "seeds": seeds}, tags={"kind": "bench"})
+            if sim.needs_significance():
+                sim.profile(speed)
+                sig = sig or obtain_significance(sim, tracker_for(cfg))
+                sim.set_significance(sig)
+            print(f"fedhq bench: seed {seed} {name}", file=sys.stderr, flush=True)
+            res = execute_run(cfg, speed=speed, sim=sim, parent_run_id=parent, progress=progress)
+            res["curve"] = [[r["sim_time_s"], r["acc_q"]] for r in res["rounds"]]
+            per_seed[seed][name] = res
+    out = summarize(per_seed, target)
+    out["config"] = base.to_dict()
+    out["seeds"] = list(seeds)
+    out["host"] = host_info(str(sim.device.type))
+    out["speed_model"] = speed.summary() if speed else None
+    out["per_seed"] = {str(s): {n: {m: r.get(m) for m in METRICS} for n, r in runs.items()}
+                       for s, runs in per_seed.items()}
+    from tasks.plots import accuracy_vs_time, tta_bars
+
+    plot_dir = os.path.join(base.state_dir, "plots", f"bench-{ds.name}")
+    out["plots"] = {
+        "accuracy_vs_time": accuracy_vs_time({n: e["curve"] for n, e in out["strategies"].items()},
+                                             os.path.join(plot_dir, "accuracy_vs_time.png"), out["target"]),
+        "tta": tta_bars({n: e["tta_sim_s"] for n, e in out["strategies"].items()}, os.path.join(plot_dir, "tta.png")),
+    }
+    if tracker and parent:
+        tracker.run_id = parent
+        for p in out["plots"].values():
+            tracker.log_artifact(p, "plots")
+        tracker.log_dict({k: v for k, v in out.items() if k != "per_seed"}, "bench.json")
+        tracker.end()
+    return out
+
+
+def run_bench(cfg: ExperimentConfig, strategies: list[str], seeds: list[int], target: float | None,
+              progress: bool = False) -> dict[str, Any]:
+    workers = set_torch_threads(cfg)
+    f = bench_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
+    return f(cfg.to_dict(), strategies, seeds, target, progress)
+
+
+def bench_table(out: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    headers = ["strategy", "acc_q", "acc_fp32", "TTA_sim_s", "total_sim_s", "wall_s", "upload_MB", "qat_share",
+               "alloc_s"]
+    rows = []
+    for name, e in out["strategies"].items():
+        fmt = lambda v, nd=3: "-" if v is None else round(v, nd)  # noqa: E731
+        rows.append([name, fmt(e["final_acc_q"], 4), fmt(e["final_acc_fp32"], 4), fmt(e["tta_sim_s"]),
+                     fmt(e["total_sim_s"]), fmt(e["wall_s"], 1), fmt(e["upload_bytes"] / 1e6, 2),
+                     fmt(e["qat_share"], 2), fmt(e["alloc_overhead_s"])])
+    return headers, rows
