@@ -96,6 +96,7 @@ class ExperimentConfig:
     seed: int = 0
     device: str = "auto"             # auto | cpu | cuda
     max_concurrency: int = 0         # concurrent client trainings; 0 = number of CPU cores
+    clients_per_task: int = 0        # clients trained by one task; 0 = auto (one task per worker), 1 = per client
     eval_every: int = 1
     # --- tracking -----------------------------------------------------------------------
     tracking: bool = True
@@ -220,6 +221,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(cfg.profile_reps >= 1, "profile_reps", "must be >= 1")
     _check(cfg.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
     _check(cfg.max_concurrency >= 0, "max_concurrency", "must be >= 0")
+    _check(cfg.clients_per_task >= 0, "clients_per_task", "must be >= 0")
     _check(cfg.eval_every >= 1, "eval_every", "must be >= 1")
     _check(bool(cfg.fleet), "fleet", "must name at least one device class")
     for name, share in cfg.fleet.items():

@@ -231,6 +231,15 @@ class Simulation:
             return train_client(model, cid, shard.x, shard.y, self.global_state, self.global_ranges,
                                 self.client_spec(rnd, cid, strategy, upload_bits), self.global_steps)
 
+    def train_many(self, rnd: int, jobs: list[tuple[int, str, Any]]) -> list[ClientResult]:
+        """Train several clients one after the other on one borrowed model (one task's work)."""
+        return [self.train(rnd, cid, strategy, bits) for cid, strategy, bits in jobs]
+
+    def chunks(self, jobs: list[Any]) -> list[list[Any]]:
+        """Split a round's client jobs into tasks: ``clients_per_task`` each, or one task per worker."""
+        size = self.cfg.clients_per_task or math.ceil(len(jobs) / default_concurrency(self.cfg))
+        return [jobs[i:i + size] for i in range(0, len(jobs), max(1, size))]
+
     def aggregate(self, results: list[ClientResult]) -> float:
         """FedAvg into the master; returns the server's measured seconds."""
         t0 = time.perf_counter()
@@ -317,7 +326,8 @@ def default_concurrency(cfg: ExperimentConfig) -> int:
 @dataclass
 class RoundOps:
     """How each round verb is executed: directly (default) or, in the flow, as Prefect tasks.
-    ``submit_train`` returns a future (anything with ``.result()``)."""
+    ``submit_train(sim, rnd, jobs)`` trains a list of ``(cid, strategy, upload_bits)`` jobs and
+    returns a future (anything with ``.result()``) of their results."""
 
     submit_train: Callable[..., Any]
     allocate: Callable[..., Any] = lambda sim, rnd, sampled: sim.allocate(rnd, sampled)
@@ -330,8 +340,9 @@ def run_rounds(sim: Simulation, ops: RoundOps, on_round: Callable[[RoundRecord],
     for rnd in range(sim.rnd, sim.cfg.rounds):
         sampled = sim.sample(rnd)
         alloc, alloc_s = ops.allocate(sim, rnd, sampled)
-        futures = [ops.submit_train(sim, rnd, c, alloc.strategies[c], alloc.upload_bits.get(c)) for c in sampled]
-        results = [f.result() for f in futures]
+        jobs = [(c, alloc.strategies[c], alloc.upload_bits.get(c)) for c in sampled]
+        futures = [ops.submit_train(sim, rnd, chunk) for chunk in sim.chunks(jobs)]
+        results = [r for f in futures for r in f.result()]
         server_s = ops.aggregate(sim, results)
         metrics = ops.evaluate(sim) if sim.should_eval(rnd) else None
         rec = sim.close_round(rnd, alloc, alloc_s, results, server_s, metrics)
@@ -349,5 +360,5 @@ def run(cfg: ExperimentConfig, on_round: Callable[[RoundRecord], None] | None = 
     with ThreadPoolExecutor(default_concurrency(cfg)) as pool:
         if sim.needs_significance():
             sim.set_significance(sim.fit_significance(pool.map))
-        ops = RoundOps(submit_train=lambda s, *a: pool.submit(s.train, *a))
+        ops = RoundOps(submit_train=lambda s, *a: pool.submit(s.train_many, *a))
         return run_rounds(sim, ops, on_round)

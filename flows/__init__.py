@@ -24,3 +24,25 @@ def configure_prefect_env(state_dir: str | None = None) -> None:
 
 
 configure_prefect_env()
+
+
+def prestart_ephemeral_server():
+    """Boot Prefect's ephemeral API server in a background thread, so that its start-up overlaps
+    with loading the data. Returns the thread (join it before the first flow), or None when a
+    server is configured (PREFECT_API_URL) and nothing needs starting."""
+    import threading
+
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+
+    def _start() -> None:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        try:
+            SubprocessASGIServer().start()
+        except Exception:  # the flow's own start will retry and report the error
+            pass
+
+    thread = threading.Thread(target=_start, name="prefect-ephemeral-start", daemon=True)
+    thread.start()
+    return thread

@@ -88,7 +88,7 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
         if on_round:
             on_round(rec)
 
-    ops = RoundOps(submit_train=T.train_client.submit, allocate=T.allocate, aggregate=T.aggregate,
+    ops = RoundOps(submit_train=T.train_clients.submit, allocate=T.allocate, aggregate=T.aggregate,
                    evaluate=T.evaluate)
     status = "FAILED"
     try:
@@ -152,15 +152,29 @@ def fit_significance_flow(config: dict[str, Any]) -> dict[str, Any]:
     return {"train_r2": model.train_r2, **model.tags}
 
 
+# Simulations built by the caller before the flow starts (data loaded while Prefect boots),
+# handed over by key: a flow's parameters must stay JSON-serializable.
+_PREPARED: dict[str, Simulation] = {}
+
+
 @flow(name="fedhq-train", persist_result=False)
-def train_flow(config: dict[str, Any], progress: bool = False) -> dict[str, Any]:
+def train_flow(config: dict[str, Any], progress: bool = False, prepared: str | None = None) -> dict[str, Any]:
     """One FedHQ training run. ``config`` holds ExperimentConfig fields (validated here)."""
     cfg = from_mapping(config)
-    return execute_run(cfg, progress=progress)
+    sim = _PREPARED.pop(prepared, None) if prepared else None
+    return execute_run(cfg, sim=sim, progress=progress)
 
 
 def run_training(cfg: ExperimentConfig, progress: bool = False) -> dict[str, Any]:
-    """Run :func:`train_flow` on a thread-pool task runner sized for ``cfg``."""
+    """Run :func:`train_flow` on a thread-pool task runner sized for ``cfg``; the data are loaded
+    while Prefect's ephemeral server boots."""
+    from . import prestart_ephemeral_server
+
     workers = set_torch_threads(cfg)
+    booting = prestart_ephemeral_server()
+    key = f"sim-{id(cfg)}"
+    _PREPARED[key] = Simulation(cfg)
+    if booting is not None:
+        booting.join()
     f = train_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
-    return f(cfg.to_dict(), progress=progress)
+    return f(cfg.to_dict(), progress=progress, prepared=key)

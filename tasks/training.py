@@ -30,9 +30,17 @@ def allocate(sim: Simulation, rnd: int, sampled: list[int]) -> tuple[Allocation,
     return sim.allocate(rnd, sampled)
 
 
-@task(name="train-client", task_run_name="train-client-{cid}-r{rnd}", **OPTS)
-def train_client(sim: Simulation, rnd: int, cid: int, strategy: str, upload_bits: Any = None) -> ClientResult:
-    return sim.train(rnd, cid, strategy, upload_bits)
+def _clients_name() -> str:
+    from prefect.runtime import task_run
+
+    jobs = task_run.parameters.get("jobs", [])
+    return f"train-r{task_run.parameters.get('rnd')}-clients-" + "-".join(str(j[0]) for j in jobs)
+
+
+@task(name="train-clients", task_run_name=_clients_name, **OPTS)
+def train_clients(sim: Simulation, rnd: int, jobs: list[tuple[int, str, Any]]) -> list[ClientResult]:
+    """Local training of the given (client, strategy, upload bits) jobs on one worker slot."""
+    return sim.train_many(rnd, jobs)
 
 
 @task(name="aggregate", **OPTS)
