@@ -92,6 +92,7 @@ class ExperimentConfig:
     throttle_factor: float = 2.5     # [design] slowdown of a throttled client
     profile_batch_sizes: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
     profile_reps: int = 3
+    profile_cache: bool = True       # reuse this host's measured profile from <state_dir>/profiles
     # --- execution ----------------------------------------------------------------------
     seed: int = 0
     device: str = "auto"             # auto | cpu | cuda

@@ -8,12 +8,16 @@ and no MLflow.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
+import platform
 import os
 import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -25,8 +29,8 @@ from .client import ClientResult, TrainSpec, train_client
 from .config import ExperimentConfig
 from .errors import ConfigError
 from .data import Dataset, Split, load_dataset, partition
-from .hardware import (ClientTime, Fleet, RooflineModel, SimulatedClock, count_step, measure_host_peaks,
-                       measure_step_times)
+from .hardware import (ClientTime, Fleet, Measurement, RooflineModel, SimulatedClock, StepCounts, count_step,
+                       measure_host_peaks, measure_step_times)
 from .models import build_model
 from .quant import (configure_observers, integer_weights, load_model_state, model_state, prepare_deploy,
                     prepare_model, set_mode)
@@ -34,6 +38,14 @@ from .server import average_steps, average_ranges, calibrate_on_server, evaluate
 
 
 STEP_POLICY = os.environ.get("FEDHQ_STEP_POLICY", "avg")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -166,16 +178,38 @@ class Simulation:
     def profile(self, speed: RooflineModel | None = None) -> RooflineModel:
         """Count and measure host steps, fit the roofline model, start the simulated clock."""
         if speed is None:
-            model = self.new_model()
-            counts = {m: count_step(model, self.in_shape, self.num_classes, m, self.device)
-                      for m in ("fp32", "qat", "fwd")}
             bs = sorted(set(self.cfg.profile_batch_sizes))
-            ms = measure_step_times(model, self.in_shape, self.num_classes, bs, self.cfg.profile_reps, self.device)
-            peak, bw = measure_host_peaks(self.device)
+            cache = self._profile_cache_path(bs)
+            if self.cfg.profile_cache and cache.is_file():
+                data = json.loads(cache.read_text())
+                counts = {k: StepCounts(**v) for k, v in data["counts"].items()}
+                ms = [Measurement(**m) for m in data["measurements"]]
+                peak, bw = data["host_peak"], data["host_bw"]
+            else:
+                model = self.new_model()
+                counts = {m: count_step(model, self.in_shape, self.num_classes, m, self.device)
+                          for m in ("fp32", "qat", "fwd")}
+                ms = measure_step_times(model, self.in_shape, self.num_classes, bs, self.cfg.profile_reps,
+                                        self.device)
+                peak, bw = measure_host_peaks(self.device)
+                if self.cfg.profile_cache:
+                    cache.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = cache.with_suffix(".tmp")
+                    tmp.write_text(json.dumps({"counts": {k: vars(v) for k, v in counts.items()},
+                                               "measurements": [vars(m) for m in ms],
+                                               "host_peak": peak, "host_bw": bw}))
+                    os.replace(tmp, cache)
             speed = RooflineModel.fit(counts, ms, peak, bw, holdout_batch=bs[-2] if len(bs) > 2 else None)
         self.speed = speed
         self.clock = SimulatedClock(self.fleet, speed)
         return speed
+
+    def _profile_cache_path(self, batch_sizes: list[int]) -> Path:
+        """One profile per host, model shape, torch build, thread count and profiling grid."""
+        key = json.dumps([self.cfg.model, list(self.in_shape), self.num_classes, torch.__version__,
+                          platform.processor() or platform.machine(), _cpu_model(), torch.get_num_threads(),
+                          str(self.device), batch_sizes, self.cfg.profile_reps])
+        return Path(self.cfg.state_dir) / "profiles" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
 
     def steps_of(self, cid: int) -> list[int]:
         n, b = len(self.shards[cid]), self.cfg.batch_size

@@ -1,6 +1,8 @@
 """The plain-Python simulation: FedAvg arithmetic, determinism, the round verbs."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -56,3 +58,12 @@ def test_strategies_run_and_learn(tiny_cfg, strategy):
     # simulated time is strictly increasing and sums the round lengths
     times = [r.sim_time_s for r in sim.records]
     assert np.all(np.diff(times) > 0) and times[-1] == pytest.approx(sum(r.sim_round_s for r in sim.records))
+
+
+def test_profile_is_cached_per_host(tiny_cfg):
+    a = Simulation(tiny_cfg)
+    sa = a.profile()
+    files = list((Path(tiny_cfg.state_dir) / "profiles").glob("*.json"))
+    assert len(files) == 1
+    sb = Simulation(tiny_cfg).profile()
+    assert (sb.inv_eta_c, sb.inv_eta_m, sb.overhead_s) == (sa.inv_eta_c, sa.inv_eta_m, sa.overhead_s)
