@@ -180,6 +180,58 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry_client(args: argparse.Namespace):
+    from tasks.tracking import TrackingSettings
+
+    settings = TrackingSettings.load(tracking_uri=args.tracking_uri)
+    from mlflow import MlflowClient
+
+    return settings, MlflowClient(tracking_uri=settings.tracking_uri)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    settings, client = _registry_client(args)
+    from tasks.registry import COLUMNS, list_versions
+
+    names = [args.name] if args.name else [settings.registered_model, settings.cost_model, settings.significance_model]
+    rows = list_versions(client, names)
+    if not rows:
+        print("no registered versions yet (run `fedhq run` first)")
+        return 0
+    headers = ["model", "version", "aliases", *COLUMNS, "run_id"]
+    print(format_table(headers, [[r[h] for h in headers] for r in rows]))
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    settings, client = _registry_client(args)
+    from tasks.registry import promote
+
+    moved, text = promote(client, args.name or settings.registered_model, args.version)
+    print(text)
+    return 0 if moved else 1
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if args.trials < 1:
+        raise ConfigError("trials: must be >= 1")
+    from flows.tune import run_tune
+
+    out = run_tune(cfg, args.study, args.trials, args.timeout, args.n_jobs, args.storage, args.tune_epochs)
+    keys = ["trial", "xi", "w_bits", "a_bits"] + (["local_epochs"] if args.tune_epochs else []) + ["acc_q", "sim_s"]
+    print(f"Pareto front of study {out['study']!r} ({out['n_trials']} trials):")
+    print(format_table(keys, [[round(r[k], 4) if isinstance(r[k], float) else r[k] for k in keys]
+                              for r in out["pareto_front"]]))
+    c = out["chosen"]
+    print(f"chosen: trial {c['trial']} (xi={c['xi']:.3f}, w{c['w_bits']}a{c['a_bits']}), "
+          f"acc_q {c['acc_q']:.4f}, sim {c['sim_s']:.2f} s" +
+          (f"; registered as version {out['model_version']}" if out.get("model_version") else ""))
+    if args.json:
+        write_json(args.json, out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fedhq", description="FedHQ: hybrid PTQ/QAT federated learning, orchestrated by Prefect "
                                           "and tracked in MLflow.")
@@ -206,6 +258,26 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--reps", type=int, default=1, help="repeat both runs and take medians (default 1)")
     o.add_argument("--json", metavar="FILE", help="write the measurements as JSON")
     o.set_defaults(func=cmd_bench_overhead)
+    t = sub.add_parser("tune", help="Optuna study of xi and bit-widths: max accuracy, min simulated time")
+    add_config_flags(t)
+    t.add_argument("--study", default="fedhq-tune", help="study name; an existing study is resumed (default fedhq-tune)")
+    t.add_argument("--trials", type=int, default=8, help="trials to run now (default 8)")
+    t.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    t.add_argument("--n-jobs", type=int, default=1, help="trials in parallel (threads; default 1)")
+    t.add_argument("--storage", help="SQLAlchemy URL (default sqlite:///<state_dir>/optuna.db)")
+    t.add_argument("--tune-epochs", action="store_true", help="also tune local epochs (1..4)")
+    t.add_argument("--json", metavar="FILE", help="write the Pareto front as JSON")
+    t.set_defaults(func=cmd_tune)
+    m = sub.add_parser("models", help="registered model versions with their tags and aliases")
+    m.add_argument("--name", help="one registered model (default: global, cost and significance models)")
+    m.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow tracking URI (default from mlflow.yaml)")
+    m.set_defaults(func=cmd_models)
+    pr = sub.add_parser("promote", help="move alias 'champion' to a version that beats the champion's quantized "
+                                        "accuracy on the same dataset and bits (exit 1 if not moved)")
+    pr.add_argument("--name", help="registered model (default fedhq-global-model)")
+    pr.add_argument("--version", type=int, help="candidate version (default: newest)")
+    pr.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow tracking URI (default from mlflow.yaml)")
+    pr.set_defaults(func=cmd_promote)
     for extra in _EXTRA_COMMANDS:
         extra(sub)
     return p

@@ -1,0 +1,145 @@
+"""``fedhq tune``: an Optuna study of xi and the bit-widths (optionally local epochs), multi-objective:
+maximise the deployed model's quantized accuracy, minimise simulated time.
+
+The study lives in an RDB storage (default ``sqlite:///<state_dir>/optuna.db``; any SQLAlchemy
+URL via ``--storage``) and resumes by name. Each trial is an MLflow run nested under the study's
+parent run; the Pareto-front plot is logged; the chosen trial's model is registered with its
+parameters as tags.
+"""
+from __future__ import annotations
+
+import contextvars
+import os
+import sys
+import threading
+from typing import Any
+
+from . import configure_prefect_env
+
+configure_prefect_env()
+
+import numpy as np  # noqa: E402
+import optuna  # noqa: E402
+from prefect import flow  # noqa: E402
+
+from fedhq_core.config import ExperimentConfig, from_mapping  # noqa: E402
+from fedhq_core.data import load_dataset  # noqa: E402
+from fedhq_core.simulation import Simulation  # noqa: E402
+from tasks import training as T  # noqa: E402
+
+from .train import execute_run, model_tags, obtain_significance, set_torch_threads, tracker_for  # noqa: E402
+
+
+def choose(front: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial:
+    """The knee of the front: best normalised accuracy minus normalised time."""
+    acc = np.array([t.values[0] for t in front])
+    tim = np.array([t.values[1] for t in front])
+    span = lambda v: (v - v.min()) / (v.max() - v.min()) if v.max() > v.min() else np.zeros_like(v)  # noqa: E731
+    return front[int(np.argmax(span(acc) - span(tim)))]
+
+
+def pareto_plot(study: optuna.Study, front: list[optuna.trial.FrozenTrial], chosen, path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [t for t in study.trials if t.values is not None]
+    fig, ax = plt.subplots(figsize=(6.2, 4.4), dpi=110)
+    ax.scatter([t.values[1] for t in done], [t.values[0] * 100 for t in done], c="lightgray", label="trials")
+    f = sorted(front, key=lambda t: t.values[1])
+    ax.plot([t.values[1] for t in f], [t.values[0] * 100 for t in f], "o-", c="tab:green", label="Pareto front")
+    for t in f:
+        ax.annotate(f"ξ={t.params['xi']:.2f} w{t.params['w_bits']}a{t.params['a_bits']}",
+                    (t.values[1], t.values[0] * 100), fontsize=7, textcoords="offset points", xytext=(4, 3))
+    ax.scatter([chosen.values[1]], [chosen.values[0] * 100], s=160, facecolors="none", edgecolors="k",
+               label="chosen")
+    ax.set_xlabel("simulated time (s)")
+    ax.set_ylabel("deployed quantized test accuracy (%)")
+    ax.set_title(f"study {study.study_name}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+@flow(name="fedhq-tune", persist_result=False)
+def tune_flow(config: dict[str, Any], study_name: str, trials: int, timeout: float | None = None, n_jobs: int = 1,
+              storage: str | None = None, tune_epochs: bool = False) -> dict[str, Any]:
+    base = from_mapping({**config, "strategy": "fedhq"})
+    set_torch_threads(base)
+    storage = storage or f"sqlite:///{os.path.abspath(os.path.join(base.state_dir, 'optuna.db'))}"
+    os.makedirs(base.state_dir, exist_ok=True)
+    ds = load_dataset(base.dataset, base.data_dir, download=base.download, seed=base.seed,
+                      test_fraction=base.test_fraction, max_train=base.max_train_samples,
+                      max_test=base.max_test_samples, cache_dir=os.path.join(base.state_dir, "cache"))
+    study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
+                                directions=["maximize", "minimize"],
+                                sampler=optuna.samplers.NSGAIISampler(seed=base.seed))
+    tracker = tracker_for(base)
+    parent = tracker.start(f"tune-{study_name}", {**base.to_dict(), "study": study_name, "storage": storage,
+                                                 "trials": trials}, tags={"kind": "tune"}) if tracker else None
+    sim0 = Simulation(base, dataset=ds)
+    speed = T.profile_hardware(sim0, None)
+    sigs: dict[tuple[int, int], Any] = {}
+    bundles: dict[int, tuple[dict, dict]] = {}
+    lock = threading.Lock()
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        changes: dict[str, Any] = {"xi": trial.suggest_float("xi", 0.0, 1.0),
+                                   "w_bits": trial.suggest_int("w_bits", 2, 8),
+                                   "a_bits": trial.suggest_int("a_bits", 2, 8)}
+        if tune_epochs:
+            changes["local_epochs"] = trial.suggest_int("local_epochs", 1, 4)
+        cfg = base.replace(**changes)
+        sim = Simulation(cfg, dataset=ds)
+        sim.profile(speed)
+        key = (cfg.w_bits, cfg.a_bits)
+        with lock:
+            if key not in sigs:
+                sigs[key] = obtain_significance(sim, tracker_for(cfg))
+        sim.set_significance(sigs[key])
+        res = execute_run(cfg, sim=sim, speed=speed, parent_run_id=parent, register=False,
+                          run_name=f"{study_name}-trial-{trial.number}")
+        trial.set_user_attr("run_id", res["run_id"])
+        with lock:
+            bundles[trial.number] = (sim.deployed_bundle(), model_tags(sim, res))
+        return res["final_acc_q"], res["total_sim_s"]
+
+    main_ctx = contextvars.copy_context()  # trials on Optuna's threads still see the flow's context
+    study.optimize(lambda t: main_ctx.copy().run(objective, t), n_trials=trials, timeout=timeout, n_jobs=n_jobs,
+                   catch=())
+    front = study.best_trials
+    chosen = choose(front)
+    out: dict[str, Any] = {
+        "study": study_name, "storage": storage, "n_trials": len(study.trials),
+        "pareto_front": [{"trial": t.number, **t.params, "acc_q": t.values[0], "sim_s": t.values[1],
+                          "run_id": t.user_attrs.get("run_id")} for t in sorted(front, key=lambda t: t.values[1])],
+        "chosen": {"trial": chosen.number, **chosen.params, "acc_q": chosen.values[0], "sim_s": chosen.values[1]},
+    }
+    plot = pareto_plot(study, front, chosen, os.path.join(base.state_dir, "plots", f"tune-{study_name}",
+                                                          "pareto.png"))
+    out["plot"] = plot
+    if tracker:
+        tracker.run_id = parent
+        tracker.log_artifact(plot, "plots")
+        tracker.log_dict(out, "pareto.json")
+        if chosen.number in bundles:  # trials of this process; resumed ones have no bundle here
+            bundle, tags = bundles[chosen.number]
+            tracker.run_id = chosen.user_attrs["run_id"]
+            out["model_version"] = tracker.register_global_model(
+                bundle, {**tags, **{f"param_{k}": v for k, v in chosen.params.items()}, "study": study_name,
+                         "trial": chosen.number})
+        tracker.run_id = parent
+        tracker.end()
+    print(f"fedhq tune: study {study_name!r} in {storage}", file=sys.stderr)
+    return out
+
+
+def run_tune(cfg: ExperimentConfig, study: str, trials: int, timeout: float | None, n_jobs: int,
+             storage: str | None, tune_epochs: bool) -> dict[str, Any]:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return tune_flow(cfg.to_dict(), study, trials, timeout, n_jobs, storage, tune_epochs)
