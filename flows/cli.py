@@ -232,6 +232,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ConfigError("PREFECT_API_URL: schedules need a Prefect server (e.g. `prefect server start`, then "
+                          "export PREFECT_API_URL=http://127.0.0.1:4200/api)")
+    from flows.deployments import serve
+
+    serve(cfg.to_dict(), nightly_cron=args.nightly_cron, tune_cron=args.tune_cron, refit_cron=args.refit_cron)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fedhq", description="FedHQ: hybrid PTQ/QAT federated learning, orchestrated by Prefect "
                                           "and tracked in MLflow.")
@@ -268,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tune-epochs", action="store_true", help="also tune local epochs (1..4)")
     t.add_argument("--json", metavar="FILE", help="write the Pareto front as JSON")
     t.set_defaults(func=cmd_tune)
+    sv = sub.add_parser("serve", help="serve the nightly-train, weekly-tune and refit-models deployments")
+    add_config_flags(sv)
+    sv.add_argument("--nightly-cron", default="0 2 * * *", help="cron of nightly-train (default 0 2 * * *)")
+    sv.add_argument("--tune-cron", default="0 3 * * 0", help="cron of weekly-tune (default 0 3 * * 0)")
+    sv.add_argument("--refit-cron", default="0 4 * * 1", help="cron of refit-models (default 0 4 * * 1)")
+    sv.set_defaults(func=cmd_serve)
     m = sub.add_parser("models", help="registered model versions with their tags and aliases")
     m.add_argument("--name", help="one registered model (default: global, cost and significance models)")
     m.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow tracking URI (default from mlflow.yaml)")
