@@ -29,7 +29,7 @@ from .client import ClientResult, TrainSpec, train_client
 from .config import ExperimentConfig
 from .errors import ConfigError
 from .data import Dataset, Split, load_dataset, partition
-from .hardware import (ClientTime, Fleet, Measurement, RooflineModel, SimulatedClock, StepCounts, count_step,
+from .hardware import (Fleet, Measurement, RooflineModel, SimulatedClock, StepCounts, count_step,
                        measure_host_peaks, measure_step_times)
 from .models import build_model
 from .quant import (configure_observers, integer_weights, load_model_state, model_state, prepare_deploy,
@@ -40,7 +40,29 @@ from .server import average_steps, average_ranges, calibrate_on_server, evaluate
 STEP_POLICY = os.environ.get("FEDHQ_STEP_POLICY", "avg")
 
 
-def _cpu_model() -> str:
+def load_data(cfg: ExperimentConfig) -> Dataset:
+    """The dataset a config names (cached decodes under ``<state_dir>/cache``)."""
+    return load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, seed=cfg.seed,
+                        test_fraction=cfg.test_fraction, max_train=cfg.max_train_samples,
+                        max_test=cfg.max_test_samples, cache_dir=os.path.join(cfg.state_dir, "cache"))
+
+
+def split_clients(cfg: ExperimentConfig, ds: Dataset) -> tuple[Split, Split, list[Split]]:
+    """Seeded split of the train set: (server calibration split, client pool, client shards)."""
+    rng = np.random.default_rng([cfg.seed, 31])
+    perm = rng.permutation(len(ds.train))
+    n_cal = min(cfg.server_calib_size, max(1, len(ds.train) // 10))
+    server_calib = ds.train.subset(np.sort(perm[:n_cal]))
+    pool = ds.train.subset(np.sort(perm[n_cal:]))
+    try:
+        idx = partition(pool.y.numpy(), cfg.clients, cfg.partition, rng, alpha=cfg.alpha,
+                        classes_per_client=cfg.classes_per_client, min_size=cfg.min_shard_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return server_calib, pool, [pool.subset(i) for i in idx]
+
+
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
@@ -103,23 +125,11 @@ class Simulation:
     def __init__(self, cfg: ExperimentConfig, dataset: Dataset | None = None, significance: Any = None):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        ds = dataset or load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, seed=cfg.seed,
-                                     test_fraction=cfg.test_fraction, max_train=cfg.max_train_samples,
-                                     max_test=cfg.max_test_samples, cache_dir=os.path.join(cfg.state_dir, "cache"))
+        ds = dataset or load_data(cfg)
         self.dataset_name = ds.name
         self.num_classes = ds.num_classes
         self.in_shape = ds.in_shape
-        rng = np.random.default_rng([cfg.seed, 31])
-        perm = rng.permutation(len(ds.train))
-        n_cal = min(cfg.server_calib_size, max(1, len(ds.train) // 10))
-        self.server_calib: Split = ds.train.subset(np.sort(perm[:n_cal]))
-        pool = ds.train.subset(np.sort(perm[n_cal:]))
-        try:
-            idx = partition(pool.y.numpy(), cfg.clients, cfg.partition, rng, alpha=cfg.alpha,
-                            classes_per_client=cfg.classes_per_client, min_size=cfg.min_shard_size)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        self.shards: list[Split] = [pool.subset(i) for i in idx]
+        self.server_calib, pool, self.shards = split_clients(cfg, ds)
         self.global_labels = pool.y.numpy()
         self.test: Split = ds.test
         self.n_clients = cfg.clients
@@ -207,7 +217,7 @@ class Simulation:
     def _profile_cache_path(self, batch_sizes: list[int]) -> Path:
         """One profile per host, model shape, torch build, thread count and profiling grid."""
         key = json.dumps([self.cfg.model, list(self.in_shape), self.num_classes, torch.__version__,
-                          platform.processor() or platform.machine(), _cpu_model(), torch.get_num_threads(),
+                          platform.processor() or platform.machine(), cpu_model(), torch.get_num_threads(),
                           str(self.device), batch_sizes, self.cfg.profile_reps])
         return Path(self.cfg.state_dir) / "profiles" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
 

@@ -15,15 +15,13 @@ from . import configure_prefect_env
 
 configure_prefect_env()
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from prefect import flow  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from fedhq_core.config import ExperimentConfig, from_mapping  # noqa: E402
-from fedhq_core.data import load_dataset  # noqa: E402
 from fedhq_core.metrics import accuracy_at, mean_std, speedup, time_to_accuracy  # noqa: E402
-from fedhq_core.simulation import Simulation  # noqa: E402
+from fedhq_core.simulation import Simulation, cpu_model, load_data  # noqa: E402
 from tasks import training as T  # noqa: E402
 
 from .train import execute_run, obtain_significance, set_torch_threads, tracker_for  # noqa: E402
@@ -34,13 +32,7 @@ METRICS = ("final_acc_q", "final_acc_fp32", "tta_sim_s", "total_sim_s", "wall_s"
 
 
 def host_info(device: str) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    info = {"cpu": cpu_model() or platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "device": device, "python": platform.python_version()}
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -105,9 +97,7 @@ def bench_flow(config: dict[str, Any], strategies: list[str], seeds: list[int], 
                progress: bool = False) -> dict[str, Any]:
     base = from_mapping(config)
     set_torch_threads(base)
-    ds = load_dataset(base.dataset, base.data_dir, download=base.download, seed=base.seed,
-                      test_fraction=base.test_fraction, max_train=base.max_train_samples,
-                      max_test=base.max_test_samples, cache_dir=os.path.join(base.state_dir, "cache"))
+    ds = load_data(base)
     tracker = tracker_for(base)
     parent = None
     speed = None

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -32,22 +31,13 @@ def bare_loop(cfg_dict: dict[str, Any], out_path: str) -> None:
     import torch.nn.functional as F
 
     from fedhq_core.config import from_mapping
-    from fedhq_core.data import load_dataset, partition
     from fedhq_core.models import build_model
+    from fedhq_core.simulation import load_data, split_clients
 
     cfg = from_mapping(cfg_dict)
     torch.set_num_threads(os.cpu_count() or 1)
-    ds = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, test_fraction=cfg.test_fraction,
-                      max_train=cfg.max_train_samples, max_test=cfg.max_test_samples,
-                      cache_dir=os.path.join(cfg.state_dir, "cache"))
-    # identical client split to fedhq_core.simulation.Simulation
-    rng = np.random.default_rng([cfg.seed, 31])
-    perm = rng.permutation(len(ds.train))
-    n_cal = min(cfg.server_calib_size, max(1, len(ds.train) // 10))
-    pool = ds.train.subset(np.sort(perm[n_cal:]))
-    shards = [pool.subset(i) for i in partition(pool.y.numpy(), cfg.clients, cfg.partition, rng, alpha=cfg.alpha,
-                                                classes_per_client=cfg.classes_per_client,
-                                                min_size=cfg.min_shard_size)]
+    ds = load_data(cfg)
+    _, _, shards = split_clients(cfg, ds)  # the same client split as the flow
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, ds.in_shape, ds.num_classes)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -23,8 +23,7 @@ import optuna  # noqa: E402
 from prefect import flow  # noqa: E402
 
 from fedhq_core.config import ExperimentConfig, from_mapping  # noqa: E402
-from fedhq_core.data import load_dataset  # noqa: E402
-from fedhq_core.simulation import Simulation  # noqa: E402
+from fedhq_core.simulation import Simulation, load_data  # noqa: E402
 from tasks import training as T  # noqa: E402
 
 from .train import execute_run, model_tags, obtain_significance, set_torch_threads, tracker_for  # noqa: E402
@@ -39,10 +38,7 @@ def choose(front: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial:
 
 
 def pareto_plot(study: optuna.Study, front: list[optuna.trial.FrozenTrial], chosen, path: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tasks.plots import plt, save_figure
 
     done = [t for t in study.trials if t.values is not None]
     fig, ax = plt.subplots(figsize=(6.2, 4.4), dpi=110)
@@ -59,11 +55,7 @@ def pareto_plot(study: optuna.Study, front: list[optuna.trial.FrozenTrial], chos
     ax.set_title(f"study {study.study_name}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 @flow(name="fedhq-tune", persist_result=False)
@@ -73,9 +65,7 @@ def tune_flow(config: dict[str, Any], study_name: str, trials: int, timeout: flo
     set_torch_threads(base)
     storage = storage or f"sqlite:///{os.path.abspath(os.path.join(base.state_dir, 'optuna.db'))}"
     os.makedirs(base.state_dir, exist_ok=True)
-    ds = load_dataset(base.dataset, base.data_dir, download=base.download, seed=base.seed,
-                      test_fraction=base.test_fraction, max_train=base.max_train_samples,
-                      max_test=base.max_test_samples, cache_dir=os.path.join(base.state_dir, "cache"))
+    ds = load_data(base)
     study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
                                 directions=["maximize", "minimize"],
                                 sampler=optuna.samplers.NSGAIISampler(seed=base.seed))

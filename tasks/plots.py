@@ -11,6 +11,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def save_figure(fig, path: str) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def allocation_scatter(data: dict[str, Any], path: str, title: str | None = None) -> str:
     """Clients at (s_hat, a_hat), coloured by strategy, with the xi line (1-xi)*a = xi*(1-s)."""
     s, a = np.asarray(data["s_hat"]), np.asarray(data["a_hat"])
@@ -39,11 +47,7 @@ def allocation_scatter(data: dict[str, Any], path: str, title: str | None = None
     ax.set_ylabel("accuracy significance â (normalised SigAcc)")
     ax.set_title(title or f"FedHQ allocation, round {data['round']}")
     ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def accuracy_vs_time(curves: dict[str, list[list[float]]], path: str, target: float | None = None) -> str:
@@ -58,11 +62,7 @@ def accuracy_vs_time(curves: dict[str, list[list[float]]], path: str, target: fl
     ax.set_ylabel("deployed quantized test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def tta_bars(tta: dict[str, float | None], path: str) -> str:
@@ -76,8 +76,4 @@ def tta_bars(tta: dict[str, float | None], path: str) -> str:
                         rotation=90)
     ax.set_ylabel("simulated time to target accuracy (s)")
     ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 DEFAULTS = {
     "tracking_uri": "sqlite:///mlflow.db",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedhq_core.client import ClientResult
-from fedhq_core.quant import Payload, pack_update
+from fedhq_core.quant import pack_update
 from fedhq_core.server import average_ranges, fedavg
 from fedhq_core.simulation import Simulation, run, upload_size
 

@@ -30,3 +30,17 @@ def test_bench_writes_the_documented_schema(tmp_path, monkeypatch):
     assert {"cpu", "cores", "torch", "device"} <= set(res["host"])
     for png in res["plots"].values():
         assert png.endswith(".png")
+
+
+@pytest.mark.slow
+def test_bench_overhead_measures_both_paths(tmp_path, monkeypatch):
+    from flows.overhead import measure
+
+    monkeypatch.chdir(tmp_path)
+    r = measure({"rounds": 2, "clients": 6, "local_epochs": 1, "profile_reps": 1})
+    assert r["rounds"] == 2
+    assert r["flow_wall_s"] > 0 and r["bare_wall_s"] > 0
+    assert r["ratio_total"] == pytest.approx(r["flow_wall_s"] / r["bare_wall_s"])
+    assert r["flow_peak_rss_mib"] > 50 and r["bare_peak_rss_mib"] > 50
+    # same SGD steps on the same shards: the FP32 models agree
+    assert r["flow_final_acc_fp32"] == pytest.approx(r["bare_final_acc"], abs=0.02)
