@@ -66,7 +66,9 @@ class TrackingSettings:
         if registered_model:
             values["registered_model"] = registered_model
         art = values.get("artifact_location")
-        if art and "://" not in str(art):
+        if str(values["tracking_uri"]).startswith(("http://", "https://")) and art and "://" not in str(art):
+            art = None  # a tracking server stores artifacts where its --artifacts-destination says
+        elif art and "://" not in str(art):
             art = Path(art).resolve().as_uri()
         values["artifact_location"] = art
         return cls(**values)
