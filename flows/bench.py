@@ -11,7 +11,7 @@ import platform
 import sys
 from typing import Any
 
-from . import configure_prefect_env
+from flows import configure_prefect_env
 
 configure_prefect_env()
 
@@ -24,7 +24,7 @@ from fedhq_core.metrics import accuracy_at, mean_std, speedup, time_to_accuracy 
 from fedhq_core.simulation import Simulation, cpu_model, load_data  # noqa: E402
 from tasks import training as T  # noqa: E402
 
-from .train import execute_run, obtain_significance, set_torch_threads, tracker_for  # noqa: E402
+from flows.train import execute_run, obtain_significance, set_torch_threads, tracker_for  # noqa: E402
 
 ALL_STRATEGIES = ("fedhq", "all-qat", "all-ptq", "fp32", "fedfq", "random-hybrid", "fedhq-coarse")
 METRICS = ("final_acc_q", "final_acc_fp32", "tta_sim_s", "total_sim_s", "wall_s", "upload_bytes", "qat_share",

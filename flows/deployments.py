@@ -16,19 +16,23 @@ REFIT_CRON = "0 4 * * 1"       # 04:00 on Mondays
 
 def deployments(config: dict[str, Any] | None = None, nightly_cron: str = NIGHTLY_CRON,
                 tune_cron: str = WEEKLY_TUNE_CRON, refit_cron: str = REFIT_CRON) -> list:
-    from .train import fit_significance_flow, train_flow
-    from .tune import tune_flow
+    from flows.train import fit_significance_flow, train_flow
+    from flows.tune import tune_flow
+
+    from prefect.deployments.runner import EntrypointType
 
     cfg = config or ExperimentConfig(strategy="fedhq").to_dict()
+    mod = {"entrypoint_type": EntrypointType.MODULE_PATH}  # import flows.* as the installed package
     return [
         train_flow.to_deployment("nightly-train", cron=nightly_cron, parameters={"config": cfg},
-                                 tags=["fedhq", "train"], description="Nightly FedHQ training run"),
+                                 tags=["fedhq", "train"], description="Nightly FedHQ training run", **mod),
         tune_flow.to_deployment("weekly-tune", cron=tune_cron,
                                 parameters={"config": cfg, "study_name": "weekly", "trials": 8},
-                                tags=["fedhq", "tune"], description="Weekly Optuna study of xi and bit-widths"),
+                                tags=["fedhq", "tune"], description="Weekly Optuna study of xi and bit-widths", **mod),
         fit_significance_flow.to_deployment("refit-models", cron=refit_cron, parameters={"config": cfg},
                                             tags=["fedhq", "refit"],
-                                            description="Weekly refit of the SigAcc model (fedhq-significance)"),
+                                            description="Weekly refit of the SigAcc model (fedhq-significance)",
+                                            **mod),
     ]
 
 

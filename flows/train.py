@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from . import configure_prefect_env
+from flows import configure_prefect_env
 
 configure_prefect_env()
 
@@ -168,7 +168,7 @@ def train_flow(config: dict[str, Any], progress: bool = False, prepared: str | N
 def run_training(cfg: ExperimentConfig, progress: bool = False) -> dict[str, Any]:
     """Run :func:`train_flow` on a thread-pool task runner sized for ``cfg``; the data are loaded
     while Prefect's ephemeral server boots."""
-    from . import prestart_ephemeral_server
+    from flows import prestart_ephemeral_server
 
     workers = set_torch_threads(cfg)
     booting = prestart_ephemeral_server()

@@ -14,7 +14,7 @@ import sys
 import threading
 from typing import Any
 
-from . import configure_prefect_env
+from flows import configure_prefect_env
 
 configure_prefect_env()
 
@@ -26,7 +26,7 @@ from fedhq_core.config import ExperimentConfig, from_mapping  # noqa: E402
 from fedhq_core.simulation import Simulation, load_data  # noqa: E402
 from tasks import training as T  # noqa: E402
 
-from .train import execute_run, model_tags, obtain_significance, set_torch_threads, tracker_for  # noqa: E402
+from flows.train import execute_run, model_tags, obtain_significance, set_torch_threads, tracker_for  # noqa: E402
 
 
 def choose(front: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial:
