@@ -40,6 +40,17 @@ from .server import average_steps, average_ranges, calibrate_on_server, evaluate
 STEP_POLICY = os.environ.get("FEDHQ_STEP_POLICY", "avg")
 
 
+@contextlib.contextmanager
+def all_cores() -> Iterator[None]:
+    """Temporarily use every core for intra-op parallelism (between rounds, when nothing else runs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def load_data(cfg: ExperimentConfig) -> Dataset:
     """The dataset a config names (cached decodes under ``<state_dir>/cache``)."""
     return load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, seed=cfg.seed,
@@ -296,8 +307,9 @@ class Simulation:
     def evaluate(self) -> dict[str, float]:
         # deploy_ranges: clients' averaged ranges; only when no client sent any (fp32, fedfq)
         # is the server's own small split used to calibrate.
-        return evaluate_global(self.eval_model, self.global_state, self.deploy_ranges(), self.test.x, self.test.y,
-                               self.global_steps)
+        with all_cores():  # no client trains during evaluation: give it every core
+            return evaluate_global(self.eval_model, self.global_state, self.deploy_ranges(), self.test.x,
+                                   self.test.y, self.global_steps)
 
     def close_round(self, rnd: int, alloc: Allocation, alloc_s: float, results: list[ClientResult],
                     server_s: float, metrics: dict[str, float] | None) -> RoundRecord:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any, Callable
 
 from flows import configure_prefect_env
@@ -57,8 +58,12 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
     T.profile_hardware(sim, speed)
     tracker = tracker_for(cfg)
     run_id = None
+    sig_s = 0.0
     if sim.needs_significance():
+        t0 = time.perf_counter()
         sim.set_significance(obtain_significance(sim, tracker))
+        sig_s = time.perf_counter() - t0
+    sim.wall_start = time.perf_counter()  # the run's wall time: rounds, evaluation and tracking
     if tracker:
         run_id = tracker.start(run_name or f"{cfg.strategy}-{sim.dataset_name}-s{cfg.seed}", cfg.to_dict(),
                                tags={"strategy": cfg.strategy, "dataset": sim.dataset_name},
@@ -100,6 +105,7 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
         if tracker and status == "FAILED":
             tracker.end("FAILED")
     summary = sim.summary(run_id)
+    summary["significance_fit_s"] = sig_s
     if tracker:
         for refit in getattr(sim.allocator, "refits", []):
             tracker.log_sklearn(refit["model"], f"cost-model-v{refit['version']}", tracker.settings.cost_model,
