@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,9 @@ class Tracker:
         from tasks.pyfunc_model import save_bundle
 
         entry = str(Path(__file__).with_name("pyfunc_entry.py"))
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            # predict() takes any array-like on purpose; MLflow's hint about type hints is noise here
+            warnings.filterwarnings("ignore", message=".*type hints.*")
             files = save_bundle(bundle, tmp)
             uri = self._log_model_dir(lambda path: self.mlflow.pyfunc.save_model(
                 path, python_model=entry, artifacts=files, pip_requirements=pip_requirements()), "model")

@@ -39,6 +39,14 @@ def test_tune_models_and_promote(tmp_path, monkeypatch, capsys):
     assert client.get_model_version_by_alias("fedhq-global-model", "champion").version == "1"
     assert main(["promote", "--tracking-uri", uri]) == 1           # does not beat itself
     assert "does not beat" in capsys.readouterr().out
+    import mlflow
+
+    from fedhq_core.data import load_dataset
+
+    mlflow.set_tracking_uri(uri)
+    champion = mlflow.pyfunc.load_model("models:/fedhq-global-model@champion")
+    pred = champion.predict(load_dataset("digits", seed=0).test.x[:16].numpy())
+    assert pred.shape == (16,) and pred.min() >= 0 and pred.max() <= 9
 
 
 def test_deployments_declare_three_schedules():
