@@ -14,12 +14,15 @@ def list_versions(client: MlflowClient, names: list[str]) -> list[dict[str, Any]
     for name in names:
         try:
             versions = client.search_model_versions(f"name='{name}'")
+            registered = client.get_registered_model(name) if versions else None
         except MlflowException:
+            continue
+        if registered is None:
             continue
         # search results carry no aliases; the registered model has them. `latest` is MLflow's own
         # reserved alias for the newest version (models:/name@latest resolves without being set).
         by_version: dict[str, list[str]] = {}
-        for alias, v in (client.get_registered_model(name).aliases or {}).items():
+        for alias, v in (registered.aliases or {}).items():
             by_version.setdefault(str(v), []).append(alias)
         newest = max((int(v.version) for v in versions), default=0)
         for mv in sorted(versions, key=lambda v: int(v.version)):

@@ -35,8 +35,9 @@ def test_tune_models_and_promote(tmp_path, monkeypatch, capsys):
     table = capsys.readouterr().out
     assert "fedhq-global-model" in table and "fedhq-significance" in table
 
-    assert main(["promote", "--tracking-uri", uri]) == 0           # first champion
-    assert client.get_model_version_by_alias("fedhq-global-model", "champion").version == "1"
+    newest = max(int(v.version) for v in client.search_model_versions("name='fedhq-global-model'"))
+    assert main(["promote", "--tracking-uri", uri]) == 0           # first champion: the newest version
+    assert str(client.get_model_version_by_alias("fedhq-global-model", "champion").version) == str(newest)
     assert main(["promote", "--tracking-uri", uri]) == 1           # does not beat itself
     assert "does not beat" in capsys.readouterr().out
     import mlflow
