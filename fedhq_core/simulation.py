@@ -37,9 +37,6 @@ from .quant import (configure_observers, integer_weights, load_model_state, mode
 from .server import average_steps, average_ranges, calibrate_on_server, evaluate_global, fedavg
 
 
-STEP_POLICY = os.environ.get("FEDHQ_STEP_POLICY", "avg")
-
-
 @contextlib.contextmanager
 def all_cores() -> Iterator[None]:
     """Temporarily use every core for intra-op parallelism (between rounds, when nothing else runs)."""
@@ -300,8 +297,8 @@ class Simulation:
         t0 = time.perf_counter()
         self.global_state = fedavg(self.global_state, results)
         self.global_ranges = average_ranges(results, self.global_ranges)
-        if STEP_POLICY == "avg":
-            self.global_steps = average_steps(results)
+        # QAT clients' learned weight steps (None in a round without QAT: MSE scales then)
+        self.global_steps = average_steps(results)
         return time.perf_counter() - t0
 
     def evaluate(self) -> dict[str, float]:

@@ -295,12 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--version", type=int, help="candidate version (default: newest)")
     pr.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow tracking URI (default from mlflow.yaml)")
     pr.set_defaults(func=cmd_promote)
-    for extra in _EXTRA_COMMANDS:
-        extra(sub)
     return p
-
-
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,10 +137,6 @@ class Tracker:
         else:
             self.client.log_batch(self.run_id, metrics=ms)
 
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
-
     def log_dict(self, data: dict, name: str) -> None:
         self.client.log_dict(self.run_id, data, name)
 

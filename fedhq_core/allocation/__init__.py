@@ -16,10 +16,6 @@ class FedFQAllocator(Allocator):
         return Allocation({c: "fp32" for c in sampled}, upload_bits={c: "fedfq" for c in sampled})
 
 
-def needs_significance(strategy: str) -> bool:
-    return strategy in ("fedhq", "fedhq-coarse")
-
-
 def build_allocator(cfg: ExperimentConfig, significance: SignificanceModel | None = None) -> Allocator:
     s = cfg.strategy
     if s == "fp32":
@@ -39,5 +35,5 @@ def build_allocator(cfg: ExperimentConfig, significance: SignificanceModel | Non
 
 
 __all__ = ["FedFQAllocator", "FedHQAllocator", "SignificanceModel", "allocate_coarse", "local_search", "objective",
-           "needs_significance", "Allocation", "Allocator", "FleetView", "RandomHybridAllocator", "RoundFeedback", "UniformAllocator",
+           "Allocation", "Allocator", "FleetView", "RandomHybridAllocator", "RoundFeedback", "UniformAllocator",
            "build_allocator"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -162,7 +162,3 @@ def measure_host_peaks(device: torch.device, n: int = 512, copy_mb: int = 64) ->
         _sync(device)
         best_c = min(best_c, time.perf_counter() - t0)
     return 2 * n**3 / best_f, 2 * src.numel() * 4 / best_c
-
-
-def as_dicts(items) -> list[dict]:
-    return [asdict(i) for i in items]
