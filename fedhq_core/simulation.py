@@ -160,7 +160,9 @@ class Simulation:
         self.upload_bytes_total = 0
 
     def needs_significance(self) -> bool:
-        return getattr(self.allocator, "significance", 0) is None and hasattr(self.allocator, "significance_of")
+        """The allocator uses SigAcc, has none yet, and the config does not opt out (significance: none)."""
+        return (self.cfg.significance != "none" and hasattr(self.allocator, "significance_of")
+                and getattr(self.allocator, "significance", 0) is None)
 
     def set_significance(self, model: Any) -> None:
         self.allocator.significance = model  # type: ignore[attr-defined]

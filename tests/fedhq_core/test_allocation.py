@@ -138,3 +138,11 @@ def test_fedfq_annealing_meets_budget_and_prefers_wide_ranges():
     assert sum(n[k] * b for k, b in bits.items()) <= 4.0 * sum(n.values())
     assert bits["big"] > bits["small"]
     assert all(2 <= b <= 8 for b in bits.values())
+
+
+def test_significance_none_skips_the_fit(tiny_cfg):
+    sim = Simulation(tiny_cfg.replace(strategy="fedhq", significance="none"))
+    assert not sim.needs_significance()
+    sim.profile()
+    alloc = sim.allocator.allocate(0, [0, 1, 2], sim)
+    assert alloc.info["scatter"]["a_hat"] == [0.5, 0.5, 0.5]  # no information either way
