@@ -30,11 +30,16 @@ from .config import ExperimentConfig
 from .errors import ConfigError
 from .data import Dataset, Split, load_dataset, partition
 from .hardware import (Fleet, Measurement, RooflineModel, SimulatedClock, StepCounts, count_step,
-                       measure_host_peaks, measure_step_times)
+                       measure_host_peaks, measure_step_times, predict_compute)
 from .models import build_model
 from .quant import (configure_observers, integer_weights, load_model_state, model_state, prepare_deploy,
                     prepare_model, set_mode)
 from .server import average_steps, average_ranges, calibrate_on_server, evaluate_global, fedavg
+
+
+def _batches(n: int, b: int) -> list[int]:
+    """Sizes of the batches that split ``n`` samples into batches of ``b`` (last one partial)."""
+    return [b] * (n // b) + ([n % b] if n % b else [])
 
 
 @contextlib.contextmanager
@@ -232,13 +237,13 @@ class Simulation:
         return Path(self.cfg.state_dir) / "profiles" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
 
     def steps_of(self, cid: int) -> list[int]:
-        n, b = len(self.shards[cid]), self.cfg.batch_size
-        return ([b] * (n // b) + ([n % b] if n % b else [])) * self.cfg.local_epochs
+        """Batch sizes of a client's local optimizer steps."""
+        return _batches(len(self.shards[cid]), self.cfg.batch_size) * self.cfg.local_epochs
 
     def calib_batches_of(self, cid: int) -> list[int]:
+        """Batch sizes of a PTQ client's forward-only passes (calibration, then quantized check)."""
         n, b = len(self.shards[cid]), self.cfg.batch_size
-        k = min(n, self.cfg.calib_batches * b)
-        return ([b] * (k // b) + ([k % b] if k % b else [])) * 2
+        return _batches(min(n, self.cfg.calib_batches * b), b) * 2
 
     def predicted_times(self, cids: list[int]) -> dict[str, np.ndarray]:
         """Spec-sheet predicted local round time per client under PTQ and QAT (compute + upload)."""
@@ -249,9 +254,9 @@ class Simulation:
             dev = self.fleet.devices[c]
             steps = self.steps_of(c)
             upload = up * 8.0 / dev.uplink_bps
-            out["ptq"].append(self.speed.steps_time("fp32", steps, dev)
-                              + self.speed.steps_time("fwd", self.calib_batches_of(c), dev) + upload)
-            out["qat"].append(self.speed.steps_time("qat", steps, dev) + upload)
+            # the same pricing the clock applies to what clients really did (hardware.clock)
+            out["ptq"].append(predict_compute(self.speed, dev, "ptq", steps, self.calib_batches_of(c)) + upload)
+            out["qat"].append(predict_compute(self.speed, dev, "qat", steps, []) + upload)
         return {k: np.asarray(v) for k, v in out.items()}
 
     # --- round verbs --------------------------------------------------------------------
