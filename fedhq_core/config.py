@@ -25,6 +25,7 @@ from .errors import ConfigError
 DATASETS = ("digits", "cifar10-folder", "cifar10", "cifar100", "svhn")
 MODELS = ("cnn", "resnet18")
 PARTITIONS = ("iid", "dirichlet", "kclass")
+FAULT_KINDS = ("raise", "stall", "nan", "inf", "shape", "dtype", "size")
 STRATEGIES = ("fp32", "all-ptq", "all-qat", "random-hybrid", "fedhq", "fedhq-coarse", "fedfq")
 
 # Default fleet: device class -> share of clients. Names index hardware.catalog.DEVICES.
@@ -99,6 +100,21 @@ class ExperimentConfig:
     max_concurrency: int = 0         # concurrent client trainings; 0 = number of CPU cores
     clients_per_task: int = 0        # clients trained by one task; 0 = auto (one task per worker), 1 = per client
     eval_every: int = 1
+    dask_address: str | None = None  # tcp://host:8786: train clients on this Dask cluster (prefect-dask)
+    dask_local: int = 0              # >0: start a LocalCluster of this many worker processes
+    # --- failure handling -----------------------------------------------------------------
+    client_timeout_s: float = 0.0    # a client's update arriving later than this (wall s) is dropped; 0 = no limit
+    min_clients: int = 1             # fewer accepted updates: the round is retried, then the run stops
+    round_retries: int = 1           # re-sampled attempts of a round that got fewer than min_clients
+    task_retries: int = 0            # Prefect retries of a failed training task (transient failures)
+    task_retry_delay_s: float = 0.0
+    max_upload_factor: float = 2.0   # an upload over this x the FP32 model's size is rejected
+    fault_rate: float = 0.0          # fault injection: share of client tasks that misbehave
+    fault_kinds: list[str] = field(default_factory=lambda: ["raise", "nan", "inf", "shape", "dtype", "size"])
+    # --- checkpoints ----------------------------------------------------------------------
+    checkpoint: bool = True          # after every round, to <state_dir>/runs/<run id>/checkpoints
+    checkpoint_keep: int = 3         # newest checkpoints kept on disk (older good ones are the fallback)
+    checkpoint_log_every: int = 5    # log the checkpoint to MLflow every N rounds (0 = never)
     # --- tracking -----------------------------------------------------------------------
     tracking: bool = True
     tracking_uri: str | None = None  # default from mlflow.yaml
@@ -166,6 +182,8 @@ def _coerce(name: str, ftype: str, value: Any) -> Any:
                 value = [v for v in value.split(",") if v.strip()]
             if not isinstance(value, (list, tuple)):
                 raise ValueError
+            if "str" in ftype:
+                return [str(v).strip() for v in value]
             return [int(v) for v in value]
     except (TypeError, ValueError):
         pass
@@ -224,6 +242,26 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(cfg.max_concurrency >= 0, "max_concurrency", "must be >= 0")
     _check(cfg.clients_per_task >= 0, "clients_per_task", "must be >= 0")
     _check(cfg.eval_every >= 1, "eval_every", "must be >= 1")
+    _check(cfg.dask_local >= 0, "dask_local", "must be >= 0")
+    _check(not (cfg.dask_local and cfg.dask_address), "dask_address", "give either dask_address or dask_local, not both")
+    _check(cfg.dask_address is None or "://" in cfg.dask_address, "dask_address",
+           f"expected a scheduler address like tcp://host:8786, got {cfg.dask_address!r}")
+    _check(cfg.client_timeout_s >= 0, "client_timeout_s", "must be >= 0 (0 = no limit)")
+    _check(cfg.min_clients >= 1, "min_clients", "must be >= 1")
+    _check(cfg.min_clients <= max(1, int(round(cfg.fraction * cfg.clients))), "min_clients",
+           f"must not exceed the clients sampled per round ({max(1, int(round(cfg.fraction * cfg.clients)))})")
+    _check(cfg.round_retries >= 0, "round_retries", "must be >= 0")
+    _check(cfg.task_retries >= 0, "task_retries", "must be >= 0")
+    _check(cfg.task_retry_delay_s >= 0, "task_retry_delay_s", "must be >= 0")
+    _check(cfg.max_upload_factor >= 1, "max_upload_factor", "must be >= 1")
+    _check(0 <= cfg.fault_rate <= 1, "fault_rate", f"must be in [0, 1], got {cfg.fault_rate}")
+    _check(bool(cfg.fault_kinds) or cfg.fault_rate == 0, "fault_kinds", "must name at least one kind when fault_rate > 0")
+    for kind in cfg.fault_kinds:
+        _check(kind in FAULT_KINDS, "fault_kinds", f"unknown kind {kind!r} (choose from {', '.join(FAULT_KINDS)})")
+    _check(not (cfg.fault_rate > 0 and "stall" in cfg.fault_kinds and cfg.client_timeout_s <= 0), "fault_kinds",
+           "stall needs client_timeout_s > 0")
+    _check(cfg.checkpoint_keep >= 1, "checkpoint_keep", "must be >= 1")
+    _check(cfg.checkpoint_log_every >= 0, "checkpoint_log_every", "must be >= 0 (0 = never)")
     _check(bool(cfg.fleet), "fleet", "must name at least one device class")
     for name, share in cfg.fleet.items():
         _check(name in DEVICES, "fleet", f"unknown device class {name!r} (see fedhq_core/hardware/catalog.py)")

@@ -7,3 +7,11 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """A dataset could not be read; the message names the file or directory."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or run folder that cannot be used; the message names the file."""
+
+
+class TooFewClients(RuntimeError):
+    """A round kept fewer than ``min_clients`` accepted updates after all its attempts."""

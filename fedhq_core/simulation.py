@@ -13,7 +13,6 @@ import json
 import math
 import platform
 import os
-import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,14 +26,15 @@ from torch import nn
 from .allocation import Allocation, RoundFeedback, build_allocator
 from .client import ClientResult, TrainSpec, train_client
 from .config import ExperimentConfig
-from .errors import ConfigError
+from .errors import ConfigError, TooFewClients
 from .data import Dataset, Split, load_dataset, partition
 from .hardware import (Fleet, Measurement, RooflineModel, SimulatedClock, StepCounts, count_step,
                        measure_host_peaks, measure_step_times, predict_compute)
-from .models import build_model
-from .quant import (configure_observers, integer_weights, load_model_state, model_state, prepare_deploy,
-                    prepare_model, set_mode)
+from .quant import integer_weights, load_model_state, model_state, prepare_deploy, set_mode
 from .server import average_steps, average_ranges, calibrate_on_server, evaluate_global, fedavg
+from .wire import RejectedUpdate, decode_upload
+from .worker import (ClientJob, ModelSpec, RoundInputs, Upload, borrow_model, draw_fault, expected_upload_limit,
+                     run_jobs)
 
 
 def _batches(n: int, b: int) -> list[int]:
@@ -123,13 +123,41 @@ class RoundRecord:
     alloc_s: float
     strategies: dict[int, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    rejected: dict[int, str] = field(default_factory=dict)   # client -> "reason: detail", all attempts
+    attempts: int = 1
+    server_s: float = 0.0        # the server's measured share of sim_round_s (aggregation)
 
     def metrics(self) -> dict[str, float]:
         keys = ("acc_q", "acc_fp32", "loss_q", "loss_fp32", "train_loss", "sim_round_s", "sim_time_s", "wall_s",
-                "upload_bytes", "n_qat", "n_ptq", "n_fp32", "alloc_s")
+                "upload_bytes", "n_qat", "n_ptq", "n_fp32", "alloc_s", "attempts")
         out = {k: float(getattr(self, k)) for k in keys}
         out.update({k: float(v) for k, v in self.extra.items() if isinstance(v, (int, float))})
+        out["n_rejected"] = float(len(self.rejected))
+        for reason, n in reject_counts([self]).items():
+            out[f"rejected_{reason}"] = float(n)
         return out
+
+
+def reject_counts(records: list["RoundRecord"] | list[dict[int, str]]) -> dict[str, int]:
+    """How many client updates were rejected, by reason, over round records (or rejected maps)."""
+    out: dict[str, int] = {}
+    for rec in records:
+        for why in (rec if isinstance(rec, dict) else rec.rejected).values():
+            reason = why.split(":", 1)[0]
+            out[reason] = out.get(reason, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def record_dict(r: RoundRecord) -> dict[str, Any]:
+    """A round record as JSON-ready data (client ids become string keys)."""
+    return dict(r.__dict__, strategies={str(k): v for k, v in r.strategies.items()},
+                rejected={str(k): v for k, v in r.rejected.items()},
+                extra={k: v for k, v in r.extra.items() if isinstance(v, (int, float, str, bool))})
+
+
+def record_from_dict(d: dict[str, Any]) -> RoundRecord:
+    return RoundRecord(**{**d, "strategies": {int(k): v for k, v in d["strategies"].items()},
+                          "rejected": {int(k): v for k, v in d.get("rejected", {}).items()}})
 
 
 class Simulation:
@@ -152,7 +180,6 @@ class Simulation:
         self.global_state = {k: v.detach().clone() for k, v in model_state(self.eval_model).items()}
         self.global_ranges: dict[str, tuple[float, float]] | None = None
         self.global_steps: dict[str, torch.Tensor] | None = None
-        self._models: queue.SimpleQueue[nn.Module] = queue.SimpleQueue()
         self.fleet = Fleet.build(cfg.clients, cfg.fleet, cfg.throttle_prob, cfg.throttle_factor,
                                  cfg.jitter_sigma, cfg.seed)
         self.speed: RooflineModel | None = None
@@ -161,6 +188,7 @@ class Simulation:
         self.records: list[RoundRecord] = []
         self.last_allocation_info: dict[str, Any] = {}
         self.rnd = 0
+        self.run_id: str | None = None
         self.wall_start = time.perf_counter()
         self.upload_bytes_total = 0
 
@@ -181,23 +209,14 @@ class Simulation:
         return fit_significance(self, self.cfg.pilot_rounds, map_fn)
 
     # --- models -------------------------------------------------------------------------
-    def new_model(self) -> nn.Module:
-        m = build_model(self.cfg.model, self.in_shape, self.num_classes)
-        prepare_model(m, self.cfg.w_bits, self.cfg.a_bits, self.cfg.first_last_bits)
-        configure_observers(m, self.cfg.ema_momentum, self.cfg.ptq_act_percentile)
-        return m.to(self.device)
+    @property
+    def model_spec(self) -> ModelSpec:
+        c = self.cfg
+        return ModelSpec(c.model, tuple(self.in_shape), self.num_classes, c.w_bits, c.a_bits, c.first_last_bits,
+                         c.ema_momentum, c.ptq_act_percentile)
 
-    @contextlib.contextmanager
-    def borrow_model(self) -> Iterator[nn.Module]:
-        """A worker model from the pool (built once per concurrent slot, never per client)."""
-        try:
-            m = self._models.get_nowait()
-        except queue.Empty:
-            m = self.new_model()
-        try:
-            yield m
-        finally:
-            self._models.put(m)
+    def new_model(self) -> nn.Module:
+        return self.model_spec.build(self.device)
 
     # --- hardware -----------------------------------------------------------------------
     def profile(self, speed: RooflineModel | None = None) -> RooflineModel:
@@ -260,8 +279,9 @@ class Simulation:
         return {k: np.asarray(v) for k, v in out.items()}
 
     # --- round verbs --------------------------------------------------------------------
-    def sample(self, rnd: int) -> list[int]:
-        rng = np.random.default_rng([self.cfg.seed, 17, rnd])
+    def sample(self, rnd: int, attempt: int = 0) -> list[int]:
+        """Seeded client sample of a round; a retried round (``attempt`` > 0) draws afresh."""
+        rng = np.random.default_rng([self.cfg.seed, 17, rnd] + ([attempt] if attempt else []))
         k = max(1, int(round(self.cfg.fraction * self.n_clients)))
         return sorted(rng.choice(self.n_clients, size=k, replace=False).tolist())
 
@@ -285,19 +305,52 @@ class Simulation:
                          seed=int(np.random.default_rng([cfg.seed, 53, rnd, cid]).integers(2**62)), fedfq=fedfq)
 
     def train(self, rnd: int, cid: int, strategy: str, upload_bits: Any = None) -> ClientResult:
+        """Train one client here and now (pilot rounds; round training goes through :meth:`jobs`)."""
         shard = self.shards[cid]
-        with self.borrow_model() as model:
+        with borrow_model(self.model_spec, self.device) as model:
             return train_client(model, cid, shard.x, shard.y, self.global_state, self.global_ranges,
                                 self.client_spec(rnd, cid, strategy, upload_bits), self.global_steps)
 
-    def train_many(self, rnd: int, jobs: list[tuple[int, str, Any]]) -> list[ClientResult]:
-        """Train several clients one after the other on one borrowed model (one task's work)."""
-        return [self.train(rnd, cid, strategy, bits) for cid, strategy, bits in jobs]
+    def round_inputs(self) -> RoundInputs:
+        return RoundInputs(self.model_spec, self.cfg.device, self.global_state, self.global_ranges, self.global_steps)
+
+    def jobs(self, rnd: int, alloc: Allocation, sampled: list[int], attempt: int = 0) -> list[ClientJob]:
+        """One job per sampled client: its shard, its spec and (if configured) its injected fault."""
+        cfg = self.cfg
+        return [ClientJob(rnd, c, self.shards[c].x, self.shards[c].y,
+                          self.client_spec(rnd, c, alloc.strategies[c], alloc.upload_bits.get(c)),
+                          draw_fault(cfg.seed, rnd, c, attempt, cfg.fault_rate, cfg.fault_kinds), cfg.client_timeout_s)
+                for c in sampled]
 
     def chunks(self, jobs: list[Any]) -> list[list[Any]]:
         """Split a round's client jobs into tasks: ``clients_per_task`` each, or one task per worker."""
-        size = self.cfg.clients_per_task or math.ceil(len(jobs) / default_concurrency(self.cfg))
+        cfg = self.cfg
+        # on Dask, one task per client: the scheduler balances them over the workers
+        auto = 1 if (cfg.dask_address or cfg.dask_local) else math.ceil(len(jobs) / default_concurrency(cfg))
+        size = cfg.clients_per_task or auto
         return [jobs[i:i + size] for i in range(0, len(jobs), max(1, size))]
+
+    def accept(self, uploads: list[Upload]) -> tuple[list[ClientResult], dict[int, str]]:
+        """Decode and check every upload; returns the accepted results (by client id) and, for
+        each rejected client, ``reason: detail`` (see ``fedhq_core.wire``)."""
+        expected = {k: tuple(v.shape) for k, v in self.global_state.items() if v.is_floating_point()}
+        limit = expected_upload_limit(self.global_state, self.cfg.max_upload_factor)
+        timeout = self.cfg.client_timeout_s
+        results, rejected = [], {}
+        for up in uploads:
+            try:
+                if up.data is None:
+                    reason = "timeout" if up.error and up.error.startswith("timeout") else "raised"
+                    raise RejectedUpdate(reason, up.error or "no upload")
+                if timeout and up.wall_s > timeout:
+                    raise RejectedUpdate("timeout", f"{up.wall_s:.2f} s > client_timeout_s {timeout:g}")
+                r = decode_upload(up.data, expected, max_bytes=limit, max_samples=len(self.shards[up.cid]))
+                if r.cid != up.cid:
+                    raise RejectedUpdate("keys", f"claims to be client {r.cid}")
+                results.append(r)
+            except RejectedUpdate as err:
+                rejected[up.cid] = str(err)
+        return sorted(results, key=lambda r: r.cid), rejected
 
     def aggregate(self, results: list[ClientResult]) -> float:
         """FedAvg into the master; returns the server's measured seconds."""
@@ -315,12 +368,23 @@ class Simulation:
             return evaluate_global(self.eval_model, self.global_state, self.deploy_ranges(), self.test.x,
                                    self.test.y, self.global_steps)
 
-    def close_round(self, rnd: int, alloc: Allocation, alloc_s: float, results: list[ClientResult],
-                    server_s: float, metrics: dict[str, float] | None) -> RoundRecord:
+    def client_times(self, rnd: int, results: list[ClientResult]) -> dict[int, Any]:
         assert self.clock is not None
-        times = {r.cid: self.clock.client_time(rnd, r.cid, r.strategy, r.train_batches, r.forward_batches,
-                                               r.upload_bytes) for r in results}
-        round_s = self.clock.advance(list(times.values()), server_s)
+        return {r.cid: self.clock.client_time(rnd, r.cid, r.strategy, r.train_batches, r.forward_batches,
+                                              r.upload_bytes) for r in results}
+
+    def fail_attempt(self, rnd: int, results: list[ClientResult]) -> float:
+        """A round attempt with too few accepted updates: the global model stays as it is, but the
+        clock still pays for the wait on the clients that did report."""
+        assert self.clock is not None
+        return self.clock.advance(list(self.client_times(rnd, results).values()), 0.0)
+
+    def close_round(self, rnd: int, alloc: Allocation, alloc_s: float, results: list[ClientResult],
+                    server_s: float, metrics: dict[str, float] | None, rejected: dict[int, str] | None = None,
+                    attempts: int = 1, failed_s: float = 0.0) -> RoundRecord:
+        assert self.clock is not None
+        times = self.client_times(rnd, results)
+        round_s = self.clock.advance(list(times.values()), server_s) + failed_s
         metrics = metrics if metrics is not None else (
             {k: self.records[-1].__dict__[k] for k in ("acc_q", "acc_fp32", "loss_q", "loss_fp32")}
             if self.records else {"acc_q": 0.0, "acc_fp32": 0.0, "loss_q": float("nan"), "loss_fp32": float("nan")})
@@ -332,7 +396,8 @@ class Simulation:
                           float(np.mean([r.train_loss for r in results])) if results else float("nan"),
                           round_s, self.clock.now_s, time.perf_counter() - self.wall_start, up,
                           sum(s == "qat" for s in strategies.values()), sum(s == "ptq" for s in strategies.values()),
-                          sum(s == "fp32" for s in strategies.values()), alloc_s, strategies, extra)
+                          sum(s == "fp32" for s in strategies.values()), alloc_s, strategies, extra,
+                          dict(rejected or {}), attempts, server_s)
         self.records.append(rec)
         t0 = time.perf_counter()
         rec.extra.update(self.allocator.observe(RoundFeedback(rnd, results, times, metrics), self) or {})
@@ -358,6 +423,52 @@ class Simulation:
         return {"meta": meta, "state": self.global_state, "steps": self.global_steps, "ranges": ranges,
                 "int_weights": ints}
 
+    # --- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything a resumed run needs to continue exactly: the FP32 master, server state
+        (ranges, QAT steps), round index, RNG state, allocator with its cost model and SigAcc fit
+        data, the speed model and simulated clock, and the round records (metrics) so far."""
+        assert self.speed is not None and self.clock is not None, "profile() first"
+        tensors = {f"global/{k}": v for k, v in self.global_state.items()}
+        tensors.update({f"steps/{k}": v for k, v in (self.global_steps or {}).items()})
+        tensors["rng/torch"] = torch.get_rng_state()
+        sig = getattr(self.allocator, "significance", None)
+        meta = {"format": 1, "round": self.rnd, "run_id": self.run_id, "config": self.cfg.to_dict(),
+                "has_steps": self.global_steps is not None,
+                "global_ranges": None if self.global_ranges is None else {k: list(v) for k, v in self.global_ranges.items()},
+                "records": [record_dict(r) for r in self.records],
+                "clock": {"now_s": self.clock.now_s, "history": list(self.clock.history)},
+                "speed": self.speed.to_state(), "allocator": self.allocator.state_dict(),
+                "significance": sig.to_state() if hasattr(sig, "to_state") else None,
+                "upload_bytes_total": self.upload_bytes_total,
+                "wall_elapsed_s": time.perf_counter() - self.wall_start}
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict` of a run with this same config."""
+        from .allocation.significance import SignificanceModel
+
+        master = {k[len("global/"):]: v for k, v in tensors.items() if k.startswith("global/")}
+        if set(master) != set(self.global_state) or any(master[k].shape != v.shape for k, v in self.global_state.items()):
+            raise ConfigError("checkpoint: its model does not match this run's model")
+        self.global_state = {k: master[k].to(self.global_state[k].dtype) for k in self.global_state}
+        steps = {k[len("steps/"):]: v for k, v in tensors.items() if k.startswith("steps/")}
+        self.global_steps = steps if meta["has_steps"] else None
+        ranges = meta["global_ranges"]
+        self.global_ranges = None if ranges is None else {k: (v[0], v[1]) for k, v in ranges.items()}
+        self.records = [record_from_dict(r) for r in meta["records"]]
+        self.profile(RooflineModel.from_state(meta["speed"]))
+        assert self.clock is not None
+        self.clock.now_s, self.clock.history = meta["clock"]["now_s"], list(meta["clock"]["history"])
+        self.allocator.load_state_dict(meta["allocator"])
+        if meta.get("significance"):
+            self.set_significance(SignificanceModel.from_state(meta["significance"]))
+        self.rnd = int(meta["round"])
+        self.run_id = meta.get("run_id")
+        self.upload_bytes_total = int(meta["upload_bytes_total"])
+        self.wall_start = time.perf_counter() - float(meta["wall_elapsed_s"])
+        torch.set_rng_state(tensors["rng/torch"])
+
     def should_eval(self, rnd: int) -> bool:
         return (rnd + 1) % self.cfg.eval_every == 0 or rnd + 1 == self.cfg.rounds
 
@@ -365,7 +476,7 @@ class Simulation:
         last = self.records[-1] if self.records else None
         return {
             "config": self.cfg.to_dict(),
-            "rounds": [dict(r.__dict__, strategies={str(k): v for k, v in r.strategies.items()}) for r in self.records],
+            "rounds": [record_dict(r) for r in self.records],
             "final_acc_q": last.acc_q if last else None,
             "final_acc_fp32": last.acc_fp32 if last else None,
             "total_sim_s": self.clock.now_s if self.clock else 0.0,
@@ -375,6 +486,9 @@ class Simulation:
             "qat_share": float(np.mean([r.n_qat / max(1, r.n_qat + r.n_ptq + r.n_fp32) for r in self.records]))
             if self.records else 0.0,
             "speed_model": self.speed.summary() if self.speed else None,
+            "rejected": {"total": sum(len(r.rejected) for r in self.records),
+                         "by_reason": reject_counts(self.records),
+                         "retried_rounds": sum(r.attempts > 1 for r in self.records)},
             "run_id": run_id,
         }
 
@@ -386,8 +500,9 @@ def default_concurrency(cfg: ExperimentConfig) -> int:
 @dataclass
 class RoundOps:
     """How each round verb is executed: directly (default) or, in the flow, as Prefect tasks.
-    ``submit_train(sim, rnd, jobs)`` trains a list of ``(cid, strategy, upload_bits)`` jobs and
-    returns a future (anything with ``.result()``) of their results."""
+    ``submit_train(inputs, jobs)`` trains a list of :class:`ClientJob` from one
+    :class:`RoundInputs` and returns a future (anything with ``.result(timeout)``) of their
+    :class:`Upload` list."""
 
     submit_train: Callable[..., Any]
     allocate: Callable[..., Any] = lambda sim, rnd, sampled: sim.allocate(rnd, sampled)
@@ -395,24 +510,73 @@ class RoundOps:
     evaluate: Callable[..., Any] = lambda sim: sim.evaluate()
 
 
-def run_rounds(sim: Simulation, ops: RoundOps, on_round: Callable[[RoundRecord], None] | None = None) -> Simulation:
-    """All remaining rounds of ``sim``: sample, allocate, train concurrently, aggregate, evaluate."""
+def collect(futures: list[tuple[list[ClientJob], Any]], timeout_s: float) -> list[Upload]:
+    """Every task's uploads. A task that failed (after its retries) or that has not answered
+    ``timeout_s`` x its client count after the round started yields one failed upload per
+    client; its thread or worker is left behind and its late answer ignored."""
+    start = time.perf_counter()
+    uploads: list[Upload] = []
+    for jobs, fut in futures:
+        wait = None
+        if timeout_s:
+            wait = max(0.0, start + timeout_s * len(jobs) + 1.0 - time.perf_counter())
+        try:
+            uploads.extend(fut.result(timeout=wait))
+        except TimeoutError:
+            uploads.extend(Upload(j.cid, None, f"timeout: no answer within {wait:.1f} s") for j in jobs)
+        except Exception as err:  # noqa: BLE001 - a task that failed for good loses only its clients
+            uploads.extend(Upload(j.cid, None, f"task failed: {type(err).__name__}: {str(err)[:200]}") for j in jobs)
+    return uploads
+
+
+def train_round(sim: Simulation, ops: RoundOps, rnd: int) -> tuple[Allocation, float, list[ClientResult],
+                                                                   dict[int, str], int, float]:
+    """Sample, allocate and train one round, re-sampling while fewer than ``min_clients`` updates
+    are accepted (``round_retries`` times). Returns (allocation, allocation s, accepted results,
+    rejected clients, attempts, simulated seconds of failed attempts) or raises TooFewClients."""
+    cfg = sim.cfg
+    rejected: dict[int, str] = {}
+    failed_s, alloc_s = 0.0, 0.0
+    for attempt in range(cfg.round_retries + 1):
+        sampled = sim.sample(rnd, attempt)
+        alloc, spent = ops.allocate(sim, rnd, sampled)
+        alloc_s += spent
+        inputs = sim.round_inputs()
+        jobs = sim.jobs(rnd, alloc, sampled, attempt)
+        futures = [(chunk, ops.submit_train(inputs, chunk)) for chunk in sim.chunks(jobs)]
+        results, bad = sim.accept(collect(futures, cfg.client_timeout_s))
+        rejected.update({c: f"{why} (attempt {attempt + 1})" if attempt else why for c, why in bad.items()})
+        if len(results) >= cfg.min_clients:
+            return alloc, alloc_s, results, rejected, attempt + 1, failed_s
+        failed_s += sim.fail_attempt(rnd, results)
+    raise TooFewClients(
+        f"round {rnd}: only {len(results)} of {len(sampled)} client updates were accepted after "
+        f"{cfg.round_retries + 1} attempt(s) (min_clients={cfg.min_clients}); the global model was not updated. "
+        f"Rejected: {reject_summary(rejected)}")
+
+
+def reject_summary(rejected: dict[int, str]) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in reject_counts([rejected]).items()) or "none"
+
+
+def run_rounds(sim: Simulation, ops: RoundOps, on_round: Callable[[RoundRecord], None] | None = None,
+               checkpoints: Any = None) -> Simulation:
+    """All remaining rounds of ``sim``: train (with retries), aggregate, evaluate, close, and
+    checkpoint (``checkpoints.save(sim)``) before anyone hears of the round."""
     for rnd in range(sim.rnd, sim.cfg.rounds):
-        sampled = sim.sample(rnd)
-        alloc, alloc_s = ops.allocate(sim, rnd, sampled)
-        jobs = [(c, alloc.strategies[c], alloc.upload_bits.get(c)) for c in sampled]
-        futures = [ops.submit_train(sim, rnd, chunk) for chunk in sim.chunks(jobs)]
-        results = [r for f in futures for r in f.result()]
+        alloc, alloc_s, results, rejected, attempts, failed_s = train_round(sim, ops, rnd)
         server_s = ops.aggregate(sim, results)
         metrics = ops.evaluate(sim) if sim.should_eval(rnd) else None
-        rec = sim.close_round(rnd, alloc, alloc_s, results, server_s, metrics)
+        rec = sim.close_round(rnd, alloc, alloc_s, results, server_s, metrics, rejected, attempts, failed_s)
+        if checkpoints is not None:
+            checkpoints.save(sim)
         if on_round:
             on_round(rec)
     return sim
 
 
 def run(cfg: ExperimentConfig, on_round: Callable[[RoundRecord], None] | None = None,
-        sim: Simulation | None = None) -> Simulation:
+        sim: Simulation | None = None, checkpoints: Any = None) -> Simulation:
     """Plain-Python run (no Prefect, no MLflow), clients trained concurrently on threads."""
     sim = sim or Simulation(cfg)
     if sim.speed is None:
@@ -420,5 +584,5 @@ def run(cfg: ExperimentConfig, on_round: Callable[[RoundRecord], None] | None = 
     with ThreadPoolExecutor(default_concurrency(cfg)) as pool:
         if sim.needs_significance():
             sim.set_significance(sim.fit_significance(pool.map))
-        ops = RoundOps(submit_train=lambda s, *a: pool.submit(s.train_many, *a))
-        return run_rounds(sim, ops, on_round)
+        ops = RoundOps(submit_train=lambda inputs, jobs: pool.submit(run_jobs, inputs, jobs))
+        return run_rounds(sim, ops, on_round, checkpoints)

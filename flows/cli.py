@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedhq_core.config import DATASETS, MODELS, PARTITIONS, STRATEGIES, ExperimentConfig, load_config
-from fedhq_core.errors import ConfigError, DataError
+from fedhq_core.errors import CheckpointError, ConfigError, DataError, TooFewClients
 
 EXIT_USAGE = 2
 
@@ -50,6 +50,11 @@ CONFIG_FLAGS: list[tuple[str, str, Callable | None, str]] = [
     ("--max-test-samples", "max_test_samples", int, "subsample the test split to N images (0 = all)"),
     ("--device", "device", str, "auto, cpu or cuda (default auto)"),
     ("--max-concurrency", "max_concurrency", int, "clients trained at once (default: CPU cores)"),
+    ("--dask-address", "dask_address", str, "train clients on this Dask scheduler, e.g. tcp://host:8786"),
+    ("--dask-local", "dask_local", int, "train clients on a local Dask cluster of N worker processes"),
+    ("--fault-rate", "fault_rate", float, "inject faults into this share of client tasks (see fault_kinds)"),
+    ("--min-clients", "min_clients", int, "fewest accepted updates a round may aggregate (default 1)"),
+    ("--client-timeout", "client_timeout_s", float, "drop a client update slower than this many seconds (0 = none)"),
     ("--tracking-uri", "tracking_uri", str, "MLflow tracking URI (default from mlflow.yaml: sqlite:///mlflow.db)"),
     ("--experiment", "experiment", str, "MLflow experiment name (default from mlflow.yaml)"),
     ("--state-dir", "state_dir", str, "folder for caches and Prefect's home (default .fedhq)"),
@@ -107,15 +112,33 @@ def format_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    from flows.train import run_training
+    if args.resume:
+        given = [flag for flag, key, _, _ in CONFIG_FLAGS if key != "state_dir" and getattr(args, key) is not None]
+        given += ["--config"] * bool(args.config) + ["--set"] * bool(args.set_)
+        if given:
+            raise ConfigError(f"resume: a resumed run keeps its saved config; drop {given[0]}")
+        from flows.train import resume_training
 
-    summary = run_training(cfg, progress=not args.no_progress)
+        summary = resume_training(args.state_dir or os.environ.get("FEDHQ_STATE_DIR", ".fedhq"), args.resume,
+                                  progress=not args.no_progress)
+        cfg = load_config(None, summary["config"])
+    else:
+        cfg = config_from_args(args)
+        from flows.train import run_training
+
+        summary = run_training(cfg, progress=not args.no_progress)
     rows = [[cfg.strategy, summary["config"]["dataset"], cfg.rounds, f"w{cfg.w_bits}a{cfg.a_bits}",
              summary["final_acc_q"], summary["final_acc_fp32"], round(summary["total_sim_s"], 2),
              round(summary["wall_s"], 1), f"{summary['upload_bytes'] / 1e6:.2f}", summary["run_id"] or "-"]]
     print(format_table(["strategy", "dataset", "rounds", "bits", "acc_q", "acc_fp32", "sim_s", "wall_s",
                         "upload_MB", "mlflow_run"], rows))
+    rej = summary["rejected"]
+    if rej["total"] or rej["retried_rounds"]:
+        by = ", ".join(f"{n} {reason}" for reason, n in rej["by_reason"].items())
+        print(f"rejected client updates: {rej['total']} ({by}); rounds retried: {rej['retried_rounds']}")
+    if summary.get("run_dir"):
+        print(f"checkpoints: {summary['run_dir']}  (continue an interrupted run with: fedhq run --resume "
+              f"{summary['run_id'] or Path(summary['run_dir']).name})")
     if args.json:
         write_json(args.json, summary)
     return 0
@@ -251,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(r)
     r.add_argument("--json", metavar="FILE", help="write the run's result as JSON")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--resume", metavar="RUN_ID", help="continue run RUN_ID (or 'latest') from its last completed "
+                                                      "round, into the same MLflow run")
     r.set_defaults(func=cmd_run)
     f = sub.add_parser("fit-significance", help="offline SigAcc fitting by pilot rounds; registers "
                                                  "fedhq-significance (alias current)")
@@ -303,9 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         return int(args.func(args) or 0)
-    except (UsageError, ConfigError, DataError) as err:
+    except (UsageError, ConfigError, DataError, CheckpointError) as err:
         print(f"fedhq: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except TooFewClients as err:
+        print(f"fedhq: stopped: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fedhq: interrupted", file=sys.stderr)
         return 130

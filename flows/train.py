@@ -6,9 +6,11 @@ deployed quantized model.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
+import uuid
 from typing import Any, Callable
 
 from flows import configure_prefect_env
@@ -21,6 +23,8 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from fedhq_core.config import ExperimentConfig, from_mapping  # noqa: E402
 from fedhq_core.hardware import RooflineModel  # noqa: E402
+from fedhq_core.checkpoint import CheckpointError, Checkpoints, find_run, runs_root  # noqa: E402
+from fedhq_core.errors import TooFewClients  # noqa: E402
 from fedhq_core.simulation import RoundOps, RoundRecord, Simulation, default_concurrency, run_rounds  # noqa: E402
 from tasks import training as T  # noqa: E402
 
@@ -49,32 +53,57 @@ def model_tags(sim: Simulation, summary: dict[str, Any]) -> dict[str, Any]:
             "seed": cfg.seed}
 
 
+def log_checkpoint(tracker, cfg: ExperimentConfig):
+    """``Checkpoints.on_save`` hook: the checkpoint goes to MLflow every ``checkpoint_log_every``
+    rounds and after the last one (always to disk)."""
+    every = cfg.checkpoint_log_every
+
+    def on_save(path, sim: Simulation) -> None:
+        if tracker and every and (sim.rnd % every == 0 or sim.rnd == cfg.rounds):
+            tracker.log_artifact(path, "checkpoints")
+    return on_save
+
+
 def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, sim: Simulation | None = None,
                 parent_run_id: str | None = None, run_name: str | None = None, progress: bool = False,
-                on_round: Callable[[RoundRecord], None] | None = None, register: bool = True) -> dict[str, Any]:
-    """Body of a training run; must be called inside a flow (tasks are submitted to its runner)."""
+                on_round: Callable[[RoundRecord], None] | None = None, register: bool = True,
+                resume: bool = False) -> dict[str, Any]:
+    """Body of a training run; must be called inside a flow (tasks are submitted to its runner).
+    ``resume``: ``sim`` was restored from a checkpoint; continue its MLflow run and rounds."""
     set_torch_threads(cfg)
     sim = sim or Simulation(cfg)
-    T.profile_hardware(sim, speed)
+    if not resume:
+        T.profile_hardware(sim, speed)
     tracker = tracker_for(cfg)
-    run_id = None
     sig_s = 0.0
     if sim.needs_significance():
         t0 = time.perf_counter()
         sim.set_significance(obtain_significance(sim, tracker))
         sig_s = time.perf_counter() - t0
-    sim.wall_start = time.perf_counter()  # the run's wall time: rounds, evaluation and tracking
-    if tracker:
-        run_id = tracker.start(run_name or f"{cfg.strategy}-{sim.dataset_name}-s{cfg.seed}", cfg.to_dict(),
-                               tags={"strategy": cfg.strategy, "dataset": sim.dataset_name},
-                               parent_run_id=parent_run_id)
+    if not resume:
+        sim.wall_start = time.perf_counter()  # the run's wall time: rounds, evaluation and tracking
+    if tracker and resume and sim.run_id and not sim.run_id.startswith("local-"):
+        tracker.resume(sim.run_id, sim.rnd - 1)
+        # rounds checkpointed before the kill whose metrics had not reached MLflow yet
+        logged = tracker.logged_steps("acc_q")
+        for rec in sim.records:
+            if rec.round not in logged:
+                tracker.log_metrics(rec.metrics(), step=rec.round)
+    elif tracker:
+        tracker.start(run_name or f"{cfg.strategy}-{sim.dataset_name}-s{cfg.seed}", cfg.to_dict(),
+                      tags={"strategy": cfg.strategy, "dataset": sim.dataset_name}, parent_run_id=parent_run_id)
         tracker.log_metrics({f"speed_{k}": v for k, v in sim.speed.summary().items()}, step=0)
         tracker.log_dict({"counts": {k: vars(v) for k, v in sim.speed.counts.items()},
                           "holdout": sim.speed.holdout, **sim.speed.summary()}, "speed_model.json")
+    run_id = tracker.run_id if tracker else None
+    sim.run_id = run_id or sim.run_id or f"local-{uuid.uuid4().hex[:12]}"
+    ckpts = (Checkpoints(runs_root(cfg.state_dir) / sim.run_id, cfg.checkpoint_keep, log_checkpoint(tracker, cfg))
+             if cfg.checkpoint else None)
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=cfg.rounds, desc=f"{cfg.strategy}", unit="round", file=sys.stderr, leave=True)
+        bar = tqdm(total=cfg.rounds, initial=sim.rnd, desc=f"{cfg.strategy}", unit="round", file=sys.stderr,
+                   leave=True)
 
     plot_dir = os.path.join(cfg.state_dir, "plots", run_id or f"{cfg.strategy}-s{cfg.seed}")
 
@@ -88,17 +117,22 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
             tracker.log_artifact(allocation_scatter(scatter, os.path.join(plot_dir, f"allocation-r{rec.round:03d}.png")),
                                  "allocation")
         if bar:
-            bar.set_postfix(acc_q=f"{rec.acc_q:.3f}", sim_s=f"{rec.sim_time_s:.1f}", qat=rec.n_qat)
+            bar.set_postfix(acc_q=f"{rec.acc_q:.3f}", sim_s=f"{rec.sim_time_s:.1f}", qat=rec.n_qat,
+                            **({"rejected": len(rec.rejected)} if rec.rejected else {}))
             bar.update(1)
         if on_round:
             on_round(rec)
 
-    ops = RoundOps(submit_train=T.train_clients.submit, allocate=T.allocate, aggregate=T.aggregate,
-                   evaluate=T.evaluate)
+    train = T.train_clients.with_options(retries=cfg.task_retries, retry_delay_seconds=cfg.task_retry_delay_s)
+    ops = RoundOps(submit_train=train.submit, allocate=T.allocate, aggregate=T.aggregate, evaluate=T.evaluate)
     status = "FAILED"
     try:
-        run_rounds(sim, ops, _on_round)
+        run_rounds(sim, ops, _on_round, ckpts)
         status = "FINISHED"
+    except TooFewClients as err:
+        if tracker:
+            tracker.set_tags({"fedhq.failure": str(err)[:4000]})
+        raise
     finally:
         if bar:
             bar.close()
@@ -106,21 +140,35 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
             tracker.end("FAILED")
     summary = sim.summary(run_id)
     summary["significance_fit_s"] = sig_s
+    summary["run_dir"] = str(ckpts.run_dir) if ckpts else None
+    summary["checkpoint"] = str(ckpts.last) if ckpts and ckpts.last else None
     if tracker:
         for refit in getattr(sim.allocator, "refits", []):
             tracker.log_sklearn(refit["model"], f"cost-model-v{refit['version']}", tracker.settings.cost_model,
                                 {"strategy": cfg.strategy, "dataset": sim.dataset_name, "xi": cfg.xi,
                                  "round": refit["round"], "n_samples": refit["n_samples"],
                                  "run_version": refit["version"]}, aliases=("current",))
+        rej = summary["rejected"]
         tracker.log_metrics({"final_acc_q": summary["final_acc_q"], "final_acc_fp32": summary["final_acc_fp32"],
                              "total_sim_s": summary["total_sim_s"], "total_upload_bytes": summary["upload_bytes"],
-                             "alloc_overhead_s": summary["alloc_overhead_s"]}, step=cfg.rounds)
+                             "alloc_overhead_s": summary["alloc_overhead_s"], "total_rejected": rej["total"]},
+                            step=cfg.rounds)
+        tracker.set_tags({"fedhq.rejected": reject_summary_text(rej)})
         if register:
             summary["model_version"] = tracker.register_global_model(sim.deployed_bundle(), model_tags(sim, summary))
         summary["wall_s"] = sim.summary()["wall_s"]
         tracker.log_dict({k: v for k, v in summary.items() if k != "rounds"}, "summary.json")
+        tracker.log_dict({str(r.round): {str(c): why for c, why in r.rejected.items()}
+                          for r in sim.records if r.rejected}, "rejected_updates.json")
         tracker.end("FINISHED")
+    if ckpts:
+        ckpts.mark_done()
     return summary
+
+
+def reject_summary_text(rejected: dict[str, Any]) -> str:
+    by = ", ".join(f"{n} {reason}" for reason, n in rejected["by_reason"].items())
+    return f"{rejected['total']} rejected" + (f" ({by})" if by else "")
 
 
 def obtain_significance(sim: Simulation, tracker=None):
@@ -164,23 +212,72 @@ _PREPARED: dict[str, Simulation] = {}
 
 
 @flow(name="fedhq-train", persist_result=False)
-def train_flow(config: dict[str, Any], progress: bool = False, prepared: str | None = None) -> dict[str, Any]:
+def train_flow(config: dict[str, Any], progress: bool = False, prepared: str | None = None,
+               resume: bool = False) -> dict[str, Any]:
     """One FedHQ training run. ``config`` holds ExperimentConfig fields (validated here)."""
     cfg = from_mapping(config)
     sim = _PREPARED.pop(prepared, None) if prepared else None
-    return execute_run(cfg, sim=sim, progress=progress)
+    return execute_run(cfg, sim=sim, progress=progress, resume=resume and sim is not None)
+
+
+def task_runner_for(cfg: ExperimentConfig):
+    """Threads on this machine, or prefect-dask's DaskTaskRunner on ``dask_address`` or on a
+    LocalCluster of ``dask_local`` worker processes (loopback only, no dashboard)."""
+    if not (cfg.dask_address or cfg.dask_local):
+        return ThreadPoolTaskRunner(max_workers=default_concurrency(cfg))
+    from prefect_dask import DaskTaskRunner
+
+    if cfg.dask_address:
+        return DaskTaskRunner(address=cfg.dask_address)
+    threads = max(1, (os.cpu_count() or 1) // cfg.dask_local)
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
+        "n_workers": cfg.dask_local, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1",
+        "dashboard_address": None, "silence_logs": logging.ERROR,
+        # each worker's torch uses its share of the cores (no oversubscription)
+        "env": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}})
+
+
+def _start_flow(cfg: ExperimentConfig, sim: Simulation, progress: bool, resume: bool) -> dict[str, Any]:
+    """Run :func:`train_flow` on the task runner ``cfg`` asks for; the data were loaded while
+    Prefect's ephemeral server booted. Local Dask workers report to that same server."""
+    from flows import prestart_ephemeral_server
+
+    set_torch_threads(cfg)
+    booting = prestart_ephemeral_server()
+    key = f"sim-{id(sim)}"
+    _PREPARED[key] = sim
+    if booting is not None:
+        booting.join()
+    saved = os.environ.get("PREFECT_API_URL")
+    if cfg.dask_local and not saved:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()
+        server.start()
+        os.environ["PREFECT_API_URL"] = server.api_url  # inherited by the worker processes
+    try:
+        f = train_flow.with_options(task_runner=task_runner_for(cfg))
+        return f(cfg.to_dict(), progress=progress, prepared=key, resume=resume)
+    finally:
+        _PREPARED.pop(key, None)
+        if saved is None:
+            os.environ.pop("PREFECT_API_URL", None)
 
 
 def run_training(cfg: ExperimentConfig, progress: bool = False) -> dict[str, Any]:
-    """Run :func:`train_flow` on a thread-pool task runner sized for ``cfg``; the data are loaded
-    while Prefect's ephemeral server boots."""
-    from flows import prestart_ephemeral_server
+    return _start_flow(cfg, Simulation(cfg), progress, resume=False)
 
-    workers = set_torch_threads(cfg)
-    booting = prestart_ephemeral_server()
-    key = f"sim-{id(cfg)}"
-    _PREPARED[key] = Simulation(cfg)
-    if booting is not None:
-        booting.join()
-    f = train_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
-    return f(cfg.to_dict(), progress=progress, prepared=key)
+
+def resume_training(state_dir: str, run_id: str, progress: bool = False) -> dict[str, Any]:
+    """Continue run ``run_id`` (or ``latest``) from its newest good checkpoint, into the same
+    MLflow run. A corrupt checkpoint is reported and the previous one used."""
+    folder = find_run(state_dir, run_id)
+    ckpts = Checkpoints(folder)
+    if ckpts.done:
+        raise CheckpointError(f"{folder}: run {folder.name} already completed; nothing to resume")
+    tensors, meta, path = ckpts.load_latest(lambda msg: print(f"fedhq: warning: {msg}", file=sys.stderr))
+    cfg = from_mapping(meta["config"])
+    sim = Simulation(cfg)
+    sim.load_state_dict(tensors, meta)
+    print(f"fedhq: resuming run {sim.run_id} after round {sim.rnd - 1} from {path}", file=sys.stderr)
+    return _start_flow(cfg, sim, progress, resume=True)

@@ -78,6 +78,18 @@ class TrackingSettings:
 _lock = threading.Lock()
 
 
+_SECRET_WORDS = ("password", "secret", "token", "access_key", "credential", "api_key")
+
+
+def redact(key: str, value: str) -> str:
+    """What may be logged of a param: secrets by name masked, ``user:password@`` dropped from URLs."""
+    import re
+
+    if any(w in key.lower() for w in _SECRET_WORDS):
+        return "***"
+    return re.sub(r"(://)[^/@\s]+@", r"\1***@", value)
+
+
 def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
@@ -120,10 +132,24 @@ class Tracker:
         flat: dict[str, str] = {}
         _flatten("", params, flat)
         from mlflow.entities import Param
-        items = [Param(k, v[:6000]) for k, v in flat.items()]
+        items = [Param(k, redact(k, v)[:6000]) for k, v in flat.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100])
         return self.run_id
+
+    def resume(self, run_id: str, from_round: int) -> str:
+        """Continue run ``run_id`` (killed or failed) after its checkpointed round ``from_round``."""
+        self.client.update_run(run_id, status="RUNNING")
+        self.client.set_tag(run_id, "fedhq.resumed_after_round", str(from_round))
+        self.run_id = run_id
+        return run_id
+
+    def logged_steps(self, key: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(self.run_id, key)}
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         import time

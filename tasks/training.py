@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from fedhq_core.allocation import Allocation
 from fedhq_core.client import ClientResult
+from fedhq_core.worker import ClientJob, RoundInputs, Upload, run_jobs
 from fedhq_core.hardware import RooflineModel
 from fedhq_core.simulation import Simulation
 
@@ -34,13 +35,26 @@ def _clients_name() -> str:
     from prefect.runtime import task_run
 
     jobs = task_run.parameters.get("jobs", [])
-    return f"train-r{task_run.parameters.get('rnd')}-clients-" + "-".join(str(j[0]) for j in jobs)
+    rnd = jobs[0].rnd if jobs else "?"
+    return f"train-r{rnd}-clients-" + "-".join(str(j.cid) for j in jobs)
+
+
+def dask_worker_slot() -> int | None:
+    """This Dask worker's index in a LocalCluster (its name), None outside Dask or when named."""
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):
+        return None
+    return name if isinstance(name, int) else None
 
 
 @task(name="train-clients", task_run_name=_clients_name, **OPTS)
-def train_clients(sim: Simulation, rnd: int, jobs: list[tuple[int, str, Any]]) -> list[ClientResult]:
-    """Local training of the given (client, strategy, upload bits) jobs on one worker slot."""
-    return sim.train_many(rnd, jobs)
+def train_clients(inputs: RoundInputs, jobs: list[ClientJob]) -> list[Upload]:
+    """Local training of the given clients on one worker slot (a thread here, or a Dask worker).
+    Inputs are tensors; each client's upload comes back as bytes (``fedhq_core.wire``)."""
+    return run_jobs(inputs, jobs, dask_worker_slot())
 
 
 @task(name="aggregate", **OPTS)

@@ -64,6 +64,25 @@ def local_search(x0: np.ndarray, s_hat: np.ndarray, a_hat: np.ndarray, t_ptq: np
     return x
 
 
+def ridge_to_state(reg: Any) -> dict[str, Any] | None:
+    """A fitted Ridge as plain numbers (checkpoints hold no pickles)."""
+    if reg is None:
+        return None
+    return {"alpha": reg.alpha, "coef": np.asarray(reg.coef_).tolist(), "intercept": float(reg.intercept_)}
+
+
+def ridge_from_state(d: dict[str, Any] | None) -> Any:
+    if d is None:
+        return None
+    from sklearn.linear_model import Ridge
+
+    reg = Ridge(alpha=d["alpha"])
+    reg.coef_ = np.asarray(d["coef"], dtype=float)
+    reg.intercept_ = float(d["intercept"])
+    reg.n_features_in_ = len(reg.coef_)
+    return reg
+
+
 @dataclass
 class CostModel:
     """log(observed / spec-sheet) time per (client, strategy), learned from past rounds."""
@@ -95,6 +114,16 @@ class CostModel:
         reg.fit(np.asarray(self.rows), np.asarray(self.targets))
         self.regressor = reg
         self.version += 1
+
+    def to_state(self) -> dict[str, Any]:
+        return {"seed": self.seed, "version": self.version, "rows": self.rows, "targets": self.targets,
+                "client_log_ratio": {str(k): v for k, v in self.client_log_ratio.items()},
+                "regressor": ridge_to_state(self.regressor)}
+
+    @classmethod
+    def from_state(cls, d: dict[str, Any]) -> "CostModel":
+        return cls(d["seed"], ridge_from_state(d["regressor"]), d["version"], [list(r) for r in d["rows"]],
+                   list(d["targets"]), {int(k): list(v) for k, v in d["client_log_ratio"].items()})
 
     def correct(self, cids: list[int], pred: np.ndarray, is_qat: bool) -> np.ndarray:
         if self.regressor is None:
@@ -185,8 +214,15 @@ class FedHQAllocator(Allocator):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"quant_sensitivity": dict(self.quant_sensitivity), "cost": self.cost}
+        """JSON-ready: quantization sensitivities, the cost model and every refit so far."""
+        return {"quant_sensitivity": {str(k): v for k, v in self.quant_sensitivity.items()},
+                "cost": self.cost.to_state(),
+                "refits": [{**{k: v for k, v in r.items() if k != "model"}, "model": ridge_to_state(r["model"])}
+                           for r in self.refits],
+                "last_pred": {str(k): list(v) for k, v in self._last_pred.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.quant_sensitivity = dict(state["quant_sensitivity"])
-        self.cost = state["cost"]
+        self.quant_sensitivity = {int(k): float(v) for k, v in state["quant_sensitivity"].items()}
+        self.cost = CostModel.from_state(state["cost"])
+        self.refits = [{**r, "model": ridge_from_state(r["model"])} for r in state["refits"]]
+        self._last_pred = {int(k): (v[0], v[1]) for k, v in state["last_pred"].items()}

@@ -50,6 +50,7 @@ class SignificanceModel:
     regressor: Any
     tags: dict[str, Any] = field(default_factory=dict)
     train_r2: float = float("nan")
+    fit_data: dict[str, Any] | None = None  # X, gains, seed: refitting on them rebuilds this model exactly
 
     @classmethod
     def fit(cls, X: np.ndarray, gains: np.ndarray, seed: int, tags: dict[str, Any] | None = None) -> "SignificanceModel":
@@ -59,7 +60,19 @@ class SignificanceModel:
         reg = GradientBoostingRegressor(n_estimators=80, max_depth=2, learning_rate=0.1, subsample=0.8,
                                         random_state=seed)
         reg.fit(X, gains)
-        return cls(reg, dict(tags or {}), float(reg.score(X, gains)))
+        data = {"X": np.asarray(X).tolist(), "gains": np.asarray(gains).tolist(), "seed": seed}
+        return cls(reg, dict(tags or {}), float(reg.score(X, gains)), data)
+
+    def to_state(self) -> dict[str, Any] | None:
+        """Its fit data (no pickles in checkpoints); None for a model loaded without them."""
+        return None if self.fit_data is None else {"fit_data": self.fit_data, "tags": self.tags}
+
+    @classmethod
+    def from_state(cls, d: dict[str, Any]) -> "SignificanceModel":
+        f = d["fit_data"]
+        model = cls.fit(np.asarray(f["X"]), np.asarray(f["gains"]), f["seed"], d["tags"])
+        model.tags = dict(d["tags"])
+        return model
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return np.asarray(self.regressor.predict(np.atleast_2d(X)), dtype=float)

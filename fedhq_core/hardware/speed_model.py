@@ -87,6 +87,18 @@ class RooflineModel:
         model.fit_mape = model._mape(measurements)
         return model
 
+    def to_state(self) -> dict:
+        """JSON-ready fitted model (for checkpoints: a resumed run prices rounds identically)."""
+        return {"counts": {k: vars(v) for k, v in self.counts.items()}, "host_peak": self.host_peak,
+                "host_bw": self.host_bw, "coef": [self.inv_eta_c, self.inv_eta_m, self.overhead_s],
+                "fit_mape": self.fit_mape, "holdout_mape": self.holdout_mape, "holdout": self.holdout}
+
+    @classmethod
+    def from_state(cls, d: dict) -> "RooflineModel":
+        c = d["coef"]
+        return cls({k: StepCounts(**v) for k, v in d["counts"].items()}, d["host_peak"], d["host_bw"],
+                   c[0], c[1], c[2], d["fit_mape"], d["holdout_mape"], list(d["holdout"]))
+
     def summary(self) -> dict[str, float]:
         return {"eta_c": self.eta_c, "eta_m": self.eta_m, "overhead_s": self.overhead_s,
                 "host_peak_flops": self.host_peak, "host_bw": self.host_bw,

@@ -1,0 +1,123 @@
+"""A client's upload on the wire, and the server's checks before it may touch the global model.
+
+A :class:`~fedhq_core.client.ClientResult` travels as ``bytes``: one ``torch.save`` of plain
+tensors and a JSON header. The server decodes it with ``torch.load(weights_only=True)``, which
+cannot run code, so a hostile client (or a compromised worker) can send garbage but not a
+pickle gadget. :func:`decode_upload` then rejects, with a one-word reason:
+
+* ``size``      - more bytes than ``max_bytes`` (checked before decoding),
+* ``decode``    - not a FedHQ upload at all,
+* ``keys``      - missing or unexpected tensors,
+* ``dtype``     - packed data that is not ``uint8``/float, scales that are not float32,
+* ``shape``     - a tensor whose shape differs from the global model's, or data of the wrong length,
+* ``nonfinite`` - NaN/Inf in the update, its scales, ranges or QAT steps,
+* ``n_samples`` - a sample count outside ``1..max_samples`` (it weights FedAvg).
+
+Checks run on the decoded update itself, so a payload that passes cannot poison FedAvg.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from .client import ClientResult
+from .quant.payload import PackedTensor, Payload, dequantize_tensor
+
+REJECT_REASONS = ("raised", "timeout", "size", "decode", "keys", "dtype", "shape", "nonfinite", "n_samples")
+
+
+class RejectedUpdate(ValueError):
+    """An upload the server refuses; ``reason`` is one of :data:`REJECT_REASONS`."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def to_wire(r: ClientResult) -> dict[str, Any]:
+    """The plain-tensor form of a result (what :func:`encode_result` saves)."""
+    p = r.payload
+    meta = {"cid": r.cid, "strategy": r.strategy, "n_samples": r.n_samples, "train_batches": r.train_batches,
+            "forward_batches": r.forward_batches, "train_loss": r.train_loss, "quant_loss": r.quant_loss,
+            "wall_s": r.wall_s, "act_ranges": {k: list(v) for k, v in p.act_ranges.items()},
+            "tensors": {k: {"shape": list(t.shape), "bits": t.bits} for k, t in p.tensors.items()}}
+    return {"meta": json.dumps(meta),
+            "data": {k: torch.frombuffer(bytearray(t.data), dtype=torch.uint8) for k, t in p.tensors.items()},
+            "scale": {k: torch.from_numpy(np.array(t.scale, dtype=np.float32)) for k, t in p.tensors.items()},
+            "steps": {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in p.weight_steps.items()}}
+
+
+def save_wire(obj: dict[str, Any]) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def encode_result(r: ClientResult) -> bytes:
+    return save_wire(to_wire(r))
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def decode_upload(blob: bytes, expected: dict[str, tuple[int, ...]], *, max_bytes: int,
+                  max_samples: int) -> ClientResult:
+    """Safely decode and validate one upload against the global model's float tensor shapes."""
+    if not isinstance(blob, (bytes, bytearray)):
+        raise RejectedUpdate("decode", f"expected bytes, got {type(blob).__name__}")
+    if len(blob) > max_bytes:
+        raise RejectedUpdate("size", f"{len(blob)} bytes > limit {max_bytes}")
+    try:
+        obj = torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
+        meta = json.loads(obj["meta"])
+        data, scale, steps = obj["data"], obj["scale"], obj.get("steps", {})
+        specs = meta["tensors"]
+    except Exception as err:  # noqa: BLE001 - any failure to parse is the client's fault
+        raise RejectedUpdate("decode", f"{type(err).__name__}: {str(err)[:120]}") from None
+    if set(specs) != set(expected) or set(data) != set(expected) or set(scale) != set(expected):
+        missing = sorted(set(expected) - set(specs))
+        extra = sorted((set(specs) | set(data) | set(scale)) - set(expected))
+        raise RejectedUpdate("keys", f"missing {missing[:3]}, unexpected {extra[:3]}")
+    tensors: dict[str, PackedTensor] = {}
+    for k, shape in expected.items():
+        spec, d, s = specs[k], data[k], scale[k]
+        bits = spec.get("bits")
+        if d.dtype != torch.uint8 or s.dtype != torch.float32 or bits not in (2, 3, 4, 5, 6, 7, 8, 16, 32):
+            raise RejectedUpdate("dtype", f"{k}: data {d.dtype}, scale {s.dtype}, bits {bits!r}")
+        if tuple(spec["shape"]) != tuple(shape):
+            raise RejectedUpdate("shape", f"{k}: {tuple(spec['shape'])} != global {tuple(shape)}")
+        n = int(np.prod(shape)) if shape else 1
+        rows = shape[0] if len(shape) >= 2 else 1
+        want_bytes = n * bits // 8 if bits >= 16 else math.ceil(n * bits / 8)
+        want_scales = 0 if bits >= 16 else rows
+        if d.numel() != want_bytes or s.numel() != want_scales:
+            raise RejectedUpdate("shape", f"{k}: {d.numel()} bytes / {s.numel()} scales for {bits}-bit {tuple(shape)}")
+        tensors[k] = PackedTensor(d.numpy().tobytes(), s.numpy(), tuple(shape), int(bits))
+        if not bool(torch.isfinite(dequantize_tensor(tensors[k])).all()):
+            raise RejectedUpdate("nonfinite", f"{k}: NaN or Inf in the update")
+    ranges = {k: tuple(v) for k, v in meta.get("act_ranges", {}).items()}
+    if not all(len(v) == 2 and _finite(v[0]) and _finite(v[1]) for v in ranges.values()):
+        raise RejectedUpdate("nonfinite", "activation ranges")
+    weight_steps = {}
+    for k, v in steps.items():  # per-channel LSQ steps, keyed by layer name
+        weight = expected.get(f"{k}.weight")
+        if weight is None or v.dtype != torch.float32 or v.numel() not in (1, weight[0]):
+            raise RejectedUpdate("keys" if weight is None else "dtype" if v.dtype != torch.float32 else "shape",
+                                 f"QAT step {k}")
+        if not bool(torch.isfinite(v).all()):
+            raise RejectedUpdate("nonfinite", f"QAT step {k}")
+        weight_steps[k] = v.numpy()
+    n_samples = meta.get("n_samples")
+    if not isinstance(n_samples, int) or not 1 <= n_samples <= max_samples:
+        raise RejectedUpdate("n_samples", f"{n_samples!r} not in 1..{max_samples}")
+    payload = Payload(tensors, ranges, n_samples, weight_steps)
+    return ClientResult(int(meta["cid"]), str(meta["strategy"]), payload, n_samples,
+                        [int(b) for b in meta["train_batches"]], [int(b) for b in meta["forward_batches"]],
+                        float(meta["train_loss"]), meta["quant_loss"], float(meta["wall_s"]))

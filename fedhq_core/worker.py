@@ -1,0 +1,184 @@
+"""What runs where the clients train: a thread of this process or a Dask worker process.
+
+A training task gets plain data only: the round's :class:`RoundInputs` (model spec, global
+weights, ranges and steps as tensors) and a list of :class:`ClientJob` (the client's shard as
+tensors plus its :class:`~fedhq_core.client.TrainSpec`). It returns one :class:`Upload` per
+client, whose result is ``bytes`` (``fedhq_core.wire``), so nothing travels through files and
+nothing the server decodes can run code.
+
+One client's failure never takes its task-mates down: an exception becomes an ``Upload`` with
+``error`` set. Fault injection (``fault_rate``/``fault_kinds``) happens here, on the client's
+side, so the server's defences are exercised exactly as a real misbehaving client would.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from .client import TrainSpec, train_client
+from .models import build_model
+from .quant import configure_observers, prepare_model
+from .wire import save_wire, to_wire
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model: str
+    in_shape: tuple[int, ...]
+    num_classes: int
+    w_bits: int
+    a_bits: int
+    first_last_bits: int
+    ema_momentum: float
+    act_percentile: float
+
+    def build(self, device: torch.device) -> nn.Module:
+        m = build_model(self.model, self.in_shape, self.num_classes)
+        prepare_model(m, self.w_bits, self.a_bits, self.first_last_bits)
+        configure_observers(m, self.ema_momentum, self.act_percentile)
+        return m.to(device)
+
+
+_POOLS: dict[tuple[ModelSpec, str], queue.SimpleQueue] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def borrow_model(spec: ModelSpec, device: torch.device) -> Iterator[nn.Module]:
+    """A model from this process's pool: built once per concurrent slot, never per client.
+    Training overwrites every weight, buffer, range and step it uses, so reuse is safe."""
+    key = (spec, str(device))
+    with _POOLS_LOCK:
+        pool = _POOLS.setdefault(key, queue.SimpleQueue())
+    try:
+        m = pool.get_nowait()
+    except queue.Empty:
+        m = spec.build(device)
+    try:
+        yield m
+    finally:
+        pool.put(m)
+
+
+def worker_device(requested: str, slot: int | None = None) -> torch.device:
+    """The device a worker trains on. ``auto``/``cuda`` on a machine with GPUs: worker ``slot``
+    (its index in a LocalCluster) takes GPU ``slot % count``, so N local workers spread over the
+    GPUs; a worker started with ``CUDA_VISIBLE_DEVICES=i`` sees one GPU and takes it."""
+    if requested == "cpu" or not torch.cuda.is_available():
+        if requested == "cuda":
+            raise ValueError("device: cuda requested but this worker has no CUDA device")
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    return torch.device(f"cuda:{(slot or 0) % count}")
+
+
+@dataclass
+class RoundInputs:
+    """What every client of a round starts from (shared by all of the round's tasks)."""
+
+    model: ModelSpec
+    device: str
+    global_state: dict[str, torch.Tensor]
+    global_ranges: dict[str, tuple[float, float]] | None
+    global_steps: dict[str, torch.Tensor] | None
+
+
+@dataclass
+class ClientJob:
+    rnd: int
+    cid: int
+    x: torch.Tensor
+    y: torch.Tensor
+    spec: TrainSpec
+    fault: str | None = None        # injected misbehaviour (see FAULT_KINDS in config)
+    timeout_s: float = 0.0          # the stall fault sleeps past this
+
+
+@dataclass
+class Upload:
+    cid: int
+    data: bytes | None              # wire-encoded ClientResult, None when the client failed
+    error: str | None = None        # why there is no data (exception type and message)
+    wall_s: float = 0.0             # wall time from the task picking the job up to the upload
+
+
+class InjectedFault(RuntimeError):
+    """The ``raise`` fault: a client that crashes in the middle of its round."""
+
+
+def draw_fault(seed: int, rnd: int, cid: int, attempt: int, rate: float, kinds: list[str]) -> str | None:
+    """Seeded per (round, client, attempt): whether and how a client misbehaves."""
+    if rate <= 0 or not kinds:
+        return None
+    rng = np.random.default_rng([seed, 7919, rnd, cid, attempt])
+    if rng.random() >= rate:
+        return None
+    return kinds[int(rng.integers(len(kinds)))]
+
+
+def corrupt(wire: dict, kind: str) -> dict:
+    """Turn a valid upload into the kind of garbage ``kind`` names (the payload stays decodable)."""
+    meta = json.loads(wire["meta"])
+    name = next(iter(meta["tensors"]))
+    spec = meta["tensors"][name]
+    if kind in ("nan", "inf"):
+        bad = float("nan") if kind == "nan" else float("inf")
+        if spec["bits"] >= 16:
+            vals = torch.full((wire["data"][name].numel() * 8 // spec["bits"],), bad,
+                              dtype=torch.float16 if spec["bits"] == 16 else torch.float32)
+            wire["data"][name] = torch.frombuffer(bytearray(vals.numpy().tobytes()), dtype=torch.uint8)
+        else:
+            wire["scale"][name] = torch.full_like(wire["scale"][name], bad)
+    elif kind == "shape":
+        spec["shape"] = [spec["shape"][0] + 1, *spec["shape"][1:]]
+    elif kind == "dtype":
+        wire["scale"][name] = wire["scale"][name].double()
+    elif kind == "size":
+        floats = sum(math.prod(t["shape"]) for t in meta["tensors"].values())
+        wire["data"]["padding"] = torch.zeros(12 * floats + (1 << 20), dtype=torch.uint8)  # 3x the FP32 model
+    wire["meta"] = json.dumps(meta)
+    return wire
+
+
+def run_job(inputs: RoundInputs, job: ClientJob, device: torch.device) -> Upload:
+    t0 = time.perf_counter()
+    try:
+        if job.fault == "raise":
+            raise InjectedFault(f"client {job.cid} crashed (injected fault)")
+        if job.fault == "stall":
+            time.sleep(job.timeout_s * 1.2 + 0.05)
+        with borrow_model(inputs.model, device) as model:
+            result = train_client(model, job.cid, job.x, job.y, inputs.global_state, inputs.global_ranges,
+                                  job.spec, inputs.global_steps)
+        wire = to_wire(result)
+        if job.fault in ("nan", "inf", "shape", "dtype", "size"):
+            wire = corrupt(wire, job.fault)
+        return Upload(job.cid, save_wire(wire), None, time.perf_counter() - t0)
+    except Exception as err:  # noqa: BLE001 - one client's failure is reported, not propagated
+        return Upload(job.cid, None, f"{type(err).__name__}: {str(err)[:200]}", time.perf_counter() - t0)
+
+
+def run_jobs(inputs: RoundInputs, jobs: list[ClientJob], slot: int | None = None) -> list[Upload]:
+    """Train ``jobs`` one after another on one borrowed model (one task's work)."""
+    device = worker_device(inputs.device, slot)
+    if device.type != "cpu" or any(v.device.type != "cpu" for v in inputs.global_state.values()):
+        inputs = RoundInputs(inputs.model, inputs.device,
+                             {k: v.to(device) for k, v in inputs.global_state.items()}, inputs.global_ranges,
+                             {k: v.to(device) for k, v in (inputs.global_steps or {}).items()} or None)
+    return [run_job(inputs, job, device) for job in jobs]
+
+
+def expected_upload_limit(state: dict[str, torch.Tensor], factor: float) -> int:
+    """Bytes above which an upload is absurd: ``factor`` x the FP32 model, plus header room."""
+    fp32 = sum(4 * v.numel() for v in state.values() if v.is_floating_point())
+    return int(math.ceil(factor * fp32)) + (256 << 10)

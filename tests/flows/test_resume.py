@@ -1,0 +1,111 @@
+"""Kill and resume: a `fedhq run` killed with SIGKILL in the middle of a round, then resumed with
+`fedhq run --resume latest`, ends with the same weights and metrics as an uninterrupted run, in
+the same MLflow run."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from ..conftest import ROOT
+
+ARGS = ["--clients", "8", "--rounds", "4", "--fraction", "0.5", "--local-epochs", "1", "--batch-size", "32",
+        "--strategy", "fedhq", "--set", "significance=none", "--set", "adjust_every=2",
+        "--set", "profile_batch_sizes=[8,16,32]", "--set", "profile_reps=1", "--set", "max_concurrency=2"]
+
+# Runs the real CLI, but SIGKILLs its own process when a client of round 2 starts training.
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import fedhq_core.worker as w
+    real_job = w.run_job
+    def run_job(inputs, job, device):
+        if job.rnd == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_job(inputs, job, device)
+    w.run_job = run_job
+    from flows.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def _env(tmp_path):
+    env = dict(os.environ)
+    env.update(FEDHQ_STATE_DIR=str(tmp_path / "state"), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db",
+               PYTHONPATH=str(ROOT))
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+@pytest.mark.slow
+def test_sigkill_mid_round_then_resume_equals_uninterrupted(tmp_path):
+    from mlflow import MlflowClient
+
+    from fedhq_core.checkpoint import Checkpoints, read_state
+    from fedhq_core.config import load_config
+    from fedhq_core.hardware import RooflineModel
+    from fedhq_core.simulation import Simulation, run
+
+    state = tmp_path / "state"
+    log = tmp_path / "killed.log"
+    with open(log, "w") as f:  # own session: the killed run's orphans (Prefect's server) are reaped below
+        proc = subprocess.Popen([sys.executable, "-c", KILLER, "run", "--no-progress", "--state-dir", str(state),
+                                 *ARGS], cwd=tmp_path, env=_env(tmp_path), stdout=f, stderr=f, start_new_session=True)
+        try:
+            assert proc.wait(timeout=300) == -signal.SIGKILL, log.read_text()[-2000:]
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    (run_dir,) = list((state / "runs").iterdir())
+    assert [p.name for p in Checkpoints(run_dir).files()] == ["round-0000.ckpt", "round-0001.ckpt"]
+
+    out = tmp_path / "resumed.json"
+    env = _env(tmp_path)
+    resumed = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--resume", "latest", "--no-progress",
+                              "--state-dir", str(state), "--json", str(out)],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming run" in resumed.stderr and "after round 1" in resumed.stderr
+    res = json.loads(out.read_text())
+    assert res["run_id"] == run_dir.name and [r["round"] for r in res["rounds"]] == [0, 1, 2, 3]
+
+    # the same seeded run, uninterrupted, in plain Python (same host profile, same thread count)
+    tensors, meta = read_state(Checkpoints(run_dir).files()[-1])
+    cfg = load_config(None, {**meta["config"], "tracking": False})
+    ref = Simulation(cfg)
+    ref.profile(RooflineModel.from_state(meta["speed"]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(cfg, sim=ref)
+    finally:
+        torch.set_num_threads(threads)
+    for k, v in ref.global_state.items():
+        assert torch.allclose(tensors[f"global/{k}"].to(v.dtype), v, atol=1e-6), k
+    server_got = server_want = 0.0
+    for got, want in zip(res["rounds"], ref.records):
+        assert got["strategies"] == {str(c): s for c, s in want.strategies.items()}
+        assert got["acc_q"] == pytest.approx(want.acc_q, abs=1e-9)
+        assert got["loss_q"] == pytest.approx(want.loss_q, rel=1e-5)
+        # the clients' simulated time is identical; the server's share is its measured wall time
+        server_got, server_want = server_got + got["server_s"], server_want + want.server_s
+        assert got["sim_time_s"] - server_got == pytest.approx(want.sim_time_s - server_want, rel=1e-9)
+    assert res["final_acc_q"] == pytest.approx(ref.records[-1].acc_q, abs=1e-9)
+
+    # one MLflow run, finished, with every round's metrics
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run_info = client.get_run(res["run_id"])
+    assert run_info.info.status == "FINISHED" and run_info.data.tags["fedhq.resumed_after_round"] == "1"
+    steps = sorted({m.step for m in client.get_metric_history(res["run_id"], "acc_q")})
+    assert steps == [0, 1, 2, 3]
+    # a finished run cannot be resumed again
+    again = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--resume", res["run_id"],
+                            "--state-dir", str(state)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 2 and "already completed" in again.stderr
