@@ -529,11 +529,22 @@ def collect(futures: list[tuple[list[ClientJob], Any]], timeout_s: float) -> lis
     return uploads
 
 
-def train_round(sim: Simulation, ops: RoundOps, rnd: int) -> tuple[Allocation, float, list[ClientResult],
-                                                                   dict[int, str], int, float]:
+@dataclass
+class RoundOutcome:
+    """What the training part of a round produced (see :func:`train_round`)."""
+
+    alloc: Allocation
+    alloc_s: float
+    results: list[ClientResult]      # accepted, by client id
+    rejected: dict[int, str]         # client -> "reason: detail", over all attempts
+    attempts: int
+    failed_s: float                  # simulated seconds spent on failed attempts
+    workers: int                     # distinct processes that trained the accepted clients
+
+
+def train_round(sim: Simulation, ops: RoundOps, rnd: int) -> RoundOutcome:
     """Sample, allocate and train one round, re-sampling while fewer than ``min_clients`` updates
-    are accepted (``round_retries`` times). Returns (allocation, allocation s, accepted results,
-    rejected clients, attempts, simulated seconds of failed attempts) or raises TooFewClients."""
+    are accepted (``round_retries`` times), else raise TooFewClients."""
     cfg = sim.cfg
     rejected: dict[int, str] = {}
     failed_s, alloc_s = 0.0, 0.0
@@ -544,10 +555,13 @@ def train_round(sim: Simulation, ops: RoundOps, rnd: int) -> tuple[Allocation, f
         inputs = sim.round_inputs()
         jobs = sim.jobs(rnd, alloc, sampled, attempt)
         futures = [(chunk, ops.submit_train(inputs, chunk)) for chunk in sim.chunks(jobs)]
-        results, bad = sim.accept(collect(futures, cfg.client_timeout_s))
+        uploads = collect(futures, cfg.client_timeout_s)
+        results, bad = sim.accept(uploads)
         rejected.update({c: f"{why} (attempt {attempt + 1})" if attempt else why for c, why in bad.items()})
         if len(results) >= cfg.min_clients:
-            return alloc, alloc_s, results, rejected, attempt + 1, failed_s
+            ok = {r.cid for r in results}
+            workers = len({u.worker for u in uploads if u.cid in ok})
+            return RoundOutcome(alloc, alloc_s, results, rejected, attempt + 1, failed_s, workers)
         failed_s += sim.fail_attempt(rnd, results)
     raise TooFewClients(
         f"round {rnd}: only {len(results)} of {len(sampled)} client updates were accepted after "
@@ -564,10 +578,12 @@ def run_rounds(sim: Simulation, ops: RoundOps, on_round: Callable[[RoundRecord],
     """All remaining rounds of ``sim``: train (with retries), aggregate, evaluate, close, and
     checkpoint (``checkpoints.save(sim)``) before anyone hears of the round."""
     for rnd in range(sim.rnd, sim.cfg.rounds):
-        alloc, alloc_s, results, rejected, attempts, failed_s = train_round(sim, ops, rnd)
-        server_s = ops.aggregate(sim, results)
+        out = train_round(sim, ops, rnd)
+        server_s = ops.aggregate(sim, out.results)
         metrics = ops.evaluate(sim) if sim.should_eval(rnd) else None
-        rec = sim.close_round(rnd, alloc, alloc_s, results, server_s, metrics, rejected, attempts, failed_s)
+        rec = sim.close_round(rnd, out.alloc, out.alloc_s, out.results, server_s, metrics, out.rejected,
+                              out.attempts, out.failed_s)
+        rec.extra["workers"] = out.workers
         if checkpoints is not None:
             checkpoints.save(sim)
         if on_round:

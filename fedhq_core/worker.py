@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import queue
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -110,6 +112,10 @@ class Upload:
     data: bytes | None              # wire-encoded ClientResult, None when the client failed
     error: str | None = None        # why there is no data (exception type and message)
     wall_s: float = 0.0             # wall time from the task picking the job up to the upload
+    worker: str = ""                # host:pid that trained it
+
+
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
 class InjectedFault(RuntimeError):
@@ -163,9 +169,9 @@ def run_job(inputs: RoundInputs, job: ClientJob, device: torch.device) -> Upload
         wire = to_wire(result)
         if job.fault in ("nan", "inf", "shape", "dtype", "size"):
             wire = corrupt(wire, job.fault)
-        return Upload(job.cid, save_wire(wire), None, time.perf_counter() - t0)
+        return Upload(job.cid, save_wire(wire), None, time.perf_counter() - t0, WORKER_ID)
     except Exception as err:  # noqa: BLE001 - one client's failure is reported, not propagated
-        return Upload(job.cid, None, f"{type(err).__name__}: {str(err)[:200]}", time.perf_counter() - t0)
+        return Upload(job.cid, None, f"{type(err).__name__}: {str(err)[:200]}", time.perf_counter() - t0, WORKER_ID)
 
 
 def run_jobs(inputs: RoundInputs, jobs: list[ClientJob], slot: int | None = None) -> list[Upload]:
