@@ -1,0 +1,134 @@
+"""Faulty and hostile clients: every kind of bad upload is rejected with its reason, the round goes
+on with the rest, and too few good updates never move the global model."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from fedhq_core.allocation import Allocation
+from fedhq_core.errors import TooFewClients
+from fedhq_core.simulation import Simulation, run
+from fedhq_core.wire import RejectedUpdate, decode_upload, save_wire, to_wire
+from fedhq_core.worker import corrupt, draw_fault, expected_upload_limit, run_jobs
+
+
+@pytest.fixture
+def sim(tiny_cfg):
+    return Simulation(tiny_cfg)
+
+
+def _expected(sim):
+    return {k: tuple(v.shape) for k, v in sim.global_state.items() if v.is_floating_point()}
+
+
+def _upload(sim, strategy="qat"):
+    (up,) = run_jobs(sim.round_inputs(), sim.jobs(0, Allocation({0: strategy}), [0]))
+    assert up.error is None
+    return up
+
+
+@pytest.mark.parametrize("kind,reason", [("nan", "nonfinite"), ("inf", "nonfinite"), ("shape", "shape"),
+                                         ("dtype", "dtype"), ("size", "size")])
+def test_each_corruption_is_rejected_with_its_reason(sim, kind, reason):
+    up = _upload(sim)
+    limit = expected_upload_limit(sim.global_state, sim.cfg.max_upload_factor)
+    good = decode_upload(up.data, _expected(sim), max_bytes=limit, max_samples=len(sim.shards[0]))
+    assert good.cid == 0 and good.payload.weight_steps
+    wire = to_wire(good)
+    with pytest.raises(RejectedUpdate) as err:
+        decode_upload(save_wire(corrupt(wire, kind)), _expected(sim), max_bytes=limit, max_samples=len(sim.shards[0]))
+    assert err.value.reason == reason
+
+
+def test_inflated_sample_count_and_foreign_tensors_are_rejected(sim):
+    up = _upload(sim, "ptq")
+    exp, limit = _expected(sim), expected_upload_limit(sim.global_state, 2.0)
+    wire = to_wire(decode_upload(up.data, exp, max_bytes=limit, max_samples=10**9))
+    meta = json.loads(wire["meta"])
+    meta["n_samples"] = 10**9  # would dominate FedAvg
+    wire["meta"] = json.dumps(meta)
+    with pytest.raises(RejectedUpdate, match="n_samples"):
+        decode_upload(save_wire(wire), exp, max_bytes=limit, max_samples=len(sim.shards[0]))
+    del exp[next(iter(exp))]
+    with pytest.raises(RejectedUpdate, match="keys"):
+        decode_upload(up.data, exp, max_bytes=limit, max_samples=len(sim.shards[0]))
+
+
+def test_a_pickle_gadget_is_rejected_without_running(sim, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Gadget:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    buf = io.BytesIO()
+    torch.save({"meta": "{}", "data": Gadget()}, buf, pickle_protocol=2)
+    for blob in (buf.getvalue(), pickle.dumps(Gadget()), b"not an upload"):
+        with pytest.raises(RejectedUpdate) as err:
+            decode_upload(blob, _expected(sim), max_bytes=1 << 24, max_samples=100)
+        assert err.value.reason == "decode"
+    assert not marker.exists()
+
+
+def test_fault_draws_are_seeded_and_near_the_rate():
+    kinds = ["raise", "nan", "shape"]
+    draws = [draw_fault(0, r, c, 0, 0.2, kinds) for r in range(50) for c in range(20)]
+    assert draws == [draw_fault(0, r, c, 0, 0.2, kinds) for r in range(50) for c in range(20)]
+    share = np.mean([d is not None for d in draws])
+    assert 0.17 < share < 0.23 and {d for d in draws if d} == set(kinds)
+    assert draw_fault(0, 1, 1, 0, 0.0, kinds) is None
+
+
+def test_faulty_run_stays_finite_and_close_to_clean(tiny_cfg):
+    """20% of client tasks misbehave in every way but stall, over 10 rounds."""
+    base = tiny_cfg.replace(clients=10, rounds=10, fraction=0.6, batch_size=16, lr=0.1)
+    clean = run(base)
+    faulty = run(base.replace(fault_rate=0.2))
+    rejected = [why for r in faulty.records for why in r.rejected.values()]
+    reasons = {why.split(":")[0] for why in rejected}
+    assert len(rejected) >= 6 and reasons <= {"raised", "nonfinite", "shape", "dtype", "size"} and len(reasons) >= 3
+    assert all(bool(torch.isfinite(v).all()) for v in faulty.global_state.values() if v.is_floating_point())
+    assert clean.records[-1].acc_q > 0.9
+    assert faulty.records[-1].acc_q == pytest.approx(clean.records[-1].acc_q, abs=0.05)
+    summary = faulty.summary()["rejected"]
+    assert summary["total"] == len(rejected) and sum(summary["by_reason"].values()) == len(rejected)
+    assert faulty.records[0].metrics()["n_rejected"] == len(faulty.records[0].rejected)
+
+
+def test_stalled_clients_time_out(tiny_cfg):
+    sim = run(tiny_cfg.replace(rounds=1, fault_rate=0.5, fault_kinds=["stall"], client_timeout_s=0.3))
+    rec = sim.records[0]
+    assert rec.rejected and all(why.startswith("timeout") for why in rec.rejected.values())
+    assert set(rec.strategies).isdisjoint(rec.rejected)
+
+
+def test_too_few_clients_stop_the_run_and_leave_the_model_alone(tiny_cfg):
+    sim = Simulation(tiny_cfg.replace(fault_rate=1.0, fault_kinds=["raise", "nan"], round_retries=2))
+    before = {k: v.clone() for k, v in sim.global_state.items()}
+    with pytest.raises(TooFewClients, match=r"round 0: only 0 of 3 .* after 3 attempt\(s\)"):
+        run(sim.cfg, sim=sim)
+    assert all(torch.equal(before[k], v) for k, v in sim.global_state.items())
+    assert not sim.records and sim.rnd == 0
+
+
+def test_a_retried_round_resamples_and_records_its_attempts(tiny_cfg):
+    """min_clients = all sampled clients: any fault forces a fresh draw of clients."""
+    cfg = tiny_cfg.replace(rounds=1, fault_rate=0.3, fault_kinds=["raise"], min_clients=3, round_retries=6)
+    sim = Simulation(cfg)
+
+    def clean(attempt: int) -> bool:
+        return not any(draw_fault(cfg.seed, 0, c, attempt, cfg.fault_rate, ["raise"]) for c in sim.sample(0, attempt))
+
+    first_clean = next(a for a in range(7) if clean(a))
+    assert first_clean > 0, "this seed gives a clean first attempt"
+    run(cfg, sim=sim)
+    rec = sim.records[0]
+    assert rec.attempts == first_clean + 1 and rec.rejected and len(rec.strategies) == 3
+    assert set(rec.strategies) == set(sim.sample(0, first_clean))
+    assert math.isfinite(rec.sim_round_s) and rec.sim_round_s > 0
