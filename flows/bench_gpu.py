@@ -23,7 +23,8 @@ from fedhq_core.simulation import resolve_device, run
 
 
 def gpu_bench(device: str = "auto", batch: int = 128, reps: int = 20, w_bits: int = 4, a_bits: int = 4,
-              fl_rounds: int = 2, fl_clients: int = 4, fl_profile: tuple[int, ...] = (8, 16, 32)) -> dict:
+              fl_rounds: int = 2, fl_clients: int = 4, fl_profile: tuple[int, ...] = (8, 16, 32),
+              fl_samples: int = 0) -> dict:
     dev = resolve_device(device)
     torch.manual_seed(0)
     model = prepare_model(build_model("resnet18", (3, 32, 32), 10), w_bits, a_bits, 8).to(dev)
@@ -37,7 +38,8 @@ def gpu_bench(device: str = "auto", batch: int = 128, reps: int = 20, w_bits: in
     cfg = ExperimentConfig(model="resnet18", clients=fl_clients, rounds=fl_rounds, fraction=1.0, local_epochs=1,
                            batch_size=32, strategy="all-qat", device=device, tracking=False, min_shard_size=8,
                            profile_batch_sizes=list(fl_profile), profile_reps=2, profile_cache=False,
-                           max_concurrency=1, state_dir="/tmp/fedhq-bench-gpu")
+                           max_concurrency=1, state_dir="/tmp/fedhq-bench-gpu", max_train_samples=fl_samples,
+                           max_test_samples=fl_samples)
     t0 = time.perf_counter()
     sim = run(cfg)
     out.update({"fl_rounds": fl_rounds, "fl_wall_s": time.perf_counter() - t0,

@@ -44,8 +44,10 @@ def _env(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_round_then_resume_equals_uninterrupted(tmp_path):
+def test_sigkill_mid_round_then_resume_equals_uninterrupted(tmp_path, monkeypatch, capsys):
     from mlflow import MlflowClient
+
+    from flows.cli import main
 
     from fedhq_core.checkpoint import Checkpoints, read_state
     from fedhq_core.config import load_config
@@ -65,13 +67,13 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tmp_path):
     (run_dir,) = list((state / "runs").iterdir())
     assert [p.name for p in Checkpoints(run_dir).files()] == ["round-0000.ckpt", "round-0001.ckpt"]
 
+    # resume in this process (same CLI entry point, no second interpreter start-up)
     out = tmp_path / "resumed.json"
-    env = _env(tmp_path)
-    resumed = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--resume", "latest", "--no-progress",
-                              "--state-dir", str(state), "--json", str(out)],
-                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming run" in resumed.stderr and "after round 1" in resumed.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    assert main(["run", "--resume", "latest", "--no-progress", "--state-dir", str(state), "--json", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "resuming run" in err and "after round 1" in err
     res = json.loads(out.read_text())
     assert res["run_id"] == run_dir.name and [r["round"] for r in res["rounds"]] == [0, 1, 2, 3]
 
@@ -105,7 +107,7 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tmp_path):
     steps = sorted({m.step for m in client.get_metric_history(res["run_id"], "acc_q")})
     assert steps == [0, 1, 2, 3]
     # a finished run cannot be resumed again
-    again = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--resume", res["run_id"],
-                            "--state-dir", str(state)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                           timeout=120)
-    assert again.returncode == 2 and "already completed" in again.stderr
+    assert main(["run", "--resume", res["run_id"], "--state-dir", str(state)]) == 2
+    assert "already completed" in capsys.readouterr().err
+    assert main(["run", "--resume", "latest", "--rounds", "9", "--state-dir", str(state)]) == 2
+    assert "keeps its saved config; drop --rounds" in capsys.readouterr().err
