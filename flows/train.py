@@ -230,6 +230,7 @@ def task_runner_for(cfg: ExperimentConfig):
     if cfg.dask_address:
         return DaskTaskRunner(address=cfg.dask_address)
     threads = max(1, (os.cpu_count() or 1) // cfg.dask_local)
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # the in-process scheduler's chatter
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
         "n_workers": cfg.dask_local, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1",
         "dashboard_address": None, "silence_logs": logging.ERROR,
