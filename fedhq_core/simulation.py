@@ -566,11 +566,12 @@ def train_round(sim: Simulation, ops: RoundOps, rnd: int) -> RoundOutcome:
     raise TooFewClients(
         f"round {rnd}: only {len(results)} of {len(sampled)} client updates were accepted after "
         f"{cfg.round_retries + 1} attempt(s) (min_clients={cfg.min_clients}); the global model was not updated. "
-        f"Rejected: {reject_summary(rejected)}")
+        f"Rejected: {format_reasons(reject_counts([rejected]))}")
 
 
-def reject_summary(rejected: dict[int, str]) -> str:
-    return ", ".join(f"{n} {reason}" for reason, n in reject_counts([rejected]).items()) or "none"
+def format_reasons(by_reason: dict[str, int]) -> str:
+    """``{"raised": 2, "size": 1}`` -> ``"2 raised, 1 size"`` (console, tags and errors)."""
+    return ", ".join(f"{n} {reason}" for reason, n in by_reason.items()) or "none"
 
 
 def run_rounds(sim: Simulation, ops: RoundOps, on_round: Callable[[RoundRecord], None] | None = None,

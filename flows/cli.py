@@ -134,8 +134,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                         "upload_MB", "mlflow_run"], rows))
     rej = summary["rejected"]
     if rej["total"] or rej["retried_rounds"]:
-        by = ", ".join(f"{n} {reason}" for reason, n in rej["by_reason"].items())
-        print(f"rejected client updates: {rej['total']} ({by}); rounds retried: {rej['retried_rounds']}")
+        from fedhq_core.simulation import format_reasons
+
+        print(f"rejected client updates: {rej['total']} ({format_reasons(rej['by_reason'])}); "
+              f"rounds retried: {rej['retried_rounds']}")
     if summary.get("run_dir"):
         print(f"checkpoints: {summary['run_dir']}  (continue an interrupted run with: fedhq run --resume "
               f"{summary['run_id'] or Path(summary['run_dir']).name})")

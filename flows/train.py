@@ -25,7 +25,8 @@ from fedhq_core.config import ExperimentConfig, from_mapping  # noqa: E402
 from fedhq_core.hardware import RooflineModel  # noqa: E402
 from fedhq_core.checkpoint import CheckpointError, Checkpoints, find_run, runs_root  # noqa: E402
 from fedhq_core.errors import TooFewClients  # noqa: E402
-from fedhq_core.simulation import RoundOps, RoundRecord, Simulation, default_concurrency, run_rounds  # noqa: E402
+from fedhq_core.simulation import (RoundOps, RoundRecord, Simulation, default_concurrency,  # noqa: E402
+                                   format_reasons, run_rounds)
 from tasks import training as T  # noqa: E402
 
 
@@ -153,7 +154,7 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
                              "total_sim_s": summary["total_sim_s"], "total_upload_bytes": summary["upload_bytes"],
                              "alloc_overhead_s": summary["alloc_overhead_s"], "total_rejected": rej["total"]},
                             step=cfg.rounds)
-        tracker.set_tags({"fedhq.rejected": reject_summary_text(rej)})
+        tracker.set_tags({"fedhq.rejected": f"{rej['total']} rejected ({format_reasons(rej['by_reason'])})"})
         if register:
             summary["model_version"] = tracker.register_global_model(sim.deployed_bundle(), model_tags(sim, summary))
         summary["wall_s"] = sim.summary()["wall_s"]
@@ -164,11 +165,6 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
     if ckpts:
         ckpts.mark_done()
     return summary
-
-
-def reject_summary_text(rejected: dict[str, Any]) -> str:
-    by = ", ".join(f"{n} {reason}" for reason, n in rejected["by_reason"].items())
-    return f"{rejected['total']} rejected" + (f" ({by})" if by else "")
 
 
 def obtain_significance(sim: Simulation, tracker=None):
