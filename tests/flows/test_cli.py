@@ -24,6 +24,11 @@ def _cli(*args, cwd=None):
     (["--dataset", "cifar10-folder", "--data-dir", "/no/such/dir"], "data_dir"),
     (["--set", "colour=red"], "colour"),
     (["--rounds", "many"], "rounds"),
+    (["--fault-rate", "2"], "fault_rate"),
+    (["--set", "fault_kinds=[raise,melt]"], "fault_kinds"),
+    (["--dask-address", "localhost"], "dask_address"),
+    (["--min-clients", "50"], "min_clients"),
+    (["--resume", "no-such-run"], "no-such-run"),
 ])
 def test_bad_input_is_one_line_exit_2(args, field):
     p = _cli("run", *args)
