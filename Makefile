@@ -3,6 +3,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fedhq-installed
 # Served from this machine's local cache in about a minute; the ranges in pyproject.toml admit them.
+# --no-compile: byte-compiling every installed module took ~100 s of the install on 2 cores;
+# Python compiles the modules it really imports on first use instead.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
@@ -12,8 +14,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-compile $(TORCH_SPEC)
+	$(PY) -m pip install -q --no-compile -e ".[test]"
 	@touch $(STAMP)
 
 run: $(STAMP)
