@@ -69,7 +69,17 @@ def _finite(x: float) -> bool:
 
 def decode_upload(blob: bytes, expected: dict[str, tuple[int, ...]], *, max_bytes: int,
                   max_samples: int) -> ClientResult:
-    """Safely decode and validate one upload against the global model's float tensor shapes."""
+    """Safely decode and validate one upload against the global model's float tensor shapes.
+    Anything malformed that the named checks do not catch is rejected as ``decode``."""
+    try:
+        return _decode(blob, expected, max_bytes, max_samples)
+    except RejectedUpdate:
+        raise
+    except Exception as err:  # noqa: BLE001 - e.g. a header of the wrong types
+        raise RejectedUpdate("decode", f"malformed upload ({type(err).__name__}: {str(err)[:120]})") from None
+
+
+def _decode(blob: bytes, expected: dict[str, tuple[int, ...]], max_bytes: int, max_samples: int) -> ClientResult:
     if not isinstance(blob, (bytes, bytearray)):
         raise RejectedUpdate("decode", f"expected bytes, got {type(blob).__name__}")
     if len(blob) > max_bytes:

@@ -117,10 +117,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         given += ["--config"] * bool(args.config) + ["--set"] * bool(args.set_)
         if given:
             raise ConfigError(f"resume: a resumed run keeps its saved config; drop {given[0]}")
+        from fedhq_core.checkpoint import find_run
+
+        state_dir = args.state_dir or os.environ.get("FEDHQ_STATE_DIR", ".fedhq")
+        find_run(state_dir, args.resume)  # a bad run id fails here, before Prefect and MLflow load
         from flows.train import resume_training
 
-        summary = resume_training(args.state_dir or os.environ.get("FEDHQ_STATE_DIR", ".fedhq"), args.resume,
-                                  progress=not args.no_progress)
+        summary = resume_training(state_dir, args.resume, progress=not args.no_progress)
         cfg = load_config(None, summary["config"])
     else:
         cfg = config_from_args(args)
