@@ -451,8 +451,9 @@ class Simulation:
         master = {k[len("global/"):]: v for k, v in tensors.items() if k.startswith("global/")}
         if set(master) != set(self.global_state) or any(master[k].shape != v.shape for k, v in self.global_state.items()):
             raise ConfigError("checkpoint: its model does not match this run's model")
-        self.global_state = {k: master[k].to(self.global_state[k].dtype) for k in self.global_state}
-        steps = {k[len("steps/"):]: v for k, v in tensors.items() if k.startswith("steps/")}
+        device = next(iter(self.global_state.values())).device  # checkpoints hold CPU tensors
+        self.global_state = {k: master[k].to(device=v.device, dtype=v.dtype) for k, v in self.global_state.items()}
+        steps = {k[len("steps/"):]: v.to(device) for k, v in tensors.items() if k.startswith("steps/")}
         self.global_steps = steps if meta["has_steps"] else None
         ranges = meta["global_ranges"]
         self.global_ranges = None if ranges is None else {k: (v[0], v[1]) for k, v in ranges.items()}
