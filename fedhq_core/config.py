@@ -25,6 +25,7 @@ from .errors import ConfigError
 DATASETS = ("digits", "cifar10-folder", "cifar10", "cifar100", "svhn")
 MODELS = ("cnn", "resnet18")
 PARTITIONS = ("iid", "dirichlet", "kclass")
+UPLOAD_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)  # 2..8: bit-packed integers; 16/32: float16/float32
 FAULT_KINDS = ("raise", "stall", "nan", "inf", "shape", "dtype", "size")
 STRATEGIES = ("fp32", "all-ptq", "all-qat", "random-hybrid", "fedhq", "fedhq-coarse", "fedfq")
 
@@ -205,7 +206,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(cfg.strategy in STRATEGIES, "strategy", f"unknown strategy {cfg.strategy!r} (choose from {', '.join(STRATEGIES)})")
     for name in ("w_bits", "a_bits"):
         _check(2 <= getattr(cfg, name) <= 8, name, f"must be in 2..8, got {getattr(cfg, name)}")
-    _check(cfg.upload_bits in (2, 3, 4, 5, 6, 7, 8, 16, 32), "upload_bits", f"must be 2..8, 16 or 32, got {cfg.upload_bits}")
+    _check(cfg.upload_bits in UPLOAD_BITS, "upload_bits", f"must be 2..8, 16 or 32, got {cfg.upload_bits}")
     _check(cfg.first_last_bits == 0 or 2 <= cfg.first_last_bits <= 8, "first_last_bits", "must be 0 or in 2..8")
     _check(cfg.rounds >= 1, "rounds", f"must be >= 1, got {cfg.rounds}")
     _check(cfg.clients >= 1, "clients", f"must be >= 1, got {cfg.clients}")

@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -26,11 +26,13 @@ from torch import nn
 from .allocation import Allocation, RoundFeedback, build_allocator
 from .client import ClientResult, TrainSpec, train_client
 from .config import ExperimentConfig
+from .checkpoint import write_atomic
 from .errors import ConfigError, TooFewClients
 from .data import Dataset, Split, load_dataset, partition
 from .hardware import (Fleet, Measurement, RooflineModel, SimulatedClock, StepCounts, count_step,
                        measure_host_peaks, measure_step_times, predict_compute)
 from .quant import integer_weights, load_model_state, model_state, prepare_deploy, set_mode
+from .quant.payload import packed_layout
 from .server import average_steps, average_ranges, calibrate_on_server, evaluate_global, fedavg
 from .wire import RejectedUpdate, decode_upload
 from .worker import (ClientJob, ModelSpec, RoundInputs, Upload, borrow_model, draw_fault, expected_upload_limit,
@@ -95,13 +97,9 @@ def upload_size(state: dict[str, torch.Tensor], bits: int) -> int:
     """Exact byte size of a payload of ``state``'s shape at ``bits`` (see quant.payload)."""
     total = 0
     for v in state.values():
-        if not v.is_floating_point():
-            continue
-        if bits >= 16:
-            total += v.numel() * bits // 8
-        else:
-            rows = v.shape[0] if v.dim() >= 2 else 1
-            total += math.ceil(v.numel() * bits / 8) + 4 * rows
+        if v.is_floating_point():
+            data, scales = packed_layout(tuple(v.shape), bits)
+            total += data + 4 * scales
     return total
 
 
@@ -133,16 +131,16 @@ class RoundRecord:
         out = {k: float(getattr(self, k)) for k in keys}
         out.update({k: float(v) for k, v in self.extra.items() if isinstance(v, (int, float))})
         out["n_rejected"] = float(len(self.rejected))
-        for reason, n in reject_counts([self]).items():
+        for reason, n in reject_counts([self.rejected]).items():
             out[f"rejected_{reason}"] = float(n)
         return out
 
 
-def reject_counts(records: list["RoundRecord"] | list[dict[int, str]]) -> dict[str, int]:
-    """How many client updates were rejected, by reason, over round records (or rejected maps)."""
+def reject_counts(rejected_maps: Iterable[dict[int, str]]) -> dict[str, int]:
+    """How many client updates were rejected, by reason, over several client -> "reason: detail" maps."""
     out: dict[str, int] = {}
-    for rec in records:
-        for why in (rec if isinstance(rec, dict) else rec.rejected).values():
+    for rejected in rejected_maps:
+        for why in rejected.values():
             reason = why.split(":", 1)[0]
             out[reason] = out.get(reason, 0) + 1
     return dict(sorted(out.items()))
@@ -237,12 +235,9 @@ class Simulation:
                                         self.device)
                 peak, bw = measure_host_peaks(self.device)
                 if self.cfg.profile_cache:
-                    cache.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = cache.with_suffix(".tmp")
-                    tmp.write_text(json.dumps({"counts": {k: vars(v) for k, v in counts.items()},
-                                               "measurements": [vars(m) for m in ms],
-                                               "host_peak": peak, "host_bw": bw}))
-                    os.replace(tmp, cache)
+                    write_atomic(cache, json.dumps({"counts": {k: vars(v) for k, v in counts.items()},
+                                                    "measurements": [vars(m) for m in ms],
+                                                    "host_peak": peak, "host_bw": bw}).encode())
             speed = RooflineModel.fit(counts, ms, peak, bw, holdout_batch=bs[-2] if len(bs) > 2 else None)
         self.speed = speed
         self.clock = SimulatedClock(self.fleet, speed)
@@ -488,7 +483,7 @@ class Simulation:
             if self.records else 0.0,
             "speed_model": self.speed.summary() if self.speed else None,
             "rejected": {"total": sum(len(r.rejected) for r in self.records),
-                         "by_reason": reject_counts(self.records),
+                         "by_reason": reject_counts(r.rejected for r in self.records),
                          "retried_rounds": sum(r.attempts > 1 for r in self.records)},
             "run_id": run_id,
         }

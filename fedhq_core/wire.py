@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from .client import ClientResult
-from .quant.payload import PackedTensor, Payload, dequantize_tensor
+from .config import UPLOAD_BITS
+from .quant.payload import PackedTensor, Payload, dequantize_tensor, packed_layout
 
 REJECT_REASONS = ("raised", "timeout", "size", "decode", "keys", "dtype", "shape", "nonfinite", "n_samples")
 
@@ -41,7 +42,7 @@ class RejectedUpdate(ValueError):
 
 
 def to_wire(r: ClientResult) -> dict[str, Any]:
-    """The plain-tensor form of a result (what :func:`encode_result` saves)."""
+    """The plain-tensor form of a result; :func:`save_wire` turns it into the upload's bytes."""
     p = r.payload
     meta = {"cid": r.cid, "strategy": r.strategy, "n_samples": r.n_samples, "train_batches": r.train_batches,
             "forward_batches": r.forward_batches, "train_loss": r.train_loss, "quant_loss": r.quant_loss,
@@ -57,10 +58,6 @@ def save_wire(obj: dict[str, Any]) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
-
-
-def encode_result(r: ClientResult) -> bytes:
-    return save_wire(to_wire(r))
 
 
 def _finite(x: float) -> bool:
@@ -99,14 +96,11 @@ def _decode(blob: bytes, expected: dict[str, tuple[int, ...]], max_bytes: int, m
     for k, shape in expected.items():
         spec, d, s = specs[k], data[k], scale[k]
         bits = spec.get("bits")
-        if d.dtype != torch.uint8 or s.dtype != torch.float32 or bits not in (2, 3, 4, 5, 6, 7, 8, 16, 32):
+        if d.dtype != torch.uint8 or s.dtype != torch.float32 or bits not in UPLOAD_BITS:
             raise RejectedUpdate("dtype", f"{k}: data {d.dtype}, scale {s.dtype}, bits {bits!r}")
         if tuple(spec["shape"]) != tuple(shape):
             raise RejectedUpdate("shape", f"{k}: {tuple(spec['shape'])} != global {tuple(shape)}")
-        n = int(np.prod(shape)) if shape else 1
-        rows = shape[0] if len(shape) >= 2 else 1
-        want_bytes = n * bits // 8 if bits >= 16 else math.ceil(n * bits / 8)
-        want_scales = 0 if bits >= 16 else rows
+        want_bytes, want_scales = packed_layout(tuple(shape), bits)
         if d.numel() != want_bytes or s.numel() != want_scales:
             raise RejectedUpdate("shape", f"{k}: {d.numel()} bytes / {s.numel()} scales for {bits}-bit {tuple(shape)}")
         tensors[k] = PackedTensor(d.numpy().tobytes(), s.numpy(), tuple(shape), int(bits))

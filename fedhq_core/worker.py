@@ -119,7 +119,7 @@ WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
 class InjectedFault(RuntimeError):
-    """The ``raise`` fault: a client that crashes in the middle of its round."""
+    """The ``raise`` fault: a client that crashes before it trains."""
 
 
 def draw_fault(seed: int, rnd: int, cid: int, attempt: int, rate: float, kinds: list[str]) -> str | None:

@@ -8,6 +8,7 @@ round away on average. Integer buffers (e.g. BatchNorm's ``num_batches_tracked``
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +41,14 @@ class Payload:
         # activation ranges travel as two float32 each, weight steps as float32
         return (sum(t.nbytes for t in self.tensors.values()) + 8 * len(self.act_ranges)
                 + sum(int(v.nbytes) for v in self.weight_steps.values()))
+
+
+def packed_layout(shape: tuple[int, ...], bits: int) -> tuple[int, int]:
+    """(data bytes, number of float32 scales) of a tensor of ``shape`` packed at ``bits``."""
+    n = int(np.prod(shape)) if shape else 1
+    if bits >= 16:
+        return n * bits // 8, 0
+    return math.ceil(n * bits / 8), (shape[0] if len(shape) >= 2 else 1)
 
 
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
