@@ -57,15 +57,22 @@ class ActQuantizer(nn.Module):
         self.register_buffer("lo", torch.zeros(()))
         self.register_buffer("hi", torch.zeros(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        # Host-side mirror of ``initialized``: control flow never reads a device tensor, so a
+        # training step has no device sync (``bool(t)`` on a GPU stalls the stream).
+        self.ready = False
         self._calib_n = 0
+
+    def _mark(self, ready: bool) -> None:
+        self.ready = ready
+        self.initialized.fill_(ready)
 
     def set_range(self, lo: float, hi: float) -> None:
         self.lo.fill_(lo)
         self.hi.fill_(hi)
-        self.initialized.fill_(True)
+        self._mark(True)
 
     def reset(self) -> None:
-        self.initialized.fill_(False)
+        self._mark(False)
         self._calib_n = 0
 
     @torch.no_grad()
@@ -81,13 +88,14 @@ class ActQuantizer(nn.Module):
         else:  # running mean of per-batch percentiles
             self.lo.mul_(n / (n + 1)).add_(q[0] / (n + 1)); self.hi.mul_(n / (n + 1)).add_(q[1] / (n + 1))
         self._calib_n = n + 1
-        self.initialized.fill_(True)
+        if not self.ready:
+            self._mark(True)
 
     @torch.no_grad()
     def _observe_ema(self, x: torch.Tensor) -> None:
         lo, hi = x.detach().min(), x.detach().max()
-        if not bool(self.initialized):
-            self.lo.copy_(lo); self.hi.copy_(hi); self.initialized.fill_(True)
+        if not self.ready:
+            self.lo.copy_(lo); self.hi.copy_(hi); self._mark(True)
         else:
             m = self.momentum
             self.lo.mul_(m).add_((1 - m) * lo); self.hi.mul_(m).add_((1 - m) * hi)
@@ -104,8 +112,8 @@ class ActQuantizer(nn.Module):
         if mode == "qat":
             if self.training:
                 self._observe_ema(x)
-            return self.fake_quant(x) if bool(self.initialized) else x
-        if mode == "deploy" and bool(self.initialized):
+            return self.fake_quant(x) if self.ready else x
+        if mode == "deploy" and self.ready:
             return self.fake_quant(x)
         return x
 
@@ -185,7 +193,7 @@ def reset_act_ranges(model: nn.Module) -> None:
 
 
 def get_act_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
-    return {n: (float(m.aq.lo), float(m.aq.hi)) for n, m in quant_layers(model) if bool(m.aq.initialized)}
+    return {n: (float(m.aq.lo), float(m.aq.hi)) for n, m in quant_layers(model) if m.aq.ready}
 
 
 def set_act_ranges(model: nn.Module, ranges: dict[str, tuple[float, float]]) -> None:

@@ -51,13 +51,22 @@ def packed_layout(shape: tuple[int, ...], bits: int) -> tuple[int, int]:
     return math.ceil(n * bits / 8), (shape[0] if len(shape) >= 2 else 1)
 
 
-def pack_bits(values: np.ndarray, bits: int) -> bytes:
-    """Pack unsigned integers < 2**bits (uint8 array) into ``ceil(n*bits/8)`` bytes."""
-    v = np.ascontiguousarray(values, dtype=np.uint8).reshape(-1)
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_bits(values: torch.Tensor, bits: int) -> bytes:
+    """Pack unsigned integers < 2**bits (a uint8 tensor) into ``ceil(n*bits/8)`` bytes, MSB
+    first (``np.packbits`` layout). Written in torch ops so the device's packing is traced and
+    priced like every other step (``hardware.trace``)."""
+    v = values.reshape(-1).to(torch.uint8)
     if bits == 8:
-        return v.tobytes()
-    planes = np.unpackbits(v[:, None], axis=1)[:, 8 - bits:]  # (n, bits), MSB first
-    return np.packbits(planes.reshape(-1)).tobytes()
+        return v.numpy().tobytes()
+    shifts = torch.arange(bits - 1, -1, -1, dtype=torch.uint8)
+    planes = ((v.unsqueeze(1) >> shifts) & 1).reshape(-1)            # (n * bits,), MSB first
+    pad = (-planes.numel()) % 8
+    if pad:
+        planes = torch.cat([planes, planes.new_zeros(pad)])
+    return (planes.reshape(-1, 8) * _BIT_WEIGHTS).sum(dim=1).to(torch.uint8).numpy().tobytes()
 
 
 def unpack_bits(data: bytes, bits: int, n: int) -> np.ndarray:
@@ -74,15 +83,15 @@ def quantize_tensor(x: torch.Tensor, bits: int, gen: torch.Generator | None) -> 
     x = x.detach().float().cpu()
     shape = tuple(x.shape)
     if bits >= 16:
-        dtype = np.float16 if bits == 16 else np.float32
-        return PackedTensor(x.numpy().astype(dtype).tobytes(), np.zeros(0, np.float32), shape, bits)
+        dtype = torch.float16 if bits == 16 else torch.float32
+        return PackedTensor(x.to(dtype).numpy().tobytes(), np.zeros(0, np.float32), shape, bits)
     rows = x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1)
     qmax = 2 ** (bits - 1) - 1
     scale = (rows.abs().amax(dim=1, keepdim=True) / qmax).clamp_min(1e-12)
     noise = torch.rand(rows.shape, generator=gen, dtype=rows.dtype)
     q = torch.clamp(torch.floor(rows / scale + noise), -qmax - 1, qmax).to(torch.int16)
-    unsigned = (q + qmax + 1).to(torch.uint8).numpy()
-    return PackedTensor(pack_bits(unsigned, bits), scale.reshape(-1).numpy().astype(np.float32), shape, bits)
+    unsigned = (q + qmax + 1).to(torch.uint8)
+    return PackedTensor(pack_bits(unsigned, bits), scale.reshape(-1).numpy().copy(), shape, bits)
 
 
 def dequantize_tensor(p: PackedTensor) -> torch.Tensor:

@@ -75,8 +75,10 @@ def test_mse_scale_beats_max_abs_at_low_bits():
 def test_bit_packing_round_trip(bits):
     rng = np.random.default_rng(bits)
     v = rng.integers(0, 2**bits, size=1001).astype(np.uint8)
-    data = pack_bits(v, bits)
+    data = pack_bits(torch.from_numpy(v), bits)
     assert len(data) == int(np.ceil(1001 * bits / 8))
+    # the torch packer writes numpy's MSB-first layout, independently computed here
+    assert data == np.packbits(np.unpackbits(v[:, None], axis=1)[:, 8 - bits:].reshape(-1)).tobytes()
     assert np.array_equal(unpack_bits(data, bits, 1001), v)
 
 
