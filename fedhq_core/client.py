@@ -2,14 +2,16 @@
 
 * fp32 - FP32 SGD; uploads a 32-bit update and no ranges (the accuracy ceiling baseline).
 * ptq  - FP32 SGD, then on-device post-training quantization: calibrate percentile activation
-         ranges on ``calib_batches`` local batches, quantize the weights (MSE-optimal scales)
-         and measure the local accuracy lost to quantization on those batches.
+         ranges on ``calib_batches`` local batches; with ``report_sensitivity`` also quantize
+         the weights (MSE-optimal scales) and measure the local accuracy lost to quantization
+         on those same batches.
 * qat  - SGD through fake-quantized weights (LSQ steps warm-started from the global weights'
          MSE-optimal scales) and activations (EMA ranges warm-started from the global ranges).
 
 Every client uploads its update (local - global) as a bit-packed payload (``quant.payload``).
-What the client *did* (batch sizes of each training step and each forward-only pass) is
-returned so the simulated clock can price it on the client's device.
+What the client *did* (``ClientResult.work``: each step kind with its batch sizes) is
+returned so the simulated clock can price it on the client's device. The training loop has no
+device sync: the loss is accumulated on the device and read once per round.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class TrainSpec:
     weight_decay: float = 0.0
     upload_bits: int | dict[str, int] = 8
     calib_batches: int = 4
+    report_sensitivity: bool = True           # PTQ: measure the local accuracy lost to quantization
     seed: int = 0
     fedfq: tuple[float, int] | None = None   # (average upload bits, annealing iterations)
 
@@ -48,10 +51,9 @@ class ClientResult:
     strategy: str
     payload: Payload
     n_samples: int
-    train_batches: list[int]            # batch size of every optimizer step
-    forward_batches: list[int]          # batch sizes of forward-only passes (PTQ calibration)
+    work: dict[str, list[int]]          # what ran on the device, by step kind (see ``STEP_KINDS``)
     train_loss: float
-    quant_loss: float | None = None     # PTQ: local accuracy lost to quantization (0..1)
+    quant_loss: float | None = None     # PTQ with report_sensitivity: local accuracy lost to quantization (0..1)
     wall_s: float = 0.0
     extra: dict = field(default_factory=dict)
 
@@ -60,32 +62,74 @@ class ClientResult:
         return self.payload.nbytes
 
 
+# Step kinds a client runs; the clock prices each from an op trace of these very functions
+# (``hardware.trace``). Values in ``ClientResult.work`` are batch sizes, one per step; for
+# ``wsearch`` one 0 per search; for ``pack`` the upload bits, one per packed update.
+STEP_KINDS = ("fp32", "qat", "fwd", "calib", "wsearch", "pack")
+
+
+def make_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
+    # foreach: one multi-tensor op per update on every device, so the traced op count is the
+    # same on CPU and GPU
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, foreach=True)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               idx: torch.Tensor) -> torch.Tensor:
+    """One optimizer step on ``x[idx]``; returns the summed loss as a device tensor (no sync)."""
+    xb, yb = x[idx], y[idx]
+    loss = F.cross_entropy(model(xb), yb)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach() * len(idx)
+
+
+@torch.no_grad()
+def correct_count(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Forward-only pass (calibration or quantized check): correct predictions as a device tensor."""
+    return (model(x).argmax(1) == y).sum()
+
+
 def _sgd_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: TrainSpec,
                 gen: torch.Generator) -> tuple[list[int], float]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    opt = make_optimizer(model, spec)
     model.train()
-    n, batches, total, seen = len(y), [], 0.0, 0
+    n, batches = len(y), []
+    total = torch.zeros((), device=x.device)
     for _ in range(spec.epochs):
         perm = torch.randperm(n, generator=gen).to(x.device)
         for i in range(0, n, spec.batch_size):
             idx = perm[i:i + spec.batch_size]
-            xb, yb = x[idx], y[idx]
-            loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            total += train_step(model, opt, x, y, idx)
             batches.append(len(idx))
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
-    return batches, total / max(seen, 1)
+    return batches, float(total) / max(sum(batches), 1)   # the round's one sync
 
 
-@torch.no_grad()
 def _accuracy(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     model.eval()
-    correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in batches)
-    return correct / max(1, sum(len(yb) for _, yb in batches))
+    correct = sum(correct_count(model, xb, yb) for xb, yb in batches)
+    return float(correct) / max(1, sum(len(yb) for _, yb in batches))
+
+
+def calibrate(model: nn.Module, calib: list[tuple[torch.Tensor, torch.Tensor]], report_sensitivity: bool,
+              work: dict[str, list[int]]) -> tuple[dict[str, tuple[float, float]], float | None]:
+    """PTQ on the device: percentile activation ranges from the calibration batches and, with
+    ``report_sensitivity``, the local accuracy lost to quantization on those same batches (the
+    FP32 accuracy comes free with the calibration pass; the weight-scale search and one
+    quantized pass are what the measurement adds)."""
+    reset_act_ranges(model)
+    set_mode(model, "observe")
+    acc_fp = _accuracy(model, calib)
+    work["calib"] = [len(yb) for _, yb in calib]
+    ranges = get_act_ranges(model)
+    if not report_sensitivity:
+        return ranges, None
+    prepare_deploy(model, ranges)
+    work["wsearch"] = [0]
+    work["fwd"] = [len(yb) for _, yb in calib]
+    return ranges, acc_fp - _accuracy(model, calib)
 
 
 def train_client(model: nn.Module, cid: int, x: torch.Tensor, y: torch.Tensor, global_state: dict[str, torch.Tensor],
@@ -100,35 +144,32 @@ def train_client(model: nn.Module, cid: int, x: torch.Tensor, y: torch.Tensor, g
     gen = torch.Generator().manual_seed(spec.seed)
     load_model_state(model, global_state)
     model.zero_grad(set_to_none=True)
-    forward_batches: list[int] = []
     quant_loss = None
+    work: dict[str, list[int]] = {}
 
     steps = None
     if spec.strategy == "qat":
-        set_weight_steps(model, global_steps or {})  # warm start LSQ: global steps, else MSE of global weights
+        if not global_steps:
+            work["wsearch"] = [0]                    # LSQ warm start: MSE scales of the global weights
+        set_weight_steps(model, global_steps or {})
         if global_ranges:
             set_act_ranges(model, global_ranges)     # warm start EMA ranges
         else:
             reset_act_ranges(model)
         set_mode(model, "qat")
-        batches, loss = _sgd_epochs(model, x, y, spec, gen)
+        work["qat"], loss = _sgd_epochs(model, x, y, spec, gen)
         ranges = get_act_ranges(model)
         steps = get_weight_steps(model)
     else:
         set_mode(model, "fp")
-        batches, loss = _sgd_epochs(model, x, y, spec, gen)
+        work["fp32"], loss = _sgd_epochs(model, x, y, spec, gen)
         ranges = {}
         if spec.strategy == "ptq":
+            # calibration never reaches beyond the shard
             perm = torch.randperm(len(y), generator=gen)[: spec.calib_batches * spec.batch_size].to(device)
             calib = [(x[perm[i:i + spec.batch_size]], y[perm[i:i + spec.batch_size]])
                      for i in range(0, len(perm), spec.batch_size)]
-            reset_act_ranges(model)
-            set_mode(model, "observe")
-            acc_fp = _accuracy(model, calib)         # FP32 accuracy while observing ranges
-            ranges = get_act_ranges(model)
-            prepare_deploy(model, ranges)
-            quant_loss = acc_fp - _accuracy(model, calib)
-            forward_batches = [len(yb) for _, yb in calib] * 2
+            ranges, quant_loss = calibrate(model, calib, spec.report_sensitivity, work)
     set_mode(model, "fp")
     local = {k: v.detach() for k, v in model_state(model).items()}
     if spec.fedfq is not None:
@@ -137,5 +178,6 @@ def train_client(model: nn.Module, cid: int, x: torch.Tensor, y: torch.Tensor, g
         deltas = {k: local[k].cpu() - global_state[k].cpu() for k in local if local[k].is_floating_point()}
         spec.upload_bits = fedfq_bits(deltas, spec.fedfq[0], spec.fedfq[1], spec.seed)
     payload = pack_update(local, global_state, spec.upload_bits, gen, ranges, n_samples=len(y), weight_steps=steps)
-    return ClientResult(cid, spec.strategy, payload, len(y), batches, forward_batches, loss, quant_loss,
-                        time.perf_counter() - t0)
+    bits = spec.upload_bits
+    work["pack"] = [bits if isinstance(bits, int) else round(sum(bits.values()) / max(1, len(bits)))]
+    return ClientResult(cid, spec.strategy, payload, len(y), work, loss, quant_loss, time.perf_counter() - t0)

@@ -92,9 +92,11 @@ class ExperimentConfig:
     jitter_sigma: float = 0.15       # [design] log-normal sigma of per-round time jitter
     throttle_prob: float = 0.2       # [design] share of clients throttled beyond their spec sheet
     throttle_factor: float = 2.5     # [design] slowdown of a throttled client
+    report_sensitivity: bool = True  # [design] PTQ clients measure (and are billed for) their local quantization loss
+    profile_file: str | None = None  # opt-in host-calibrated coefficients (fedhq devices --validate --write-profile)
+    # host validation only (fedhq devices --validate); the clock never uses host timings
     profile_batch_sizes: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
-    profile_reps: int = 3
-    profile_cache: bool = True       # reuse this host's measured profile from <state_dir>/profiles
+    profile_reps: int = 5
     # --- execution ----------------------------------------------------------------------
     seed: int = 0
     device: str = "auto"             # auto | cpu | cuda
@@ -239,6 +241,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(len(cfg.profile_batch_sizes) >= 2 and all(b >= 1 for b in cfg.profile_batch_sizes),
            "profile_batch_sizes", "needs at least two positive batch sizes")
     _check(cfg.profile_reps >= 1, "profile_reps", "must be >= 1")
+    _check(cfg.profile_file is None or Path(cfg.profile_file).is_file(), "profile_file",
+           f"file not found: {cfg.profile_file}")
     _check(cfg.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
     _check(cfg.max_concurrency >= 0, "max_concurrency", "must be >= 0")
     _check(cfg.clients_per_task >= 0, "clients_per_task", "must be >= 0")

@@ -8,11 +8,9 @@ and no MLflow.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
-import platform
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,17 +24,20 @@ from torch import nn
 from .allocation import Allocation, RoundFeedback, build_allocator
 from .client import ClientResult, TrainSpec, train_client
 from .config import ExperimentConfig
-from .checkpoint import write_atomic
 from .errors import ConfigError, TooFewClients
 from .data import Dataset, Split, load_dataset, partition
-from .hardware import (Fleet, Measurement, RooflineModel, SimulatedClock, StepCounts, count_step,
-                       measure_host_peaks, measure_step_times, predict_compute)
+from .hardware import Fleet, RooflineModel, SimulatedClock, TraceBook, predict_compute
+from .hardware.speed_model import load_profile
 from .quant import integer_weights, load_model_state, model_state, prepare_deploy, set_mode
 from .quant.payload import packed_layout
 from .server import average_steps, average_ranges, calibrate_on_server, evaluate_global, fedavg
 from .wire import RejectedUpdate, decode_upload
 from .worker import (ClientJob, ModelSpec, RoundInputs, Upload, borrow_model, draw_fault, expected_upload_limit,
                      run_jobs)
+
+
+_BOOKS: dict[tuple, TraceBook] = {}
+_BOOKS_LOCK = threading.Lock()
 
 
 def _batches(n: int, b: int) -> list[int]:
@@ -136,6 +137,18 @@ class RoundRecord:
         return out
 
 
+def sim_breakdown(records: Iterable[RoundRecord]) -> dict[str, float]:
+    """The run's simulated time split by what the critical client of each round spent it on:
+    step kinds (``client.STEP_KINDS``), upload, server and failed attempts."""
+    out: dict[str, float] = {}
+    for r in records:
+        for k, v in r.extra.items():
+            if k.startswith("sim_") and k.endswith("_s") and k not in ("sim_round_s", "sim_time_s"):
+                name = k[4:-2]
+                out[name] = out.get(name, 0.0) + float(v)
+    return out
+
+
 def reject_counts(rejected_maps: Iterable[dict[int, str]]) -> dict[str, int]:
     """How many client updates were rejected, by reason, over several client -> "reason: detail" maps."""
     out: dict[str, int] = {}
@@ -217,47 +230,52 @@ class Simulation:
         return self.model_spec.build(self.device)
 
     # --- hardware -----------------------------------------------------------------------
+    def trace_book(self) -> TraceBook:
+        """Op traces of this run's model (shared per model shape within the process)."""
+        spec = self.model_spec
+        key = (spec, )
+        with _BOOKS_LOCK:
+            if key not in _BOOKS:
+                _BOOKS[key] = TraceBook(lambda: spec.build(torch.device("cpu")), tuple(self.in_shape), self.num_classes)
+            return _BOOKS[key]
+
     def profile(self, speed: RooflineModel | None = None) -> RooflineModel:
-        """Count and measure host steps, fit the roofline model, start the simulated clock."""
+        """Start the simulated clock: every client's work is priced from op traces of the steps
+        it runs and the catalog's constants (never from this host's timings), so the same config
+        and seed give the same simulated times on any machine. A profile file (opt-in) replaces
+        catalog coefficients with host-calibrated ones; they are stored with the run."""
         if speed is None:
-            bs = sorted(set(self.cfg.profile_batch_sizes))
-            cache = self._profile_cache_path(bs)
-            if self.cfg.profile_cache and cache.is_file():
-                data = json.loads(cache.read_text())
-                counts = {k: StepCounts(**v) for k, v in data["counts"].items()}
-                ms = [Measurement(**m) for m in data["measurements"]]
-                peak, bw = data["host_peak"], data["host_bw"]
-            else:
-                model = self.new_model()
-                counts = {m: count_step(model, self.in_shape, self.num_classes, m, self.device)
-                          for m in ("fp32", "qat", "fwd")}
-                ms = measure_step_times(model, self.in_shape, self.num_classes, bs, self.cfg.profile_reps,
-                                        self.device)
-                peak, bw = measure_host_peaks(self.device)
-                if self.cfg.profile_cache:
-                    write_atomic(cache, json.dumps({"counts": {k: vars(v) for k, v in counts.items()},
-                                                    "measurements": [vars(m) for m in ms],
-                                                    "host_peak": peak, "host_bw": bw}).encode())
-            speed = RooflineModel.fit(counts, ms, peak, bw, holdout_batch=bs[-2] if len(bs) > 2 else None)
+            overrides = {}
+            if self.cfg.profile_file:
+                overrides = load_profile(self.cfg.profile_file)
+            speed = RooflineModel(self.trace_book(), overrides)
         self.speed = speed
         self.clock = SimulatedClock(self.fleet, speed)
         return speed
-
-    def _profile_cache_path(self, batch_sizes: list[int]) -> Path:
-        """One profile per host, model shape, torch build, thread count and profiling grid."""
-        key = json.dumps([self.cfg.model, list(self.in_shape), self.num_classes, torch.__version__,
-                          platform.processor() or platform.machine(), cpu_model(), torch.get_num_threads(),
-                          str(self.device), batch_sizes, self.cfg.profile_reps])
-        return Path(self.cfg.state_dir) / "profiles" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
 
     def steps_of(self, cid: int) -> list[int]:
         """Batch sizes of a client's local optimizer steps."""
         return _batches(len(self.shards[cid]), self.cfg.batch_size) * self.cfg.local_epochs
 
-    def calib_batches_of(self, cid: int) -> list[int]:
-        """Batch sizes of a PTQ client's forward-only passes (calibration, then quantized check)."""
-        n, b = len(self.shards[cid]), self.cfg.batch_size
-        return _batches(min(n, self.cfg.calib_batches * b), b) * 2
+    def expected_work(self, cid: int, strategy: str) -> dict[str, list[int]]:
+        """What a client will run under ``strategy`` this round (the same kinds and batch sizes
+        that ``client.train_client`` reports back)."""
+        cfg = self.cfg
+        n, b = len(self.shards[cid]), cfg.batch_size
+        bits = 32 if strategy == "fp32" else cfg.upload_bits
+        work: dict[str, list[int]] = {"pack": [bits]}
+        if strategy == "qat":
+            work["qat"] = self.steps_of(cid)
+            if not self.global_steps:
+                work["wsearch"] = [0]
+            return work
+        work["fp32"] = self.steps_of(cid)
+        if strategy == "ptq":
+            calib = _batches(min(n, cfg.calib_batches * b), b)   # never beyond the shard
+            work["calib"] = calib
+            if cfg.report_sensitivity:
+                work["wsearch"], work["fwd"] = [0], list(calib)
+        return work
 
     def predicted_times(self, cids: list[int]) -> dict[str, np.ndarray]:
         """Spec-sheet predicted local round time per client under PTQ and QAT (compute + upload)."""
@@ -266,11 +284,10 @@ class Simulation:
         out = {"ptq": [], "qat": []}
         for c in cids:
             dev = self.fleet.devices[c]
-            steps = self.steps_of(c)
             upload = up * 8.0 / dev.uplink_bps
             # the same pricing the clock applies to what clients really did (hardware.clock)
-            out["ptq"].append(predict_compute(self.speed, dev, "ptq", steps, self.calib_batches_of(c)) + upload)
-            out["qat"].append(predict_compute(self.speed, dev, "qat", steps, []) + upload)
+            for s in out:
+                out[s].append(predict_compute(self.speed, dev, self.expected_work(c, s)) + upload)
         return {k: np.asarray(v) for k, v in out.items()}
 
     # --- round verbs --------------------------------------------------------------------
@@ -296,7 +313,7 @@ class Simulation:
         if upload_bits is None or fedfq:
             upload_bits = 32 if strategy == "fp32" and not fedfq else cfg.upload_bits
         return TrainSpec(strategy, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay,
-                         upload_bits, cfg.calib_batches,
+                         upload_bits, cfg.calib_batches, cfg.report_sensitivity,
                          seed=int(np.random.default_rng([cfg.seed, 53, rnd, cid]).integers(2**62)), fedfq=fedfq)
 
     def train(self, rnd: int, cid: int, strategy: str, upload_bits: Any = None) -> ClientResult:
@@ -365,21 +382,21 @@ class Simulation:
 
     def client_times(self, rnd: int, results: list[ClientResult]) -> dict[int, Any]:
         assert self.clock is not None
-        return {r.cid: self.clock.client_time(rnd, r.cid, r.strategy, r.train_batches, r.forward_batches,
-                                              r.upload_bytes) for r in results}
+        return {r.cid: self.clock.client_time(rnd, r.cid, r.work, r.upload_bytes) for r in results}
 
     def fail_attempt(self, rnd: int, results: list[ClientResult]) -> float:
         """A round attempt with too few accepted updates: the global model stays as it is, but the
         clock still pays for the wait on the clients that did report."""
         assert self.clock is not None
-        return self.clock.advance(list(self.client_times(rnd, results).values()), 0.0)
+        return self.clock.advance(list(self.client_times(rnd, results).values()), 0.0)[0]
 
     def close_round(self, rnd: int, alloc: Allocation, alloc_s: float, results: list[ClientResult],
                     server_s: float, metrics: dict[str, float] | None, rejected: dict[int, str] | None = None,
                     attempts: int = 1, failed_s: float = 0.0) -> RoundRecord:
         assert self.clock is not None
         times = self.client_times(rnd, results)
-        round_s = self.clock.advance(list(times.values()), server_s) + failed_s
+        round_s, split = self.clock.advance(list(times.values()), server_s)
+        round_s += failed_s
         metrics = metrics if metrics is not None else (
             {k: self.records[-1].__dict__[k] for k in ("acc_q", "acc_fp32", "loss_q", "loss_fp32")}
             if self.records else {"acc_q": 0.0, "acc_fp32": 0.0, "loss_q": float("nan"), "loss_fp32": float("nan")})
@@ -387,6 +404,9 @@ class Simulation:
         self.upload_bytes_total += up
         strategies = {r.cid: r.strategy for r in results}
         extra = {k: v for k, v in alloc.info.items() if isinstance(v, (int, float))}
+        extra.update({f"sim_{k}_s": v for k, v in split.items()})
+        if failed_s:
+            extra["sim_failed_s"] = failed_s
         rec = RoundRecord(rnd, metrics["acc_q"], metrics["acc_fp32"], metrics["loss_q"], metrics["loss_fp32"],
                           float(np.mean([r.train_loss for r in results])) if results else float("nan"),
                           round_s, self.clock.now_s, time.perf_counter() - self.wall_start, up,
@@ -453,7 +473,7 @@ class Simulation:
         ranges = meta["global_ranges"]
         self.global_ranges = None if ranges is None else {k: (v[0], v[1]) for k, v in ranges.items()}
         self.records = [record_from_dict(r) for r in meta["records"]]
-        self.profile(RooflineModel.from_state(meta["speed"]))
+        self.profile(RooflineModel(self.trace_book(), dict(meta["speed"]["overrides"])))
         assert self.clock is not None
         self.clock.now_s, self.clock.history = meta["clock"]["now_s"], list(meta["clock"]["history"])
         self.allocator.load_state_dict(meta["allocator"])
@@ -482,6 +502,7 @@ class Simulation:
             "qat_share": float(np.mean([r.n_qat / max(1, r.n_qat + r.n_ptq + r.n_fp32) for r in self.records]))
             if self.records else 0.0,
             "speed_model": self.speed.summary() if self.speed else None,
+            "sim_breakdown_s": sim_breakdown(self.records),
             "rejected": {"total": sum(len(r.rejected) for r in self.records),
                          "by_reason": reject_counts(r.rejected for r in self.records),
                          "retried_rounds": sum(r.attempts > 1 for r in self.records)},

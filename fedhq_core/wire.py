@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .client import ClientResult
+from .client import STEP_KINDS, ClientResult
 from .config import UPLOAD_BITS
 from .quant.payload import PackedTensor, Payload, dequantize_tensor, packed_layout
 
@@ -44,8 +44,7 @@ class RejectedUpdate(ValueError):
 def to_wire(r: ClientResult) -> dict[str, Any]:
     """The plain-tensor form of a result; :func:`save_wire` turns it into the upload's bytes."""
     p = r.payload
-    meta = {"cid": r.cid, "strategy": r.strategy, "n_samples": r.n_samples, "train_batches": r.train_batches,
-            "forward_batches": r.forward_batches, "train_loss": r.train_loss, "quant_loss": r.quant_loss,
+    meta = {"cid": r.cid, "strategy": r.strategy, "n_samples": r.n_samples, "work": r.work, "train_loss": r.train_loss, "quant_loss": r.quant_loss,
             "wall_s": r.wall_s, "act_ranges": {k: list(v) for k, v in p.act_ranges.items()},
             "tensors": {k: {"shape": list(t.shape), "bits": t.bits} for k, t in p.tensors.items()}}
     return {"meta": json.dumps(meta),
@@ -121,7 +120,11 @@ def _decode(blob: bytes, expected: dict[str, tuple[int, ...]], max_bytes: int, m
     n_samples = meta.get("n_samples")
     if not isinstance(n_samples, int) or not 1 <= n_samples <= max_samples:
         raise RejectedUpdate("n_samples", f"{n_samples!r} not in 1..{max_samples}")
+    work = meta.get("work")
+    if not isinstance(work, dict) or not set(work) <= set(STEP_KINDS) or not all(
+            isinstance(v, list) and all(isinstance(b, int) and b >= 0 for b in v) for v in work.values()):
+        raise TypeError("work: expected {step kind: [batch sizes]}")   # -> decode: malformed upload
     payload = Payload(tensors, ranges, n_samples, weight_steps)
     return ClientResult(int(meta["cid"]), str(meta["strategy"]), payload, n_samples,
-                        [int(b) for b in meta["train_batches"]], [int(b) for b in meta["forward_batches"]],
+                        {k: list(v) for k, v in work.items()},
                         float(meta["train_loss"]), meta["quant_loss"], float(meta["wall_s"]))

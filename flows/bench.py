@@ -64,6 +64,9 @@ def summarize(per_seed: dict[int, dict[str, dict[str, Any]]], target: float | No
             entry[m] = mean
             if len(seeds) > 1:
                 entry[f"{m}_std"] = std
+        parts = sorted({k for s in seeds for k in per_seed[s][name].get("sim_breakdown_s", {})})
+        entry["sim_breakdown_s"] = {k: mean_std(per_seed[s][name].get("sim_breakdown_s", {}).get(k, 0.0)
+                                                for s in seeds)[0] for k in parts}
         entry["curve"] = per_seed[seeds[0]][name]["curve"]
         entry["run_id"] = per_seed[seeds[0]][name].get("run_id")
         strategies[name] = entry
@@ -164,3 +167,14 @@ def bench_table(out: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
                      fmt(e["total_sim_s"]), fmt(e["wall_s"], 1), fmt(e["upload_bytes"] / 1e6, 2),
                      fmt(e["qat_share"], 2), fmt(e["alloc_overhead_s"])])
     return headers, rows
+
+
+BREAKDOWN_PARTS = ("fp32", "qat", "calib", "wsearch", "fwd", "pack", "upload", "server", "failed")
+
+
+def breakdown_table(out: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Each strategy's simulated time split by what the critical client of each round spent it on."""
+    parts = [p for p in BREAKDOWN_PARTS if any(p in e.get("sim_breakdown_s", {}) for e in out["strategies"].values())]
+    rows = [[name] + [round(e.get("sim_breakdown_s", {}).get(p, 0.0), 2) for p in parts] + [round(e["total_sim_s"], 2)]
+            for name, e in out["strategies"].items()]
+    return ["strategy"] + [f"{p}_s" for p in parts] + ["total_sim_s"], rows

@@ -31,7 +31,7 @@ class _Stop(Exception):
 def check(device: str, state_dir: str) -> dict:
     cfg = ExperimentConfig(clients=10, rounds=4, fraction=0.6, local_epochs=1, strategy="fedhq",
                            significance="none", adjust_every=1, fault_rate=0.2, device=device, tracking=False,
-                           profile_batch_sizes=[8, 16, 32], profile_reps=2, state_dir=state_dir, max_concurrency=2)
+                           state_dir=state_dir, max_concurrency=2)
     t0 = time.perf_counter()
     ref = run(cfg, checkpoints=Checkpoints(f"{state_dir}/runs/ref"))
     wall = time.perf_counter() - t0

@@ -58,6 +58,7 @@ CONFIG_FLAGS: list[tuple[str, str, Callable | None, str]] = [
     ("--tracking-uri", "tracking_uri", str, "MLflow tracking URI (default from mlflow.yaml: sqlite:///mlflow.db)"),
     ("--experiment", "experiment", str, "MLflow experiment name (default from mlflow.yaml)"),
     ("--state-dir", "state_dir", str, "folder for caches and Prefect's home (default .fedhq)"),
+    ("--profile", "profile_file", str, "opt-in host-calibrated clock coefficients (fedhq devices --write-profile)"),
 ]
 
 
@@ -105,7 +106,7 @@ def _json_default(o: Any) -> Any:
 
 
 def format_table(headers: list[str], rows: list[list[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r] for r in rows]
+    cells = [[str(h) for h in headers]] + [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
@@ -169,7 +170,7 @@ def _csv(kind):
 
 def cmd_bench(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    from flows.bench import ALL_STRATEGIES, bench_table, run_bench
+    from flows.bench import ALL_STRATEGIES, bench_table, breakdown_table, run_bench
 
     strategies = args.strategies or list(ALL_STRATEGIES)
     for s in strategies:
@@ -182,6 +183,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     headers, rows = bench_table(out)
     print(f"target accuracy for TTA: {out['target']:.4f}   seeds: {seeds}")
     print(format_table(headers, rows))
+    print("\nsimulated time by step kind (critical client of each round):")
+    print(format_table(*breakdown_table(out)))
     for k in ("speedup_tta_vs", "acc_gain_vs_all_ptq", "gap_recovered_vs_all_ptq", "sim_time_vs_all_ptq"):
         if k in out:
             print(f"{k}: {json.dumps(out[k], default=_json_default)}")
@@ -206,6 +209,30 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, r)
     return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from flows.devices import INPUTS, devices_report, print_report, profile_overrides, validation_passed
+
+    overrides = {"model": args.model} if args.model else {}
+    cfg = load_config(None, overrides)
+    if args.input not in INPUTS:
+        raise ConfigError(f"input: unknown input {args.input!r} (choose from {', '.join(INPUTS)})")
+    if args.batch_size < 1 or args.reps < 1:
+        raise ConfigError("batch_size: must be >= 1" if args.batch_size < 1 else "reps: must be >= 1")
+    if args.write_profile and not args.validate:
+        raise ConfigError("write_profile: needs --validate (the profile holds this host's fitted coefficients)")
+    try:
+        r = devices_report(cfg, args.input, args.batch_size, args.validate, args.reps)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    print_report(r, format_table)
+    if args.json:
+        write_json(args.json, r)
+    if args.write_profile:
+        write_json(args.write_profile, profile_overrides(r))
+        print(f"host-calibrated profile written to {args.write_profile} (use: fedhq run --profile {args.write_profile})")
+    return 0 if validation_passed(r) else 1
 
 
 def _registry_client(args: argparse.Namespace):
@@ -315,6 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--tune-cron", default="0 3 * * 0", help="cron of weekly-tune (default 0 3 * * 0)")
     sv.add_argument("--refit-cron", default="0 4 * * 1", help="cron of refit-models (default 0 4 * * 1)")
     sv.set_defaults(func=cmd_serve)
+    dv = sub.add_parser("devices", help="predicted step times of every catalog device; --validate checks the "
+                                        "per-op model on this host (exit 1 if QAT/FP32 misses by > 20%%)")
+    dv.add_argument("--model", choices=MODELS, help="cnn (default) or resnet18")
+    dv.add_argument("--input", default="cifar10", help="input shape of this dataset: digits, cifar10, cifar100, svhn "
+                                                       "(default cifar10)")
+    dv.add_argument("--batch-size", type=int, default=32, help="batch size of the table; the held-out batch size "
+                                                              "with --validate (default 32)")
+    dv.add_argument("--validate", action="store_true", help="time every step kind on this host and compare")
+    dv.add_argument("--reps", type=int, default=7, help="interleaved timing reps with --validate (default 7)")
+    dv.add_argument("--json", metavar="FILE", help="write the tables as JSON")
+    dv.add_argument("--write-profile", metavar="FILE", help="with --validate: write the host's fitted "
+                                                            "coefficients for fedhq run --profile FILE")
+    dv.set_defaults(func=cmd_devices)
     m = sub.add_parser("models", help="registered model versions with their tags and aliases")
     m.add_argument("--name", help="one registered model (default: global, cost and significance models)")
     m.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow tracking URI (default from mlflow.yaml)")

@@ -93,9 +93,7 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
     elif tracker:
         tracker.start(run_name or f"{cfg.strategy}-{sim.dataset_name}-s{cfg.seed}", cfg.to_dict(),
                       tags={"strategy": cfg.strategy, "dataset": sim.dataset_name}, parent_run_id=parent_run_id)
-        tracker.log_metrics({f"speed_{k}": v for k, v in sim.speed.summary().items()}, step=0)
-        tracker.log_dict({"counts": {k: vars(v) for k, v in sim.speed.counts.items()},
-                          "holdout": sim.speed.holdout, **sim.speed.summary()}, "speed_model.json")
+        tracker.log_dict(sim.speed.describe(cfg.batch_size), "speed_model.json")
     run_id = tracker.run_id if tracker else None
     sim.run_id = run_id or sim.run_id or f"local-{uuid.uuid4().hex[:12]}"
     ckpts = (Checkpoints(runs_root(cfg.state_dir) / sim.run_id, cfg.checkpoint_keep, log_checkpoint(tracker, cfg))

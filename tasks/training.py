@@ -22,7 +22,7 @@ OPTS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
 
 @task(name="profile-hardware", **OPTS)
 def profile_hardware(sim: Simulation, speed: RooflineModel | None = None) -> RooflineModel:
-    """Count and time host steps per strategy and batch size; fit the roofline model."""
+    """Start the simulated clock: op traces of every step kind, priced with the device catalog."""
     return sim.profile(speed)
 
 

@@ -1,9 +1,10 @@
-"""Device catalog, host profiling, the roofline speed model and the simulated clock."""
+"""Device catalog, op traces, the per-op roofline speed model and the simulated clock."""
 from .catalog import DEVICES, DeviceClass
 
 _LAZY = {"ClientTime": "clock", "Fleet": "clock", "SimulatedClock": "clock", "predict_compute": "clock",
-         "Measurement": "profile", "StepCounts": "profile", "count_step": "profile",
-         "measure_host_peaks": "profile", "measure_step_times": "profile", "RooflineModel": "speed_model"}
+         "TraceBook": "profile", "measure_kinds": "profile", "measure_host_peaks": "profile",
+         "step_runner": "profile", "RooflineModel": "speed_model", "price_trace": "speed_model",
+         "fit_host": "speed_model", "OpTracer": "trace", "StepTrace": "trace"}
 
 
 def __getattr__(name: str):  # keep `import fedhq_core.hardware.catalog` free of torch

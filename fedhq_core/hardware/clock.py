@@ -4,7 +4,8 @@ Each client gets a device class (drawn from the fleet's shares) and, with probab
 ``throttle_prob``, a hidden slowdown the spec sheet does not show (thermal throttling,
 background load). A client's simulated time in a round is
 
-    predicted compute (roofline on its device) x log-normal jitter x hidden slowdown
+    predicted compute (per-op roofline of everything it ran, on its device) x log-normal jitter
+    x hidden slowdown
     + upload bytes / uplink bandwidth
 
 and a round lasts as long as its slowest sampled client plus the server's measured time.
@@ -58,17 +59,17 @@ class ClientTime:
     compute_s: float       # spec-sheet prediction
     observed_s: float      # what the simulated device actually took (jitter, hidden slowdown)
     upload_s: float
+    by_kind: dict[str, float] = field(default_factory=dict)   # observed seconds per step kind
 
     @property
     def total_s(self) -> float:
         return self.observed_s + self.upload_s
 
 
-def predict_compute(speed: RooflineModel, device: DeviceClass, strategy: str, train_batches: list[int],
-                    forward_batches: list[int]) -> float:
-    """Spec-sheet compute time of a local round (training steps + forward-only passes)."""
-    mode = "qat" if strategy == "qat" else "fp32"
-    return speed.steps_time(mode, train_batches, device) + speed.steps_time("fwd", forward_batches, device)
+def predict_compute(speed: RooflineModel, device: DeviceClass, work: dict[str, list[int]]) -> float:
+    """Spec-sheet compute time of a local round: every step kind the client ran, priced from its
+    op trace on ``device`` (``speed_model``)."""
+    return speed.work_time(work, device)
 
 
 @dataclass
@@ -78,16 +79,21 @@ class SimulatedClock:
     now_s: float = 0.0
     history: list[float] = field(default_factory=list)
 
-    def client_time(self, rnd: int, cid: int, strategy: str, train_batches: list[int], forward_batches: list[int],
-                    upload_bytes: int) -> ClientTime:
+    def client_time(self, rnd: int, cid: int, work: dict[str, list[int]], upload_bytes: int) -> ClientTime:
         dev = self.fleet.devices[cid]
-        compute = predict_compute(self.speed, dev, strategy, train_batches, forward_batches)
-        observed = compute * self.fleet.jitter(rnd, cid) * float(self.fleet.slowdown[cid])
-        return ClientTime(compute, observed, upload_bytes * 8.0 / dev.uplink_bps)
+        kinds = self.speed.work_breakdown(work, dev)
+        compute = float(sum(kinds.values()))
+        factor = self.fleet.jitter(rnd, cid) * float(self.fleet.slowdown[cid])
+        return ClientTime(compute, compute * factor, upload_bytes * 8.0 / dev.uplink_bps,
+                          {k: v * factor for k, v in kinds.items()})
 
-    def advance(self, client_times: list[ClientTime], server_s: float) -> float:
-        """Close a round: its length is the slowest client plus the server's time."""
-        length = max((c.total_s for c in client_times), default=0.0) + server_s
+    def advance(self, client_times: list[ClientTime], server_s: float) -> tuple[float, dict[str, float]]:
+        """Close a round: its length is the slowest client plus the server's time. Also returns
+        that length split by what the slowest client spent it on (step kinds, upload, server)."""
+        slowest = max(client_times, key=lambda c: c.total_s, default=None)
+        length = (slowest.total_s if slowest else 0.0) + server_s
+        split = dict(slowest.by_kind, upload=slowest.upload_s) if slowest else {}
+        split["server"] = server_s
         self.now_s += length
         self.history.append(length)
-        return length
+        return length, split

@@ -1,50 +1,122 @@
-"""Host profiling: count what a step does (FLOPs, bytes) and measure how long it takes.
+"""Step kinds a client runs, traced op by op and timed on this host.
 
-* FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on a real step.
-* Bytes are counted from the tensors a step reads and writes: parameters ``P``, activations
-  ``A`` (outputs of every leaf module, from forward hooks) and, for QAT, the quantized layers'
-  weights ``Pq`` and inputs ``Aq`` over which fake-quant makes its extra element-wise passes.
-* Host peak FLOP/s and memory bandwidth are *measured* (a matmul and a large copy), so the
-  roofline fit's efficiencies are relative to what this host really does.
+:func:`step_runner` prepares a model for one step kind and returns the very function the client
+runs for it (``client.train_step``, ``client.correct_count``, the weight-scale search,
+``quant.pack_update``), so what is traced and timed is what clients execute.
+
+* :class:`TraceBook` traces each kind on the CPU (deterministic: counts depend on shapes only)
+  and caches the traces; train and forward steps are traced at two batch sizes and extrapolated
+  linearly, calibration at the batch sizes actually used (its quantile subsample is not linear).
+* :func:`measure_kinds` times every kind at several batch sizes with the reps *interleaved*
+  (kind after kind inside each rep), so load drift on the host hits every kind alike, and keeps
+  every rep so that ratios can be taken pair by pair.
+* :func:`measure_host_peaks` measures this host's matmul FLOP/s and copy bandwidth, the peaks
+  against which the host's efficiencies are fitted (``speed_model.fit_host``).
 """
 from __future__ import annotations
 
-import statistics
+import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from ..quant import QConv2d, QLinear, init_weight_steps, reset_act_ranges, set_mode
+from .trace import LinearTrace, StepTrace, trace
 
-MODES = ("fp32", "qat", "fwd")   # FP32 train step, QAT train step, forward-only pass (calibration)
+# fp32/qat: train steps; fwd: forward-only evaluation (deployed, quantized); calib: PTQ
+# calibration forward (percentile observers); wsearch: PTQ/LSQ weight-scale search; pack: upload.
+KINDS = ("fp32", "qat", "fwd", "calib", "wsearch", "pack")
+LINEAR_KINDS = ("fp32", "qat", "fwd")
+BATCH_FREE_KINDS = ("wsearch", "pack")
+_LINEAR_POINTS = (2, 4)
+
+
+def step_runner(model: nn.Module, kind: str, batch: int, in_shape: tuple[int, ...], num_classes: int,
+                upload_bits: int = 8, seed: int = 0) -> Callable[[], object]:
+    """Prepare ``model`` for ``kind`` in its steady state (one warm-up step run) and return the
+    client's own function for one more step. For ``pack``, ``batch`` is ignored and
+    ``upload_bits`` is the width packed."""
+    from ..client import TrainSpec, correct_count, make_optimizer, train_step
+    from ..quant import (get_act_ranges, init_weight_steps, model_state, pack_update, prepare_deploy,
+                         reset_act_ranges, set_mode)
+
+    g = torch.Generator().manual_seed(seed)
+    b = max(1, batch)
+    x = torch.randn(b, *in_shape, generator=g)
+    y = torch.randint(0, num_classes, (b,), generator=g)
+    idx = torch.arange(b)
+    if kind in ("fp32", "qat"):
+        if kind == "qat":
+            init_weight_steps(model)
+            reset_act_ranges(model)
+        set_mode(model, kind if kind == "qat" else "fp")
+        model.train()
+        opt = make_optimizer(model, TrainSpec(kind, 1, b, lr=0.0))
+        fn: Callable[[], object] = lambda: train_step(model, opt, x, y, idx)  # noqa: E731
+    elif kind in ("fwd", "calib"):
+        model.eval()
+        reset_act_ranges(model)
+        set_mode(model, "observe")
+        correct_count(model, x, y)
+        if kind == "fwd":
+            prepare_deploy(model, get_act_ranges(model))
+        fn = lambda: correct_count(model, x, y)  # noqa: E731
+    elif kind == "wsearch":
+        fn = lambda: init_weight_steps(model)  # noqa: E731
+    elif kind == "pack":
+        set_mode(model, "fp")
+        local = {k: v.detach() for k, v in model_state(model).items()}
+        glob = {k: v.clone() for k, v in local.items()}
+        fn = lambda: pack_update(local, glob, upload_bits, g, {}, n_samples=b)  # noqa: E731
+    else:
+        raise ValueError(f"kind: unknown step kind {kind!r}")
+    fn()
+    return fn
+
+
+class TraceBook:
+    """Op traces of every step kind for one model shape, built on demand on the CPU and cached."""
+
+    def __init__(self, build: Callable[[], nn.Module], in_shape: tuple[int, ...], num_classes: int):
+        self._build = build
+        self.in_shape = tuple(in_shape)
+        self.num_classes = num_classes
+        self._linear: dict[str, LinearTrace] = {}
+        self._exact: dict[tuple[str, int], StepTrace] = {}
+        self._lock = threading.Lock()
+
+    def _trace(self, kind: str, batch: int, bits: int = 8) -> StepTrace:
+        model = self._build()      # a fresh CPU model per trace: nothing carries over between kinds
+        fn = step_runner(model, kind, batch, self.in_shape, self.num_classes, upload_bits=bits)
+        return trace(kind, batch, fn)
+
+    def get(self, kind: str, batch: int) -> StepTrace:
+        """The trace of one ``kind`` step at ``batch`` (for ``pack``: ``batch`` = upload bits)."""
+        with self._lock:
+            if kind in LINEAR_KINDS:
+                if kind not in self._linear:
+                    lo, hi = (self._trace(kind, b) for b in _LINEAR_POINTS)
+                    self._linear[kind] = LinearTrace.fit(lo, hi)
+                return self._linear[kind].at(batch)
+            key = (kind, 0 if kind == "wsearch" else batch)
+            if key not in self._exact:
+                self._exact[key] = (self._trace(kind, 0, bits=batch) if kind == "pack"
+                                    else self._trace(kind, key[1]))
+            return self._exact[key]
 
 
 @dataclass
-class StepCounts:
-    """Per-sample and fixed counts, so a step of batch ``b`` costs ``flops_per_sample * b`` FLOPs
-    and ``bytes_fixed + bytes_per_sample * b`` bytes."""
+class Timing:
+    kind: str
+    batch: int
+    reps: list[float]          # seconds, one per interleaved rep
 
-    mode: str
-    flops_per_sample: float
-    bytes_fixed: float
-    bytes_per_sample: float
-
-    def flops(self, b: float) -> float:
-        return self.flops_per_sample * b
-
-    def bytes(self, b: float) -> float:
-        return self.bytes_fixed + self.bytes_per_sample * b
-
-
-@dataclass
-class Measurement:
-    mode: str
-    batch_size: int
-    seconds: float
+    @property
+    def seconds(self) -> float:
+        s = sorted(self.reps)
+        return s[len(s) // 2]
 
 
 def _sync(device: torch.device) -> None:
@@ -52,94 +124,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str, opt: torch.optim.Optimizer | None) -> None:
-    if mode == "fwd":
-        with torch.no_grad():
-            model(x)
-        return
-    loss = F.cross_entropy(model(x), y)
-    assert opt is not None
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-
-
-def _prepare(model: nn.Module, mode: str) -> None:
-    if mode == "qat":
-        init_weight_steps(model)
-        reset_act_ranges(model)
-        set_mode(model, "qat")
-        model.train()
-    else:
-        set_mode(model, "fp")
-        model.train(mode != "fwd")
-
-
-def count_step(model: nn.Module, in_shape: tuple[int, ...], num_classes: int, mode: str,
-               device: torch.device) -> StepCounts:
-    """Count FLOPs and bytes of one step in ``mode`` (linear in batch size: fitted from b=2, 4)."""
-    counts = []
-    for b in (2, 4):
-        x = torch.randn(b, *in_shape, device=device)
-        y = torch.randint(0, num_classes, (b,), device=device)
-        _prepare(model, mode)
-        act = {"A": 0, "Aq": 0}
-
-        def hook(mod, inp, out):
-            if isinstance(out, torch.Tensor):
-                act["A"] += out.numel()
-            if isinstance(mod, (QConv2d, QLinear)):
-                act["Aq"] += inp[0].numel()
-
-        leaves = [m for m in model.modules() if not list(m.children())]
-        handles = [m.register_forward_hook(hook) for m in leaves]
-        opt = None if mode == "fwd" else torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
-        try:
-            with FlopCounterMode(display=False) as fc:
-                _step(model, x, y, mode, opt)
-        finally:
-            for h in handles:
-                h.remove()
-        p = sum(v.numel() for k, v in model.named_parameters() if ".wq." not in k)
-        pq = sum(m.weight.numel() for m in model.modules() if isinstance(m, (QConv2d, QLinear)))
-        a, aq = act["A"], act["Aq"]
-        if mode == "fwd":
-            elems = p + a                                   # read weights, write activations
-        else:
-            elems = 8 * p + 3 * a                           # fwd + bwd + SGD-momentum update
-            if mode == "qat":
-                elems += 6 * pq + 5 * aq                    # fake-quant passes (fwd, bwd, observer)
-        counts.append((b, float(fc.get_total_flops()), 4.0 * elems))
-    (b1, f1, by1), (b2, f2, by2) = counts
-    per_sample = (by2 - by1) / (b2 - b1)
-    set_mode(model, "fp")
-    return StepCounts(mode, f2 / b2, by1 - per_sample * b1, per_sample)
-
-
-def measure_step_times(model: nn.Module, in_shape: tuple[int, ...], num_classes: int, batch_sizes: list[int],
-                       reps: int, device: torch.device, modes: tuple[str, ...] = MODES) -> list[Measurement]:
-    """Median wall time of real steps for every mode and batch size (after one warm-up step)."""
-    out = []
-    for mode in modes:
-        for b in batch_sizes:
-            x = torch.randn(b, *in_shape, device=device)
-            y = torch.randint(0, num_classes, (b,), device=device)
-            _prepare(model, mode)
-            opt = None if mode == "fwd" else torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
-            _step(model, x, y, mode, opt)
-            times = []
-            for _ in range(reps):
-                _sync(device)
-                t0 = time.perf_counter()
-                _step(model, x, y, mode, opt)
-                _sync(device)
-                times.append(time.perf_counter() - t0)
-            out.append(Measurement(mode, b, statistics.median(times)))
-    set_mode(model, "fp")
+def measure_kinds(build: Callable[[], nn.Module], in_shape: tuple[int, ...], num_classes: int,
+                  kinds: tuple[str, ...], batches: list[int], reps: int,
+                  device: torch.device = torch.device("cpu")) -> dict[tuple[str, int], Timing]:
+    """Wall time of every (kind, batch), reps interleaved across kinds and batch sizes.
+    Batch-free kinds are timed once per rep (key batch 0; ``pack`` at 8 bits)."""
+    runners: dict[tuple[str, int], Callable[[], object]] = {}
+    for kind in kinds:
+        for b in ([0] if kind in BATCH_FREE_KINDS else batches):
+            model = build().to(device)
+            runners[(kind, b)] = step_runner(model, kind, b, in_shape, num_classes)
+    out = {k: Timing(k[0], k[1], []) for k in runners}
+    for _ in range(reps):
+        for key, fn in runners.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            out[key].reps.append(time.perf_counter() - t0)
     return out
 
 
-def measure_host_peaks(device: torch.device, n: int = 512, copy_mb: int = 64) -> tuple[float, float]:
+def measure_host_peaks(device: torch.device = torch.device("cpu"), n: int = 512,
+                       copy_mb: int = 64) -> tuple[float, float]:
     """Measured peak FP32 FLOP/s (square matmul) and memory bandwidth (large copy) of this host."""
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)

@@ -1,105 +1,147 @@
-"""Roofline speed model, fitted to the host's measured step times.
+"""Per-op roofline with issue latency: what every step a client runs costs on a device.
 
-    t_step(S, b, d) = FLOPs_S(b) / (eta_c * peak_d) + bytes_S(b) / (eta_m * bw_d) + c
+For one traced step (``trace.StepTrace``) on device ``d``::
 
-FLOPs and bytes are counted (``profile.count_step``); ``eta_c``, ``eta_m`` and ``c`` are fitted
-by non-negative least squares to the host's measured times over several batch sizes and all
-strategies, against the host's *measured* peak FLOP/s and bandwidth. The same efficiencies are
-then applied to every device class's published peaks to predict its step times.
+    op time      = max(F_op / (eta_c * peak_d), B_op / (eta_m * bw_d))
+    issue time   = lam_py (op issued from Python) or lam_eng (issued by the autograd engine)
+    cpu executor : t = sum(op time) + sum(issue time)
+    gpu executor : the CPU issues ops asynchronously; each stretch between device syncs
+                   (``_local_scalar_dense``) costs max(sum issue, sum op time); a sync ends its
+                   stretch.
+
+The catalog's constants price every catalog device (deterministic). The host's own
+coefficients are *fitted* (:func:`fit_host`) only to validate the model's form; the clock uses
+them only if a user opts in with a profile file (``RooflineModel(overrides=...)``).
 """
 from __future__ import annotations
 
+import dataclasses
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import nnls
+from scipy.optimize import least_squares
 
-from .catalog import DeviceClass
-from .profile import Measurement, StepCounts
+from .catalog import DEVICES, DeviceClass
+from .profile import TraceBook
+from .trace import StepTrace
+
+COEF_FIELDS = ("eta_c", "eta_m", "lam_py", "lam_eng")
+
+
+def price_terms(t: StepTrace, d: DeviceClass) -> dict[str, float]:
+    """Seconds of one traced step on ``d``, with its terms: ``compute`` (ops bound by FLOPs),
+    ``memory`` (ops bound by bytes), ``issue`` (per-op latency) and ``total``."""
+    fc = t.flops / (d.eta_c * d.peak_flops)
+    fm = t.bytes / (d.eta_m * d.mem_bw)
+    op = np.maximum(fc, fm)
+    issue = np.where(t.engine, d.lam_eng, d.lam_py)
+    terms = {"compute": float(op[fc >= fm].sum()), "memory": float(op[fc < fm].sum()),
+             "issue": float(issue.sum())}
+    if d.executor == "cpu" or t.n_ops == 0:
+        terms["total"] = float(op.sum() + issue.sum())
+        return terms
+    # GPU: stretches end at (and include) each sync op
+    stretch = np.concatenate([[0], np.cumsum(t.sync)[:-1]])
+    n = int(stretch[-1]) + 1
+    terms["total"] = float(np.maximum(np.bincount(stretch, issue, n), np.bincount(stretch, op, n)).sum())
+    return terms
+
+
+def price_trace(t: StepTrace, d: DeviceClass) -> float:
+    return price_terms(t, d)["total"]
 
 
 @dataclass
 class RooflineModel:
-    counts: dict[str, StepCounts]
-    host_peak: float
-    host_bw: float
-    inv_eta_c: float = 1.0
-    inv_eta_m: float = 1.0
-    overhead_s: float = 0.0
-    fit_mape: float = float("nan")          # on the fitting points
-    holdout_mape: float = float("nan")      # on held-out host measurements
-    holdout: list[dict] = field(default_factory=list)
+    """Prices client work (``ClientResult.work``: kind -> batch sizes) from op traces."""
 
-    @property
-    def eta_c(self) -> float:
-        return 1.0 / self.inv_eta_c if self.inv_eta_c > 0 else float("inf")
+    book: TraceBook
+    overrides: dict[str, dict[str, float]] = field(default_factory=dict)   # device -> COEF_FIELDS (opt-in)
+    _cache: dict = field(default_factory=dict, repr=False)
 
-    @property
-    def eta_m(self) -> float:
-        return 1.0 / self.inv_eta_m if self.inv_eta_m > 0 else float("inf")
+    def device(self, d: DeviceClass) -> DeviceClass:
+        o = self.overrides.get(d.name) or self.overrides.get("*")
+        return dataclasses.replace(d, **{k: float(o[k]) for k in COEF_FIELDS if k in o}) if o else d
 
-    def _row(self, mode: str, b: float, peak: float, bw: float) -> np.ndarray:
-        c = self.counts[mode]
-        return np.array([c.flops(b) / peak, c.bytes(b) / bw, 1.0])
+    def step_time(self, kind: str, batch: int, d: DeviceClass) -> float:
+        key = (kind, batch, d.name)
+        if key not in self._cache:
+            self._cache[key] = price_trace(self.book.get(kind, batch), self.device(d))
+        return self._cache[key]
 
-    def _coef(self) -> np.ndarray:
-        return np.array([self.inv_eta_c, self.inv_eta_m, self.overhead_s])
+    def work_breakdown(self, work: dict[str, list[int]], d: DeviceClass) -> dict[str, float]:
+        """Seconds per step kind of everything a client ran (see ``client.STEP_KINDS``)."""
+        return {kind: sum(n * self.step_time(kind, b, d) for b, n in Counter(sizes).items())
+                for kind, sizes in work.items() if sizes}
 
-    def step_time(self, mode: str, b: float, device: DeviceClass | None = None) -> float:
-        peak, bw = (device.peak_flops, device.mem_bw) if device else (self.host_peak, self.host_bw)
-        return float(self._row(mode, b, peak, bw) @ self._coef())
+    def work_time(self, work: dict[str, list[int]], d: DeviceClass) -> float:
+        return float(sum(self.work_breakdown(work, d).values()))
 
-    def steps_time(self, mode: str, batches: list[int], device: DeviceClass | None = None) -> float:
-        """Time of many steps; linear in b, so it only needs the step count and sample count."""
-        if not batches:
-            return 0.0
-        n, total = len(batches), float(sum(batches))
-        peak, bw = (device.peak_flops, device.mem_bw) if device else (self.host_peak, self.host_bw)
-        c = self.counts[mode]
-        row = np.array([c.flops_per_sample * total / peak,
-                        (c.bytes_fixed * n + c.bytes_per_sample * total) / bw, float(n)])
-        return float(row @ self._coef())
-
-    def _solve(self, ms: list[Measurement]) -> np.ndarray:
-        # Relative least squares: weight each row by 1/t so small steps count as much as big ones.
-        X = np.stack([self._row(m.mode, m.batch_size, self.host_peak, self.host_bw) for m in ms])
-        t = np.array([m.seconds for m in ms])
-        coef, _ = nnls(X / t[:, None], np.ones_like(t))
-        return coef
-
-    def _mape(self, ms: list[Measurement]) -> float:
-        return float(np.mean([abs(self.step_time(m.mode, m.batch_size) - m.seconds) / m.seconds for m in ms]))
-
-    @classmethod
-    def fit(cls, counts: dict[str, StepCounts], measurements: list[Measurement], host_peak: float,
-            host_bw: float, holdout_batch: int | None = None) -> "RooflineModel":
-        """Fit on all measurements but those at ``holdout_batch`` (reported), then refit on all."""
-        model = cls(counts, host_peak, host_bw)
-        if holdout_batch is not None:
-            train = [m for m in measurements if m.batch_size != holdout_batch]
-            held = [m for m in measurements if m.batch_size == holdout_batch]
-            if train and held:
-                model.inv_eta_c, model.inv_eta_m, model.overhead_s = model._solve(train)
-                model.holdout_mape = model._mape(held)
-                model.holdout = [{"mode": m.mode, "batch_size": m.batch_size, "measured_s": m.seconds,
-                                  "predicted_s": model.step_time(m.mode, m.batch_size)} for m in held]
-        model.inv_eta_c, model.inv_eta_m, model.overhead_s = model._solve(measurements)
-        model.fit_mape = model._mape(measurements)
-        return model
+    def describe(self, batch: int) -> dict:
+        """Op counts of every step kind at ``batch`` and each catalog device's predicted step
+        times (what ``fedhq devices`` prints), for the run's record."""
+        kinds = ("fp32", "qat", "fwd", "calib", "wsearch", "pack")
+        return {"batch": batch, "overrides": self.overrides,
+                "trace": {k: self.book.get(k, 8 if k == "pack" else batch).totals() for k in kinds},
+                "devices": catalog_table(self, batch)}
 
     def to_state(self) -> dict:
-        """JSON-ready fitted model (for checkpoints: a resumed run prices rounds identically)."""
-        return {"counts": {k: vars(v) for k, v in self.counts.items()}, "host_peak": self.host_peak,
-                "host_bw": self.host_bw, "coef": [self.inv_eta_c, self.inv_eta_m, self.overhead_s],
-                "fit_mape": self.fit_mape, "holdout_mape": self.holdout_mape, "holdout": self.holdout}
-
-    @classmethod
-    def from_state(cls, d: dict) -> "RooflineModel":
-        c = d["coef"]
-        return cls({k: StepCounts(**v) for k, v in d["counts"].items()}, d["host_peak"], d["host_bw"],
-                   c[0], c[1], c[2], d["fit_mape"], d["holdout_mape"], list(d["holdout"]))
+        return {"overrides": self.overrides}
 
     def summary(self) -> dict[str, float]:
-        return {"eta_c": self.eta_c, "eta_m": self.eta_m, "overhead_s": self.overhead_s,
-                "host_peak_flops": self.host_peak, "host_bw": self.host_bw,
-                "fit_mape": self.fit_mape, "holdout_mape": self.holdout_mape}
+        return {"host_calibrated": float(bool(self.overrides))}
+
+
+# --- host fit (validation of the model's form) --------------------------------------------
+def host_device(peak: float, bw: float, coef: np.ndarray | None = None) -> DeviceClass:
+    eta_c, eta_m, lam_py, lam_eng = coef if coef is not None else (1.0, 1.0, 0.0, 0.0)
+    return DeviceClass("host", "host", peak, bw, 1e9, "measured on this host (matmul, copy)", "cpu",
+                       float(eta_c), float(eta_m), float(lam_py), float(lam_eng), "fitted on this host")
+
+
+def fit_host(points: list[tuple[StepTrace, float]], peak: float, bw: float) -> np.ndarray:
+    """Fit (eta_c, eta_m, lam_py, lam_eng) of the cpu-executor roofline to measured seconds of
+    traced steps (relative least squares on log-coefficients; deterministic)."""
+    def resid(logc: np.ndarray) -> np.ndarray:
+        d = host_device(peak, bw, np.exp(logc))
+        return np.array([price_trace(t, d) / s - 1.0 for t, s in points])
+
+    x0 = np.log([0.5, 0.5, 3e-6, 1e-6])
+    lo, hi = np.log([1e-3, 1e-3, 1e-8, 1e-8]), np.log([50.0, 50.0, 1e-3, 1e-3])
+    return np.exp(least_squares(resid, x0, bounds=(lo, hi)).x)
+
+
+def catalog_table(speed: RooflineModel, batch: int, kinds_work: dict[str, dict[str, list[int]]] | None = None,
+                  devices: list[DeviceClass] | None = None) -> list[dict[str, float | str]]:
+    """Predicted ms per step of every catalog device (``fedhq devices``)."""
+    rows = []
+    for d in devices or list(DEVICES.values()):
+        fp, qat, fwd = (1e3 * speed.step_time(k, batch, d) for k in ("fp32", "qat", "fwd"))
+        row: dict[str, float | str] = {"name": d.name, "executor": d.executor, "fp32_ms": fp, "qat_ms": qat,
+                                       "fwd_ms": fwd, "qat_over_fp32": qat / fp,
+                                       "eta_c": speed.device(d).eta_c, "eta_m": speed.device(d).eta_m,
+                                       "lam_py_us": 1e6 * speed.device(d).lam_py,
+                                       "lam_eng_us": 1e6 * speed.device(d).lam_eng}
+        for name, work in (kinds_work or {}).items():
+            row[f"{name}_ms"] = 1e3 * speed.work_time(work, d)
+        rows.append(row)
+    return rows
+
+
+def load_profile(path: str) -> dict[str, dict[str, float]]:
+    """Host-calibrated coefficients written by ``fedhq devices --validate --write-profile``:
+    ``{"overrides": {device name or "*": {eta_c, eta_m, lam_py, lam_eng}}}``."""
+    import json
+
+    from ..errors import ConfigError
+
+    try:
+        data = json.loads(open(path).read())
+        over = {str(k): {f: float(v[f]) for f in COEF_FIELDS if f in v} for k, v in data["overrides"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ConfigError(f"profile_file: {path}: not a FedHQ profile ({type(err).__name__})") from None
+    bad = [k for k, v in over.items() if any(x <= 0 for x in v.values())]
+    if bad:
+        raise ConfigError(f"profile_file: {path}: coefficients must be positive ({bad[0]})")
+    return over

@@ -55,7 +55,7 @@ def test_inflated_sample_count_and_foreign_tensors_are_rejected(sim):
     wire["meta"] = json.dumps(meta)
     with pytest.raises(RejectedUpdate, match="n_samples"):
         decode_upload(save_wire(wire), exp, max_bytes=limit, max_samples=len(sim.shards[0]))
-    meta["n_samples"], meta["train_batches"] = 5, "lots"      # wrong types in the header
+    meta["n_samples"], meta["work"] = 5, {"qat": "lots"}      # wrong types in the header
     wire["meta"] = json.dumps(meta)
     with pytest.raises(RejectedUpdate, match="decode: malformed"):
         decode_upload(save_wire(wire), exp, max_bytes=limit, max_samples=len(sim.shards[0]))

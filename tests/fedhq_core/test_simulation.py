@@ -1,13 +1,13 @@
 """The plain-Python simulation: FedAvg arithmetic, determinism, the round verbs."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from fedhq_core.client import ClientResult
+from fedhq_core.errors import ConfigError
 from fedhq_core.quant import pack_update
 from fedhq_core.server import average_ranges, fedavg
 from fedhq_core.simulation import Simulation, run, upload_size
@@ -16,7 +16,7 @@ from fedhq_core.simulation import Simulation, run, upload_size
 def _result(cid, delta, n, ranges=None):
     g = {"w": torch.zeros(2, 3)}
     p = pack_update({"w": g["w"] + delta}, g, 32, None, ranges or {}, n)
-    return ClientResult(cid, "ptq", p, n, [n], [], 0.0)
+    return ClientResult(cid, "ptq", p, n, {"fp32": [n]}, 0.0)
 
 
 def test_fedavg_is_weighted_by_shard_size():
@@ -60,10 +60,34 @@ def test_strategies_run_and_learn(tiny_cfg, strategy):
     assert np.all(np.diff(times) > 0) and times[-1] == pytest.approx(sum(r.sim_round_s for r in sim.records))
 
 
-def test_profile_is_cached_per_host(tiny_cfg):
-    a = Simulation(tiny_cfg)
-    sa = a.profile()
-    files = list((Path(tiny_cfg.state_dir) / "profiles").glob("*.json"))
-    assert len(files) == 1
-    sb = Simulation(tiny_cfg).profile()
-    assert (sb.inv_eta_c, sb.inv_eta_m, sb.overhead_s) == (sa.inv_eta_c, sa.inv_eta_m, sa.overhead_s)
+def test_same_seed_same_run_in_fresh_folders(tiny_cfg, tmp_path):
+    """The clock prices from traces and catalog constants only: two seeded fedhq runs in fresh
+    state folders (traces rebuilt) allocate identically and end with identical weights."""
+    import fedhq_core.simulation as S
+
+    cfg = tiny_cfg.replace(strategy="fedhq", rounds=3, adjust_every=1, pilot_rounds=1, jitter_sigma=0.3)
+    sims = []
+    for i in range(2):
+        S._BOOKS.clear()
+        sims.append(run(cfg.replace(state_dir=str(tmp_path / f"fresh{i}"))))
+    a, b = sims
+    assert [r.strategies for r in a.records] == [r.strategies for r in b.records]
+    assert [r.sim_round_s - r.server_s for r in a.records] == [r.sim_round_s - r.server_s for r in b.records]
+    assert all(torch.equal(a.global_state[k], b.global_state[k]) for k in a.global_state)
+
+
+def test_profile_file_opts_in_to_host_coefficients(tiny_cfg, tmp_path):
+    import json
+
+    prof = tmp_path / "host.json"
+    prof.write_text(json.dumps({"overrides": {"*": {"eta_c": 0.01, "eta_m": 0.01}}}))
+    base, calibrated = Simulation(tiny_cfg), Simulation(tiny_cfg.replace(profile_file=str(prof)))
+    base.profile(), calibrated.profile()
+    t0, t1 = base.predicted_times([0, 1]), calibrated.predicted_times([0, 1])
+    assert np.all(t1["qat"] > t0["qat"])                      # 1% efficiency: slower everywhere
+    calibrated.close_round(0, calibrated.allocate(0, [0])[0], 0.0, [calibrated.train(0, 0, "qat")], 0.0, None)
+    _, meta = calibrated.state_dict()
+    assert meta["speed"]["overrides"]["*"]["eta_c"] == 0.01  # stored with the run (checkpoint)
+    prof.write_text("{not json")
+    with pytest.raises(ConfigError, match="profile_file"):
+        Simulation(tiny_cfg.replace(profile_file=str(prof))).profile()

@@ -29,12 +29,46 @@ def _cli(*args, cwd=None):
     (["--dask-address", "localhost"], "dask_address"),
     (["--min-clients", "50"], "min_clients"),
     (["--resume", "no-such-run"], "no-such-run"),
+    (["--profile", "/no/such/profile.json"], "profile_file"),
 ])
 def test_bad_input_is_one_line_exit_2(args, field):
     p = _cli("run", *args)
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and field in lines[0] and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("args,field", [
+    (["--input", "mnist"], "input"),
+    (["--batch-size", "0"], "batch_size"),
+    (["--write-profile", "p.json"], "write_profile"),
+    (["--validate", "--batch-size", "8", "--reps", "0"], "reps"),
+])
+def test_devices_bad_input_is_one_line_exit_2(args, field):
+    p = _cli("devices", *args)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and field in lines[0], p.stderr
+
+
+def test_devices_table_and_host_validation(tmp_path):
+    from flows.cli import main
+
+    out, prof = tmp_path / "dev.json", tmp_path / "host.json"
+    rc = main(["devices", "--input", "digits", "--batch-size", "16", "--validate", "--reps", "3",
+               "--json", str(out), "--write-profile", str(prof)])
+    r = json.loads(out.read_text())
+    names = [d["name"] for d in r["devices"]]
+    assert {"nvidia-h200", "raspberry-pi-4", "this host (fitted)"} <= set(names)
+    for d in r["devices"]:
+        assert d["qat_over_fp32"] == pytest.approx(d["qat_ms"] / d["fp32_ms"])
+    v = r["validation"]
+    for kind in ("fp32", "qat", "fwd", "calib", "wsearch", "pack"):
+        assert v[kind]["predicted_ms"] > 0 and v[kind]["measured_ms"] > 0
+    assert v["holdout_batch"] == 16 and 16 not in v["fit_batches"] and not v["qat"]["in_fit"]
+    q = v["qat_over_fp32"]
+    assert q["measured"] == pytest.approx(float(np.median(q["measured_pairs"])))   # paired reps
+    assert rc == (0 if abs(q["error"]) <= 0.2 else 1)
+    assert json.loads(prof.read_text())["overrides"]["*"]["eta_c"] == pytest.approx(v["host"]["eta_c"])
 
 
 def test_yaml_errors_name_the_file(tmp_path):

@@ -51,7 +51,6 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tmp_path, monkeypatc
 
     from fedhq_core.checkpoint import Checkpoints, read_state
     from fedhq_core.config import load_config
-    from fedhq_core.hardware import RooflineModel
     from fedhq_core.simulation import Simulation, run
 
     state = tmp_path / "state"
@@ -77,11 +76,12 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tmp_path, monkeypatc
     res = json.loads(out.read_text())
     assert res["run_id"] == run_dir.name and [r["round"] for r in res["rounds"]] == [0, 1, 2, 3]
 
-    # the same seeded run, uninterrupted, in plain Python (same host profile, same thread count)
+    # the same seeded run, uninterrupted, in plain Python (same thread count); its clock is built
+    # afresh: prices come from op traces and the catalog, not from anything the killed run measured
     tensors, meta = read_state(Checkpoints(run_dir).files()[-1])
     cfg = load_config(None, {**meta["config"], "tracking": False})
     ref = Simulation(cfg)
-    ref.profile(RooflineModel.from_state(meta["speed"]))
+    ref.profile()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
