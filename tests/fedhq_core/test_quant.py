@@ -105,3 +105,22 @@ def test_integer_weights_are_int8_on_grid():
     rebuilt = q.float() * ints["0.weight_scale"][:, None]
     set_mode(net, "deploy")
     assert torch.allclose(rebuilt, net[0].wq(net[0].weight, "deploy"))
+
+
+def test_batched_mse_search_equals_a_sequential_scan():
+    torch.manual_seed(3)
+    for shape, bits in (((16, 3, 3, 3), 2), ((10, 300), 4), ((4, 2_000_000 // 4), 3)):
+        w = torch.randn(*shape)
+        flat = w.reshape(shape[0], -1)
+        qmin, qmax = weight_qrange(bits)
+        amax = flat.abs().amax(1).clamp_min(1e-12)
+        best_err, best = None, None
+        for a in torch.linspace(0.15, 1.0, 24):                # the scan, one candidate at a time
+            s = (a * amax / qmax)[:, None]
+            err = ((dequantize(quantize(flat, s, 0.0, qmin, qmax), s, 0.0) - flat) ** 2).sum(1)
+            if best is None:
+                best_err, best = err, s[:, 0].clone()
+            else:
+                better = err < best_err
+                best_err, best = torch.where(better, err, best_err), torch.where(better, s[:, 0], best)
+        torch.testing.assert_close(mse_weight_scale(w, bits), best)
