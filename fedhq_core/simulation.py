@@ -36,7 +36,7 @@ from .worker import (ClientJob, ModelSpec, RoundInputs, Upload, borrow_model, dr
                      run_jobs)
 
 
-_BOOKS: dict[tuple, TraceBook] = {}
+_BOOKS: dict[ModelSpec, TraceBook] = {}
 _BOOKS_LOCK = threading.Lock()
 
 
@@ -233,11 +233,10 @@ class Simulation:
     def trace_book(self) -> TraceBook:
         """Op traces of this run's model (shared per model shape within the process)."""
         spec = self.model_spec
-        key = (spec, )
         with _BOOKS_LOCK:
-            if key not in _BOOKS:
-                _BOOKS[key] = TraceBook(lambda: spec.build(torch.device("cpu")), tuple(self.in_shape), self.num_classes)
-            return _BOOKS[key]
+            if spec not in _BOOKS:
+                _BOOKS[spec] = TraceBook(lambda: spec.build(torch.device("cpu")), tuple(self.in_shape), self.num_classes)
+            return _BOOKS[spec]
 
     def profile(self, speed: RooflineModel | None = None) -> RooflineModel:
         """Start the simulated clock: every client's work is priced from op traces of the steps

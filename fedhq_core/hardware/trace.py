@@ -5,8 +5,8 @@ calibration forward, PTQ weight-scale search, upload packing) is run once under 
 ``TorchDispatchMode`` that sees each aten op *below* autograd, whatever the model's module
 structure: nothing a step does on tensors escapes it. For each op that does work it records
 
-* FLOPs: torch's ``flop_counter`` formulas for conv/matmul; output elements for pointwise ops
-  and reductions;
+* FLOPs: torch's ``flop_counter`` formulas for conv/matmul; ``n log2 n`` comparisons for sorts
+  (``torch.quantile`` sorts); output elements for pointwise ops and reductions;
 * bytes read + written: the sizes of its tensor inputs and outputs (an in-place op reads and
   writes its target, so it counts twice);
 * one launch, tagged by where it was issued from: ``py`` (forward code, custom autograd
@@ -43,6 +43,8 @@ _NO_WORK = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_stri
             "sym_is_contiguous", "storage_offset", "sym_storage_offset", "is_same_size", "is_nonzero_meta",
             "_has_compatible_shallow_copy_type", "lift_fresh", "record_stream"}
 SYNC_OPS = {"_local_scalar_dense"}
+# Comparison sorts do n*log2(n) work, not n: ``torch.quantile`` (PTQ calibration) sorts.
+SORT_OPS = {"sort", "topk", "kthvalue", "median", "nanmedian", "msort", "argsort"}
 
 
 def _is_view_or_meta(func: Any) -> bool:
@@ -149,6 +151,9 @@ class OpTracer(TorchDispatchMode):
         b_out, e_out = _tensor_bytes(out)
         if packet in flop_registry:
             flops, is_mm = float(flop_registry[packet](*args, **kwargs, out_val=out)), True
+        elif name in SORT_OPS and isinstance(args[0], torch.Tensor):
+            n = max(2, args[0].numel())
+            flops, is_mm = float(n * np.log2(n)), False
         else:
             flops, is_mm = float(e_out), False
         in_backward = node is not None
