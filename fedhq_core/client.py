@@ -76,14 +76,15 @@ def make_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               idx: torch.Tensor) -> torch.Tensor:
-    """One optimizer step on ``x[idx]``; returns the summed loss as a device tensor (no sync)."""
+               idx: torch.Tensor, loss_sum: torch.Tensor) -> None:
+    """One optimizer step on ``x[idx]``; adds the batch's summed loss to ``loss_sum`` on the
+    device (no sync)."""
     xb, yb = x[idx], y[idx]
     loss = F.cross_entropy(model(xb), yb)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return loss.detach() * len(idx)
+    loss_sum.add_(loss.detach(), alpha=len(idx))
 
 
 @torch.no_grad()
@@ -102,7 +103,7 @@ def _sgd_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: TrainS
         perm = torch.randperm(n, generator=gen).to(x.device)
         for i in range(0, n, spec.batch_size):
             idx = perm[i:i + spec.batch_size]
-            total += train_step(model, opt, x, y, idx)
+            train_step(model, opt, x, y, idx, total)
             batches.append(len(idx))
     return batches, float(total) / max(sum(batches), 1)   # the round's one sync
 

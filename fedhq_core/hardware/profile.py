@@ -54,7 +54,8 @@ def step_runner(model: nn.Module, kind: str, batch: int, in_shape: tuple[int, ..
         set_mode(model, kind if kind == "qat" else "fp")
         model.train()
         opt = make_optimizer(model, TrainSpec(kind, 1, b, lr=0.0))
-        fn: Callable[[], object] = lambda: train_step(model, opt, x, y, idx)  # noqa: E731
+        loss_sum = torch.zeros(())
+        fn: Callable[[], object] = lambda: train_step(model, opt, x, y, idx, loss_sum)  # noqa: E731
     elif kind in ("fwd", "calib"):
         model.eval()
         reset_act_ranges(model)
