@@ -130,7 +130,7 @@ def bench_flow(config: dict[str, Any], strategies: list[str], seeds: list[int], 
     out["config"] = base.to_dict()
     out["seeds"] = list(seeds)
     out["host"] = host_info(str(sim.device.type))
-    out["speed_model"] = speed.summary() if speed else None
+    out["speed_model"] = speed.describe(base.batch_size) if speed else None
     out["per_seed"] = {str(s): {n: {m: r.get(m) for m in METRICS} for n, r in runs.items()}
                        for s, runs in per_seed.items()}
     from tasks.plots import accuracy_vs_time, tta_bars

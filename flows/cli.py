@@ -212,16 +212,16 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from flows.devices import INPUTS, devices_report, print_report, profile_overrides, validation_passed
-
     overrides = {"model": args.model} if args.model else {}
     cfg = load_config(None, overrides)
-    if args.input not in INPUTS:
-        raise ConfigError(f"input: unknown input {args.input!r} (choose from {', '.join(INPUTS)})")
+    if args.input not in DATASETS:
+        raise ConfigError(f"input: unknown input {args.input!r} (choose from {', '.join(DATASETS)})")
     if args.batch_size < 1 or args.reps < 1:
         raise ConfigError("batch_size: must be >= 1" if args.batch_size < 1 else "reps: must be >= 1")
     if args.write_profile and not args.validate:
         raise ConfigError("write_profile: needs --validate (the profile holds this host's fitted coefficients)")
+    from flows.devices import devices_report, print_report, profile_overrides, validation_passed  # imports torch
+
     try:
         r = devices_report(cfg, args.input, args.batch_size, args.validate, args.reps)
     except ValueError as err:
