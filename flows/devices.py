@@ -37,8 +37,7 @@ def devices_report(cfg: ExperimentConfig, input_name: str, batch: int, validate:
     build = lambda: spec.build(torch.device("cpu"))  # noqa: E731
     speed = RooflineModel(TraceBook(build, shape, classes))
     out: dict[str, Any] = {"model": cfg.model, "input": input_name, "batch": batch,
-                           "trace_ops": {k: speed.book.get(k, 8 if k == "pack" else batch).totals()
-                                         for k in ("fp32", "qat", "fwd", "calib", "wsearch", "pack")}}
+                           "trace_ops": {k: speed.book.step(k, batch).totals() for k in KINDS}}
     devices = catalog_table(speed, batch, {"ptq_extras": ptq_extras(cfg, batch)})
     if validate:
         fit = [b for b in cfg.profile_batch_sizes if b != batch]

@@ -23,11 +23,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..client import STEP_KINDS
 from .trace import LinearTrace, StepTrace, trace
 
 # fp32/qat: train steps; fwd: forward-only evaluation (deployed, quantized); calib: PTQ
 # calibration forward (percentile observers); wsearch: PTQ/LSQ weight-scale search; pack: upload.
-KINDS = ("fp32", "qat", "fwd", "calib", "wsearch", "pack")
+KINDS = STEP_KINDS
 LINEAR_KINDS = ("fp32", "qat", "fwd")
 BATCH_FREE_KINDS = ("wsearch", "pack")
 _LINEAR_POINTS = (2, 4)
@@ -106,6 +107,10 @@ class TraceBook:
                 self._exact[key] = (self._trace(kind, 0, bits=batch) if kind == "pack"
                                     else self._trace(kind, key[1]))
             return self._exact[key]
+
+    def step(self, kind: str, batch: int, upload_bits: int = 8) -> StepTrace:
+        """One step of ``kind`` at ``batch``; packing is traced at ``upload_bits`` instead."""
+        return self.get(kind, upload_bits if kind == "pack" else batch)
 
 
 @dataclass

@@ -23,7 +23,7 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from .catalog import DEVICES, DeviceClass
-from .profile import TraceBook
+from .profile import KINDS, TraceBook
 from .trace import StepTrace
 
 COEF_FIELDS = ("eta_c", "eta_m", "lam_py", "lam_eng")
@@ -81,9 +81,8 @@ class RooflineModel:
     def describe(self, batch: int) -> dict:
         """Op counts of every step kind at ``batch`` and each catalog device's predicted step
         times (what ``fedhq devices`` prints), for the run's record."""
-        kinds = ("fp32", "qat", "fwd", "calib", "wsearch", "pack")
         return {"batch": batch, "overrides": self.overrides,
-                "trace": {k: self.book.get(k, 8 if k == "pack" else batch).totals() for k in kinds},
+                "trace": {k: self.book.step(k, batch).totals() for k in KINDS},
                 "devices": catalog_table(self, batch)}
 
     def to_state(self) -> dict:

@@ -20,13 +20,8 @@ from torch import nn
 
 from .profile import BATCH_FREE_KINDS, KINDS, TraceBook, measure_host_peaks, measure_kinds
 from .speed_model import COEF_FIELDS, fit_host, host_device, price_terms
-from .trace import StepTrace
 
 QAT_RATIO_TOLERANCE = 0.20   # `fedhq devices --validate` fails above this error on QAT/FP32
-
-
-def _trace_of(book: TraceBook, kind: str, batch: int) -> StepTrace:
-    return book.get(kind, 8 if kind == "pack" else batch)
 
 
 def validate_host(build: Callable[[], nn.Module], in_shape: tuple[int, ...], num_classes: int,
@@ -35,7 +30,7 @@ def validate_host(build: Callable[[], nn.Module], in_shape: tuple[int, ...], num
     batches = sorted(set(fit_batches) | {holdout})
     timings = measure_kinds(build, in_shape, num_classes, KINDS, batches, reps)
     peak, bw = measure_host_peaks()
-    points = {key: (_trace_of(book, *key), t.seconds) for key, t in timings.items()}
+    points = {key: (book.step(*key), t.seconds) for key, t in timings.items()}
 
     def fit(keep: Callable[[str, int], bool]) -> np.ndarray:
         return fit_host([p for (k, b), p in points.items() if keep(k, b)], peak, bw)
