@@ -11,7 +11,6 @@ from typing import Any
 import torch
 
 from fedhq_core.config import ExperimentConfig
-from fedhq_core.hardware.catalog import DEVICES
 from fedhq_core.hardware.profile import KINDS, TraceBook
 from fedhq_core.hardware.speed_model import COEF_FIELDS, RooflineModel, catalog_table, host_device
 from fedhq_core.hardware.validate import QAT_RATIO_TOLERANCE, passed, validate_host
@@ -100,4 +99,4 @@ def profile_overrides(r: dict[str, Any]) -> dict[str, Any]:
             "source": {"host": os.uname().nodename, "model": r["model"], "batch": r["batch"], **h}}
 
 
-__all__ = ["DEVICES", "devices_report", "print_report", "profile_overrides", "validation_passed"]
+__all__ = ["devices_report", "print_report", "profile_overrides", "validation_passed"]

@@ -16,14 +16,14 @@ structure: nothing a step does on tensors escapes it. For each op that does work
 
 Views and metadata ops do no work and are left out; allocations (``empty*``) too. In-place
 writes are kept (the schema's ``alias_info.is_write``), or momentum and EMA updates would vanish.
-Counts are linear in batch size for the train and forward steps; :func:`trace_linear` traces at
-two batch sizes, checks that the op sequence is the same, and extrapolates. Kinds that are not
+Counts are linear in batch size for the train and forward steps; :meth:`LinearTrace.fit` takes
+traces at two batch sizes, checks that the op sequence is the same, and extrapolates. Kinds that are not
 linear (the activation-quantile subsample of PTQ calibration) are traced at the batch sizes
 actually used.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -32,10 +32,6 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
-
-MM_CLASS, POINTWISE_CLASS = 0, 1
-PY, ENGINE = 0, 1
-PHASES = ("forward", "backward", "optimizer")
 
 # Ops that allocate or inspect but launch no kernel.
 _NO_WORK = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "resize_", "set_",
@@ -93,17 +89,6 @@ class StepTrace:
     def totals(self) -> dict[str, float]:
         return {"ops": float(self.n_ops), "ops_engine": float(self.engine.sum()), "syncs": float(self.sync.sum()),
                 "flops": float(self.flops.sum()), "bytes": float(self.bytes.sum())}
-
-    def to_state(self) -> dict:
-        return {"kind": self.kind, "batch": self.batch, "names": self.names, "flops": self.flops.tolist(),
-                "bytes": self.bytes.tolist(), "mm": self.mm.tolist(), "engine": self.engine.tolist(),
-                "sync": self.sync.tolist(), "phase": self.phase}
-
-    @classmethod
-    def from_state(cls, d: dict) -> "StepTrace":
-        return cls(d["kind"], int(d["batch"]), list(d["names"]), np.asarray(d["flops"], float),
-                   np.asarray(d["bytes"], float), np.asarray(d["mm"], bool), np.asarray(d["engine"], bool),
-                   np.asarray(d["sync"], bool), list(d["phase"]))
 
 
 class OpTracer(TorchDispatchMode):
@@ -185,10 +170,10 @@ class LinearTrace:
     """Per-op counts linear in batch size: ``flops = f0 + f1 * b`` (same for bytes)."""
 
     base: StepTrace
+    f0: np.ndarray
     f1: np.ndarray
+    b0: np.ndarray
     b1: np.ndarray
-    f0: np.ndarray = field(default=None)  # type: ignore[assignment]
-    b0: np.ndarray = field(default=None)  # type: ignore[assignment]
 
     @classmethod
     def fit(cls, lo: StepTrace, hi: StepTrace) -> "LinearTrace":
@@ -197,7 +182,7 @@ class LinearTrace:
         db = hi.batch - lo.batch
         f1 = (hi.flops - lo.flops) / db
         b1 = (hi.bytes - lo.bytes) / db
-        return cls(lo, f1, b1, lo.flops - f1 * lo.batch, lo.bytes - b1 * lo.batch)
+        return cls(lo, lo.flops - f1 * lo.batch, f1, lo.bytes - b1 * lo.batch, b1)
 
     def at(self, batch: int) -> StepTrace:
         t = self.base
