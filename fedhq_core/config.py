@@ -54,7 +54,7 @@ class ExperimentConfig:
     max_train_samples: int = 0       # 0 = all; subsample the train split (seeded)
     max_test_samples: int = 0
     test_fraction: float = 0.2       # digits only: held-out share
-    server_calib_size: int = 256     # small server split, used only by the fp32 baseline
+    server_calib_size: int = 256     # server proxy split: fp32 calibration, SigAcc pilot scores, fedhq's gap
     partition: str = "dirichlet"
     alpha: float = 0.5               # Dirichlet concentration
     classes_per_client: int = 2      # for partition=kclass
@@ -79,11 +79,11 @@ class ExperimentConfig:
     ema_momentum: float = 0.9        # [design] QAT activation-range EMA
     # --- strategy / allocation --------------------------------------------------------
     strategy: str = "all-qat"
-    xi: float = 0.2
+    xi: float = 0.5                  # [design] equal weight on relative round time and relative accuracy gain (J)
     qat_share: float = -1.0          # random-hybrid: QAT share; <0 = take fedhq's when known, else 0.5
     adjust_every: int = 3            # [design] fine-grained adjustment period (rounds)
     search_band: float = 0.25        # [design] fine search flips clients within this distance of the line
-    pilot_rounds: int = 3            # [design] significance fitting: pilot rounds per strategy
+    pilot_rounds: int = 0            # [design] SigAcc pilot: rounds per branch (all-PTQ, all-QAT); 0 = half the run, >= 3
     significance: str = "auto"       # auto | refit | none : use registry version, force a refit, or skip
     fedfq_avg_bits: float = 4.0      # fedfq: average upload bits per parameter
     fedfq_iters: int = 300           # fedfq: simulated-annealing iterations
@@ -228,7 +228,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(cfg.qat_share <= 1.0, "qat_share", "must be <= 1 (negative = automatic)")
     _check(cfg.adjust_every >= 1, "adjust_every", "must be >= 1")
     _check(cfg.search_band >= 0, "search_band", "must be >= 0")
-    _check(cfg.pilot_rounds >= 1, "pilot_rounds", "must be >= 1")
+    _check(cfg.pilot_rounds >= 0, "pilot_rounds", "must be >= 0 (0: half the run)")
     _check(cfg.significance in ("auto", "refit", "none"), "significance", "must be auto, refit or none")
     _check(0.5 <= cfg.fedfq_avg_bits <= 16, "fedfq_avg_bits", "must be in [0.5, 16]")
     _check(cfg.fedfq_iters >= 1, "fedfq_iters", "must be >= 1")

@@ -191,6 +191,9 @@ class Simulation:
         self.global_state = {k: v.detach().clone() for k, v in model_state(self.eval_model).items()}
         self.global_ranges: dict[str, tuple[float, float]] | None = None
         self.global_steps: dict[str, torch.Tensor] | None = None
+        self.gaps: list[float] = []  # the master's quantization gap on server_calib, per round (measure_gap)
+        self.gap_s = 0.0             # the server's seconds for that measurement, this round
+        self._shard_features: dict[int, np.ndarray] | None = None
         self.fleet = Fleet.build(cfg.clients, cfg.fleet, cfg.throttle_prob, cfg.throttle_factor,
                                  cfg.jitter_sigma, cfg.seed)
         self.speed: RooflineModel | None = None
@@ -203,6 +206,11 @@ class Simulation:
         self.wall_start = time.perf_counter()
         self.upload_bytes_total = 0
 
+    @property
+    def uses_gap(self) -> bool:
+        """The allocator reads the master's quantization gap (only FedHQ's do; baselines skip it)."""
+        return hasattr(self.allocator, "significance_of")
+
     def needs_significance(self) -> bool:
         """The allocator uses SigAcc, has none yet, and the config does not opt out (significance: none)."""
         return (self.cfg.significance != "none" and hasattr(self.allocator, "significance_of")
@@ -211,13 +219,40 @@ class Simulation:
     def set_significance(self, model: Any) -> None:
         self.allocator.significance = model  # type: ignore[attr-defined]
 
+    def shard_features(self) -> dict[int, np.ndarray]:
+        """SigAcc's shard features of every client (computed once)."""
+        from .allocation.significance import label_histogram, shard_features
+
+        if self._shard_features is None:
+            hist = label_histogram(self.global_labels, self.num_classes)
+            self._shard_features = {c: shard_features(s.y.numpy(), hist) for c, s in enumerate(self.shards)}
+        return self._shard_features
+
+    def measure_gap(self) -> float:
+        """The master's quantization gap under server-side PTQ (ranges calibrated on the proxy
+        split, MSE weight scales): FP32 minus quantized accuracy on ``server_calib``, never the
+        test split. In a run the server measures the master it has just sent out while the
+        clients train (:meth:`aggregate`), so the next allocation sees the gap one round late and
+        the clock charges it only when it outlasts the round's slowest client."""
+        ranges = calibrate_on_server(self.eval_model, self.global_state, self.server_calib.x)
+        m = evaluate_global(self.eval_model, self.global_state, ranges, self.server_calib.x, self.server_calib.y)
+        self.gaps.append(m["acc_fp32"] - m["acc_q"])
+        return self.gaps[-1]
+
+    @property
+    def quant_gap(self) -> float:
+        """SigAcc's gap feature: the trend of the gaps measured so far (significance.gap_trend)."""
+        from .allocation.significance import gap_trend
+
+        return gap_trend(self.gaps)
+
     def fit_significance(self, map_fn: Callable = map) -> Any:
         """Offline SigAcc fitting by pilot rounds (see allocation.pilot); does not touch the run's state."""
         from .allocation.pilot import fit_significance
 
         if self.speed is None:
             self.profile()
-        return fit_significance(self, self.cfg.pilot_rounds, map_fn)
+        return fit_significance(self, map_fn)
 
     # --- models -------------------------------------------------------------------------
     @property
@@ -364,13 +399,23 @@ class Simulation:
         return sorted(results, key=lambda r: r.cid), rejected
 
     def aggregate(self, results: list[ClientResult]) -> float:
-        """FedAvg into the master; returns the server's measured seconds."""
+        """FedAvg into the master; returns the server's measured seconds after the uploads. The
+        gap of the master the clients started from is measured first (``gap_s``, concurrent with
+        their training on the clock)."""
         t0 = time.perf_counter()
+        if self.uses_gap:
+            self.measure_gap()
+        self.gap_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.aggregate_results(results)
+        return time.perf_counter() - t0
+
+    def aggregate_results(self, results: list[ClientResult]) -> None:
+        """FedAvg of the master, the clients' averaged ranges and QAT steps (pilot and rounds)."""
         self.global_state = fedavg(self.global_state, results)
         self.global_ranges = average_ranges(results, self.global_ranges)
         # QAT clients' learned weight steps (None in a round without QAT: MSE scales then)
         self.global_steps = average_steps(results)
-        return time.perf_counter() - t0
 
     def evaluate(self) -> dict[str, float]:
         # deploy_ranges: clients' averaged ranges; only when no client sent any (fp32, fedfq)
@@ -394,7 +439,7 @@ class Simulation:
                     attempts: int = 1, failed_s: float = 0.0) -> RoundRecord:
         assert self.clock is not None
         times = self.client_times(rnd, results)
-        round_s, split = self.clock.advance(list(times.values()), server_s)
+        round_s, split = self.clock.advance(list(times.values()), server_s, self.gap_s)
         round_s += failed_s
         metrics = metrics if metrics is not None else (
             {k: self.records[-1].__dict__[k] for k in ("acc_q", "acc_fp32", "loss_q", "loss_fp32")}
@@ -404,6 +449,8 @@ class Simulation:
         strategies = {r.cid: r.strategy for r in results}
         extra = {k: v for k, v in alloc.info.items() if isinstance(v, (int, float))}
         extra.update({f"sim_{k}_s": v for k, v in split.items()})
+        if self.uses_gap:
+            extra["quant_gap_measured"] = self.gaps[-1]
         if failed_s:
             extra["sim_failed_s"] = failed_s
         rec = RoundRecord(rnd, metrics["acc_q"], metrics["acc_fp32"], metrics["loss_q"], metrics["loss_fp32"],
@@ -454,7 +501,7 @@ class Simulation:
                 "clock": {"now_s": self.clock.now_s, "history": list(self.clock.history)},
                 "speed": self.speed.to_state(), "allocator": self.allocator.state_dict(),
                 "significance": sig.to_state() if hasattr(sig, "to_state") else None,
-                "upload_bytes_total": self.upload_bytes_total,
+                "upload_bytes_total": self.upload_bytes_total, "gaps": self.gaps,
                 "wall_elapsed_s": time.perf_counter() - self.wall_start}
         return tensors, meta
 
@@ -481,8 +528,17 @@ class Simulation:
         self.rnd = int(meta["round"])
         self.run_id = meta.get("run_id")
         self.upload_bytes_total = int(meta["upload_bytes_total"])
+        self.gaps = [float(g) for g in meta.get("gaps", [])]
         self.wall_start = time.perf_counter() - float(meta["wall_elapsed_s"])
         torch.set_rng_state(tensors["rng/torch"])
+
+    def significance_summary(self) -> dict[str, Any] | None:
+        """SigAcc's fit quality and pilot round gains, when the allocator has a model."""
+        sig = getattr(self.allocator, "significance", None)
+        if sig is None:
+            return None
+        return {"train_r2": sig.train_r2, "cv_r2": sig.cv_r2, "cv_r2_rounds": sig.cv_r2_rounds,
+                "round_gains": sig.tags.get("round_gains"), "n_samples": sig.tags.get("n_samples")}
 
     def should_eval(self, rnd: int) -> bool:
         return (rnd + 1) % self.cfg.eval_every == 0 or rnd + 1 == self.cfg.rounds
@@ -501,6 +557,7 @@ class Simulation:
             "qat_share": float(np.mean([r.n_qat / max(1, r.n_qat + r.n_ptq + r.n_fp32) for r in self.records]))
             if self.records else 0.0,
             "speed_model": self.speed.summary() if self.speed else None,
+            "significance": self.significance_summary(),
             "sim_breakdown_s": sim_breakdown(self.records),
             "rejected": {"total": sum(len(r.rejected) for r in self.records),
                          "by_reason": reject_counts(r.rejected for r in self.records),

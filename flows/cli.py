@@ -188,6 +188,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for k in ("speedup_tta_vs", "acc_gain_vs_all_ptq", "gap_recovered_vs_all_ptq", "sim_time_vs_all_ptq"):
         if k in out:
             print(f"{k}: {json.dumps(out[k], default=_json_default)}")
+    if out.get("significance"):
+        print("SigAcc R2 per seed (in-sample / cross-validated by client / by pilot round): " + ", ".join(
+            f"{s}: {v['train_r2']:.2f} / {v['cv_r2']:.2f} / {v['cv_r2_rounds']:.2f}" for s, v in out["significance"].items()))
+    dom = out.get("dominance")
+    if dom:
+        tta = "not reached" if dom["tta_vs_best"] is None else f"{dom['tta_vs_best']:.2f}x"
+        print(f"dominance (means over seeds): tail acc vs better pure {100 * dom['acc_vs_best']:+.1f} points "
+              f"(bar >= -1), TTA vs faster pure {tta} (bar <= 1.05x), sim time vs all-ptq "
+              f"{dom['sim_vs_all_ptq']:.2f}x (bar <= 1.10x): "
+              + ("met" if all(dom["met"].values()) else "MISSED " + ", ".join(k for k, v in dom["met"].items() if not v)))
     if args.json:
         write_json(args.json, out)
     return 0

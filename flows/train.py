@@ -153,6 +153,9 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
                              "alloc_overhead_s": summary["alloc_overhead_s"], "total_rejected": rej["total"]},
                             step=cfg.rounds)
         tracker.set_tags({"fedhq.rejected": f"{rej['total']} rejected ({format_reasons(rej['by_reason'])})"})
+        if summary.get("significance"):
+            tracker.log_metrics({f"sigacc_{k}": v for k, v in summary["significance"].items()
+                                 if k in ("train_r2", "cv_r2", "cv_r2_rounds")}, step=cfg.rounds)
         if register:
             summary["model_version"] = tracker.register_global_model(sim.deployed_bundle(), model_tags(sim, summary))
         summary["wall_s"] = sim.summary()["wall_s"]
@@ -166,26 +169,30 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
 
 
 def obtain_significance(sim: Simulation, tracker=None):
-    """The registry's ``current`` SigAcc model for this setting, else fit one now (and register it)."""
-    from fedhq_core.allocation.pilot import significance_tags
+    """A registered SigAcc model fitted for exactly this setting (any version, found by its tags),
+    else fit one now and register it (alias ``current`` points at the newest fit)."""
+    from fedhq_core.allocation.pilot import pilot_length, setting_key, significance_tags
 
     wanted = significance_tags(sim.cfg)
+    name = tracker.settings.significance_model if tracker else None
     if tracker and sim.cfg.significance == "auto":
         model, why = tracker.load_significance(wanted)
         if model is not None:
-            print(f"fedhq: using {tracker.settings.significance_model} {why} (alias current)", file=sys.stderr)
+            print(f"fedhq: using {name} {why} (fitted for this setting)", file=sys.stderr)
             return model
-        print(f"fedhq: no current {tracker.settings.significance_model} for this setting ({why}); "
-              f"fitting one with {sim.cfg.pilot_rounds} pilot rounds", file=sys.stderr)
+        print(f"fedhq: {why} in {name}; fitting one by a pilot run ({pilot_length(sim.cfg)} rounds per branch)",
+              file=sys.stderr)
     model = T.fit_significance(sim)
+    print(f"fedhq: SigAcc R2 in-sample {model.train_r2:.2f}, cross-validated {model.cv_r2:.2f} (by client), "
+          f"{model.cv_r2_rounds:.2f} (by pilot round); pilot round gains {model.tags['round_gains']}", file=sys.stderr)
     if tracker:
-        tracker.start(f"fit-significance-{sim.dataset_name}", {**wanted, "pilot_rounds": sim.cfg.pilot_rounds},
-                      tags={"kind": "fit-significance"})
-        tracker.log_metrics({"train_r2": model.train_r2, "mean_gain": model.tags["mean_gain"]})
-        version = tracker.log_sklearn(model.regressor, "significance", tracker.settings.significance_model,
-                                      {**model.tags, "train_r2": round(model.train_r2, 4)}, aliases=("current",))
+        tracker.start(f"fit-significance-{sim.dataset_name}", {**wanted}, tags={"kind": "fit-significance"})
+        tracker.log_metrics({"train_r2": model.train_r2, "cv_r2": model.cv_r2, "cv_r2_rounds": model.cv_r2_rounds,
+                             "mean_gain": model.tags["mean_gain"]})
+        version = tracker.log_sklearn(model.regressor, "significance", name,
+                                      {**model.tags, "setting": setting_key(wanted)}, aliases=("current",))
         tracker.end()
-        print(f"fedhq: registered {tracker.settings.significance_model} version {version} as current", file=sys.stderr)
+        print(f"fedhq: registered {name} version {version} as current", file=sys.stderr)
     return model
 
 
@@ -197,7 +204,7 @@ def fit_significance_flow(config: dict[str, Any]) -> dict[str, Any]:
     sim = Simulation(cfg.replace(strategy="fedhq"))
     T.profile_hardware(sim, None)
     model = obtain_significance(sim, tracker_for(cfg))
-    return {"train_r2": model.train_r2, **model.tags}
+    return {**model.tags, "train_r2": model.train_r2, "cv_r2": model.cv_r2, "cv_r2_rounds": model.cv_r2_rounds}
 
 
 # Simulations built by the caller before the flow starts (data loaded while Prefect boots),

@@ -26,6 +26,7 @@ from fedhq_core.config import ExperimentConfig, from_mapping  # noqa: E402
 from fedhq_core.simulation import Simulation, load_data  # noqa: E402
 from tasks import training as T  # noqa: E402
 
+from fedhq_core.allocation.pilot import setting_key, significance_tags  # noqa: E402
 from flows.train import execute_run, model_tags, obtain_significance, set_torch_threads, tracker_for  # noqa: E402
 
 
@@ -74,7 +75,7 @@ def tune_flow(config: dict[str, Any], study_name: str, trials: int, timeout: flo
                                                  "trials": trials}, tags={"kind": "tune"}) if tracker else None
     sim0 = Simulation(base, dataset=ds)
     speed = T.profile_hardware(sim0, None)
-    sigs: dict[tuple[int, int], Any] = {}
+    sigs: dict[str, Any] = {}
     bundles: dict[int, tuple[dict, dict]] = {}
     lock = threading.Lock()
 
@@ -87,7 +88,7 @@ def tune_flow(config: dict[str, Any], study_name: str, trials: int, timeout: flo
         cfg = base.replace(**changes)
         sim = Simulation(cfg, dataset=ds)
         sim.profile(speed)
-        key = (cfg.w_bits, cfg.a_bits)
+        key = setting_key(significance_tags(cfg))   # a study that comes back to a setting reuses its fit
         with lock:
             if key not in sigs:
                 sigs[key] = obtain_significance(sim, tracker_for(cfg))

@@ -20,9 +20,11 @@ def save_figure(fig, path: str) -> str:
 
 
 def allocation_scatter(data: dict[str, Any], path: str, title: str | None = None) -> str:
-    """Clients at (s_hat, a_hat), coloured by strategy, with the xi line (1-xi)*a = xi*(1-s)."""
+    """Clients at (s_hat, a_hat), coloured by strategy, with the xi line (1-xi)*a = xi*(1-s).
+    Clients whose predicted gain is not positive (the sign sent them to PTQ) are drawn apart."""
     s, a = np.asarray(data["s_hat"]), np.asarray(data["a_hat"])
     qat, free = np.asarray(data["qat"], bool), np.asarray(data["free"], bool)
+    excluded = np.asarray(data["gain"]) <= 0 if "gain" in data else np.zeros_like(qat)
     coarse = np.asarray(data.get("coarse", data["qat"]), bool)
     xi = float(data["xi"])
     fig, ax = plt.subplots(figsize=(5.2, 4.6), dpi=110)
@@ -34,7 +36,12 @@ def allocation_scatter(data: dict[str, Any], path: str, title: str | None = None
     ax.scatter(s[qat & ~free], a[qat & ~free], c="tab:green", s=50, label="QAT (above the line)", zorder=3)
     ax.scatter(s[qat & free], a[qat & free], c="tab:green", marker="*", s=120, label="QAT (free: t_QAT ≤ T*)",
                zorder=3)
-    ax.scatter(s[~qat], a[~qat], c="tab:red", marker="s", s=45, label="PTQ", zorder=3)
+    ptq = ~qat & ~excluded
+    if ptq.any():
+        ax.scatter(s[ptq], a[ptq], c="tab:red", marker="s", s=45, label="PTQ (below the line)", zorder=3)
+    if excluded.any():
+        ax.scatter(s[excluded], a[excluded], c="tab:gray", marker="x", s=45, zorder=3,
+                   label=f"PTQ: predicted gain ≤ 0 ({int(excluded.sum())})")
     flipped = qat != coarse
     if flipped.any():
         ax.scatter(s[flipped], a[flipped], facecolors="none", edgecolors="k", s=160, lw=1.2,
@@ -44,7 +51,7 @@ def allocation_scatter(data: dict[str, Any], path: str, title: str | None = None
     ax.set_xlim(-0.05, 1.05)
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("speed ŝ (normalised 1/t_PTQ, 1 = fastest)")
-    ax.set_ylabel("accuracy significance â (normalised SigAcc)")
+    ax.set_ylabel("accuracy significance â (normalised positive SigAcc)")
     ax.set_title(title or f"FedHQ allocation, round {data['round']}")
     ax.legend(fontsize=7, loc="lower left")
     return save_figure(fig, path)

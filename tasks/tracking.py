@@ -220,23 +220,25 @@ class Tracker:
         return self.register(registered, uri, tags, aliases)
 
     def load_significance(self, wanted: dict[str, Any]):
-        """The registry's ``current`` significance model if it was fitted for ``wanted``'s setting."""
-        from mlflow.exceptions import MlflowException
-
+        """The newest registered significance model fitted for exactly ``wanted``'s setting: found
+        by its ``setting`` tag (a hash of every gain-relevant field) with ``search_model_versions``,
+        then every field checked tag by tag. Any version qualifies, not only alias ``current``."""
         from fedhq_core.allocation import SignificanceModel
+        from fedhq_core.allocation.pilot import setting_key
 
         name = self.settings.significance_model
-        try:
-            mv = self.client.get_model_version_by_alias(name, "current")
-        except MlflowException:
-            return None, "no registered version"
-        mismatch = {k: (mv.tags.get(k), str(v)) for k, v in wanted.items() if mv.tags.get(k) != str(v)}
-        if mismatch:
-            k, (have, want) = next(iter(mismatch.items()))
-            return None, f"version {mv.version} was fitted for {k}={have}, this run has {k}={want}"
-        self.mlflow.set_tracking_uri(self.settings.tracking_uri)
-        reg = self.mlflow.sklearn.load_model(f"models:/{name}/{mv.version}")
-        return SignificanceModel(reg, dict(mv.tags)), f"version {mv.version}"
+        key = setting_key(wanted)
+        versions = self.client.search_model_versions(f"name='{name}' and tags.setting = '{key}'",
+                                                     order_by=["version_number DESC"])
+        for mv in versions:
+            if all(mv.tags.get(k) == str(v) for k, v in wanted.items()):
+                self.mlflow.set_tracking_uri(self.settings.tracking_uri)
+                reg = self.mlflow.sklearn.load_model(f"models:/{name}/{mv.version}")
+                model = SignificanceModel(reg, dict(mv.tags))
+                for k in ("train_r2", "cv_r2", "cv_r2_rounds"):
+                    setattr(model, k, float(mv.tags.get(k, "nan")))
+                return model, f"version {mv.version}"
+        return None, "no version fitted for this setting"
 
     def register(self, name: str, model_uri: str, tags: dict[str, Any], aliases: tuple[str, ...] = ()) -> str:
         from mlflow.exceptions import MlflowException

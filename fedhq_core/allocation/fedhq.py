@@ -1,19 +1,23 @@
 """The FedHQ allocator: coarse geometric initialization, then fine-grained ML-based adjustment.
 
 Coarse [paper: 2D space of normalised speed and accuracy significance; design: the rules]:
+  * g_m = SigAcc_m, the predicted *signed* gain of QAT over PTQ; g_m <= 0 -> PTQ;
   * speed score v_m = 1 / t_m^PTQ, normalised to s_m in [0, 1] (1 = fastest);
-  * significance SigAcc_m from the fitted regressor, normalised to a_m in [0, 1];
-  * free QAT: t_m^QAT <= T* = max over sampled clients of t^PTQ costs no round time;
-  * otherwise QAT iff (1 - xi) * a_m >= xi * (1 - s_m)  (xi = 1: free QAT only).
+  * a_m = g_m min-max normalised over the clients with g_m > 0;
+  * free QAT: g_m > 0 and t_m^QAT <= T* = max over sampled clients of t^PTQ costs no round time;
+  * otherwise (g_m > 0) QAT iff (1 - xi) * a_m >= xi * (1 - s_m)  (xi = 1: free QAT only).
 
 Fine [paper: ML-based adjustment with a cost model; design: what it learns and the search]:
   * a cost model (scikit-learn) learns log(observed / spec-sheet time) per client and strategy
-    from the rounds so far (jitter and hidden throttling that the spec sheet misses), and the PTQ
-    clients' reported quantization losses update their significance features;
-  * every ``adjust_every`` rounds it is refitted (a new registry version); its error on the next
-    round is reported beside the spec sheet's;
-  * a local search flips clients within ``search_band`` of the line to minimise
-    J(x) = xi * T(x) / T_ref + (1 - xi) * (A_ref - A(x)) / A_ref.
+    from the rounds so far (jitter and hidden throttling that the spec sheet misses);
+  * the gain estimates follow the run: every round the features are recomputed from what the
+    rounds showed (progress, the server's measured quantization gap, the PTQ clients' reported
+    sensitivities), and the estimate is logged per round;
+  * every ``adjust_every`` rounds the cost model is refitted (a new registry version); its error
+    on the next round is reported beside the spec sheet's;
+  * a local search flips clients with g_m > 0 within ``search_band`` of the line to minimise
+    J(x) = xi * T(x) / T_ref + (1 - xi) * (A_ref - A(x)) / A_ref, A(x) = sum of g_m over QAT
+    clients, A_ref = sum of the positive g_m.
 """
 from __future__ import annotations
 
@@ -24,37 +28,49 @@ from typing import Any
 import numpy as np
 
 from .base import Allocation, Allocator, RoundFeedback
-from .significance import SignificanceModel, client_features, label_histogram, minmax
+from .significance import SignificanceModel, feature_rows, minmax
 
 
-def allocate_coarse(s_hat: np.ndarray, a_hat: np.ndarray, t_ptq: np.ndarray, t_qat: np.ndarray,
+def normalised_significance(gains: np.ndarray) -> np.ndarray:
+    """a_m: min-max over the positive gains; 0 where the gain is not positive."""
+    pos = gains > 0
+    a = np.zeros_like(gains, dtype=float)
+    if pos.any():
+        a[pos] = minmax(gains[pos]) if pos.sum() > 1 else 1.0
+    return a
+
+
+def allocate_coarse(s_hat: np.ndarray, gains: np.ndarray, t_ptq: np.ndarray, t_qat: np.ndarray,
                     xi: float) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean QAT mask and the free-QAT mask of the coarse stage."""
+    """Boolean QAT mask and the free-QAT mask of the coarse stage (QAT only where g_m > 0)."""
+    pos = gains > 0
+    a_hat = normalised_significance(gains)
     deadline = float(np.max(t_ptq))
-    free = t_qat <= deadline
-    line = (1.0 - xi) * a_hat >= xi * (1.0 - s_hat) if xi < 1.0 else np.zeros_like(free)
+    free = pos & (t_qat <= deadline)
+    line = pos & ((1.0 - xi) * a_hat >= xi * (1.0 - s_hat)) if xi < 1.0 else np.zeros_like(free)
     return free | line, free
 
 
-def objective(x: np.ndarray, t_ptq: np.ndarray, t_qat: np.ndarray, a_hat: np.ndarray, xi: float) -> float:
+def objective(x: np.ndarray, t_ptq: np.ndarray, t_qat: np.ndarray, gains: np.ndarray, xi: float) -> float:
     t_ref = float(np.max(t_ptq))
-    a_ref = float(a_hat.sum()) or 1.0
+    a_ref = float(np.clip(gains, 0, None).sum()) or 1.0
     t = float(np.max(np.where(x, t_qat, t_ptq)))
-    return xi * t / t_ref + (1.0 - xi) * (a_ref - float(a_hat[x].sum())) / a_ref
+    return xi * t / t_ref + (1.0 - xi) * (a_ref - float(gains[x].sum())) / a_ref
 
 
-def local_search(x0: np.ndarray, s_hat: np.ndarray, a_hat: np.ndarray, t_ptq: np.ndarray, t_qat: np.ndarray,
+def local_search(x0: np.ndarray, s_hat: np.ndarray, gains: np.ndarray, t_ptq: np.ndarray, t_qat: np.ndarray,
                  xi: float, band: float, max_sweeps: int = 10) -> np.ndarray:
-    """Greedy first-improvement flips of clients near the line, until no flip lowers J."""
+    """Greedy first-improvement flips of positive-gain clients near the line, until no flip lowers J."""
     x = x0.copy()
+    a_hat = normalised_significance(gains)
     margin = np.abs((1.0 - xi) * a_hat - xi * (1.0 - s_hat))
-    near = np.flatnonzero(margin <= band)
-    best = objective(x, t_ptq, t_qat, a_hat, xi)
+    near = np.flatnonzero((margin <= band) & (gains > 0))
+    best = objective(x, t_ptq, t_qat, gains, xi)
     for _ in range(max_sweeps):
         improved = False
         for i in near:
             x[i] = ~x[i]
-            j = objective(x, t_ptq, t_qat, a_hat, xi)
+            j = objective(x, t_ptq, t_qat, gains, xi)
             if j < best - 1e-12:
                 best, improved = j, True
             else:
@@ -149,16 +165,18 @@ class FedHQAllocator(Allocator):
         self.quant_sensitivity: dict[int, float] = {}
         self.refits: list[dict[str, Any]] = []      # new cost-model versions, for the tracking layer
         self._last_pred: dict[int, tuple[float, float]] = {}  # cid -> (cost-model pred, spec pred)
-        self._hist_cache: np.ndarray | None = None
+        self.estimates: list[dict[str, float]] = []  # per round: the gain estimate, for logging
 
     # --- analyses ----------------------------------------------------------------------
-    def significance_of(self, cids: list[int], view) -> np.ndarray:
+    def significance_of(self, cids: list[int], view, rnd: int = 0) -> np.ndarray:
+        """Signed gains g_m from the run's current state (the fine stage's online update; the
+        coarse-only ablation keeps the initial state's). Without a SigAcc model (``significance:
+        none``) every client counts as gaining equally: the allocation is then by speed alone."""
         if self.significance is None:
-            return np.zeros(len(cids))
-        if self._hist_cache is None:
-            self._hist_cache = label_histogram(view.global_labels, view.num_classes)
-        X = np.stack([client_features(view.shards[c].y.numpy(), self._hist_cache,
-                                      self.quant_sensitivity.get(c, 0.0)) for c in cids])
+            return np.ones(len(cids))
+        if not self.fine:   # fedhq-coarse: the estimate of the initial state, never updated
+            return self.significance.predict(feature_rows(view.shard_features(), cids, 0.0, 0.0, {}))
+        X = feature_rows(view.shard_features(), cids, rnd / view.cfg.rounds, view.quant_gap, self.quant_sensitivity)
         return self.significance.predict(X)
 
     def allocate(self, rnd: int, sampled: list[int], view) -> Allocation:
@@ -169,22 +187,26 @@ class FedHQAllocator(Allocator):
             t_ptq = self.cost.correct(sampled, t_ptq, False)
             t_qat = self.cost.correct(sampled, t_qat, True)
         s_hat = minmax(1.0 / t_ptq)
-        sig = self.significance_of(sampled, view)
-        a_hat = minmax(sig)
-        x, free = allocate_coarse(s_hat, a_hat, t_ptq, t_qat, self.xi)
+        gains = self.significance_of(sampled, view, rnd)
+        x, free = allocate_coarse(s_hat, gains, t_ptq, t_qat, self.xi)
         coarse = x.copy()
         adjusted = bool(self.fine and self.cost.regressor is not None)
         if adjusted:
-            x = local_search(x, s_hat, a_hat, t_ptq, t_qat, self.xi, self.search_band)
+            x = local_search(x, s_hat, gains, t_ptq, t_qat, self.xi, self.search_band)
         strategies = {c: ("qat" if q else "ptq") for c, q in zip(sampled, x)}
         self._last_pred = {c: (float(np.where(q, tq, tp)), float(np.where(q, sq, sp)))
                            for c, q, tp, tq, sp, sq in zip(sampled, x, t_ptq, t_qat, spec["ptq"], spec["qat"])}
+        estimate = {"gain_mean": float(gains.mean()), "gain_positive_share": float((gains > 0).mean()),
+                    "quant_gap": float(view.quant_gap)}
+        if self.fine:
+            self.estimates.append({"round": rnd, **estimate})
         info = {
             "qat_share": float(x.mean()), "n_free_qat": int(free.sum()), "n_flipped": int((x != coarse).sum()),
+            "n_sign_ptq": int((gains <= 0).sum()), **estimate,
             "pred_round_s": float(np.max(np.where(x, t_qat, t_ptq))), "cost_model_version": self.cost.version,
-            "scatter": {"cids": list(sampled), "s_hat": s_hat.tolist(), "a_hat": a_hat.tolist(),
-                        "qat": x.tolist(), "free": free.tolist(), "coarse": coarse.tolist(), "xi": self.xi,
-                        "round": rnd, "adjusted": adjusted},
+            "scatter": {"cids": list(sampled), "s_hat": s_hat.tolist(), "a_hat": normalised_significance(gains).tolist(),
+                        "gain": gains.tolist(), "qat": x.tolist(), "free": free.tolist(), "coarse": coarse.tolist(),
+                        "xi": self.xi, "round": rnd, "adjusted": adjusted},
             "alloc_compute_s": time.perf_counter() - t0,
         }
         return Allocation(strategies, info=info)
@@ -219,10 +241,12 @@ class FedHQAllocator(Allocator):
                 "cost": self.cost.to_state(),
                 "refits": [{**{k: v for k, v in r.items() if k != "model"}, "model": ridge_to_state(r["model"])}
                            for r in self.refits],
-                "last_pred": {str(k): list(v) for k, v in self._last_pred.items()}}
+                "last_pred": {str(k): list(v) for k, v in self._last_pred.items()},
+                "estimates": self.estimates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.quant_sensitivity = {int(k): float(v) for k, v in state["quant_sensitivity"].items()}
         self.cost = CostModel.from_state(state["cost"])
         self.refits = [{**r, "model": ridge_from_state(r["model"])} for r in state["refits"]]
         self._last_pred = {int(k): (v[0], v[1]) for k, v in state["last_pred"].items()}
+        self.estimates = list(state.get("estimates", []))

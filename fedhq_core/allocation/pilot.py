@@ -1,63 +1,111 @@
-"""Offline fitting of SigAcc: short pilot rounds that measure, for every client, how much more
-accurate its *quantized* local model is after QAT than after PTQ, on a proxy split.
+"""Offline fitting of SigAcc: a pilot that measures, at every round of a short run, how much more
+accurate the deployed (quantized) global model is for having trained with QAT rather than PTQ.
 
-Each pilot round trains every client twice from the same global model (PTQ and QAT), deploys
-each local model quantized (its own ranges; QAT also its learned steps) and evaluates it on the
-server's small proxy split; the gain and the client's shard features make one training row. The
-pilot's global model then advances by FedAvg of the PTQ updates. The simulation's own state is
-left untouched.
+The pilot follows the run it prepares (same clients, sampling, seeds, round count ``R``) in two
+branches from the same initial model, one all-PTQ and one all-QAT, for ``pilot_rounds`` rounds
+(default: the first half of the run). After each round the server deploys both branches'
+masters as a run would (averaged ranges; QAT also its averaged learned steps) and scores them on
+its proxy split ``server_calib`` (never the test split). The round's gain G(r) = QAT branch minus
+PTQ branch, averaged over neighbouring rounds (one evaluation is noisy), is signed and cumulative:
+it includes QAT's slower convergence as well as the quantization loss it avoids. Each sampled
+client's row is its features at that point in its branch (:func:`significance.feature_rows`:
+shard, progress r/R, the master's quantization gap, its last reported sensitivity), labelled
+with its FedAvg share of G(r). The simulation's own state is left untouched.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable
 
 import numpy as np
-import torch
 
-from ..quant import unpack_update
-from ..server import evaluate_global, fedavg
-from .significance import SignificanceModel, client_features, label_histogram
+from ..server import evaluate_global
+from .significance import SignificanceModel, feature_rows
 
-
-def _local_deployed_acc(sim, result) -> float:
-    state = {k: v.clone() for k, v in sim.global_state.items()}
-    for k, d in unpack_update(result.payload).items():
-        state[k].add_(d.to(state[k].dtype))
-    steps = {k: torch.from_numpy(v) for k, v in result.payload.weight_steps.items()} or None
-    m = evaluate_global(sim.eval_model, state, result.payload.act_ranges, sim.server_calib.x, sim.server_calib.y, steps)
-    return m["acc_q"]
+PILOT_SPAN = 0.5   # [design] by default the pilot covers the first half of the run's rounds
 
 
-def pilot_gains(sim, rounds: int, map_fn: Callable[[Callable, Iterable], Iterable] = map) -> tuple[np.ndarray, np.ndarray]:
-    """Features X (clients x rounds, 5) and measured QAT-vs-PTQ gains."""
-    saved = (sim.global_state, sim.global_ranges, sim.global_steps)
-    hist = label_histogram(sim.global_labels, sim.num_classes)
-    X, gains = [], []
+SMOOTH = 1   # [design] G(r) is averaged over rounds r-1..r+1 of the pilot
+
+
+def pilot_length(cfg) -> int:
+    """Rounds per pilot branch: ``pilot_rounds``, or 0 for the first half of the run (at least 3)."""
+    return cfg.pilot_rounds or min(cfg.rounds, max(3, math.ceil(PILOT_SPAN * cfg.rounds)))
+
+
+def pilot_gains(sim, rounds: int, map_fn: Callable[[Callable, Iterable], Iterable] = map
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict[str, float]]]:
+    """Features X, signed gains, client ids and pilot rounds (the CV groups), and one summary per
+    pilot round."""
+    saved = (sim.global_state, sim.global_ranges, sim.global_steps, sim.gaps)
+    shards = sim.shard_features()
+    branch = {s: {"state": sim.global_state, "ranges": sim.global_ranges, "steps": sim.global_steps, "gaps": [],
+                  "sens": {}, "acc": []} for s in ("ptq", "qat")}
+    rows: list[tuple[int, list[int], np.ndarray, np.ndarray]] = []   # (round, cids, features, shares)
     try:
         for rnd in range(rounds):
-            cids = list(range(sim.n_clients))
-            jobs = [(c, s) for c in cids for s in ("ptq", "qat")]
-            res = list(map_fn(lambda job: sim.train(10_000 + rnd, job[0], job[1]), jobs))
-            by = {(r.cid, r.strategy): r for r in res}
-            for c in cids:
-                ptq, qat = by[(c, "ptq")], by[(c, "qat")]
-                gains.append(_local_deployed_acc(sim, qat) - _local_deployed_acc(sim, ptq))
-                X.append(client_features(sim.shards[c].y.numpy(), hist, float(ptq.quant_loss or 0.0)))
-            sim.global_state = fedavg(sim.global_state, [by[(c, "ptq")] for c in cids])
+            cids = sim.sample(10_000 + rnd)
+            for strategy, b in branch.items():
+                sim.global_state, sim.global_ranges, sim.global_steps, sim.gaps = (b["state"], b["ranges"], b["steps"],
+                                                                                   b["gaps"])
+                X = feature_rows(shards, cids, rnd / sim.cfg.rounds, sim.quant_gap, b["sens"])
+                res = list(map_fn(lambda c: sim.train(10_000 + rnd, c, strategy), cids))
+                n = np.array([r.n_samples for r in res], dtype=float)
+                rows.append((rnd, cids, X, n / n.mean()))
+                b["sens"].update({r.cid: float(r.quant_loss) for r in res if r.quant_loss is not None})
+                sim.measure_gap()      # of the master this round started from, as in a run (appends to b["gaps"])
+                sim.aggregate_results(res)
+                b["state"], b["ranges"], b["steps"] = sim.global_state, sim.global_ranges, sim.global_steps
+                b["acc"].append(evaluate_global(sim.eval_model, sim.global_state, sim.global_ranges, sim.server_calib.x,
+                                                sim.server_calib.y, sim.global_steps)["acc_q"])
     finally:
-        sim.global_state, sim.global_ranges, sim.global_steps = saved
-    return np.asarray(X), np.asarray(gains)
+        sim.global_state, sim.global_ranges, sim.global_steps, sim.gaps = saved
+    raw = np.array(branch["qat"]["acc"]) - np.array(branch["ptq"]["acc"])
+    smooth = np.array([raw[max(0, r - SMOOTH):r + SMOOTH + 1].mean() for r in range(rounds)])
+    X, gains, groups, point_ids = [], [], [], []
+    for rnd, cids, feats, share in rows:
+        X.extend(feats)
+        gains.extend(smooth[rnd] * share)
+        groups.extend(cids)
+        point_ids.extend([rnd] * len(cids))
+    log = [{"round": r, "progress": r / sim.cfg.rounds, "round_gain": float(smooth[r]), "raw_gain": float(raw[r]),
+            } for r in range(rounds)]
+    return np.asarray(X), np.asarray(gains), np.asarray(groups), np.asarray(point_ids), log
+
+
+# Fields that can change the gains. Only time-only fields (fleet, clock, execution, tracking,
+# fault handling, xi and the allocator's own knobs) are left out: a SigAcc model fitted under one
+# value of any of these is not reused under another.
+GAIN_FIELDS = ("dataset", "data_dir", "max_train_samples", "max_test_samples", "test_fraction", "server_calib_size",
+               "partition", "alpha", "classes_per_client", "min_shard_size", "model", "clients", "rounds", "fraction",
+               "local_epochs", "batch_size", "lr", "momentum", "weight_decay", "w_bits", "a_bits", "upload_bits",
+               "first_last_bits", "ptq_act_percentile", "calib_batches", "ema_momentum", "report_sensitivity",
+               "pilot_rounds", "seed")
 
 
 def significance_tags(cfg) -> dict[str, Any]:
-    """The setting a significance model is valid for (matched before reuse)."""
-    return {"dataset": cfg.dataset, "model": cfg.model, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
-            "first_last_bits": cfg.first_last_bits, "clients": cfg.clients, "partition": cfg.partition,
-            "alpha": cfg.alpha}
+    """The setting a significance model is valid for (every tag must match before reuse): the
+    gain-relevant config fields and how its features and targets are made, so a model fitted
+    by other feature code is never reused."""
+    from .significance import FEATURES, GAP_WINDOW
+
+    return {**{k: getattr(cfg, k) for k in GAIN_FIELDS}, "features": ",".join(FEATURES),
+            "gap_window": GAP_WINDOW, "pilot_span": PILOT_SPAN, "pilot_smooth": SMOOTH}
 
 
-def fit_significance(sim, rounds: int, map_fn=map) -> SignificanceModel:
-    X, gains = pilot_gains(sim, rounds, map_fn)
-    model = SignificanceModel.fit(X, gains, sim.cfg.seed, significance_tags(sim.cfg))
-    model.tags.update({"pilot_rounds": rounds, "n_samples": len(gains), "mean_gain": float(gains.mean())})
+def setting_key(tags: dict[str, Any]) -> str:
+    """A short hash of a setting's tags: one registry tag to search versions by."""
+    import hashlib
+
+    text = ";".join(f"{k}={tags[k]}" for k in sorted(tags))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def fit_significance(sim, map_fn=map) -> SignificanceModel:
+    X, gains, groups, point_ids, log = pilot_gains(sim, pilot_length(sim.cfg), map_fn)
+    model = SignificanceModel.fit(X, gains, sim.cfg.seed, significance_tags(sim.cfg), groups, point_ids)
+    model.tags.update({"n_samples": len(gains), "mean_gain": round(float(gains.mean()), 4),
+                       "train_r2": round(model.train_r2, 4), "cv_r2": round(model.cv_r2, 4),
+                       "cv_r2_rounds": round(model.cv_r2_rounds, 4),
+                       "round_gains": ";".join(f"{p['round']}:{p['round_gain']:+.3f}" for p in log)})
     return model

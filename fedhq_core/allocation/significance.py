@@ -1,11 +1,20 @@
-"""Data-distribution-related accuracy analysis: SigAcc_m, how much the deployed model gains when
-client m trains with QAT instead of PTQ.
+"""Data-distribution-related accuracy analysis: SigAcc_m, the *signed* gain in deployed accuracy
+when client m trains with QAT instead of PTQ. It can be negative: QAT slows convergence, and
+where PTQ is nearly lossless that costs more than QAT wins back (method.md section 4).
 
-Features of a client's shard: size, label entropy, Jensen-Shannon divergence from the global
-label distribution, number of classes present, and the model's quantization sensitivity there
-(the local accuracy its PTQ lost, as the client reports it). An offline fitting step runs short
-pilot rounds, measures per-client QAT-vs-PTQ gains, and fits a scikit-learn regressor that
-maps features to gains (:class:`SignificanceModel`).
+Features (:data:`FEATURES`), computed by :func:`client_features` the same way at fitting time
+(pilot runs, ``allocation.pilot``) and at run time (the allocator):
+
+* the shard: log size, label entropy, Jensen-Shannon divergence from the global label
+  distribution, number of classes present;
+* the run's state: progress r/R and the global model's current quantization gap (FP32 minus
+  quantized accuracy of the master under server-side PTQ, measured on the server's proxy split
+  ``server_calib``, never on the test split; the mean of the last ``GAP_WINDOW`` measurements);
+* the client's own reported sensitivity (the local accuracy its last PTQ round lost), where it
+  has reported one; otherwise the fleet's mean report, flagged as imputed.
+
+:class:`SignificanceModel` is a scikit-learn regressor features -> gain, with its in-sample and
+cross-validated (GroupKFold by client) R².
 """
 from __future__ import annotations
 
@@ -14,7 +23,17 @@ from typing import Any
 
 import numpy as np
 
-FEATURES = ("log_size", "label_entropy", "js_divergence", "classes_present", "quant_sensitivity")
+FEATURES = ("log_size", "label_entropy", "js_divergence", "classes_present", "progress", "quant_gap",
+            "sensitivity", "has_sensitivity")
+
+
+GAP_WINDOW = 3   # [design] the gap feature is the mean of the last 3 measured gaps (its trend, less noise)
+
+
+def gap_trend(history: list[float]) -> float:
+    """The quantization-gap feature from the gaps measured so far (0 before the first)."""
+    recent = history[-GAP_WINDOW:]
+    return float(sum(recent) / len(recent)) if recent else 0.0
 
 
 def label_histogram(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -37,31 +56,75 @@ def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
     return 0.5 * kl(p, m) + 0.5 * kl(q, m)
 
 
-def client_features(labels: np.ndarray, global_hist: np.ndarray, quant_sensitivity: float) -> np.ndarray:
+def shard_features(labels: np.ndarray, global_hist: np.ndarray) -> np.ndarray:
+    """The four features of a shard (fixed for a run)."""
     h = label_histogram(labels, len(global_hist))
-    return np.array([np.log(max(len(labels), 1)), entropy(h), js_divergence(h, global_hist),
-                     float((h > 0).sum()), quant_sensitivity])
+    return np.array([np.log(max(len(labels), 1)), entropy(h), js_divergence(h, global_hist), float((h > 0).sum())])
+
+
+def client_features(shard: np.ndarray, progress: float, quant_gap: float, sensitivity: float | None,
+                    fleet_sensitivity: float | None) -> np.ndarray:
+    """One row of :data:`FEATURES`: ``shard`` from :func:`shard_features`, then the run's state."""
+    if sensitivity is None:
+        sens, has = (fleet_sensitivity if fleet_sensitivity is not None else quant_gap), 0.0
+    else:
+        sens, has = sensitivity, 1.0
+    return np.concatenate([shard, [progress, quant_gap, sens, has]])
+
+
+def feature_rows(shards: dict[int, np.ndarray], cids: list[int], progress: float, quant_gap: float,
+                 sensitivity: dict[int, float]) -> np.ndarray:
+    """Rows for ``cids`` at one point of a run (pilot and allocator call this same function)."""
+    fleet = float(np.mean(list(sensitivity.values()))) if sensitivity else None
+    return np.stack([client_features(shards[c], progress, quant_gap, sensitivity.get(c), fleet) for c in cids])
+
+
+def cross_validated_r2(X: np.ndarray, gains: np.ndarray, groups: np.ndarray, seed: int, folds: int = 5) -> float:
+    """Out-of-fold R² with GroupKFold: every group's rows (a client's, or a pilot round's)
+    are predicted by a model that never saw that group. NaN when there are fewer than two groups."""
+    from sklearn.model_selection import GroupKFold
+
+    k = min(folds, len(np.unique(groups)))
+    if k < 2:
+        return float("nan")
+    pred = np.empty_like(gains, dtype=float)
+    for tr, te in GroupKFold(n_splits=k).split(X, gains, groups):
+        pred[te] = _regressor(seed).fit(X[tr], gains[tr]).predict(X[te])
+    ss = float(((gains - gains.mean()) ** 2).sum())
+    return 1.0 - float(((gains - pred) ** 2).sum()) / ss if ss > 0 else float("nan")
+
+
+def _regressor(seed: int) -> Any:
+    from sklearn.ensemble import GradientBoostingRegressor
+
+    # boosted shallow trees: fit in ~20 ms and predict in well under 1 ms (no joblib dispatch)
+    return GradientBoostingRegressor(n_estimators=80, max_depth=2, learning_rate=0.1, subsample=0.8,
+                                     random_state=seed)
 
 
 @dataclass
 class SignificanceModel:
-    """Regressor features -> QAT-vs-PTQ gain; ``tags`` record the setting it was fitted for."""
+    """Regressor features -> signed QAT-vs-PTQ gain; ``tags`` record the setting it was fitted for."""
 
     regressor: Any
     tags: dict[str, Any] = field(default_factory=dict)
     train_r2: float = float("nan")
-    fit_data: dict[str, Any] | None = None  # X, gains, seed: refitting on them rebuilds this model exactly
+    cv_r2: float = float("nan")          # GroupKFold by client
+    cv_r2_rounds: float = float("nan")   # GroupKFold by pilot round (run states never seen)
+    fit_data: dict[str, Any] | None = None  # X, gains, groups, seed: refitting on them rebuilds this model exactly
 
     @classmethod
-    def fit(cls, X: np.ndarray, gains: np.ndarray, seed: int, tags: dict[str, Any] | None = None) -> "SignificanceModel":
-        from sklearn.ensemble import GradientBoostingRegressor
-
-        # boosted shallow trees: fit in ~20 ms and predict in well under 1 ms (no joblib dispatch)
-        reg = GradientBoostingRegressor(n_estimators=80, max_depth=2, learning_rate=0.1, subsample=0.8,
-                                        random_state=seed)
-        reg.fit(X, gains)
-        data = {"X": np.asarray(X).tolist(), "gains": np.asarray(gains).tolist(), "seed": seed}
-        return cls(reg, dict(tags or {}), float(reg.score(X, gains)), data)
+    def fit(cls, X: np.ndarray, gains: np.ndarray, seed: int, tags: dict[str, Any] | None = None,
+            groups: np.ndarray | None = None, points: np.ndarray | None = None) -> "SignificanceModel":
+        """``groups``: each row's client; ``points``: each row's pilot round."""
+        X, gains = np.asarray(X, dtype=float), np.asarray(gains, dtype=float)
+        groups = np.arange(len(gains)) if groups is None else np.asarray(groups)
+        points = np.zeros(len(gains), dtype=int) if points is None else np.asarray(points)
+        reg = _regressor(seed).fit(X, gains)
+        data = {"X": X.tolist(), "gains": gains.tolist(), "groups": groups.tolist(), "points": points.tolist(),
+                "seed": seed}
+        return cls(reg, dict(tags or {}), float(reg.score(X, gains)), cross_validated_r2(X, gains, groups, seed),
+                   cross_validated_r2(X, gains, points, seed), data)
 
     def to_state(self) -> dict[str, Any] | None:
         """Its fit data (no pickles in checkpoints); None for a model loaded without them."""
@@ -70,7 +133,8 @@ class SignificanceModel:
     @classmethod
     def from_state(cls, d: dict[str, Any]) -> "SignificanceModel":
         f = d["fit_data"]
-        model = cls.fit(np.asarray(f["X"]), np.asarray(f["gains"]), f["seed"], d["tags"])
+        model = cls.fit(np.asarray(f["X"]), np.asarray(f["gains"]), f["seed"], d["tags"], f.get("groups"),
+                        f.get("points"))
         model.tags = dict(d["tags"])
         return model
 

@@ -87,13 +87,19 @@ class SimulatedClock:
         return ClientTime(compute, compute * factor, upload_bytes * 8.0 / dev.uplink_bps,
                           {k: v * factor for k, v in kinds.items()})
 
-    def advance(self, client_times: list[ClientTime], server_s: float) -> tuple[float, dict[str, float]]:
-        """Close a round: its length is the slowest client plus the server's time. Also returns
-        that length split by what the slowest client spent it on (step kinds, upload, server)."""
+    def advance(self, client_times: list[ClientTime], server_s: float,
+                concurrent_s: float = 0.0) -> tuple[float, dict[str, float]]:
+        """Close a round: its length is the slowest client (or the server's work done while the
+        clients train, ``concurrent_s``, when that is longer) plus the server's time after the
+        uploads. Also returns that length split by what it was spent on (the slowest client's step
+        kinds and upload, the server, and any server work the clients had to wait for)."""
         slowest = max(client_times, key=lambda c: c.total_s, default=None)
-        length = (slowest.total_s if slowest else 0.0) + server_s
+        clients_s = slowest.total_s if slowest else 0.0
+        length = max(clients_s, concurrent_s) + server_s
         split = dict(slowest.by_kind, upload=slowest.upload_s) if slowest else {}
         split["server"] = server_s
+        if concurrent_s > clients_s:
+            split["server_wait"] = concurrent_s - clients_s
         self.now_s += length
         self.history.append(length)
         return length, split

@@ -8,8 +8,9 @@ import torch
 from fedhq_core.allocation import (FedHQAllocator, RandomHybridAllocator, SignificanceModel, allocate_coarse,
                                    local_search, objective)
 from fedhq_core.allocation.fedfq import fedfq_bits
-from fedhq_core.allocation.fedhq import CostModel
-from fedhq_core.allocation.significance import client_features, js_divergence, label_histogram, minmax
+from fedhq_core.allocation.fedhq import CostModel, normalised_significance
+from fedhq_core.allocation.significance import (client_features, feature_rows, js_divergence, label_histogram, minmax,
+                                                shard_features)
 from fedhq_core.simulation import Simulation
 
 
@@ -22,17 +23,17 @@ def _points():
     return s, a, t_ptq, t_qat
 
 
-def test_xi_zero_gives_all_qat():
+def test_xi_zero_gives_qat_wherever_it_helps():
     s, a, tp, tq = _points()
     x, _ = allocate_coarse(s, a, tp, tq, 0.0)
-    assert x.all()
+    assert x.tolist() == (a > 0).tolist() == [True, True, True, False, True]
 
 
 def test_xi_one_gives_free_qat_only():
     s, a, tp, tq = _points()
     x, free = allocate_coarse(s, a, tp, tq, 1.0)
     assert np.array_equal(x, free)
-    assert np.array_equal(free, tq <= tp.max())  # T* = slowest client's PTQ time
+    assert np.array_equal(free, (tq <= tp.max()) & (a > 0))  # T* = slowest client's PTQ time; gain > 0
 
 
 def test_above_line_gets_qat_below_gets_ptq():
@@ -53,7 +54,7 @@ def test_local_search_ends_in_a_one_flip_optimum_within_the_band():
     tq = tp * rng.uniform(1.0, 2.0, 12)
     x0, _ = allocate_coarse(s, a, tp, tq, 0.3)
     x = local_search(x0, s, a, tp, tq, 0.3, band=0.2)
-    margin = np.abs(0.7 * a - 0.3 * (1 - s))
+    margin = np.abs(0.7 * normalised_significance(a) - 0.3 * (1 - s))
     assert np.all((x == x0) | (margin <= 0.2))
     # no single flip of a client in the band lowers J (checked here by brute force)
     j = objective(x, tp, tq, a, 0.3)
@@ -71,23 +72,75 @@ def test_local_search_ends_in_a_one_flip_optimum_within_the_band():
 # --- analyses -------------------------------------------------------------------------
 def test_features_and_divergence():
     g = label_histogram(np.repeat(np.arange(10), 10), 10)
-    skewed = client_features(np.zeros(30, dtype=int), g, 0.1)
-    iid = client_features(np.repeat(np.arange(10), 3), g, 0.0)
+    skewed = shard_features(np.zeros(30, dtype=int), g)
+    iid = shard_features(np.repeat(np.arange(10), 3), g)
     assert js_divergence(g, g) == pytest.approx(0.0)
     assert skewed[2] > iid[2]                 # JS divergence
     assert skewed[3] == 1 and iid[3] == 10    # classes present
     assert skewed[1] == pytest.approx(0.0)    # entropy of one class
     assert np.allclose(minmax(np.array([2.0, 4.0, 3.0])), [0, 1, 0.5])
     assert np.allclose(minmax(np.array([1.0, 1.0])), [0.5, 0.5])
+    # run state: progress, gap, own sensitivity where reported, else the fleet's mean (flagged)
+    rows = feature_rows({0: skewed, 1: iid}, [0, 1], 0.25, 0.08, {1: 0.3})
+    assert rows[:, 4].tolist() == [0.25, 0.25] and rows[:, 5].tolist() == [0.08, 0.08]
+    assert rows[:, 6].tolist() == [0.3, 0.3] and rows[:, 7].tolist() == [0.0, 1.0]
+    assert client_features(iid, 0.0, 0.05, None, None)[6] == 0.05   # nobody reported yet: the gap stands in
+
+
+def test_signed_gains_negative_fleet_gets_ptq_positive_fleet_free_qat():
+    """A synthetic fleet: where every predicted gain is <= 0 nobody gets QAT, even free; where
+    gains are positive, every client whose QAT fits in the slowest PTQ time gets it free."""
+    rng = np.random.default_rng(3)
+    tp = rng.uniform(1, 4, 16)
+    tq = tp * 1.3
+    s = minmax(1.0 / tp)
+    for xi in (0.0, 0.2, 1.0):
+        x, free = allocate_coarse(s, -rng.uniform(0.01, 0.2, 16), tp, tq, xi)
+        assert not x.any() and not free.any()
+        assert not local_search(x, s, -np.ones(16), tp, tq, xi, band=10.0).any()
+    gains = rng.uniform(0.01, 0.2, 16)
+    x, free = allocate_coarse(s, gains, tp, tq, 1.0)
+    assert free.tolist() == (tq <= tp.max()).tolist() and free.sum() >= 10 and np.array_equal(x, free)
+    mixed = np.where(np.arange(16) % 2 == 0, gains, -gains)
+    x, free = allocate_coarse(s, mixed, tp, tq, 0.2)
+    assert not x[mixed <= 0].any() and np.array_equal(free, (mixed > 0) & (tq <= tp.max()))
+    # J counts signed gains: adding a negative-gain client to the QAT set never lowers it
+    assert objective(x | (mixed <= 0), tp, tq, mixed, 0.2) >= objective(x, tp, tq, mixed, 0.2)
+
+
+def test_allocator_follows_the_sign_of_the_fitted_gain(tiny_cfg):
+    """A SigAcc model fitted on synthetic rows (gain = gap - 0.1) sends a fleet to PTQ while the
+    server's measured gap is small and to QAT once it is large; the scatter marks the excluded."""
+    sim = Simulation(tiny_cfg.replace(strategy="fedhq"))
+    sim.profile()
+    rng = np.random.default_rng(0)
+    shards = sim.shard_features()
+    rows, gains = [], []
+    for gap in np.linspace(0, 0.4, 9):
+        for c in range(sim.n_clients):
+            rows.append(client_features(shards[c], rng.random(), gap, None, None))
+            gains.append(gap - 0.1)
+    sim.set_significance(SignificanceModel.fit(np.array(rows), np.array(gains), seed=0))
+    sampled = list(range(sim.n_clients))
+    sim.gaps = [0.0]
+    low = sim.allocator.allocate(0, sampled, sim)
+    assert set(low.strategies.values()) == {"ptq"} and low.info["n_sign_ptq"] == len(sampled)
+    assert all(g <= 0 for g in low.info["scatter"]["gain"])
+    sim.gaps = [0.4, 0.4, 0.4]
+    high = sim.allocator.allocate(1, sampled, sim)
+    assert high.info["n_sign_ptq"] == 0 and high.info["n_free_qat"] >= 1 and "qat" in high.strategies.values()
 
 
 def test_significance_model_learns_a_relation():
     rng = np.random.default_rng(0)
     X = rng.random((80, 5))
-    y = 0.3 * X[:, 4] + 0.1 * X[:, 2]
-    m = SignificanceModel.fit(X, y, seed=0)
-    assert m.train_r2 > 0.8
-    assert m.predict(np.array([[0, 0, 0, 0, 1.0]]))[0] > m.predict(np.array([[0, 0, 0, 0, 0.0]]))[0]
+    y = 0.3 * X[:, 4] + 0.1 * X[:, 2] - 0.1
+    m = SignificanceModel.fit(X, y, seed=0, groups=np.arange(80) % 8, points=np.arange(80) // 20)
+    assert m.train_r2 > 0.8 and m.cv_r2 > 0.6 and m.cv_r2_rounds > 0.6 and m.cv_r2 < m.train_r2
+    assert m.predict(np.array([[0, 0, 0, 0, 1.0]]))[0] > 0 > m.predict(np.array([[0, 0, 0, 0, 0.0]]))[0]
+    # noise has no cross-validated skill, whatever the in-sample fit says
+    noise = SignificanceModel.fit(X, rng.normal(size=80), seed=0, groups=np.arange(80) % 8)
+    assert noise.cv_r2 < 0.1
 
 
 def test_predicted_work_is_what_clients_report(tiny_cfg):
@@ -126,10 +179,16 @@ def test_cost_model_learns_hidden_throttling():
 
 
 def test_fedhq_allocator_end_to_end(tiny_cfg):
-    cfg = tiny_cfg.replace(strategy="fedhq", rounds=4, adjust_every=2, pilot_rounds=1)
+    cfg = tiny_cfg.replace(strategy="fedhq", rounds=4, adjust_every=2, pilot_rounds=2)
     sim = Simulation(cfg)
     sim.profile()
-    sim.set_significance(sim.fit_significance())
+    before = {k: v.clone() for k, v in sim.global_state.items()}
+    sig = sim.fit_significance()
+    # the pilot ran two branches of 2 rounds on 3 sampled clients and left the run untouched
+    assert sig.tags["n_samples"] == 2 * 2 * 3 and len(sig.tags["round_gains"].split(";")) == 2
+    assert all(torch.equal(before[k], sim.global_state[k]) for k in before) and sim.global_steps is None
+    assert np.isfinite(sig.train_r2) and sig.cv_r2 <= 1.0
+    sim.set_significance(sig)
     from fedhq_core.simulation import run
 
     run(cfg, sim=sim)
@@ -140,6 +199,9 @@ def test_fedhq_allocator_end_to_end(tiny_cfg):
     # refits after rounds 1 and 3: rounds 0-1 allocate with no cost model, rounds 2-3 with version 1
     assert [r.extra["cost_model_version"] for r in sim.records] == [0, 0, 1, 1]
     assert all(r.alloc_s >= 0 for r in sim.records)
+    # the gain estimate follows the run: logged per round with the gap it was computed from
+    assert [e["round"] for e in alloc.estimates] == [0, 1, 2, 3]
+    assert all("gain_mean" in r.extra and "quant_gap_measured" in r.extra for r in sim.records)
 
 
 def test_random_hybrid_share_and_determinism():

@@ -21,8 +21,10 @@ def test_bench_writes_the_documented_schema(tmp_path, monkeypatch):
     assert {"config", "seeds", "strategies", "speedup_tta_vs", "acc_gain_vs_all_ptq", "host"} <= set(res)
     assert res["seeds"] == [0, 1]
     assert set(res["strategies"]) == {"fedhq", "all-qat", "all-ptq"}
+    assert set(res["dominance"]) >= {"acc_vs_best", "tta_vs_best", "sim_vs_all_ptq", "per_seed", "met"}
+    assert set(res["significance"]) == {"0", "1"} and "cv_r2" in res["significance"]["0"]
     for entry in res["strategies"].values():
-        for key in ("final_acc_q", "final_acc_fp32", "tta_sim_s", "total_sim_s", "wall_s", "upload_bytes",
+        for key in ("final_acc_q", "tail_acc_q", "final_acc_fp32", "tta_sim_s", "total_sim_s", "wall_s", "upload_bytes",
                     "qat_share", "alloc_overhead_s", "curve", "final_acc_q_std"):
             assert key in entry
         assert len(entry["curve"]) == 2 and all(len(p) == 2 for p in entry["curve"])
@@ -44,3 +46,32 @@ def test_bench_overhead_measures_both_paths(tmp_path, monkeypatch):
     assert r["flow_peak_rss_mib"] > 50 and r["bare_peak_rss_mib"] > 50
     # same SGD steps on the same shards: the FP32 models agree
     assert r["flow_final_acc_fp32"] == pytest.approx(r["bare_final_acc"], abs=0.02)
+
+
+def _run(accs: list[float], sim_per_round: float) -> dict:
+    rounds = [{"round": i, "acc_q": a, "sim_time_s": sim_per_round * (i + 1)} for i, a in enumerate(accs)]
+    return {"rounds": rounds, "curve": [[r["sim_time_s"], r["acc_q"]] for r in rounds], "final_acc_q": accs[-1],
+            "final_acc_fp32": accs[-1], "total_sim_s": sim_per_round * len(accs), "wall_s": 1.0, "upload_bytes": 1,
+            "qat_share": 0.0, "alloc_overhead_s": 0.0}
+
+
+def test_dominance_compares_tails_with_the_better_pure_strategy():
+    """Tail accuracy (mean of the last 3 evaluations), TTA to 95% of the better pure tail, and
+    simulated time, on hand-made curves whose answers are known."""
+    from flows.bench import summarize, tail_accuracy
+
+    per_seed = {0: {"fedhq": _run([0.2, 0.6, 0.80, 0.90, 0.86], 1.0),
+                    "all-ptq": _run([0.5, 0.7, 0.90, 0.80, 0.85], 1.0),     # better pure tail: 0.85
+                    "all-qat": _run([0.1, 0.3, 0.50, 0.70, 0.90], 1.2)}}    # its last evaluation is higher
+    for r in per_seed[0].values():
+        r["tail_acc_q"] = tail_accuracy(r, eval_every=1)
+    assert per_seed[0]["all-ptq"]["tail_acc_q"] == pytest.approx(0.85)
+    out = summarize(per_seed, None)
+    dom = out["dominance"]
+    assert out["target"] == pytest.approx(0.95 * 0.85)
+    assert dom["acc_vs_best"] == pytest.approx((0.80 + 0.90 + 0.86) / 3 - 0.85)
+    assert dom["tta_vs_best"] == pytest.approx(4.0 / 3.0)       # fedhq reaches 0.8075 at 4 s, all-ptq at 3 s
+    assert dom["sim_vs_all_ptq"] == pytest.approx(1.0)
+    assert dom["met"] == {"acc_vs_best": True, "tta_vs_best": False, "sim_vs_all_ptq": True}
+    # evaluations every 2 rounds: the tail takes evaluated rounds only (1, 3 and the last)
+    assert tail_accuracy(_run([0.0, 0.3, 0.0, 0.6, 0.9], 1.0), eval_every=2) == pytest.approx(0.6)
