@@ -35,6 +35,10 @@ def test_tune_models_and_promote(tmp_path, monkeypatch, capsys):
     table = capsys.readouterr().out
     assert "fedhq-global-model" in table and "fedhq-significance" in table
 
+    # SigAcc is fitted once per setting: a study coming back to a setting (even in a later
+    # invocation) reuses its registered version instead of refitting
+    sig = client.search_model_versions("name='fedhq-significance'")
+    assert sig and len(sig) == len({v.tags["setting"] for v in sig})
     newest = max(int(v.version) for v in client.search_model_versions("name='fedhq-global-model'"))
     assert main(["promote", "--tracking-uri", uri]) == 0           # first champion: the newest version
     assert str(client.get_model_version_by_alias("fedhq-global-model", "champion").version) == str(newest)

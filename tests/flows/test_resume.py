@@ -96,7 +96,9 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tmp_path, monkeypatc
         assert got["acc_q"] == pytest.approx(want.acc_q, abs=1e-9)
         assert got["loss_q"] == pytest.approx(want.loss_q, rel=1e-5)
         # the clients' simulated time is identical; the server's share is its measured wall time
-        server_got, server_want = server_got + got["server_s"], server_want + want.server_s
+        # (aggregation, and its gap measurement where that outlasted the clients)
+        server_got += got["server_s"] + got["extra"].get("sim_server_wait_s", 0.0)
+        server_want += want.server_s + want.extra.get("sim_server_wait_s", 0.0)
         assert got["sim_time_s"] - server_got == pytest.approx(want.sim_time_s - server_want, rel=1e-9)
     assert res["final_acc_q"] == pytest.approx(ref.records[-1].acc_q, abs=1e-9)
 
