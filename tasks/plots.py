@@ -33,9 +33,11 @@ def allocation_scatter(data: dict[str, Any], path: str, title: str | None = None
         ys = xi * (1 - xs) / (1 - xi)
         ax.plot(xs, ys, "k--", lw=1, label=f"ξ line: (1−ξ)·â = ξ·(1−ŝ), ξ={xi:g}")
         ax.fill_between(xs, ys, 1.05, color="tab:green", alpha=0.06)
-    ax.scatter(s[qat & ~free], a[qat & ~free], c="tab:green", s=50, label="QAT (above the line)", zorder=3)
-    ax.scatter(s[qat & free], a[qat & free], c="tab:green", marker="*", s=120, label="QAT (free: t_QAT ≤ T*)",
-               zorder=3)
+    if (qat & ~free).any():
+        ax.scatter(s[qat & ~free], a[qat & ~free], c="tab:green", s=50, label="QAT (above the line)", zorder=3)
+    if (qat & free).any():
+        ax.scatter(s[qat & free], a[qat & free], c="tab:green", marker="*", s=120, label="QAT (free: t_QAT ≤ T*)",
+                   zorder=3)
     ptq = ~qat & ~excluded
     if ptq.any():
         ax.scatter(s[ptq], a[ptq], c="tab:red", marker="s", s=45, label="PTQ (below the line)", zorder=3)
@@ -53,7 +55,7 @@ def allocation_scatter(data: dict[str, Any], path: str, title: str | None = None
     ax.set_xlabel("speed ŝ (normalised 1/t_PTQ, 1 = fastest)")
     ax.set_ylabel("accuracy significance â (normalised positive SigAcc)")
     ax.set_title(title or f"FedHQ allocation, round {data['round']}")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="best")
     return save_figure(fig, path)
 
 

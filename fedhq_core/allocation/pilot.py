@@ -23,9 +23,7 @@ from ..server import evaluate_global
 from .significance import SignificanceModel, feature_rows
 
 PILOT_SPAN = 0.5   # [design] by default the pilot covers the first half of the run's rounds
-
-
-SMOOTH = 1   # [design] G(r) is averaged over rounds r-1..r+1 of the pilot
+SMOOTH = 1         # [design] G(r) is averaged over rounds r-1..r+1 of the pilot
 
 
 def pilot_length(cfg) -> int:
@@ -68,19 +66,20 @@ def pilot_gains(sim, rounds: int, map_fn: Callable[[Callable, Iterable], Iterabl
         gains.extend(smooth[rnd] * share)
         groups.extend(cids)
         point_ids.extend([rnd] * len(cids))
-    log = [{"round": r, "progress": r / sim.cfg.rounds, "round_gain": float(smooth[r]), "raw_gain": float(raw[r]),
-            } for r in range(rounds)]
+    log = [{"round": r, "progress": r / sim.cfg.rounds, "round_gain": float(smooth[r]), "raw_gain": float(raw[r])}
+           for r in range(rounds)]
     return np.asarray(X), np.asarray(gains), np.asarray(groups), np.asarray(point_ids), log
 
 
-# Fields that can change the gains. Only time-only fields (fleet, clock, execution, tracking,
-# fault handling, xi and the allocator's own knobs) are left out: a SigAcc model fitted under one
-# value of any of these is not reused under another.
+# Fields that can change the gains. Only time-only fields (clock, execution, tracking, fault
+# handling, xi and the allocator's own knobs) are left out: a SigAcc model fitted under one value
+# of any of these is not reused under another. The fleet is kept, conservatively: in this
+# simulator it changes only time, but on real devices the hardware changes the numerics too.
 GAIN_FIELDS = ("dataset", "data_dir", "max_train_samples", "max_test_samples", "test_fraction", "server_calib_size",
                "partition", "alpha", "classes_per_client", "min_shard_size", "model", "clients", "rounds", "fraction",
                "local_epochs", "batch_size", "lr", "momentum", "weight_decay", "w_bits", "a_bits", "upload_bits",
                "first_last_bits", "ptq_act_percentile", "calib_batches", "ema_momentum", "report_sensitivity",
-               "pilot_rounds", "seed")
+               "pilot_rounds", "seed", "fleet")
 
 
 def significance_tags(cfg) -> dict[str, Any]:

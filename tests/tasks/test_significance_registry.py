@@ -18,9 +18,9 @@ def test_registry_reuse_matches_every_gain_field(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     a, b = ExperimentConfig(), ExperimentConfig(lr=0.02)
     assert setting_key(significance_tags(a)) != setting_key(significance_tags(b))
-    # time-only fields do not change the setting; seed, lr, fleet-independent data fields do
+    # time-only fields do not change the setting; seed, lr, the fleet and the data fields do
     assert significance_tags(a) == significance_tags(a.replace(xi=0.7, jitter_sigma=0.3, throttle_prob=0.0))
-    assert {"seed", "lr", "local_epochs", "batch_size", "partition", "w_bits"} <= set(GAIN_FIELDS)
+    assert {"seed", "lr", "local_epochs", "batch_size", "partition", "w_bits", "fleet"} <= set(GAIN_FIELDS)
     for cfg in (a, b):   # b is fitted last: alias current points at it
         tags = significance_tags(cfg)
         model = SignificanceModel.fit(rng.random((20, 8)), rng.random(20), seed=0, tags=tags)
