@@ -102,9 +102,14 @@ class Tracker:
     """One MLflow run. Thread-safe; metrics are logged asynchronously off the hot path."""
 
     def __init__(self, settings: TrackingSettings):
+        import logging
+
         import mlflow
         from mlflow import MlflowClient
 
+        # the store's one-time "Creating initial MLflow database tables" INFO lines are MLflow's,
+        # not the run's: keep them off the first screen (warnings and errors still show)
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         self.settings = settings
         self.mlflow = mlflow
         self.client = MlflowClient(tracking_uri=settings.tracking_uri)
