@@ -155,7 +155,10 @@ def cmd_fit_significance(args: argparse.Namespace) -> int:
     from flows.train import fit_significance_flow
 
     res = fit_significance_flow(cfg.to_dict())
-    print(format_table(["key", "value"], [[k, v] for k, v in res.items()]))
+    # the fit's figures; the setting it was fitted for is in the registry version's tags
+    keys = ("dataset", "model", "w_bits", "a_bits", "seed", "n_samples", "mean_gain", "train_r2", "cv_r2",
+            "cv_r2_rounds", "round_gains")
+    print(format_table(["key", "value"], [[k, res[k]] for k in keys if k in res]))
     return 0
 
 
