@@ -85,6 +85,13 @@ _WIFI = 50e6      # Ookla Speedtest Global Index 2024: fixed-broadband median up
 _MOBILE = 11e6    # Ookla Speedtest Global Index 2024: mobile median upload ~11 Mbit/s
 _DC = 10e9        # 10 GbE, typical datacenter node uplink
 
+
+def _datacenter_gpu(name: str, peak: float, bw: float, source: str) -> DeviceClass:
+    """A datacenter GPU node: 10 GbE uplink, discrete-GPU efficiencies, a reference host core."""
+    return _device(name, "datacenter-gpu", peak, bw, _DC, source, "dgpu", ST_REF,
+                   "datacenter x86 host core = the reference")
+
+
 DEVICES: dict[str, DeviceClass] = {d.name: d for d in [
     _device("raspberry-pi-4", "edge-board", 48e9, 12.8e9, _WIFI,
                 "Raspberry Pi 4B product brief: 4x Cortex-A72 @1.5 GHz x 8 FP32 FLOP/cycle (NEON FMA) = 48 GFLOP/s; "
@@ -114,19 +121,13 @@ DEVICES: dict[str, DeviceClass] = {d.name: d for d in [
                 "Apple M2 press release (June 2022): 10-core GPU 3.6 TFLOP/s; 100 GB/s unified memory; "
                 "uplink: Ookla fixed median",
                 "igpu", 1900, "Apple M2 P-core, Geekbench 5 ~1,900, approximate"),
-    _device("nvidia-t4", "datacenter-gpu", 8.1e12, 320e9, _DC,
-                "NVIDIA T4 datasheet: 8.1 TFLOP/s FP32; 320 GB/s GDDR6; uplink: 10 GbE",
-                "dgpu", 1300, "datacenter x86 host core = the reference"),
-    _device("nvidia-a6000", "datacenter-gpu", 38.7e12, 768e9, _DC,
-                "NVIDIA RTX A6000 datasheet: 38.7 TFLOP/s FP32; 768 GB/s GDDR6; uplink: 10 GbE (the paper's GPU)",
-                "dgpu", 1300, "datacenter x86 host core = the reference"),
-    _device("nvidia-a100", "datacenter-gpu", 19.5e12, 1555e9, _DC,
-                "NVIDIA A100 40GB datasheet: 19.5 TFLOP/s FP32; 1555 GB/s HBM2; uplink: 10 GbE",
-                "dgpu", 1300, "datacenter x86 host core = the reference"),
-    _device("nvidia-h100", "datacenter-gpu", 67e12, 3.35e12, _DC,
-            "NVIDIA H100 SXM5 datasheet: 67 TFLOP/s FP32; 3.35 TB/s HBM3; uplink: 10 GbE", "dgpu", 1300,
-            "datacenter x86 host core = the reference"),
-    _device("nvidia-h200", "datacenter-gpu", 67e12, 4.8e12, _DC,
-            "NVIDIA H200 SXM datasheet: 67 TFLOP/s FP32; 4.8 TB/s HBM3e; uplink: 10 GbE", "dgpu", 1300,
-            "datacenter x86 host core = the reference"),
+    _datacenter_gpu("nvidia-t4", 8.1e12, 320e9, "NVIDIA T4 datasheet: 8.1 TFLOP/s FP32; 320 GB/s GDDR6; uplink: 10 GbE"),
+    _datacenter_gpu("nvidia-a6000", 38.7e12, 768e9,
+                    "NVIDIA RTX A6000 datasheet: 38.7 TFLOP/s FP32; 768 GB/s GDDR6; uplink: 10 GbE (the paper's GPU)"),
+    _datacenter_gpu("nvidia-a100", 19.5e12, 1555e9,
+                    "NVIDIA A100 40GB datasheet: 19.5 TFLOP/s FP32; 1555 GB/s HBM2; uplink: 10 GbE"),
+    _datacenter_gpu("nvidia-h100", 67e12, 3.35e12,
+                    "NVIDIA H100 SXM5 datasheet: 67 TFLOP/s FP32; 3.35 TB/s HBM3; uplink: 10 GbE"),
+    _datacenter_gpu("nvidia-h200", 67e12, 4.8e12,
+                    "NVIDIA H200 SXM datasheet: 67 TFLOP/s FP32; 4.8 TB/s HBM3e; uplink: 10 GbE"),
 ]}
