@@ -127,16 +127,20 @@ class SignificanceModel:
                    cross_validated_r2(X, gains, points, seed), data)
 
     def to_state(self) -> dict[str, Any] | None:
-        """Its fit data (no pickles in checkpoints); None for a model loaded without them."""
-        return None if self.fit_data is None else {"fit_data": self.fit_data, "tags": self.tags}
+        """Its fit data and fit quality (no pickles in checkpoints); None for a model loaded without them."""
+        if self.fit_data is None:
+            return None
+        return {"fit_data": self.fit_data, "tags": self.tags,
+                "r2": {"train": self.train_r2, "cv": self.cv_r2, "cv_rounds": self.cv_r2_rounds}}
 
     @classmethod
     def from_state(cls, d: dict[str, Any]) -> "SignificanceModel":
+        """The same model again: the regressor refitted on its data and seed (deterministic); the
+        R² figures as they were measured, not cross-validated a second time."""
         f = d["fit_data"]
-        model = cls.fit(np.asarray(f["X"]), np.asarray(f["gains"]), f["seed"], d["tags"], f.get("groups"),
-                        f.get("points"))
-        model.tags = dict(d["tags"])
-        return model
+        reg = _regressor(f["seed"]).fit(np.asarray(f["X"], dtype=float), np.asarray(f["gains"], dtype=float))
+        r2 = d["r2"]
+        return cls(reg, dict(d["tags"]), r2["train"], r2["cv"], r2["cv_rounds"], f)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return np.asarray(self.regressor.predict(np.atleast_2d(X)), dtype=float)

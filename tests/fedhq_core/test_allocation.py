@@ -188,6 +188,12 @@ def test_fedhq_allocator_end_to_end(tiny_cfg):
     assert sig.tags["n_samples"] == 2 * 2 * 3 and len(sig.tags["round_gains"].split(";")) == 2
     assert all(torch.equal(before[k], sim.global_state[k]) for k in before) and sim.global_steps is None
     assert np.isfinite(sig.train_r2) and sig.cv_r2 <= 1.0
+    # a checkpoint rebuilds the same model and keeps the R² figures it measured
+    again = SignificanceModel.from_state(sig.to_state())
+    X = np.asarray(sig.fit_data["X"])
+    assert np.array_equal(again.predict(X), sig.predict(X))
+    assert (again.train_r2, again.tags) == (sig.train_r2, sig.tags)
+    assert np.array_equal([again.cv_r2, again.cv_r2_rounds], [sig.cv_r2, sig.cv_r2_rounds], equal_nan=True)
     sim.set_significance(sig)
     from fedhq_core.simulation import run
 
