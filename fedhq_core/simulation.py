@@ -208,8 +208,9 @@ class Simulation:
 
     @property
     def uses_gap(self) -> bool:
-        """The allocator reads the master's quantization gap (only FedHQ's do; baselines skip it)."""
-        return hasattr(self.allocator, "significance_of")
+        """The allocator reads the master's quantization gap (only FedHQ's fine stage with a SigAcc
+        model does; baselines, fedhq-coarse and ``significance: none`` skip the measurement)."""
+        return bool(getattr(self.allocator, "reads_gap", False))
 
     def needs_significance(self) -> bool:
         """The allocator uses SigAcc, has none yet, and the config does not opt out (significance: none)."""

@@ -165,7 +165,11 @@ class FedHQAllocator(Allocator):
         self.quant_sensitivity: dict[int, float] = {}
         self.refits: list[dict[str, Any]] = []      # new cost-model versions, for the tracking layer
         self._last_pred: dict[int, tuple[float, float]] = {}  # cid -> (cost-model pred, spec pred)
-        self.estimates: list[dict[str, float]] = []  # per round: the gain estimate, for logging
+
+    @property
+    def reads_gap(self) -> bool:
+        """Whether the gain estimate reads the run's quantization gap (the fine stage with a model)."""
+        return self.fine and self.significance is not None
 
     # --- analyses ----------------------------------------------------------------------
     def significance_of(self, cids: list[int], view, rnd: int = 0) -> np.ndarray:
@@ -196,10 +200,9 @@ class FedHQAllocator(Allocator):
         strategies = {c: ("qat" if q else "ptq") for c, q in zip(sampled, x)}
         self._last_pred = {c: (float(np.where(q, tq, tp)), float(np.where(q, sq, sp)))
                            for c, q, tp, tq, sp, sq in zip(sampled, x, t_ptq, t_qat, spec["ptq"], spec["qat"])}
-        estimate = {"gain_mean": float(gains.mean()), "gain_positive_share": float((gains > 0).mean()),
-                    "quant_gap": float(view.quant_gap)}
-        if self.fine:
-            self.estimates.append({"round": rnd, **estimate})
+        estimate = {"gain_mean": float(gains.mean()), "gain_positive_share": float((gains > 0).mean())}
+        if self.reads_gap:
+            estimate["quant_gap"] = float(view.quant_gap)
         info = {
             "qat_share": float(x.mean()), "n_free_qat": int(free.sum()), "n_flipped": int((x != coarse).sum()),
             "n_sign_ptq": int((gains <= 0).sum()), **estimate,
@@ -241,12 +244,10 @@ class FedHQAllocator(Allocator):
                 "cost": self.cost.to_state(),
                 "refits": [{**{k: v for k, v in r.items() if k != "model"}, "model": ridge_to_state(r["model"])}
                            for r in self.refits],
-                "last_pred": {str(k): list(v) for k, v in self._last_pred.items()},
-                "estimates": self.estimates}
+                "last_pred": {str(k): list(v) for k, v in self._last_pred.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.quant_sensitivity = {int(k): float(v) for k, v in state["quant_sensitivity"].items()}
         self.cost = CostModel.from_state(state["cost"])
         self.refits = [{**r, "model": ridge_from_state(r["model"])} for r in state["refits"]]
         self._last_pred = {int(k): (v[0], v[1]) for k, v in state["last_pred"].items()}
-        self.estimates = list(state.get("estimates", []))
