@@ -117,11 +117,11 @@ def catalog_table(speed: RooflineModel, batch: int, kinds_work: dict[str, dict[s
     rows = []
     for d in devices or list(DEVICES.values()):
         fp, qat, fwd = (1e3 * speed.step_time(k, batch, d) for k in ("fp32", "qat", "fwd"))
+        priced = speed.device(d)   # with any opt-in overrides
         row: dict[str, float | str] = {"name": d.name, "executor": d.executor, "fp32_ms": fp, "qat_ms": qat,
-                                       "fwd_ms": fwd, "qat_over_fp32": qat / fp,
-                                       "eta_c": speed.device(d).eta_c, "eta_m": speed.device(d).eta_m,
-                                       "lam_py_us": 1e6 * speed.device(d).lam_py,
-                                       "lam_eng_us": 1e6 * speed.device(d).lam_eng}
+                                       "fwd_ms": fwd, "qat_over_fp32": qat / fp, "eta_c": priced.eta_c,
+                                       "eta_m": priced.eta_m, "lam_py_us": 1e6 * priced.lam_py,
+                                       "lam_eng_us": 1e6 * priced.lam_eng}
         for name, work in (kinds_work or {}).items():
             row[f"{name}_ms"] = 1e3 * speed.work_time(work, d)
         rows.append(row)
