@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .phases import span
 from .quant import (Payload, get_act_ranges, get_weight_steps, load_model_state, model_state, pack_update,
                     prepare_deploy, reset_act_ranges, set_act_ranges, set_mode, set_weight_steps)
 
@@ -178,7 +179,9 @@ def train_client(model: nn.Module, cid: int, x: torch.Tensor, y: torch.Tensor, g
 
         deltas = {k: local[k].cpu() - global_state[k].cpu() for k in local if local[k].is_floating_point()}
         spec.upload_bits = fedfq_bits(deltas, spec.fedfq[0], spec.fedfq[1], spec.seed)
-    payload = pack_update(local, global_state, spec.upload_bits, gen, ranges, n_samples=len(y), weight_steps=steps)
+    with span("pack (quantize)"):
+        payload = pack_update(local, global_state, spec.upload_bits, gen, ranges, n_samples=len(y),
+                              weight_steps=steps)
     bits = spec.upload_bits
     work["pack"] = [bits if isinstance(bits, int) else round(sum(bits.values()) / max(1, len(bits)))]
     return ClientResult(cid, spec.strategy, payload, len(y), work, loss, quant_loss, time.perf_counter() - t0)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .client import ClientResult
+from .phases import span
 from .quant import get_act_ranges, load_model_state, prepare_deploy, reset_act_ranges, set_mode, unpack_update
 
 
@@ -91,10 +92,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 def evaluate_global(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[str, tuple[float, float]] | None,
                     x: torch.Tensor, y: torch.Tensor, steps: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """FP32 master and deployed (quantized) accuracy/loss on a test split."""
-    load_model_state(model, state)
-    set_mode(model, "fp")
-    acc_fp, loss_fp = evaluate(model, x, y)
-    prepare_deploy(model, ranges, steps)
-    acc_q, loss_q = evaluate(model, x, y)
+    with span("evaluate fp32"):
+        load_model_state(model, state)
+        set_mode(model, "fp")
+        acc_fp, loss_fp = evaluate(model, x, y)
+    with span("evaluate quantized"):
+        prepare_deploy(model, ranges, steps)
+        acc_q, loss_q = evaluate(model, x, y)
     set_mode(model, "fp")
     return {"acc_fp32": acc_fp, "loss_fp32": loss_fp, "acc_q": acc_q, "loss_q": loss_q}

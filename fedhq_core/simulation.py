@@ -25,6 +25,7 @@ from .allocation import Allocation, RoundFeedback, build_allocator
 from .client import ClientResult, TrainSpec, train_client
 from .config import ExperimentConfig
 from .errors import ConfigError, TooFewClients
+from .phases import span
 from .data import Dataset, Split, load_dataset, partition
 from .hardware import Fleet, RooflineModel, SimulatedClock, TraceBook, predict_compute
 from .hardware.speed_model import load_profile
@@ -271,7 +272,8 @@ class Simulation:
         spec = self.model_spec
         with _BOOKS_LOCK:
             if spec not in _BOOKS:
-                _BOOKS[spec] = TraceBook(lambda: spec.build(torch.device("cpu")), tuple(self.in_shape), self.num_classes)
+                _BOOKS[spec] = TraceBook(lambda: spec.build(torch.device("cpu")), tuple(self.in_shape), self.num_classes,
+                                         Path(self.cfg.state_dir) / "cache", repr(spec))
             return _BOOKS[spec]
 
     def profile(self, speed: RooflineModel | None = None) -> RooflineModel:
@@ -334,7 +336,8 @@ class Simulation:
 
     def allocate(self, rnd: int, sampled: list[int]) -> tuple[Allocation, float]:
         t0 = time.perf_counter()
-        alloc = self.allocator.allocate(rnd, sampled, self)
+        with span("allocate", rnd):
+            alloc = self.allocator.allocate(rnd, sampled, self)
         self.last_allocation_info = alloc.info
         return alloc, time.perf_counter() - t0
 
@@ -408,7 +411,8 @@ class Simulation:
             self.measure_gap()
         self.gap_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        self.aggregate_results(results)
+        with span("aggregate"):
+            self.aggregate_results(results)
         return time.perf_counter() - t0
 
     def aggregate_results(self, results: list[ClientResult]) -> None:
@@ -469,7 +473,8 @@ class Simulation:
 
     def deploy_ranges(self) -> dict[str, tuple[float, float]]:
         if self.cfg.strategy in ("fp32", "fedfq") or self.global_ranges is None:
-            return calibrate_on_server(self.eval_model, self.global_state, self.server_calib.x)
+            with span("calibrate (server)"):
+                return calibrate_on_server(self.eval_model, self.global_state, self.server_calib.x)
         return self.global_ranges
 
     def deployed_bundle(self) -> dict[str, Any]:
@@ -624,13 +629,16 @@ def train_round(sim: Simulation, ops: RoundOps, rnd: int) -> RoundOutcome:
     failed_s, alloc_s = 0.0, 0.0
     for attempt in range(cfg.round_retries + 1):
         sampled = sim.sample(rnd, attempt)
-        alloc, spent = ops.allocate(sim, rnd, sampled)
+        with span("allocate (task)", rnd):
+            alloc, spent = ops.allocate(sim, rnd, sampled)
         alloc_s += spent
-        inputs = sim.round_inputs()
-        jobs = sim.jobs(rnd, alloc, sampled, attempt)
-        futures = [(chunk, ops.submit_train(inputs, chunk)) for chunk in sim.chunks(jobs)]
-        uploads = collect(futures, cfg.client_timeout_s)
-        results, bad = sim.accept(uploads)
+        with span("train (tasks)", rnd):
+            inputs = sim.round_inputs()
+            jobs = sim.jobs(rnd, alloc, sampled, attempt)
+            futures = [(chunk, ops.submit_train(inputs, chunk)) for chunk in sim.chunks(jobs)]
+            uploads = collect(futures, cfg.client_timeout_s)
+        with span("unpack", rnd):
+            results, bad = sim.accept(uploads)
         rejected.update({c: f"{why} (attempt {attempt + 1})" if attempt else why for c, why in bad.items()})
         if len(results) >= cfg.min_clients:
             ok = {r.cid for r in results}
@@ -653,16 +661,21 @@ def run_rounds(sim: Simulation, ops: RoundOps, on_round: Callable[[RoundRecord],
     """All remaining rounds of ``sim``: train (with retries), aggregate, evaluate, close, and
     checkpoint (``checkpoints.save(sim)``) before anyone hears of the round."""
     for rnd in range(sim.rnd, sim.cfg.rounds):
-        out = train_round(sim, ops, rnd)
-        server_s = ops.aggregate(sim, out.results)
-        metrics = ops.evaluate(sim) if sim.should_eval(rnd) else None
-        rec = sim.close_round(rnd, out.alloc, out.alloc_s, out.results, server_s, metrics, out.rejected,
-                              out.attempts, out.failed_s)
-        rec.extra["workers"] = out.workers
-        if checkpoints is not None:
-            checkpoints.save(sim)
-        if on_round:
-            on_round(rec)
+        with span("round", rnd):
+            out = train_round(sim, ops, rnd)
+            with span("aggregate (task)", rnd):
+                server_s = ops.aggregate(sim, out.results)
+            with span("evaluate (task)", rnd):
+                metrics = ops.evaluate(sim) if sim.should_eval(rnd) else None
+            rec = sim.close_round(rnd, out.alloc, out.alloc_s, out.results, server_s, metrics, out.rejected,
+                                  out.attempts, out.failed_s)
+            rec.extra["workers"] = out.workers
+            if checkpoints is not None:
+                with span("checkpoint", rnd):
+                    checkpoints.save(sim)
+            if on_round:
+                with span("tracking", rnd):
+                    on_round(rec)
     return sim
 
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from .client import TrainSpec, train_client
 from .models import build_model
+from .phases import span
 from .quant import configure_observers, prepare_model
 from .wire import save_wire, to_wire
 
@@ -166,16 +167,24 @@ def run_job(inputs: RoundInputs, job: ClientJob, device: torch.device) -> Upload
         with borrow_model(inputs.model, device) as model:
             result = train_client(model, job.cid, job.x, job.y, inputs.global_state, inputs.global_ranges,
                                   job.spec, inputs.global_steps)
-        wire = to_wire(result)
+        with span("pack (wire)", job.rnd):
+            wire = to_wire(result)
         if job.fault in ("nan", "inf", "shape", "dtype", "size"):
             wire = corrupt(wire, job.fault)
-        return Upload(job.cid, save_wire(wire), None, time.perf_counter() - t0, WORKER_ID)
+        with span("pack (wire)", job.rnd):
+            data = save_wire(wire)
+        return Upload(job.cid, data, None, time.perf_counter() - t0, WORKER_ID)
     except Exception as err:  # noqa: BLE001 - one client's failure is reported, not propagated
         return Upload(job.cid, None, f"{type(err).__name__}: {str(err)[:200]}", time.perf_counter() - t0, WORKER_ID)
 
 
 def run_jobs(inputs: RoundInputs, jobs: list[ClientJob], slot: int | None = None) -> list[Upload]:
     """Train ``jobs`` one after another on one borrowed model (one task's work)."""
+    with span("train-clients body", jobs[0].rnd if jobs else None):
+        return _run_jobs(inputs, jobs, slot)
+
+
+def _run_jobs(inputs: RoundInputs, jobs: list[ClientJob], slot: int | None) -> list[Upload]:
     device = worker_device(inputs.device, slot)
     if device.type != "cpu" or any(v.device.type != "cpu" for v in inputs.global_state.values()):
         inputs = RoundInputs(inputs.model, inputs.device,

@@ -26,23 +26,114 @@ def configure_prefect_env(state_dir: str | None = None) -> None:
 configure_prefect_env()
 
 
-def prestart_ephemeral_server():
-    """Boot Prefect's ephemeral API server in a background thread, so that its start-up overlaps
-    with loading the data. Returns the thread (join it before the first flow), or None when a
-    server is configured (PREFECT_API_URL) and nothing needs starting."""
-    import threading
+class ApiServer:
+    """Prefect's API server for this process, launched the way Prefect launches its ephemeral one
+    (``uvicorn --factory prefect.server.api.server:create_app`` on 127.0.0.1, no UI), but started
+    before torch, Prefect and MLflow are imported, so that it boots on another core while this
+    process imports and loads data. Its URL goes into ``PREFECT_API_URL``, so flows, tasks and
+    local Dask workers all report to it. It stops when this process exits and, on Linux, also
+    when this process is killed (parent-death signal), so no server is left behind."""
 
+    def __init__(self) -> None:
+        import importlib.util
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.ready = False
+        spec = importlib.util.find_spec("prefect")
+        app_dir = str(Path(list(spec.submodule_search_locations)[0]).parent)
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+               "PREFECT__SERVER_FINAL": "1"}
+        env.pop("PREFECT_API_URL", None)
+        env.pop("FEDHQ_PHASES", None)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+             "--log-level", "error", "--lifespan", "on"], env=env, preexec_fn=_die_with_parent)
+        import atexit
+
+        atexit.register(self.stop)
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        import time
+        import urllib.error
+        import urllib.request
+
+        if self.ready:
+            return
+        timeout_s = timeout_s or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180"))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"Prefect API server exited with code {self.process.returncode} while starting")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        self.ready = True
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"Prefect API server did not answer on {self.url} within {timeout_s:g} s")
+
+    def stop(self) -> None:
+        import subprocess
+
+        from fedhq_core.phases import span
+
+        with span("prefect api stop"):
+            self._stop(subprocess)
+
+    def _stop(self, subprocess) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - not Linux: the atexit stop still applies
+        pass
+
+
+_SERVER: ApiServer | None = None
+
+
+def start_api_server() -> ApiServer | None:
+    """Launch this process's Prefect API server (once) and point ``PREFECT_API_URL`` at it.
+    None when ``PREFECT_API_URL`` names a running server already: nothing to start."""
+    global _SERVER
+    if _SERVER is not None:
+        return _SERVER
     if os.environ.get("PREFECT_API_URL"):
         return None
+    _SERVER = ApiServer()
+    os.environ["PREFECT_API_URL"] = _SERVER.url
+    return _SERVER
 
-    def _start() -> None:
-        from prefect.server.api.server import SubprocessASGIServer
 
-        try:
-            SubprocessASGIServer().start()
-        except Exception:  # the flow's own start will retry and report the error
-            pass
+def api_settings():
+    """Prefect settings pointing at this process's API server, once it answers (for a Prefect
+    imported before the server was launched: its settings were read at import); a no-op context
+    without one."""
+    import contextlib
 
-    thread = threading.Thread(target=_start, name="prefect-ephemeral-start", daemon=True)
-    thread.start()
-    return thread
+    if _SERVER is None:
+        return contextlib.nullcontext()
+    _SERVER.wait_ready()
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings(updates={PREFECT_API_URL: _SERVER.url})

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from fedhq_core.config import DATASETS, MODELS, PARTITIONS, STRATEGIES, ExperimentConfig, load_config
 from fedhq_core.errors import CheckpointError, ConfigError, DataError, TooFewClients
+from flows import api_settings, start_api_server
 
 EXIT_USAGE = 2
 
@@ -122,13 +123,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         state_dir = args.state_dir or os.environ.get("FEDHQ_STATE_DIR", ".fedhq")
         find_run(state_dir, args.resume)  # a bad run id fails here, before Prefect and MLflow load
+        start_api_server()
         from flows.train import resume_training
 
         summary = resume_training(state_dir, args.resume, progress=not args.no_progress)
         cfg = load_config(None, summary["config"])
     else:
         cfg = config_from_args(args)
-        from flows.train import run_training
+        start_api_server()  # boots on another core while this process imports and loads the data
+        from fedhq_core.phases import span
+
+        with span("import torch"):
+            import torch  # noqa: F401
+        with span("import prefect"):
+            import prefect.flows  # noqa: F401
+            import prefect.task_runners  # noqa: F401
+        with span("import fedhq"):
+            from flows.train import run_training
 
         summary = run_training(cfg, progress=not args.no_progress)
     rows = [[cfg.strategy, summary["config"]["dataset"], cfg.rounds, f"w{cfg.w_bits}a{cfg.a_bits}",
@@ -152,9 +163,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_fit_significance(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    start_api_server()
     from flows.train import fit_significance_flow
 
-    res = fit_significance_flow(cfg.to_dict())
+    with api_settings():
+        res = fit_significance_flow(cfg.to_dict())
     # the fit's figures; the setting it was fitted for is in the registry version's tags
     keys = ("dataset", "model", "w_bits", "a_bits", "seed", "n_samples", "mean_gain", "train_r2", "cv_r2",
             "cv_r2_rounds", "round_gains")
@@ -182,7 +195,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.target is not None and not 0 < args.target <= 1:
         raise ConfigError(f"target: must be in (0, 1], got {args.target}")
     seeds = args.seeds or [cfg.seed]
-    out = run_bench(cfg, strategies, seeds, args.target, progress=not args.no_progress)
+    start_api_server()
+    with api_settings():
+        out = run_bench(cfg, strategies, seeds, args.target, progress=not args.no_progress)
     headers, rows = bench_table(out)
     print(f"target accuracy for TTA: {out['target']:.4f}   seeds: {seeds}")
     print(format_table(headers, rows))
@@ -208,9 +223,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_bench_overhead(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    from flows.overhead import measure
+    from flows.overhead import breakdown_table, measure
 
-    r = measure({k: v for k, v in cfg.to_dict().items() if k not in ("tracking_uri",)}, reps=args.reps)
+    r = measure({k: v for k, v in cfg.to_dict().items() if k not in ("tracking_uri",)}, reps=args.reps,
+                phases=args.breakdown)
     rows = [["whole run (process start to exit)", round(r["flow_wall_s"], 2), round(r["bare_wall_s"], 2),
              round(r["ratio_total"], 3)],
             ["steady-state round (median)", round(r["steady_round_flow_s"], 4), round(r["steady_round_bare_s"], 4),
@@ -219,6 +235,9 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
     print(f"fp32 FedAvg, {cfg.dataset}, {r['rounds']} rounds, {cfg.clients} clients, fraction {cfg.fraction}: "
           f"Prefect flow + MLflow tracking vs a bare PyTorch loop")
     print(format_table(["measure", "fedhq_flow", "bare_loop", "ratio"], rows))
+    if args.breakdown:
+        print("\nwhere the time goes (wall seconds; round phases summed over rounds and per round):")
+        print(format_table(*breakdown_table(r["phases"]["flow"], r["phases"]["bare"])))
     if args.json:
         write_json(args.json, r)
     return 0
@@ -284,9 +303,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.trials < 1:
         raise ConfigError("trials: must be >= 1")
+    start_api_server()
     from flows.tune import run_tune
 
-    out = run_tune(cfg, args.study, args.trials, args.timeout, args.n_jobs, args.storage, args.tune_epochs)
+    with api_settings():
+        out = run_tune(cfg, args.study, args.trials, args.timeout, args.n_jobs, args.storage, args.tune_epochs)
     keys = ["trial", "xi", "w_bits", "a_bits"] + (["local_epochs"] if args.tune_epochs else []) + ["acc_q", "sim_s"]
     print(f"Pareto front of study {out['study']!r} ({out['n_trials']} trials):")
     print(format_table(keys, [[round(r[k], 4) if isinstance(r[k], float) else r[k] for k in keys]
@@ -337,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("bench-overhead", help="wall time and memory of the flow + tracking vs a bare PyTorch loop")
     add_config_flags(o)
     o.add_argument("--reps", type=int, default=1, help="repeat both runs and take medians (default 1)")
+    o.add_argument("--breakdown", action="store_true", help="also time each phase of both runs and print a table")
     o.add_argument("--json", metavar="FILE", help="write the measurements as JSON")
     o.set_defaults(func=cmd_bench_overhead)
     t = sub.add_parser("tune", help="Optuna study of xi and bit-widths: max accuracy, min simulated time")
@@ -382,6 +404,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``fedhq`` command. Run as a program (``argv`` None), it leaves with :func:`quick_exit`."""
+    code = _main(argv)
+    if argv is None:
+        quick_exit(code)
+    return code
+
+
+def quick_exit(code: int) -> None:
+    """Finish like the interpreter does (join worker threads, run every exit handler: Prefect's
+    event flush, MLflow's logging queue, the API server's stop), then leave without tearing down
+    every module one by one, which takes seconds with torch, Prefect and MLflow loaded and
+    writes nothing."""
+    import atexit
+    import threading
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _main(argv: list[str] | None) -> int:
+    from fedhq_core import phases
+
+    phases.since_launch("interpreter and CLI")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

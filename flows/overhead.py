@@ -27,23 +27,30 @@ import numpy as np
 def bare_loop(cfg_dict: dict[str, Any], out_path: str) -> None:
     """The reference: the same local SGD steps with no framework around them."""
     t_start = time.perf_counter()
-    import torch
-    import torch.nn.functional as F
+    from fedhq_core.phases import add as add_span, since_launch, span
 
-    from fedhq_core.config import from_mapping
-    from fedhq_core.models import build_model
-    from fedhq_core.simulation import load_data, split_clients
+    since_launch("interpreter and CLI")
+    with span("import torch"):
+        import torch
+        import torch.nn.functional as F
+    with span("import fedhq"):
+        from fedhq_core.config import from_mapping
+        from fedhq_core.models import build_model
+        from fedhq_core.simulation import load_data, split_clients
 
     cfg = from_mapping(cfg_dict)
     torch.set_num_threads(os.cpu_count() or 1)
-    ds = load_data(cfg)
-    _, _, shards = split_clients(cfg, ds)  # the same client split as the flow
+    with span("data load"):
+        ds = load_data(cfg)
+        _, _, shards = split_clients(cfg, ds)  # the same client split as the flow
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, ds.in_shape, ds.num_classes)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     round_s = []
     for rnd in range(cfg.rounds):
         t0 = time.perf_counter()
+        t_round = time.time()
+        train_start = time.time()
         k = max(1, int(round(cfg.fraction * cfg.clients)))
         sampled = sorted(np.random.default_rng([cfg.seed, 17, rnd]).choice(cfg.clients, size=k, replace=False))
         new = {k_: torch.zeros_like(v, dtype=torch.float32) for k_, v in global_state.items()}
@@ -62,23 +69,146 @@ def bare_loop(cfg_dict: dict[str, Any], out_path: str) -> None:
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-            for k_, v in model.state_dict().items():
-                new[k_] += v.float() * (len(y) / total)
-        global_state = {k_: new[k_].to(v.dtype) for k_, v in global_state.items()}
-        model.load_state_dict(global_state)
-        model.eval()
-        with torch.no_grad():
-            acc = float((model(ds.test.x).argmax(1) == ds.test.y).float().mean())
+            with span("aggregate", rnd):
+                for k_, v in model.state_dict().items():
+                    new[k_] += v.float() * (len(y) / total)
+        add_span("train-clients body", train_start, None, rnd)
+        with span("aggregate", rnd):
+            global_state = {k_: new[k_].to(v.dtype) for k_, v in global_state.items()}
+        with span("evaluate fp32", rnd):
+            model.load_state_dict(global_state)
+            model.eval()
+            with torch.no_grad():
+                acc = float((model(ds.test.x).argmax(1) == ds.test.y).float().mean())
+        add_span("round", t_round, None, rnd)
         round_s.append(time.perf_counter() - t0)
     with open(out_path, "w") as f:
         json.dump({"round_s": round_s, "inner_wall_s": time.perf_counter() - t_start, "final_acc": acc}, f)
 
 
-def _timed(cmd: list[str], env: dict[str, str], cwd: str) -> tuple[float, int, subprocess.CompletedProcess]:
+# --- per-phase breakdown (``--breakdown``) -------------------------------------------------------------
+WORKER = ("train-clients body", "pack (quantize)", "pack (wire)")
+STARTUP = [("interpreter and CLI", "interpreter start and CLI"), ("import torch", "import torch"),
+           ("import prefect", "import prefect"), ("import fedhq", "import fedhq (rest)"),
+           ("data load", "data load and split"), ("prefect api start (wait)", "Prefect API start-up (waited)"),
+           ("prefect flow start", "Prefect flow start"), ("profile (task)", "profile (trace step kinds)"),
+           ("import mlflow", "import mlflow"), ("tracking start", "tracking: run start, params")]
+ROUND = ["training (clients, critical path)", "packing (critical client task)", "unpacking and checks",
+         "aggregation", "evaluation fp32", "evaluation quantized", "checkpoint write", "tracking calls",
+         "Prefect task bookkeeping", "  of which server-verb tasks", "allocation", "round, other"]
+TEARDOWN = [("registration", "registration (model logged and registered)"), ("tracking end", "tracking: run end"),
+            ("prefect flow end", "Prefect flow end"), ("prefect api stop", "Prefect API stop")]
+_ROUND_NAMES = {"unpack": "unpacking and checks", "aggregate": "aggregation", "evaluate fp32": "evaluation fp32",
+                "evaluate quantized": "evaluation quantized",
+                "calibrate (server)": "evaluation quantized", "checkpoint": "checkpoint write",
+                "tracking": "tracking calls", "allocate": "allocation", "round": "round, other",
+                "train-clients body": "training (clients, critical path)"}
+
+
+def self_times(spans: list[dict[str, Any]]) -> list[tuple[dict[str, Any], float]]:
+    """Each span of the flow's own sequence with its time less that of the spans directly inside it.
+    Worker-thread spans (concurrent client training) and background spans are left out here."""
+    seq = sorted((s for s in spans if not (s["name"] in WORKER and s["thread"] != "MainThread")
+                  and not s["name"].endswith("(background)")),
+                 key=lambda s: (s["start"], -s["end"]))
+    out: list[list[Any]] = []
+    stack: list[list[Any]] = []
+    for s in seq:
+        while stack and s["start"] >= stack[-1][0]["end"]:
+            stack.pop()
+        item = [s, s["end"] - s["start"]]
+        if stack:
+            stack[-1][1] -= item[1]
+        stack.append(item)
+        out.append(item)
+    return [(s, t) for s, t in out]
+
+
+def breakdown(doc: dict[str, Any], wall_s: float, t0: float, t_exit: float) -> dict[str, float]:
+    """Seconds per phase of one process (from its ``FEDHQ_PHASES`` file): start-up and teardown
+    phases, round phases summed over rounds, and what is left ("other") so the rows add up to
+    ``wall_s``."""
+    spans = doc["spans"]
+    rows: dict[str, float] = {}
+    add = lambda k, v: rows.__setitem__(k, rows.get(k, 0.0) + v)  # noqa: E731
+    names = dict(STARTUP + TEARDOWN)
+    train_self: dict[int, float] = {}
+    for s, t in self_times(spans):
+        n = s["name"]
+        if n in names:
+            add(names[n], t)
+        elif n == "train (tasks)":
+            train_self[s["round"]] = train_self.get(s["round"], 0.0) + t
+        elif n.endswith("(task)"):
+            add("Prefect task bookkeeping", t)
+            add("  of which server-verb tasks", t)
+        elif n in _ROUND_NAMES:
+            add(_ROUND_NAMES[n], t)
+    # the clients run on worker threads while the flow waits in "train (tasks)": the slowest task is
+    # the training, the rest of the wait is Prefect's (submit, run, collect)
+    by: dict[tuple[int, str], dict[str, float]] = {}
+    for s in spans:
+        if s["name"] in WORKER and s["thread"] != "MainThread":
+            d = by.setdefault((s["round"], s["thread"]), {})
+            d[s["name"]] = d.get(s["name"], 0.0) + s["end"] - s["start"]
+    for rnd, waited in train_self.items():
+        tasks = [d for (r, _), d in by.items() if r == rnd]
+        crit = max(tasks, key=lambda d: d.get("train-clients body", 0.0), default={})
+        body = crit.get("train-clients body", 0.0)
+        pack = crit.get("pack (quantize)", 0.0) + crit.get("pack (wire)", 0.0)
+        add("training (clients, critical path)", body - pack)
+        add("packing (critical client task)", pack)
+        add("Prefect task bookkeeping", waited - body)
+    ends = [s["end"] for s in spans if s["thread"] == "MainThread"]
+    rows["exit (server stop, interpreter teardown)"] = t_exit - max(ends) if ends else 0.0
+    rows["rounds"] = sum(s["end"] - s["start"] for s in spans if s["name"] == "round")
+    rows["n_rounds"] = len({s["round"] for s in spans if s["name"] == "round"})
+    accounted = sum(v for k, v in rows.items() if k not in ("rounds", "n_rounds", "other")
+                    and not k.startswith("  "))
+    rows["other"] = rows.get("other", 0.0) + wall_s - accounted
+    boot = [s["end"] - s["start"] for s in spans if s["name"].endswith("(background)")]
+    if boot:
+        rows["Prefect API boot (background, overlapped)"] = sum(boot)
+    return rows
+
+
+def breakdown_table(flow: dict[str, float], bare: dict[str, float]) -> tuple[list[str], list[list[Any]]]:
+    """Rows: phase, flow seconds, bare seconds, and per round (ms) for the round phases."""
+    def cell(d: dict[str, float], k: str, per_round: bool = False) -> Any:
+        if k not in d:
+            return "-"
+        return round(1000 * d[k] / max(1, d["n_rounds"]), 1) if per_round else round(d[k], 2)
+
+    rows: list[list[Any]] = []
+    for _, label in STARTUP:
+        rows.append([label, cell(flow, label), "", cell(bare, label), ""])
+    rows.append(["rounds (total)", cell(flow, "rounds"), cell(flow, "rounds", True), cell(bare, "rounds"),
+                 cell(bare, "rounds", True)])
+    for label in ROUND:
+        rows.append(["  " + label, cell(flow, label), cell(flow, label, True), cell(bare, label),
+                     cell(bare, label, True)])
+    for label in [lbl for _, lbl in TEARDOWN] + ["exit (server stop, interpreter teardown)", "other"]:
+        rows.append([label, cell(flow, label), "", cell(bare, label), ""])
+    if "Prefect API boot (background, overlapped)" in flow:
+        rows.append(["Prefect API boot (background, overlapped)", cell(flow, "Prefect API boot (background, overlapped)"),
+                     "", "-", ""])
+    return ["phase", "flow_s", "flow_ms/round", "bare_s", "bare_ms/round"], rows
+
+
+def _timed(cmd: list[str], env: dict[str, str], cwd: str,
+           phases: str | None = None) -> tuple[float, dict[str, Any] | None, subprocess.CompletedProcess]:
+    """Run ``cmd`` to its exit; with ``phases`` (a file path) also its phase breakdown."""
+    if phases:
+        env = {**env, "FEDHQ_PHASES": phases, "FEDHQ_T0": repr(time.time())}
+    t_start = time.time()
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    return wall, 0, p
+    rows = None
+    if phases and p.returncode == 0:
+        with open(phases) as f:
+            rows = breakdown(json.load(f), wall, t_start, t_start + wall)
+    return wall, rows, p
 
 
 def _rss_child_cmd(inner: list[str]) -> list[str]:
@@ -89,7 +219,7 @@ def _rss_child_cmd(inner: list[str]) -> list[str]:
     return [sys.executable, "-c", code, *inner]
 
 
-def measure(cfg_dict: dict[str, Any], reps: int = 1) -> dict[str, Any]:
+def measure(cfg_dict: dict[str, Any], reps: int = 1, phases: bool = False) -> dict[str, Any]:
     work = tempfile.mkdtemp(prefix="fedhq-overhead-")
     env = dict(os.environ)
     # the user's Prefect home (as `fedhq run` uses it); a separate MLflow store in the state folder,
@@ -109,16 +239,20 @@ def measure(cfg_dict: dict[str, Any], reps: int = 1) -> dict[str, Any]:
     for _ in range(reps):
         flow_json = os.path.join(work, "flow.json")
         bare_json = os.path.join(work, "bare.json")
-        wf, _, pf = _timed(_rss_child_cmd([sys.executable, "-m", "flows.cli", "run", "--config", cfg_path,
-                                           "--no-progress", "--json", flow_json]), env, cwd)
+        wf, flow_rows, pf = _timed(_rss_child_cmd([sys.executable, "-m", "flows.cli", "run", "--config", cfg_path,
+                                                   "--no-progress", "--json", flow_json]), env, cwd,
+                                   os.path.join(work, "flow-phases.json") if phases else None)
         if pf.returncode != 0:
             raise RuntimeError(f"flow run failed: {pf.stderr.strip().splitlines()[-1:]}")
-        wb, _, pb = _timed(_rss_child_cmd([sys.executable, "-m", "flows.overhead", "--bare", cfg_path, bare_json]),
-                           env, cwd)
+        wb, bare_rows, pb = _timed(_rss_child_cmd([sys.executable, "-m", "flows.overhead", "--bare", cfg_path,
+                                                   bare_json]), env, cwd,
+                                   os.path.join(work, "bare-phases.json") if phases else None)
         if pb.returncode != 0:
             raise RuntimeError(f"bare loop failed: {pb.stderr.strip().splitlines()[-1:]}")
         results["flow_wall_s"].append(wf)
         results["bare_wall_s"].append(wb)
+        if phases:
+            results.setdefault("phases_runs", []).append({"flow": flow_rows, "bare": bare_rows})
         rss = lambda p: int(next(l.split()[1] for l in p.stderr.splitlines() if l.startswith("FEDHQ_RSS_KIB")))  # noqa: E731,E741
         results["flow_peak_rss_mib"] = rss(pf) / 1024
         results["bare_peak_rss_mib"] = rss(pb) / 1024
@@ -137,6 +271,10 @@ def measure(cfg_dict: dict[str, Any], reps: int = 1) -> dict[str, Any]:
         "steady_round_bare_s": float(np.median(bare_rounds[skip:])),
         "flow_final_acc_fp32": flow["final_acc_fp32"], "bare_final_acc": bare["final_acc"],
     })
+    if phases:  # each phase's median over the repetitions
+        runs = results.pop("phases_runs")
+        results["phases"] = {who: {k: float(np.median([r[who][k] for r in runs if k in r[who]]))
+                                   for k in runs[-1][who]} for who in ("flow", "bare")}
     results["ratio_total"] = results["flow_wall_s"] / results["bare_wall_s"]
     results["ratio_steady_round"] = results["steady_round_flow_s"] / results["steady_round_bare_s"]
     return results

@@ -25,6 +25,7 @@ from fedhq_core.config import ExperimentConfig, from_mapping  # noqa: E402
 from fedhq_core.hardware import RooflineModel  # noqa: E402
 from fedhq_core.checkpoint import CheckpointError, Checkpoints, find_run, runs_root  # noqa: E402
 from fedhq_core.errors import TooFewClients  # noqa: E402
+from fedhq_core.phases import add as add_span, span  # noqa: E402
 from fedhq_core.simulation import (RoundOps, RoundRecord, Simulation, default_concurrency,  # noqa: E402
                                    format_reasons, run_rounds)
 from tasks import training as T  # noqa: E402
@@ -40,7 +41,9 @@ def set_torch_threads(cfg: ExperimentConfig) -> int:
 def tracker_for(cfg: ExperimentConfig):
     if not cfg.tracking:
         return None
-    from tasks.tracking import Tracker, TrackingSettings
+    with span("import mlflow"):
+        from tasks.tracking import Tracker, TrackingSettings
+        import mlflow  # noqa: F401
 
     return Tracker(TrackingSettings.load(tracking_uri=cfg.tracking_uri, experiment=cfg.experiment,
                                          registered_model=cfg.registered_model))
@@ -74,7 +77,8 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
     set_torch_threads(cfg)
     sim = sim or Simulation(cfg)
     if not resume:
-        T.profile_hardware(sim, speed)
+        with span("profile (task)"):
+            T.profile_hardware(sim, speed)
     tracker = tracker_for(cfg)
     sig_s = 0.0
     if sim.needs_significance():
@@ -91,9 +95,10 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
             if rec.round not in logged:
                 tracker.log_metrics(rec.metrics(), step=rec.round)
     elif tracker:
-        tracker.start(run_name or f"{cfg.strategy}-{sim.dataset_name}-s{cfg.seed}", cfg.to_dict(),
-                      tags={"strategy": cfg.strategy, "dataset": sim.dataset_name}, parent_run_id=parent_run_id)
-        tracker.log_dict(sim.speed.describe(cfg.batch_size), "speed_model.json")
+        with span("tracking start"):
+            tracker.start(run_name or f"{cfg.strategy}-{sim.dataset_name}-s{cfg.seed}", cfg.to_dict(),
+                          tags={"strategy": cfg.strategy, "dataset": sim.dataset_name}, parent_run_id=parent_run_id)
+            tracker.log_dict(sim.speed.describe(cfg.batch_size), "speed_model.json")
     run_id = tracker.run_id if tracker else None
     sim.run_id = run_id or sim.run_id or f"local-{uuid.uuid4().hex[:12]}"
     ckpts = (Checkpoints(runs_root(cfg.state_dir) / sim.run_id, cfg.checkpoint_keep, log_checkpoint(tracker, cfg))
@@ -157,12 +162,15 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
             tracker.log_metrics({f"sigacc_{k}": v for k, v in summary["significance"].items()
                                  if k in ("train_r2", "cv_r2", "cv_r2_rounds")}, step=cfg.rounds)
         if register:
-            summary["model_version"] = tracker.register_global_model(sim.deployed_bundle(), model_tags(sim, summary))
+            with span("registration"):
+                summary["model_version"] = tracker.register_global_model(sim.deployed_bundle(),
+                                                                         model_tags(sim, summary))
         summary["wall_s"] = sim.summary()["wall_s"]
-        tracker.log_dict({k: v for k, v in summary.items() if k != "rounds"}, "summary.json")
-        tracker.log_dict({str(r.round): {str(c): why for c, why in r.rejected.items()}
-                          for r in sim.records if r.rejected}, "rejected_updates.json")
-        tracker.end("FINISHED")
+        with span("tracking end"):
+            tracker.log_dict({k: v for k, v in summary.items() if k != "rounds"}, "summary.json")
+            tracker.log_dict({str(r.round): {str(c): why for c, why in r.rejected.items()}
+                              for r in sim.records if r.rejected}, "rejected_updates.json")
+            tracker.end("FINISHED")
     if ckpts:
         ckpts.mark_done()
     return summary
@@ -210,15 +218,19 @@ def fit_significance_flow(config: dict[str, Any]) -> dict[str, Any]:
 # Simulations built by the caller before the flow starts (data loaded while Prefect boots),
 # handed over by key: a flow's parameters must stay JSON-serializable.
 _PREPARED: dict[str, Simulation] = {}
+_CALLED: dict[str | None, float] = {}  # when the flow was called, and when its body returned (phase spans)
 
 
 @flow(name="fedhq-train", persist_result=False)
 def train_flow(config: dict[str, Any], progress: bool = False, prepared: str | None = None,
                resume: bool = False) -> dict[str, Any]:
     """One FedHQ training run. ``config`` holds ExperimentConfig fields (validated here)."""
+    add_span("prefect flow start", _CALLED.get(prepared, time.time()))
     cfg = from_mapping(config)
     sim = _PREPARED.pop(prepared, None) if prepared else None
-    return execute_run(cfg, sim=sim, progress=progress, resume=resume and sim is not None)
+    out = execute_run(cfg, sim=sim, progress=progress, resume=resume and sim is not None)
+    _CALLED[prepared] = time.time()
+    return out
 
 
 def task_runner_for(cfg: ExperimentConfig):
@@ -240,34 +252,34 @@ def task_runner_for(cfg: ExperimentConfig):
 
 
 def _start_flow(cfg: ExperimentConfig, sim: Simulation, progress: bool, resume: bool) -> dict[str, Any]:
-    """Run :func:`train_flow` on the task runner ``cfg`` asks for; the data were loaded while
-    Prefect's ephemeral server booted. Local Dask workers report to that same server."""
-    from flows import prestart_ephemeral_server
+    """Run :func:`train_flow` on the task runner ``cfg`` asks for, against this process's Prefect
+    API server (launched by the CLI before the imports and the data load, else now) or the one
+    ``PREFECT_API_URL`` names. Local Dask workers inherit the URL and report to the same server."""
+    from flows import api_settings, start_api_server
 
     set_torch_threads(cfg)
-    booting = prestart_ephemeral_server()
+    server = start_api_server()
     key = f"sim-{id(sim)}"
     _PREPARED[key] = sim
-    if booting is not None:
-        booting.join()
-    saved = os.environ.get("PREFECT_API_URL")
-    if cfg.dask_local and not saved:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        server = SubprocessASGIServer()
-        server.start()
-        os.environ["PREFECT_API_URL"] = server.api_url  # inherited by the worker processes
+    if server is not None:
+        with span("prefect api start (wait)"):
+            server.wait_ready()
     try:
-        f = train_flow.with_options(task_runner=task_runner_for(cfg))
-        return f(cfg.to_dict(), progress=progress, prepared=key, resume=resume)
+        with api_settings():
+            f = train_flow.with_options(task_runner=task_runner_for(cfg))
+            _CALLED[key] = time.time()
+            out = f(cfg.to_dict(), progress=progress, prepared=key, resume=resume)
+        add_span("prefect flow end", _CALLED[key])
+        return out
     finally:
         _PREPARED.pop(key, None)
-        if saved is None:
-            os.environ.pop("PREFECT_API_URL", None)
+        _CALLED.pop(key, None)
 
 
 def run_training(cfg: ExperimentConfig, progress: bool = False) -> dict[str, Any]:
-    return _start_flow(cfg, Simulation(cfg), progress, resume=False)
+    with span("data load"):
+        sim = Simulation(cfg)
+    return _start_flow(cfg, sim, progress, resume=False)
 
 
 def resume_training(state_dir: str, run_id: str, progress: bool = False) -> dict[str, Any]:

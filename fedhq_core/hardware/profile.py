@@ -5,7 +5,8 @@ runs for it (``client.train_step``, ``client.correct_count``, the weight-scale s
 ``quant.pack_update``), so what is traced and timed is what clients execute.
 
 * :class:`TraceBook` traces each kind on the CPU (deterministic: counts depend on shapes only)
-  and caches the traces; train and forward steps are traced at two batch sizes and extrapolated
+  and caches the traces, in memory and, given a folder, on disk (keyed by the model, the torch
+  version and this package's source, so any code change re-traces); train and forward steps are traced at two batch sizes and extrapolated
   linearly, calibration at the batch sizes actually used (its quantile subsample is not linear).
 * :func:`measure_kinds` times every kind at several batch sizes with the reps *interleaved*
   (kind after kind inside each rep), so load drift on the host hits every kind alike, and keeps
@@ -15,11 +16,16 @@ runs for it (``client.train_step``, ``client.correct_count``, the weight-scale s
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -81,18 +87,37 @@ def step_runner(model: nn.Module, kind: str, batch: int, in_shape: tuple[int, ..
 class TraceBook:
     """Op traces of every step kind for one model shape, built on demand on the CPU and cached."""
 
-    def __init__(self, build: Callable[[], nn.Module], in_shape: tuple[int, ...], num_classes: int):
+    def __init__(self, build: Callable[[], nn.Module], in_shape: tuple[int, ...], num_classes: int,
+                 cache_dir: str | os.PathLike | None = None, model_key: str = ""):
         self._build = build
         self.in_shape = tuple(in_shape)
         self.num_classes = num_classes
         self._linear: dict[str, LinearTrace] = {}
         self._exact: dict[tuple[str, int], StepTrace] = {}
         self._lock = threading.Lock()
+        self._cache = Path(cache_dir) if cache_dir and model_key else None
+        self._key = model_key
+
+    def _cache_path(self, kind: str, batch: int, bits: int) -> Path | None:
+        if self._cache is None:
+            return None
+        key = hashlib.sha256(repr((self._key, self.in_shape, self.num_classes, kind, batch, bits, torch.__version__,
+                                   source_digest())).encode()).hexdigest()[:24]
+        return self._cache / f"trace-{kind}-{key}.npz"
 
     def _trace(self, kind: str, batch: int, bits: int = 8) -> StepTrace:
+        path = self._cache_path(kind, batch, bits)
+        if path is not None and path.is_file():
+            try:
+                return load_trace(path)
+            except Exception:  # noqa: BLE001 - a damaged cache file is traced afresh and rewritten
+                pass
         model = self._build()      # a fresh CPU model per trace: nothing carries over between kinds
         fn = step_runner(model, kind, batch, self.in_shape, self.num_classes, upload_bits=bits)
-        return trace(kind, batch, fn)
+        t = trace(kind, batch, fn)
+        if path is not None:
+            save_trace(path, t)
+        return t
 
     def get(self, kind: str, batch: int) -> StepTrace:
         """The trace of one ``kind`` step at ``batch`` (for ``pack``: ``batch`` = upload bits)."""
@@ -111,6 +136,31 @@ class TraceBook:
     def step(self, kind: str, batch: int, upload_bits: int = 8) -> StepTrace:
         """One step of ``kind`` at ``batch``; packing is traced at ``upload_bits`` instead."""
         return self.get(kind, upload_bits if kind == "pack" else batch)
+
+
+@functools.lru_cache(maxsize=1)
+def source_digest() -> str:
+    """SHA-256 of this package's Python sources: any change to a model, quantizer or step re-traces."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def save_trace(path: Path, t: StepTrace) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp.npz")
+    np.savez(tmp, kind=np.array(t.kind), batch=np.array(t.batch), names=np.array(t.names, dtype=str),
+             flops=t.flops, bytes=t.bytes, mm=t.mm, engine=t.engine, sync=t.sync, phase=np.array(t.phase, dtype=str))
+    os.replace(tmp, path)
+
+
+def load_trace(path: Path) -> StepTrace:
+    with np.load(path, allow_pickle=False) as z:
+        return StepTrace(str(z["kind"]), int(z["batch"]), z["names"].tolist(), z["flops"], z["bytes"], z["mm"],
+                         z["engine"], z["sync"], z["phase"].tolist())
 
 
 @dataclass

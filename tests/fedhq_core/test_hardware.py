@@ -104,6 +104,20 @@ def test_linear_extrapolation_equals_a_direct_trace():
         np.testing.assert_allclose(fitted.bytes, direct.bytes)
 
 
+def test_disk_cached_traces_equal_fresh_ones_and_are_reused(tmp_path, monkeypatch):
+    import fedhq_core.hardware.profile as prof
+
+    fresh = TraceBook(_cnn, SHAPE, 10, tmp_path, "cnn-test").get("qat", 5)
+    assert len(list(tmp_path.glob("trace-qat-*.npz"))) == 2          # traced at both linear points
+    monkeypatch.setattr(prof, "trace", lambda *a, **k: pytest.fail("traced again despite the cache"))
+    cached = TraceBook(_cnn, SHAPE, 10, tmp_path, "cnn-test").get("qat", 5)
+    assert cached.names == fresh.names and cached.phase == fresh.phase
+    for field in ("flops", "bytes", "mm", "engine", "sync"):
+        np.testing.assert_array_equal(getattr(cached, field), getattr(fresh, field))
+    with pytest.raises(BaseException, match="traced again"):           # another model key is not served
+        TraceBook(_cnn, SHAPE, 10, tmp_path, "other-model").get("qat", 5)
+
+
 def _synthetic(sync_at: int | None = None) -> StepTrace:
     n = 4
     sync = np.zeros(n, bool)
