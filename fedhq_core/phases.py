@@ -38,6 +38,12 @@ def span(name: str, rnd: int | None = None) -> Iterator[None]:
         add(name, t0, None, rnd)
 
 
+def value(name: str, v: float) -> None:
+    """Record a measured quantity that is not a span (e.g. a child process's CPU seconds)."""
+    if ENABLED:
+        _spans.append((name, None, 0.0, float(v), "value"))
+
+
 def since_launch(name: str) -> None:
     """Span from the parent's launch moment (``FEDHQ_T0``) to now: interpreter start-up."""
     t0 = os.environ.get("FEDHQ_T0")

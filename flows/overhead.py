@@ -128,7 +128,8 @@ def breakdown(doc: dict[str, Any], wall_s: float, t0: float, t_exit: float) -> d
     """Seconds per phase of one process (from its ``FEDHQ_PHASES`` file): start-up and teardown
     phases, round phases summed over rounds, and what is left ("other") so the rows add up to
     ``wall_s``."""
-    spans = doc["spans"]
+    spans = [s for s in doc["spans"] if s["thread"] != "value"]
+    values = {s["name"]: s["end"] for s in doc["spans"] if s["thread"] == "value"}
     rows: dict[str, float] = {}
     add = lambda k, v: rows.__setitem__(k, rows.get(k, 0.0) + v)  # noqa: E731
     names = dict(STARTUP + TEARDOWN)
@@ -169,6 +170,8 @@ def breakdown(doc: dict[str, Any], wall_s: float, t0: float, t_exit: float) -> d
     boot = [s["end"] - s["start"] for s in spans if s["name"].endswith("(background)")]
     if boot:
         rows["Prefect API boot (background, overlapped)"] = sum(boot)
+    if "prefect api cpu" in values:
+        rows["Prefect API server CPU (its own process)"] = values["prefect api cpu"]
     return rows
 
 
@@ -189,9 +192,9 @@ def breakdown_table(flow: dict[str, float], bare: dict[str, float]) -> tuple[lis
                      cell(bare, label, True)])
     for label in [lbl for _, lbl in TEARDOWN] + ["exit (server stop, interpreter teardown)", "other"]:
         rows.append([label, cell(flow, label), "", cell(bare, label), ""])
-    if "Prefect API boot (background, overlapped)" in flow:
-        rows.append(["Prefect API boot (background, overlapped)", cell(flow, "Prefect API boot (background, overlapped)"),
-                     "", "-", ""])
+    for label in ("Prefect API boot (background, overlapped)", "Prefect API server CPU (its own process)"):
+        if label in flow:
+            rows.append([label, cell(flow, label), "", "-", ""])
     return ["phase", "flow_s", "flow_ms/round", "bare_s", "bare_ms/round"], rows
 
 
