@@ -102,6 +102,7 @@ class ExperimentConfig:
     device: str = "auto"             # auto | cpu | cuda
     max_concurrency: int = 0         # concurrent client trainings; 0 = number of CPU cores
     clients_per_task: int = 0        # clients trained by one task; 0 = auto (one task per worker), 1 = per client
+    server_tasks: bool = False       # allocate/aggregate/evaluate as Prefect tasks too (else plain calls in the flow)
     eval_every: int = 1
     dask_address: str | None = None  # tcp://host:8786: train clients on this Dask cluster (prefect-dask)
     dask_local: int = 0              # >0: start a LocalCluster of this many worker processes

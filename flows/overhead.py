@@ -94,13 +94,14 @@ STARTUP = [("interpreter and CLI", "interpreter start and CLI"), ("import torch"
            ("prefect flow start", "Prefect flow start"), ("profile (task)", "profile (trace step kinds)"),
            ("import mlflow", "import mlflow"), ("tracking start", "tracking: run start, params")]
 ROUND = ["training (clients, critical path)", "packing (critical client task)", "unpacking and checks",
-         "aggregation", "evaluation fp32", "evaluation quantized", "checkpoint write", "tracking calls",
+         "aggregation", "evaluation fp32", "evaluation quantized", "server calibration (fp32 strategy)",
+         "checkpoint write", "tracking calls",
          "Prefect task bookkeeping", "  of which server-verb tasks", "allocation", "round, other"]
 TEARDOWN = [("registration", "registration (model logged and registered)"), ("tracking end", "tracking: run end"),
             ("prefect flow end", "Prefect flow end"), ("prefect api stop", "Prefect API stop")]
 _ROUND_NAMES = {"unpack": "unpacking and checks", "aggregate": "aggregation", "evaluate fp32": "evaluation fp32",
                 "evaluate quantized": "evaluation quantized",
-                "calibrate (server)": "evaluation quantized", "checkpoint": "checkpoint write",
+                "calibrate (server)": "server calibration (fp32 strategy)", "checkpoint": "checkpoint write",
                 "tracking": "tracking calls", "allocate": "allocation", "round": "round, other",
                 "train-clients body": "training (clients, critical path)"}
 
