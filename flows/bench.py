@@ -195,7 +195,14 @@ def bench_flow(config: dict[str, Any], strategies: list[str], seeds: list[int], 
         for p in out["plots"].values():
             tracker.log_artifact(p, "plots")
         tracker.log_dict({k: v for k, v in out.items() if k != "per_seed"}, "bench.json")
+        run_url = tracker.run_url()
         tracker.end()
+    from flows.artifacts import publish_table
+
+    headers, rows = bench_table(out)
+    publish_table(f"bench-{ds.name}", [dict(zip(headers, r)) for r in rows],
+                  f"fedhq bench on {ds.name}, seeds {list(seeds)}: target accuracy {out['target']:.4f}",
+                  {"MLflow benchmark run": run_url} if tracker and parent else None)
     return out
 
 

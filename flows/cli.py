@@ -169,9 +169,9 @@ def cmd_fit_significance(args: argparse.Namespace) -> int:
     with api_settings():
         res = fit_significance_flow(cfg.to_dict())
     # the fit's figures; the setting it was fitted for is in the registry version's tags
-    keys = ("dataset", "model", "w_bits", "a_bits", "seed", "n_samples", "mean_gain", "train_r2", "cv_r2",
-            "cv_r2_rounds", "round_gains")
-    print(format_table(["key", "value"], [[k, res[k]] for k in keys if k in res]))
+    from flows.train import SIG_FIGURES
+
+    print(format_table(["key", "value"], [[k, res[k]] for k in SIG_FIGURES if k in res]))
     return 0
 
 

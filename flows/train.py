@@ -169,6 +169,10 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
                 summary["model_version"] = tracker.register_global_model(sim.deployed_bundle(),
                                                                          model_tags(sim, summary))
         summary["wall_s"] = sim.summary()["wall_s"]
+        summary["mlflow_run_url"] = tracker.run_url()
+        if summary.get("model_version"):
+            summary["registered_model"] = tracker.settings.registered_model
+            summary["model_version_url"] = tracker.model_version_url(summary["model_version"])
         with span("tracking end"):
             tracker.log_dict({k: v for k, v in summary.items() if k != "rounds"}, "summary.json")
             tracker.log_dict({str(r.round): {str(c): why for c, why in r.rejected.items()}
@@ -215,7 +219,17 @@ def fit_significance_flow(config: dict[str, Any]) -> dict[str, Any]:
     sim = Simulation(cfg.replace(strategy="fedhq"))
     T.profile_hardware(sim, None)
     model = obtain_significance(sim, tracker_for(cfg))
-    return {**model.tags, "train_r2": model.train_r2, "cv_r2": model.cv_r2, "cv_r2_rounds": model.cv_r2_rounds}
+    out = {**model.tags, "train_r2": model.train_r2, "cv_r2": model.cv_r2, "cv_r2_rounds": model.cv_r2_rounds}
+    from flows.artifacts import publish_table
+
+    publish_table(f"significance-{sim.dataset_name}", [{"measure": k, "value": str(out[k])} for k in SIG_FIGURES
+                                                        if k in out], "SigAcc fit (fedhq-significance)")
+    return out
+
+
+# the figures of a SigAcc fit shown by `fedhq fit-significance` and in its Prefect artifact
+SIG_FIGURES = ("dataset", "model", "w_bits", "a_bits", "seed", "n_samples", "mean_gain", "train_r2", "cv_r2",
+               "cv_r2_rounds", "round_gains")
 
 
 # Simulations built by the caller before the flow starts (data loaded while Prefect boots),
@@ -232,8 +246,13 @@ def train_flow(config: dict[str, Any], progress: bool = False, prepared: str | N
     cfg = from_mapping(config)
     sim = _PREPARED.pop(prepared, None) if prepared else None
     out = execute_run(cfg, sim=sim, progress=progress, resume=resume and sim is not None)
+    with span("prefect artifacts"):
+        from flows.artifacts import publish_run
+
+        publish_run(cfg, out)
     _CALLED[prepared] = time.time()
     return out
+
 
 
 def task_runner_for(cfg: ExperimentConfig):

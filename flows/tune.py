@@ -125,7 +125,16 @@ def tune_flow(config: dict[str, Any], study_name: str, trials: int, timeout: flo
                 bundle, {**tags, **{f"param_{k}": v for k, v in chosen.params.items()}, "study": study_name,
                          "trial": chosen.number})
         tracker.run_id = parent
+        run_url = tracker.run_url()
         tracker.end()
+    from flows.artifacts import publish_table
+
+    publish_table(f"tune-{study_name}", [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
+                                         for r in out["pareto_front"]],
+                  f"Pareto front of study {study_name!r} ({out['n_trials']} trials); chosen trial "
+                  f"{out['chosen']['trial']}" + (f", registered as version {out['model_version']}"
+                                                 if out.get("model_version") else ""),
+                  {"MLflow study run": run_url} if tracker else None)
     print(f"fedhq tune: study {study_name!r} in {storage}", file=sys.stderr)
     return out
 

@@ -25,6 +25,9 @@ DEFAULTS = {
     "cost_model": "fedhq-cost-model",
     "significance_model": "fedhq-significance",
     "async_logging": True,
+    # where the MLflow UI serves this store, for links from the Prefect UI (default: the tracking
+    # server itself, else what `mlflow ui` serves locally)
+    "ui_url": None,
 }
 
 # Explicit requirements: MLflow's inference imports the model and takes ~10 s per call.
@@ -43,6 +46,7 @@ class TrackingSettings:
     cost_model: str
     significance_model: str
     async_logging: bool = True
+    ui_url: str | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, tracking_uri: str | None = None,
@@ -72,6 +76,10 @@ class TrackingSettings:
         elif art and "://" not in str(art):
             art = Path(art).resolve().as_uri()
         values["artifact_location"] = art
+        if not values.get("ui_url"):
+            uri = str(values["tracking_uri"])
+            values["ui_url"] = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+        values["ui_url"] = str(values["ui_url"]).rstrip("/")
         return cls(**values)
 
 
@@ -142,6 +150,14 @@ class Tracker:
             self.client.log_batch(self.run_id, params=items[i:i + 100])
         return self.run_id
 
+    def run_url(self) -> str:
+        """The run's page in the MLflow UI."""
+        exp = self.client.get_run(self.run_id).info.experiment_id
+        return f"{self.settings.ui_url}/#/experiments/{exp}/runs/{self.run_id}"
+
+    def model_version_url(self, version: str, name: str | None = None) -> str:
+        return f"{self.settings.ui_url}/#/models/{name or self.settings.registered_model}/versions/{version}"
+
     def resume(self, run_id: str, from_round: int) -> str:
         """Continue run ``run_id`` (killed or failed) after its checkpointed round ``from_round``."""
         self.client.update_run(run_id, status="RUNNING")
@@ -199,12 +215,13 @@ class Tracker:
 
     def register_global_model(self, bundle: dict[str, Any], tags: dict[str, Any]) -> str:
         """Log the deployed model as a pyfunc model plus its int form, register it, tag it."""
-        from tasks.pyfunc_model import save_bundle
-
         entry = str(Path(__file__).with_name("pyfunc_entry.py"))
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-            # predict() takes any array-like on purpose; MLflow's hint about type hints is noise here
+            # predict() takes any array-like on purpose; MLflow's hint about type hints is noise
+            # here. MLflow warns when the PythonModel class is defined, so it is imported in here.
             warnings.filterwarnings("ignore", message=".*type hints.*")
+            from tasks.pyfunc_model import save_bundle
+
             files = save_bundle(bundle, tmp)
             uri = self._log_model_dir(lambda path: self.mlflow.pyfunc.save_model(
                 path, python_model=entry, artifacts=files, pip_requirements=pip_requirements()), "model")

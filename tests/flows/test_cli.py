@@ -109,6 +109,24 @@ def test_run_through_prefect_and_mlflow(tmp_path, monkeypatch):
         assert client.get_metric_history(res["run_id"], metric)
     mv = client.get_model_version_by_alias("fedhq-global-model", "latest")
     assert mv.run_id == res["run_id"] and mv.tags["strategy"] == "all-qat"
+
+    # the Prefect UI shows the run's summary table and links to the MLflow run and model version
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows import api_settings
+
+    keys = ["fedhq-all-qat-digits-summary", "fedhq-all-qat-digits-mlflow-run", "fedhq-all-qat-digits-model"]
+    with api_settings(), get_client(sync_client=True) as prefect:
+        arts = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)), sort="CREATED_DESC")
+    newest = {}
+    for a in arts:
+        newest.setdefault(a.key, a)
+    assert set(newest) == set(keys)
+    table = json.loads(newest[keys[0]].data)
+    assert {"measure": "deployed (quantized) test accuracy", "value": f"{res['final_acc_q']:.4f}"} in table
+    assert res["run_id"] in newest[keys[1]].data and "#/experiments/" in newest[keys[1]].data
+    assert f"versions/{mv.version})" in newest[keys[2]].data
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/fedhq-global-model@latest")
     from fedhq_core.data import load_dataset
