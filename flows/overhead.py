@@ -92,7 +92,9 @@ STARTUP = [("interpreter and CLI", "interpreter start and CLI"), ("import torch"
            ("import prefect", "import prefect"), ("import fedhq", "import fedhq (rest)"),
            ("data load", "data load and split"), ("prefect api start (wait)", "Prefect API start-up (waited)"),
            ("prefect flow start", "Prefect flow start"), ("profile (task)", "profile (trace step kinds)"),
-           ("import mlflow", "import mlflow"), ("tracking start", "tracking: run start, params")]
+           ("import mlflow", "import mlflow"), ("tracking: store open", "tracking: MLflow store open"),
+           ("tracking: wait for the store", "tracking: wait for the store opened in the background"),
+           ("tracking start", "tracking: run start, params")]
 ROUND = ["training (clients, critical path)", "packing (critical client task)", "unpacking and checks",
          "aggregation", "evaluation fp32", "evaluation quantized", "server calibration (fp32 strategy)",
          "checkpoint write", "tracking calls",
@@ -107,11 +109,9 @@ _ROUND_NAMES = {"unpack": "unpacking and checks", "aggregate": "aggregation", "e
 
 
 def self_times(spans: list[dict[str, Any]]) -> list[tuple[dict[str, Any], float]]:
-    """Each span of the flow's own sequence with its time less that of the spans directly inside it.
-    Worker-thread spans (concurrent client training) and background spans are left out here."""
-    seq = sorted((s for s in spans if not (s["name"] in WORKER and s["thread"] != "MainThread")
-                  and not s["name"].endswith("(background)")),
-                 key=lambda s: (s["start"], -s["end"]))
+    """Each span of the main thread with its time less that of the spans directly inside it.
+    Other threads' spans (concurrent client training, work in the background) are left out here."""
+    seq = sorted((s for s in spans if s["thread"] == "MainThread"), key=lambda s: (s["start"], -s["end"]))
     out: list[list[Any]] = []
     stack: list[list[Any]] = []
     for s in seq:
@@ -168,9 +168,11 @@ def breakdown(doc: dict[str, Any], wall_s: float, t0: float, t_exit: float) -> d
     accounted = sum(v for k, v in rows.items() if k not in ("rounds", "n_rounds", "other")
                     and not k.startswith("  "))
     rows["other"] = rows.get("other", 0.0) + wall_s - accounted
-    boot = [s["end"] - s["start"] for s in spans if s["name"].endswith("(background)")]
-    if boot:
-        rows["Prefect API boot (background, overlapped)"] = sum(boot)
+    for s in spans:  # work on other threads beside the main one (not the clients'): overlapped
+        if s["thread"] != "MainThread" and s["name"] not in WORKER:
+            label = names.get(s["name"], s["name"]).removesuffix(" (background)")
+            key = f"{label} (background, overlapped)"
+            rows[key] = rows.get(key, 0.0) + s["end"] - s["start"]
     if "prefect api cpu" in values:
         rows["Prefect API server CPU (its own process)"] = values["prefect api cpu"]
     return rows
@@ -193,7 +195,8 @@ def breakdown_table(flow: dict[str, float], bare: dict[str, float]) -> tuple[lis
                      cell(bare, label, True)])
     for label in [lbl for _, lbl in TEARDOWN] + ["exit (server stop, interpreter teardown)", "other"]:
         rows.append([label, cell(flow, label), "", cell(bare, label), ""])
-    for label in ("Prefect API boot (background, overlapped)", "Prefect API server CPU (its own process)"):
+    for label in [k for k in flow if k.endswith("(background, overlapped)")] + [
+            "Prefect API server CPU (its own process)"]:
         if label in flow:
             rows.append([label, cell(flow, label), "", "-", ""])
     return ["phase", "flow_s", "flow_ms/round", "bare_s", "bare_ms/round"], rows

@@ -38,15 +38,41 @@ def set_torch_threads(cfg: ExperimentConfig) -> int:
     return workers
 
 
-def tracker_for(cfg: ExperimentConfig):
-    if not cfg.tracking:
-        return None
+def _new_tracker(cfg: ExperimentConfig):
     with span("import mlflow"):
         from tasks.tracking import Tracker, TrackingSettings
         import mlflow  # noqa: F401
+    with span("tracking: store open"):
+        return Tracker(TrackingSettings.load(tracking_uri=cfg.tracking_uri, experiment=cfg.experiment,
+                                             registered_model=cfg.registered_model))
 
-    return Tracker(TrackingSettings.load(tracking_uri=cfg.tracking_uri, experiment=cfg.experiment,
-                                         registered_model=cfg.registered_model))
+
+_EARLY: dict[tuple, Any] = {}  # tracking settings -> future of a Tracker opened in the background
+
+
+def _tracker_key(cfg: ExperimentConfig) -> tuple:
+    return cfg.tracking_uri, cfg.experiment, cfg.registered_model
+
+
+def open_tracker_early(cfg: ExperimentConfig) -> None:
+    """Import MLflow and open its store on a background thread while the run loads its data and
+    Prefect starts the flow (much of which waits on the API server), for :func:`tracker_for`."""
+    if cfg.tracking and _tracker_key(cfg) not in _EARLY:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="fedhq-mlflow-open")
+        _EARLY[_tracker_key(cfg)] = pool.submit(_new_tracker, cfg)
+        pool.shutdown(wait=False)
+
+
+def tracker_for(cfg: ExperimentConfig):
+    if not cfg.tracking:
+        return None
+    early = _EARLY.pop(_tracker_key(cfg), None)
+    if early is not None:
+        with span("tracking: wait for the store"):
+            return early.result()
+    return _new_tracker(cfg)
 
 
 def model_tags(sim: Simulation, summary: dict[str, Any]) -> dict[str, Any]:
@@ -299,6 +325,7 @@ def _start_flow(cfg: ExperimentConfig, sim: Simulation, progress: bool, resume: 
 
 
 def run_training(cfg: ExperimentConfig, progress: bool = False) -> dict[str, Any]:
+    open_tracker_early(cfg)
     with span("data load"):
         sim = Simulation(cfg)
     return _start_flow(cfg, sim, progress, resume=False)

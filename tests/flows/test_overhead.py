@@ -26,14 +26,14 @@ def test_breakdown_rows_add_up_to_the_wall_time():
              _span("aggregate (task)", t0 + 2.0, t0 + 2.2, 0), _span("aggregate", t0 + 2.05, t0 + 2.15),
              _span("evaluate (task)", t0 + 2.2, t0 + 2.6, 0), _span("evaluate fp32", t0 + 2.2, t0 + 2.3),
              _span("evaluate quantized", t0 + 2.3, t0 + 2.5),
-             _span("prefect api boot (background)", t0 + 0.1, t0 + 2.0, None, "boot"),
+             _span("import mlflow", t0 + 0.1, t0 + 2.0, None, "fedhq-mlflow-open_0"),
              {"name": "prefect api cpu", "round": None, "start": 0.0, "end": 7.5, "thread": "value"}]
     rows = breakdown({"spans": spans}, 3.5, t0, t0 + 3.5)
     want = {"interpreter start and CLI": 0.2, "import torch": 0.8, "training (clients, critical path)": 0.6,
             "packing (critical client task)": 0.1, "Prefect task bookkeeping": 0.3 + 0.1 + 0.1, "aggregation": 0.1,
             "evaluation fp32": 0.1, "evaluation quantized": 0.2, "round, other": 0.4,
             "exit (server stop, interpreter teardown)": 0.5, "rounds": 2.0, "n_rounds": 1,
-            "Prefect API boot (background, overlapped)": 1.9, "Prefect API server CPU (its own process)": 7.5}
+            "import mlflow (background, overlapped)": 1.9, "Prefect API server CPU (its own process)": 7.5}
     for k, v in want.items():
         assert rows[k] == pytest.approx(v), k
     assert rows["other"] == pytest.approx(0.0, abs=1e-9)
