@@ -100,7 +100,8 @@ ROUND = ["training (clients, critical path)", "packing (critical client task)", 
          "checkpoint write", "tracking calls",
          "Prefect task bookkeeping", "  of which server-verb tasks", "allocation", "round, other"]
 TEARDOWN = [("registration", "registration (model logged and registered)"), ("tracking end", "tracking: run end"),
-            ("prefect flow end", "Prefect flow end"), ("prefect api stop", "Prefect API stop")]
+            ("prefect artifacts", "Prefect artifacts (summary table, links)"), ("prefect flow end", "Prefect flow end"),
+            ("prefect api stop", "Prefect API stop")]
 _ROUND_NAMES = {"unpack": "unpacking and checks", "aggregate": "aggregation", "evaluate fp32": "evaluation fp32",
                 "evaluate quantized": "evaluation quantized",
                 "calibrate (server)": "server calibration (fp32 strategy)", "checkpoint": "checkpoint write",
