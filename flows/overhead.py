@@ -9,7 +9,10 @@ shards, local SGD steps):
   train the sampled clients one after the other with SGD and average their weights.
 
 Each is timed from outside (process start to exit, so start-up is included) and per round from
-inside; peak RSS is the process's own maximum plus its largest child's (the Prefect server).
+inside (steady state: the median round after the first two); with ``--reps`` the two run in
+turn and each figure is the median over the repetitions. Peak RSS is the process's own maximum
+plus its largest child's (the Prefect server). ``--breakdown`` also times each phase of both
+processes (``fedhq_core.phases``; the flow's Prefect API server's CPU time is read from /proc).
 """
 from __future__ import annotations
 
@@ -268,15 +271,18 @@ def measure(cfg_dict: dict[str, Any], reps: int = 1, phases: bool = False) -> di
             flow = json.load(f)
         with open(bare_json) as f:
             bare = json.load(f)
-    flow_rounds = np.diff([0.0] + [r["wall_s"] for r in flow["rounds"]])
-    bare_rounds = np.asarray(bare["round_s"])
-    skip = min(2, max(0, len(bare_rounds) - 1))  # steady state: after the first rounds
+        flow_rounds = np.diff([0.0] + [r["wall_s"] for r in flow["rounds"]])
+        bare_rounds = np.asarray(bare["round_s"])
+        skip = min(2, max(0, len(bare_rounds) - 1))  # steady state: after the first rounds
+        results.setdefault("steady_round_flow_s_reps", []).append(float(np.median(flow_rounds[skip:])))
+        results.setdefault("steady_round_bare_s_reps", []).append(float(np.median(bare_rounds[skip:])))
     results.update({
         "rounds": len(bare_rounds),
+        "flow_wall_s_reps": results["flow_wall_s"], "bare_wall_s_reps": results["bare_wall_s"],
         "flow_wall_s": float(np.median(results["flow_wall_s"])),
         "bare_wall_s": float(np.median(results["bare_wall_s"])),
-        "steady_round_flow_s": float(np.median(flow_rounds[skip:])),
-        "steady_round_bare_s": float(np.median(bare_rounds[skip:])),
+        "steady_round_flow_s": float(np.median(results["steady_round_flow_s_reps"])),
+        "steady_round_bare_s": float(np.median(results["steady_round_bare_s_reps"])),
         "flow_final_acc_fp32": flow["final_acc_fp32"], "bare_final_acc": bare["final_acc"],
     })
     if phases:  # each phase's median over the repetitions

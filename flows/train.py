@@ -20,6 +20,7 @@ configure_prefect_env()
 import torch  # noqa: E402
 from prefect import flow  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+from prefect.utilities.annotations import quote  # noqa: E402
 
 from fedhq_core.config import ExperimentConfig, from_mapping  # noqa: E402
 from fedhq_core.hardware import RooflineModel  # noqa: E402
@@ -156,8 +157,13 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
     train = T.train_clients.with_options(retries=cfg.task_retries, retry_delay_seconds=cfg.task_retry_delay_s)
     # the server's verbs run inside the flow unless asked for as task runs of their own (each task
     # run costs bookkeeping here and in the API server: measured, ~40 ms a round on digits)
-    ops = (RoundOps(submit_train=train.submit, allocate=T.allocate, aggregate=T.aggregate, evaluate=T.evaluate)
-           if cfg.server_tasks else RoundOps(submit_train=train.submit))
+    # Inputs and jobs go in quote(): Prefect does not walk them looking for futures (they hold
+    # none), which halves a training task's bookkeeping (measured: ~20 ms -> ~10 ms per task).
+    def submit(inputs, jobs):
+        return train.submit(quote(inputs), quote(jobs))
+
+    ops = (RoundOps(submit_train=submit, allocate=T.allocate, aggregate=T.aggregate, evaluate=T.evaluate)
+           if cfg.server_tasks else RoundOps(submit_train=submit))
     status = "FAILED"
     try:
         run_rounds(sim, ops, _on_round, ckpts)

@@ -35,6 +35,7 @@ def _clients_name() -> str:
     from prefect.runtime import task_run
 
     jobs = task_run.parameters.get("jobs", [])
+    jobs = jobs.unquote() if hasattr(jobs, "unquote") else jobs  # passed as quote(jobs): not traversed
     rnd = jobs[0].rnd if jobs else "?"
     return f"train-r{rnd}-clients-" + "-".join(str(j.cid) for j in jobs)
 
