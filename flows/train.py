@@ -157,10 +157,13 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
     train = T.train_clients.with_options(retries=cfg.task_retries, retry_delay_seconds=cfg.task_retry_delay_s)
     # the server's verbs run inside the flow unless asked for as task runs of their own (each task
     # run costs bookkeeping here and in the API server: measured, ~40 ms a round on digits)
-    # Inputs and jobs go in quote(): Prefect does not walk them looking for futures (they hold
-    # none), which halves a training task's bookkeeping (measured: ~20 ms -> ~10 ms per task).
+    # On threads, inputs and jobs go in quote(): Prefect does not walk them looking for futures
+    # (they hold none), which halves a training task's bookkeeping (measured: ~20 -> ~10 ms a
+    # task). prefect-dask hands quoted arguments to the task as they are, so not on Dask.
+    on_dask = bool(cfg.dask_address or cfg.dask_local)
+
     def submit(inputs, jobs):
-        return train.submit(quote(inputs), quote(jobs))
+        return train.submit(inputs, jobs) if on_dask else train.submit(quote(inputs), quote(jobs))
 
     ops = (RoundOps(submit_train=submit, allocate=T.allocate, aggregate=T.aggregate, evaluate=T.evaluate)
            if cfg.server_tasks else RoundOps(submit_train=submit))
