@@ -106,6 +106,13 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
         out[prefix] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
 
 
+def _without_type_hint_notice(show: Any) -> Any:
+    def filtered(message, category, filename, lineno, file=None, line=None):
+        if "Add type hints to the `predict` method" not in str(message):
+            show(message, category, filename, lineno, file, line)
+    return filtered
+
+
 class Tracker:
     """One MLflow run. Thread-safe; metrics are logged asynchronously off the hot path."""
 
@@ -218,8 +225,9 @@ class Tracker:
         entry = str(Path(__file__).with_name("pyfunc_entry.py"))
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             # predict() takes any array-like on purpose; MLflow's hint about type hints is noise
-            # here. MLflow warns when the PythonModel class is defined, so it is imported in here.
-            warnings.filterwarnings("ignore", message=".*type hints.*")
+            # here. MLflow warns when the PythonModel class is defined, under a "once" filter of
+            # its own that overrides ours, so the hint is dropped where warnings are shown.
+            warnings.showwarning = _without_type_hint_notice(warnings.showwarning)
             from tasks.pyfunc_model import save_bundle
 
             files = save_bundle(bundle, tmp)
