@@ -153,6 +153,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         print(f"rejected client updates: {rej['total']} ({format_reasons(rej['by_reason'])}); "
               f"rounds retried: {rej['retried_rounds']}")
+    if summary.get("mlflow_run_url"):
+        local = str(summary["tracking_uri"]).startswith("sqlite:")
+        print(f"MLflow run: {summary['mlflow_run_url']}"
+              + (f"  (serve the UI with: mlflow ui --backend-store-uri {summary['tracking_uri']})" if local else ""))
+    if summary.get("model_version"):
+        print(f"registered model: {summary['registered_model']} version {summary['model_version']} "
+              f"(mlflow.pyfunc.load_model(\"models:/{summary['registered_model']}/{summary['model_version']}\"))")
     if summary.get("run_dir"):
         print(f"checkpoints: {summary['run_dir']}  (continue an interrupted run with: fedhq run --resume "
               f"{summary['run_id'] or Path(summary['run_dir']).name})")

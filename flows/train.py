@@ -205,6 +205,7 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
                                                                          model_tags(sim, summary))
         summary["wall_s"] = sim.summary()["wall_s"]
         summary["mlflow_run_url"] = tracker.run_url()
+        summary["tracking_uri"] = tracker.settings.tracking_uri
         if summary.get("model_version"):
             summary["registered_model"] = tracker.settings.registered_model
             summary["model_version_url"] = tracker.model_version_url(summary["model_version"])

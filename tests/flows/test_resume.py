@@ -43,6 +43,28 @@ def _env(tmp_path):
     return env
 
 
+def _servers_of(state, wait_s: float) -> list[int]:
+    """PIDs of live Prefect API servers launched by runs on ``state`` (from their environment)."""
+    import time
+    from pathlib import Path
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = []
+        for d in Path("/proc").iterdir():
+            try:
+                if not d.name.isdigit() or b"prefect.server.api.server:create_app" not in (d / "cmdline").read_bytes():
+                    continue
+                if f"FEDHQ_STATE_DIR={state}".encode() in (d / "environ").read_bytes().split(b"\0") and \
+                        (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    found.append(int(d.name))
+            except OSError:
+                continue
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_sigkill_mid_round_then_resume_equals_uninterrupted(tmp_path, monkeypatch, capsys):
     from mlflow import MlflowClient
@@ -60,6 +82,9 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tmp_path, monkeypatc
                                  *ARGS], cwd=tmp_path, env=_env(tmp_path), stdout=f, stderr=f, start_new_session=True)
         try:
             assert proc.wait(timeout=300) == -signal.SIGKILL, log.read_text()[-2000:]
+            # the killed run's own Prefect API server dies with it (parent-death signal), before
+            # the process group is cleaned up below
+            assert _servers_of(state, wait_s=10) == [], "the killed run left its Prefect API server running"
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
