@@ -155,8 +155,8 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
             on_round(rec)
 
     train = T.train_clients.with_options(retries=cfg.task_retries, retry_delay_seconds=cfg.task_retry_delay_s)
-    # the server's verbs run inside the flow unless asked for as task runs of their own (each task
-    # run costs bookkeeping here and in the API server: measured, ~40 ms a round on digits)
+    # The server's verbs run inside the flow unless asked for as task runs of their own (each task
+    # run costs bookkeeping here and in the API server: measured, ~40 ms a round on digits).
     # On threads, inputs and jobs go in quote(): Prefect does not walk them looking for futures
     # (they hold none), which halves a training task's bookkeeping (measured: ~20 -> ~10 ms a
     # task). prefect-dask hands quoted arguments to the task as they are, so not on Dask.
@@ -288,7 +288,6 @@ def train_flow(config: dict[str, Any], progress: bool = False, prepared: str | N
         publish_run(cfg, out)
     _CALLED[prepared] = time.time()
     return out
-
 
 
 def task_runner_for(cfg: ExperimentConfig):
