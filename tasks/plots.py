@@ -19,9 +19,26 @@ def save_figure(fig, path: str) -> str:
     return path
 
 
+SCATTER_MAX_POINTS = 200   # more points than this are not readable: a seeded sample is drawn
+SCATTER_LABEL_MAX = 40     # client ids are written next to the points up to this many
+
+
+def scatter_sample(data: dict[str, Any], max_points: int = SCATTER_MAX_POINTS) -> tuple[dict[str, Any], int]:
+    """At most ``max_points`` of the round's clients (a sample seeded by the round), and how many
+    there were; per-client lists are cut to the sample, everything else is kept."""
+    n = len(data["cids"])
+    if n <= max_points:
+        return data, n
+    keep = np.sort(np.random.default_rng([int(data.get("round", 0)), 4099]).choice(n, max_points, replace=False))
+    return {k: [v[i] for i in keep] if isinstance(v, (list, tuple, np.ndarray)) and len(v) == n else v
+            for k, v in data.items()}, n
+
+
 def allocation_scatter(data: dict[str, Any], path: str, title: str | None = None) -> str:
     """Clients at (s_hat, a_hat), coloured by strategy, with the xi line (1-xi)*a = xi*(1-s).
-    Clients whose predicted gain is not positive (the sign sent them to PTQ) are drawn apart."""
+    Clients whose predicted gain is not positive (the sign sent them to PTQ) are drawn apart.
+    Past ``SCATTER_MAX_POINTS`` clients a seeded sample is drawn, and the title says so."""
+    data, n_all = scatter_sample(data)
     s, a = np.asarray(data["s_hat"]), np.asarray(data["a_hat"])
     qat, free = np.asarray(data["qat"], bool), np.asarray(data["free"], bool)
     excluded = np.asarray(data["gain"]) <= 0 if "gain" in data else np.zeros_like(qat)
@@ -48,13 +65,17 @@ def allocation_scatter(data: dict[str, Any], path: str, title: str | None = None
     if flipped.any():
         ax.scatter(s[flipped], a[flipped], facecolors="none", edgecolors="k", s=160, lw=1.2,
                    label="flipped by fine search", zorder=4)
-    for cid, x, y in zip(data["cids"], s, a):
-        ax.annotate(str(cid), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    if len(s) <= SCATTER_LABEL_MAX:
+        for cid, x, y in zip(data["cids"], s, a):
+            ax.annotate(str(cid), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.set_xlim(-0.05, 1.05)
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("speed ŝ (normalised 1/t_PTQ, 1 = fastest)")
     ax.set_ylabel("accuracy significance â (normalised positive SigAcc)")
-    ax.set_title(title or f"FedHQ allocation, round {data['round']}")
+    title = title or f"FedHQ allocation, round {data['round']}"
+    if n_all > len(s):
+        title += f"\n(a random {len(s)} of the round's {n_all} clients shown)"
+    ax.set_title(title, fontsize=10 if n_all > len(s) else None)
     ax.legend(fontsize=7, loc="best")
     return save_figure(fig, path)
 
