@@ -61,29 +61,31 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.uint8, torch.int8, t
 
 def save_wire(obj: dict[str, Any]) -> bytes:
     """``{"meta": str, group: {name: tensor}}`` as magic + header length + JSON header + raw bytes.
-    A value that is not a tensor goes into the header as it is (the decoder rejects it)."""
-    header: dict[str, Any] = {}
+    The header keeps whole values that are not groups (``values``) apart from the groups' entries
+    (``groups``); an entry that is not a tensor goes into the header as it is (the decoder rejects it)."""
+    values: dict[str, Any] = {}
+    groups: dict[str, dict[str, Any]] = {}
     chunks: list[bytes] = []
     offset = 0
     for group, items in obj.items():
         if not isinstance(items, dict):
-            header[group] = {"value": items}
+            values[group] = items
             continue
-        header[group] = {}
+        groups[group] = {}
         for name, t in items.items():
             if not isinstance(t, torch.Tensor):
-                header[group][name] = {"value": t}
+                groups[group][name] = {"value": t}
                 continue
             raw = t.detach().cpu().contiguous().numpy().tobytes()
-            header[group][name] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+            groups[group][name] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
                                    "offset": offset, "nbytes": len(raw)}
             chunks.append(raw)
             offset += len(raw)
-    head = json.dumps(header).encode()
+    head = json.dumps({"values": values, "groups": groups}).encode()
     return b"".join([WIRE_MAGIC, len(head).to_bytes(8, "little"), head, *chunks])
 
 
-def load_wire(blob: bytes) -> dict[str, Any]:
+def load_wire(blob: bytes | bytearray) -> dict[str, Any]:
     """Inverse of :func:`save_wire`; raises ValueError on anything that is not such an upload."""
     if not blob.startswith(WIRE_MAGIC):
         raise ValueError("not a FedHQ upload (bad magic)")
@@ -93,11 +95,8 @@ def load_wire(blob: bytes) -> dict[str, Any]:
         raise ValueError("header longer than the upload")
     header = json.loads(blob[start:start + n])
     body = bytearray(blob[start + n:])  # writable, so the tensors own their memory
-    out: dict[str, Any] = {}
-    for group, items in header.items():
-        if "value" in items and len(items) == 1:
-            out[group] = items["value"]
-            continue
+    out: dict[str, Any] = dict(header["values"])
+    for group, items in header["groups"].items():
         out[group] = {}
         for name, spec in items.items():
             if "value" in spec:
@@ -135,7 +134,7 @@ def _decode(blob: bytes, expected: dict[str, tuple[int, ...]], max_bytes: int, m
     if len(blob) > max_bytes:
         raise RejectedUpdate("size", f"{len(blob)} bytes > limit {max_bytes}")
     try:
-        obj = load_wire(bytes(blob))
+        obj = load_wire(blob)
         meta = json.loads(obj["meta"])
         data, scale, steps = obj["data"], obj["scale"], obj.get("steps", {})
         specs = meta["tensors"]

@@ -4,7 +4,8 @@ Two fresh processes run the same fp32 FedAvg workload (same config, seed, sample
 shards, local SGD steps):
 
 * ``flow``: ``fedhq run --strategy fp32`` through the full Prefect flow with MLflow tracking on
-  (ephemeral Prefect server, sqlite MLflow store in a temporary folder), and
+  (the run's own Prefect API server, or the one ``PREFECT_API_URL`` names; a sqlite MLflow store
+  in the state folder, apart from the user's), and
 * ``bare``: a plain PyTorch loop in one process - load data, build the model, and for each round
   train the sampled clients one after the other with SGD and average their weights.
 
@@ -52,8 +53,7 @@ def bare_loop(cfg_dict: dict[str, Any], out_path: str) -> None:
     round_s = []
     for rnd in range(cfg.rounds):
         t0 = time.perf_counter()
-        t_round = time.time()
-        train_start = time.time()
+        t_round = time.time()   # the round's span; its training starts at once
         k = max(1, int(round(cfg.fraction * cfg.clients)))
         sampled = sorted(np.random.default_rng([cfg.seed, 17, rnd]).choice(cfg.clients, size=k, replace=False))
         new = {k_: torch.zeros_like(v, dtype=torch.float32) for k_, v in global_state.items()}
@@ -75,7 +75,7 @@ def bare_loop(cfg_dict: dict[str, Any], out_path: str) -> None:
             with span("aggregate", rnd):
                 for k_, v in model.state_dict().items():
                     new[k_] += v.float() * (len(y) / total)
-        add_span("train-clients body", train_start, None, rnd)
+        add_span("train-clients body", t_round, None, rnd)
         with span("aggregate", rnd):
             global_state = {k_: new[k_].to(v.dtype) for k_, v in global_state.items()}
         with span("evaluate fp32", rnd):
@@ -129,7 +129,7 @@ def self_times(spans: list[dict[str, Any]]) -> list[tuple[dict[str, Any], float]
     return [(s, t) for s, t in out]
 
 
-def breakdown(doc: dict[str, Any], wall_s: float, t0: float, t_exit: float) -> dict[str, float]:
+def breakdown(doc: dict[str, Any], wall_s: float, t_exit: float) -> dict[str, float]:
     """Seconds per phase of one process (from its ``FEDHQ_PHASES`` file): start-up and teardown
     phases, round phases summed over rounds, and what is left ("other") so the rows add up to
     ``wall_s``."""
@@ -169,9 +169,8 @@ def breakdown(doc: dict[str, Any], wall_s: float, t0: float, t_exit: float) -> d
     rows["exit (server stop, interpreter teardown)"] = t_exit - max(ends) if ends else 0.0
     rows["rounds"] = sum(s["end"] - s["start"] for s in spans if s["name"] == "round")
     rows["n_rounds"] = len({s["round"] for s in spans if s["name"] == "round"})
-    accounted = sum(v for k, v in rows.items() if k not in ("rounds", "n_rounds", "other")
-                    and not k.startswith("  "))
-    rows["other"] = rows.get("other", 0.0) + wall_s - accounted
+    accounted = sum(v for k, v in rows.items() if k not in ("rounds", "n_rounds") and not k.startswith("  "))
+    rows["other"] = wall_s - accounted
     for s in spans:  # work on other threads beside the main one (not the clients'): overlapped
         if s["thread"] != "MainThread" and s["name"] not in WORKER:
             label = names.get(s["name"], s["name"]).removesuffix(" (background)")
@@ -218,7 +217,7 @@ def _timed(cmd: list[str], env: dict[str, str], cwd: str,
     rows = None
     if phases and p.returncode == 0:
         with open(phases) as f:
-            rows = breakdown(json.load(f), wall, t_start, t_start + wall)
+            rows = breakdown(json.load(f), wall, t_start + wall)
     return wall, rows, p
 
 
@@ -242,8 +241,7 @@ def measure(cfg_dict: dict[str, Any], reps: int = 1, phases: bool = False) -> di
     import yaml
 
     with open(cfg_path, "w") as f:
-        # the user's state folder keeps its decoded-image and profile caches (both paths use them);
-        # Prefect's home and the MLflow store are fresh
+        # the user's state folder keeps its decoded-image and op-trace caches (both paths use them)
         yaml.safe_dump({**cfg_dict, "strategy": "fp32", "tracking": True}, f)
     cwd = os.getcwd()
     results: dict[str, Any] = {"flow_wall_s": [], "bare_wall_s": []}

@@ -6,8 +6,9 @@ runs for it (``client.train_step``, ``client.correct_count``, the weight-scale s
 
 * :class:`TraceBook` traces each kind on the CPU (deterministic: counts depend on shapes only)
   and caches the traces, in memory and, given a folder, on disk (keyed by the model, the torch
-  version and this package's source, so any code change re-traces); train and forward steps are traced at two batch sizes and extrapolated
-  linearly, calibration at the batch sizes actually used (its quantile subsample is not linear).
+  version and this package's source, so any code change re-traces); train and forward steps are
+  traced at two batch sizes and extrapolated linearly, calibration at the batch sizes actually
+  used (its quantile subsample is not linear).
 * :func:`measure_kinds` times every kind at several batch sizes with the reps *interleaved*
   (kind after kind inside each rep), so load drift on the host hits every kind alike, and keeps
   every rep so that ratios can be taken pair by pair.

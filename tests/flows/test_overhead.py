@@ -28,7 +28,7 @@ def test_breakdown_rows_add_up_to_the_wall_time():
              _span("evaluate quantized", t0 + 2.3, t0 + 2.5),
              _span("import mlflow", t0 + 0.1, t0 + 2.0, None, "fedhq-mlflow-open_0"),
              {"name": "prefect api cpu", "round": None, "start": 0.0, "end": 7.5, "thread": "value"}]
-    rows = breakdown({"spans": spans}, 3.5, t0, t0 + 3.5)
+    rows = breakdown({"spans": spans}, 3.5, t0 + 3.5)
     want = {"interpreter start and CLI": 0.2, "import torch": 0.8, "training (clients, critical path)": 0.6,
             "packing (critical client task)": 0.1, "Prefect task bookkeeping": 0.3 + 0.1 + 0.1, "aggregation": 0.1,
             "evaluation fp32": 0.1, "evaluation quantized": 0.2, "round, other": 0.4,
