@@ -70,10 +70,20 @@ STEP_KINDS = ("fp32", "qat", "fwd", "calib", "wsearch", "pack")
 
 
 def make_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
+    """The model's SGD optimizer, built once per (pooled) model and reused by every client that
+    borrows it: each client sets its hyper-parameters and starts with fresh momentum (the state
+    is cleared), so a reused optimizer steps exactly like a new one."""
     # foreach: one multi-tensor op per update on every device, so the traced op count is the
     # same on CPU and GPU
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, foreach=True)
+    opt = model.__dict__.get("_fedhq_sgd")
+    if opt is None or len(opt.param_groups[0]["params"]) != len(params) or any(
+            a is not b for a, b in zip(opt.param_groups[0]["params"], params)):
+        opt = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, foreach=True)
+        model.__dict__["_fedhq_sgd"] = opt
+    opt.state.clear()
+    opt.param_groups[0].update(lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    return opt
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
@@ -136,8 +146,11 @@ def calibrate(model: nn.Module, calib: list[tuple[torch.Tensor, torch.Tensor]], 
 
 def train_client(model: nn.Module, cid: int, x: torch.Tensor, y: torch.Tensor, global_state: dict[str, torch.Tensor],
                  global_ranges: dict[str, tuple[float, float]] | None, spec: TrainSpec,
-                 global_steps: dict[str, torch.Tensor] | None = None) -> ClientResult:
-    """Run one client's local round on ``model`` (re-used; its weights are overwritten)."""
+                 global_steps: dict[str, torch.Tensor] | None = None,
+                 warm_steps: dict[str, torch.Tensor] | None = None) -> ClientResult:
+    """Run one client's local round on ``model`` (re-used; its weights are overwritten).
+    ``warm_steps``: the MSE-optimal weight steps of ``global_state`` when the caller already has
+    them (the same for every client of a round); the client is billed for the search either way."""
     if spec.strategy not in CLIENT_STRATEGIES:
         raise ValueError(f"strategy: unknown client strategy {spec.strategy!r}")
     t0 = time.perf_counter()
@@ -153,7 +166,7 @@ def train_client(model: nn.Module, cid: int, x: torch.Tensor, y: torch.Tensor, g
     if spec.strategy == "qat":
         if not global_steps:
             work["wsearch"] = [0]                    # LSQ warm start: MSE scales of the global weights
-        set_weight_steps(model, global_steps or {})
+        set_weight_steps(model, global_steps or warm_steps or {})
         if global_ranges:
             set_act_ranges(model, global_ranges)     # warm start EMA ranges
         else:

@@ -26,15 +26,15 @@ from .client import ClientResult, TrainSpec, train_client
 from .config import ExperimentConfig
 from .errors import ConfigError, TooFewClients
 from .phases import span
-from .data import Dataset, Split, load_dataset, partition
+from .data import Dataset, Split, partition
 from .hardware import Fleet, RooflineModel, SimulatedClock, TraceBook, predict_compute
 from .hardware.speed_model import load_profile
 from .quant import integer_weights, load_model_state, model_state, prepare_deploy, set_mode
 from .quant.payload import packed_layout
 from .server import average_steps, average_ranges, calibrate_on_server, evaluate_global, fedavg
 from .wire import RejectedUpdate, decode_upload
-from .worker import (ClientJob, ModelSpec, RoundInputs, Upload, borrow_model, draw_fault, expected_upload_limit,
-                     run_jobs)
+from .worker import (ClientJob, DataKey, ModelSpec, RoundInputs, ShardRef, Upload, borrow_model, draw_fault,
+                     expected_upload_limit, run_jobs)
 
 
 _BOOKS: dict[ModelSpec, TraceBook] = {}
@@ -57,26 +57,50 @@ def all_cores() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def data_key(cfg: ExperimentConfig) -> DataKey:
+    return DataKey(cfg.dataset, cfg.data_dir, cfg.download, cfg.seed, cfg.test_fraction, cfg.max_train_samples,
+                   cfg.max_test_samples, os.path.join(cfg.state_dir, "cache"))
+
+
 def load_data(cfg: ExperimentConfig) -> Dataset:
     """The dataset a config names (cached decodes under ``<state_dir>/cache``)."""
-    return load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, seed=cfg.seed,
-                        test_fraction=cfg.test_fraction, max_train=cfg.max_train_samples,
-                        max_test=cfg.max_test_samples, cache_dir=os.path.join(cfg.state_dir, "cache"))
+    return data_key(cfg).load()
 
 
-def split_clients(cfg: ExperimentConfig, ds: Dataset) -> tuple[Split, Split, list[Split]]:
-    """Seeded split of the train set: (server calibration split, client pool, client shards)."""
+class Shard:
+    """A client's shard: sorted indices into the train split. Its images are read (copied) on
+    access, so a run holds the train split once, never a second copy cut into shards."""
+
+    def __init__(self, split: Split, idx: np.ndarray):
+        self.split, self.idx = split, np.asarray(idx, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.split.x[torch.from_numpy(self.idx)]
+
+    @property
+    def y(self) -> torch.Tensor:
+        return self.split.y[torch.from_numpy(self.idx)]
+
+
+def split_clients(cfg: ExperimentConfig, ds: Dataset) -> tuple[Split, np.ndarray, list[Shard]]:
+    """Seeded split of the train set: (server calibration split, labels of the client pool,
+    client shards)."""
     rng = np.random.default_rng([cfg.seed, 31])
     perm = rng.permutation(len(ds.train))
     n_cal = min(cfg.server_calib_size, max(1, len(ds.train) // 10))
     server_calib = ds.train.subset(np.sort(perm[:n_cal]))
-    pool = ds.train.subset(np.sort(perm[n_cal:]))
+    pool = np.sort(perm[n_cal:])
+    labels = ds.train.y.numpy()[pool]
     try:
-        idx = partition(pool.y.numpy(), cfg.clients, cfg.partition, rng, alpha=cfg.alpha,
+        idx = partition(labels, cfg.clients, cfg.partition, rng, alpha=cfg.alpha,
                         classes_per_client=cfg.classes_per_client, min_size=cfg.min_shard_size)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    return server_calib, pool, [pool.subset(i) for i in idx]
+    return server_calib, labels, [Shard(ds.train, pool[np.asarray(i, dtype=np.int64)]) for i in idx]
 
 
 def cpu_model() -> str:
@@ -182,8 +206,9 @@ class Simulation:
         self.dataset_name = ds.name
         self.num_classes = ds.num_classes
         self.in_shape = ds.in_shape
-        self.server_calib, pool, self.shards = split_clients(cfg, ds)
-        self.global_labels = pool.y.numpy()
+        self.server_calib, self.global_labels, self.shards = split_clients(cfg, ds)
+        self.train_split = ds.train
+        self.data_key = data_key(cfg)
         self.test: Split = ds.test
         self.n_clients = cfg.clients
 
@@ -367,7 +392,7 @@ class Simulation:
     def jobs(self, rnd: int, alloc: Allocation, sampled: list[int], attempt: int = 0) -> list[ClientJob]:
         """One job per sampled client: its shard, its spec and (if configured) its injected fault."""
         cfg = self.cfg
-        return [ClientJob(rnd, c, self.shards[c].x, self.shards[c].y,
+        return [ClientJob(rnd, c, ShardRef(self.data_key, self.shards[c].idx, self.train_split),
                           self.client_spec(rnd, c, alloc.strategies[c], alloc.upload_bits.get(c)),
                           draw_fault(cfg.seed, rnd, c, attempt, cfg.fault_rate, cfg.fault_kinds), cfg.client_timeout_s)
                 for c in sampled]
@@ -394,7 +419,8 @@ class Simulation:
                     raise RejectedUpdate(reason, up.error or "no upload")
                 if timeout and up.wall_s > timeout:
                     raise RejectedUpdate("timeout", f"{up.wall_s:.2f} s > client_timeout_s {timeout:g}")
-                r = decode_upload(up.data, expected, max_bytes=limit, max_samples=len(self.shards[up.cid]))
+                blob, up.data = up.data, None   # decoded once; the upload's bytes go as soon as they are read
+                r = decode_upload(blob, expected, max_bytes=limit, max_samples=len(self.shards[up.cid]))
                 if r.cid != up.cid:
                     raise RejectedUpdate("keys", f"claims to be client {r.cid}")
                 results.append(r)
@@ -670,6 +696,7 @@ def run_rounds(sim: Simulation, ops: RoundOps, on_round: Callable[[RoundRecord],
             rec = sim.close_round(rnd, out.alloc, out.alloc_s, out.results, server_s, metrics, out.rejected,
                                   out.attempts, out.failed_s)
             rec.extra["workers"] = out.workers
+            rec.extra["samples"] = sum(r.n_samples for r in out.results)
             if checkpoints is not None:
                 with span("checkpoint", rnd):
                     checkpoints.save(sim)

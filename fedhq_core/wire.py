@@ -28,7 +28,7 @@ import torch
 
 from .client import STEP_KINDS, ClientResult
 from .config import UPLOAD_BITS
-from .quant.payload import PackedTensor, Payload, dequantize_tensor, packed_layout
+from .quant.payload import PackedTensor, Payload, finite_payload, packed_layout
 
 REJECT_REASONS = ("raised", "timeout", "size", "decode", "keys", "dtype", "shape", "nonfinite", "n_samples")
 
@@ -155,8 +155,8 @@ def _decode(blob: bytes, expected: dict[str, tuple[int, ...]], max_bytes: int, m
         want_bytes, want_scales = packed_layout(tuple(shape), bits)
         if d.numel() != want_bytes or s.numel() != want_scales:
             raise RejectedUpdate("shape", f"{k}: {d.numel()} bytes / {s.numel()} scales for {bits}-bit {tuple(shape)}")
-        tensors[k] = PackedTensor(d.numpy().tobytes(), s.numpy(), tuple(shape), int(bits))
-        if not bool(torch.isfinite(dequantize_tensor(tensors[k])).all()):
+        tensors[k] = PackedTensor(d.numpy(), s.numpy(), tuple(shape), int(bits))  # a view, no copy
+        if not finite_payload(tensors[k]):
             raise RejectedUpdate("nonfinite", f"{k}: NaN or Inf in the update")
     ranges = {k: tuple(v) for k, v in meta.get("act_ranges", {}).items()}
     if not all(len(v) == 2 and _finite(v[0]) and _finite(v[1]) for v in ranges.values()):

@@ -20,8 +20,8 @@ import queue
 import socket
 import threading
 import time
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from torch import nn
 from .client import TrainSpec, train_client
 from .models import build_model
 from .phases import span
-from .quant import configure_observers, prepare_model
+from .quant import (configure_observers, get_weight_steps, init_weight_steps, load_model_state, prepare_model)
 from .wire import save_wire, to_wire
 
 
@@ -85,7 +85,7 @@ def worker_device(requested: str, slot: int | None = None) -> torch.device:
     return torch.device(f"cuda:{(slot or 0) % count}")
 
 
-@dataclass
+@dataclass(eq=False)
 class RoundInputs:
     """What every client of a round starts from (shared by all of the round's tasks)."""
 
@@ -94,14 +94,88 @@ class RoundInputs:
     global_state: dict[str, torch.Tensor]
     global_ranges: dict[str, tuple[float, float]] | None
     global_steps: dict[str, torch.Tensor] | None
+    warm: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # see warm_steps()
+
+
+_WARM_LOCK = threading.Lock()
+
+
+def warm_steps(inputs: RoundInputs, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The QAT warm start of a round without learned steps: MSE-optimal weight steps of the
+    global weights. It is the same for every client of the round, so this process computes it
+    once per round (kept on the round's inputs); every client is still billed for the search."""
+    with _WARM_LOCK:
+        if inputs.warm is None:
+            load_model_state(model, inputs.global_state)
+            init_weight_steps(model)
+            inputs.warm = get_weight_steps(model)
+        return inputs.warm
+
+
+@dataclass(frozen=True)
+class DataKey:
+    """The config fields that name, subsample and cache a dataset: any process (a Dask worker
+    too) that loads with this key gets the very same train split."""
+
+    dataset: str
+    data_dir: str | None
+    download: bool
+    seed: int
+    test_fraction: float
+    max_train: int
+    max_test: int
+    cache_dir: str
+
+    def load(self):
+        from .data import load_dataset
+
+        return load_dataset(self.dataset, self.data_dir, download=self.download, seed=self.seed,
+                            test_fraction=self.test_fraction, max_train=self.max_train, max_test=self.max_test,
+                            cache_dir=self.cache_dir)
+
+
+_TRAIN: dict[DataKey, Any] = {}
+_TRAIN_LOCK = threading.Lock()
+
+
+def train_split(key: DataKey) -> Any:
+    """The train split of ``key``, loaded once per process (a Dask worker) and kept."""
+    with _TRAIN_LOCK:
+        if key not in _TRAIN:
+            _TRAIN.clear()          # one dataset per worker
+            _TRAIN[key] = key.load().train
+        return _TRAIN[key]
+
+
+class ShardRef:
+    """A client's shard as indices into the train split of ``key``. In the run's own process it
+    reads the run's split directly; pickled (to a Dask worker) it travels as the key and the
+    indices only, and the worker reads its own once-loaded copy of the same split."""
+
+    def __init__(self, key: DataKey, idx: np.ndarray, split: Any = None):
+        self.key, self.idx, self.split = key, idx, split
+        self.n_train = len(split) if split is not None else -1
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"key": self.key, "idx": self.idx, "split": None, "n_train": self.n_train}
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        split = self.split if self.split is not None else train_split(self.key)
+        if self.n_train >= 0 and len(split) != self.n_train:
+            raise RuntimeError(f"this worker's {self.key.dataset} train split has {len(split)} samples, the "
+                               f"run's {self.n_train}: give the workers the same data_dir")
+        idx = torch.from_numpy(self.idx)
+        return split.x[idx], split.y[idx]
 
 
 @dataclass
 class ClientJob:
     rnd: int
     cid: int
-    x: torch.Tensor
-    y: torch.Tensor
+    shard: ShardRef
     spec: TrainSpec
     fault: str | None = None        # injected misbehaviour (see FAULT_KINDS in config)
     timeout_s: float = 0.0          # the stall fault sleeps past this
@@ -164,9 +238,11 @@ def run_job(inputs: RoundInputs, job: ClientJob, device: torch.device) -> Upload
             raise InjectedFault(f"client {job.cid} crashed (injected fault)")
         if job.fault == "stall":
             time.sleep(job.timeout_s * 1.2 + 0.05)
+        x, y = job.shard.read()
         with borrow_model(inputs.model, device) as model:
-            result = train_client(model, job.cid, job.x, job.y, inputs.global_state, inputs.global_ranges,
-                                  job.spec, inputs.global_steps)
+            warm = warm_steps(inputs, model) if job.spec.strategy == "qat" and not inputs.global_steps else None
+            result = train_client(model, job.cid, x, y, inputs.global_state, inputs.global_ranges,
+                                  job.spec, inputs.global_steps, warm)
         with span("pack (wire)", job.rnd):
             wire = to_wire(result)
         if job.fault in ("nan", "inf", "shape", "dtype", "size"):
@@ -187,7 +263,7 @@ def run_jobs(inputs: RoundInputs, jobs: list[ClientJob], slot: int | None = None
 def _run_jobs(inputs: RoundInputs, jobs: list[ClientJob], slot: int | None) -> list[Upload]:
     device = worker_device(inputs.device, slot)
     if device.type != "cpu" or any(v.device.type != "cpu" for v in inputs.global_state.values()):
-        inputs = RoundInputs(inputs.model, inputs.device,
+        inputs = RoundInputs(inputs.model, inputs.device,  # (a copy per task: its own warm start)
                              {k: v.to(device) for k, v in inputs.global_state.items()}, inputs.global_ranges,
                              {k: v.to(device) for k, v in (inputs.global_steps or {}).items()} or None)
     return [run_job(inputs, job, device) for job in jobs]

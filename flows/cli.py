@@ -160,6 +160,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if summary.get("model_version"):
         print(f"registered model: {summary['registered_model']} version {summary['model_version']} "
               f"(mlflow.pyfunc.load_model(\"models:/{summary['registered_model']}/{summary['model_version']}\"))")
+    if summary.get("tracking_pending"):
+        print(f"MLflow: unsent calls wait in {summary['tracking_pending']}; send them with: fedhq upload "
+              f"{Path(summary['tracking_pending']).parent}")
     if summary.get("run_dir"):
         print(f"checkpoints: {summary['run_dir']}  (continue an interrupted run with: fedhq run --resume "
               f"{summary['run_id'] or Path(summary['run_dir']).name})")
@@ -245,6 +248,67 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
     if args.breakdown:
         print("\nwhere the time goes (wall seconds; round phases summed over rounds and per round):")
         print(format_table(*breakdown_table(r["phases"]["flow"], r["phases"]["bare"])))
+    if args.json:
+        write_json(args.json, r)
+    return 0
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    """Send the tracking calls a run left in its folder while its MLflow server was away."""
+    from fedhq_core.checkpoint import runs_root
+    from tasks.outbox import TARGET_FILE, upload
+
+    run = Path(args.run)
+    if not run.is_dir():
+        run = runs_root(args.state_dir or os.environ.get("FEDHQ_STATE_DIR", ".fedhq")) / args.run
+    box = run / "mlflow-outbox"
+    if not (box / "ops.jsonl").is_file():
+        raise CheckpointError(f"{run}: no unsent tracking calls (no mlflow-outbox/ops.jsonl)")
+    target = json.loads((box / TARGET_FILE).read_text())
+    from tasks.tracking import Tracker, TrackingSettings
+
+    tracker = Tracker(TrackingSettings.load(tracking_uri=args.tracking_uri or target["tracking_uri"]))
+    try:
+        upload(box, tracker.client, tracker.register, lambda m: print(f"fedhq: {m} to {tracker.settings.tracking_uri} "
+                                                                        f"(run {target.get('run_id')})"))
+    except Exception as err:  # noqa: BLE001 - one line; what was not sent stays for the next try
+        print(f"fedhq: error: upload: {type(err).__name__}: {str(err)[:300]} (the unsent calls stay in {box})",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _points(text: str) -> list[tuple[int, float]]:
+    out = []
+    for item in text.split(","):
+        clients, _, fraction = item.strip().partition(":")
+        try:
+            out.append((int(clients), float(fraction or 0.5)))
+        except ValueError:
+            raise ConfigError(f"points: expected CLIENTS[:FRACTION],..., got {item!r}") from None
+    return out
+
+
+def cmd_bench_scale(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    from flows.scale import measure
+
+    points = _points(args.points)
+    runners = [r.strip() for r in args.runners.split(",")]
+    bad = [r for r in runners if r != "threads" and not (r.startswith("dask-local-") and r[11:].isdigit())]
+    if bad or not points or args.pairs < 1 or args.round < 1 or args.round > cfg.rounds:
+        raise ConfigError(f"runners: unknown runner {bad[0]!r} (threads or dask-local-N)" if bad else
+                          "pairs: must be >= 1" if args.pairs < 1 else f"round: must be in 1..rounds ({cfg.rounds})")
+    base = {k: v for k, v in cfg.to_dict().items() if k not in ("clients", "fraction", "tracking_uri")}
+    r = measure(base, points, runners, args.pairs, args.round - 1, log=lambda m: print(m, file=sys.stderr))
+    rows = [[s["runner"], s["clients"], s["sampled"], round(s["ms_per_sample"], 3),
+             " / ".join(f"{x:.2f}" for x in s["ratio_pairs"]) + f" (median {s['ratio']:.2f})",
+             round(s["peak_rss_mib"]), f"{100 * s['alloc_share']:.2f}%",
+             "-" if s["bytes_to_workers"] is None else f"{s['bytes_to_workers'] / 2**20:.1f} MiB"] for s in r["summary"]]
+    print(f"{cfg.strategy}, {cfg.dataset}, {cfg.partition}, round {args.round} of {cfg.rounds}, "
+          f"{args.pairs} interleaved repetition(s)")
+    print(format_table(["runner", "clients", "sampled", "ms/trained sample", f"vs {points[0][0]} clients",
+                        "peak RSS MiB (all processes)", "allocation share", "sent to workers/round"], rows))
     if args.json:
         write_json(args.json, r)
     return 0
@@ -368,6 +432,21 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--breakdown", action="store_true", help="also time each phase of both runs and print a table")
     o.add_argument("--json", metavar="FILE", help="write the measurements as JSON")
     o.set_defaults(func=cmd_bench_overhead)
+    up = sub.add_parser("upload", help="send the tracking calls (metrics, summary, model) a run left in its folder "
+                                       "while its MLflow server was away")
+    up.add_argument("run", help="the run folder (<state_dir>/runs/<run id>) or its run id")
+    up.add_argument("--state-dir", dest="state_dir", help="state folder of a run given by id (default .fedhq)")
+    up.add_argument("--tracking-uri", dest="tracking_uri", help="send to this server instead of the run's own")
+    up.set_defaults(func=cmd_upload)
+    sc = sub.add_parser("bench-scale", help="ms per trained sample, peak RSS and allocation share as the fleet "
+                                            "grows (fresh fedhq run processes, interleaved)")
+    add_config_flags(sc)
+    sc.add_argument("--points", default="20:0.5,1000:0.5", help="CLIENTS:FRACTION,... (default 20:0.5,1000:0.5)")
+    sc.add_argument("--runners", default="threads", help="threads and/or dask-local-N, comma-separated")
+    sc.add_argument("--pairs", type=int, default=2, help="interleaved repetitions of all points (default 2)")
+    sc.add_argument("--round", type=int, default=2, help="the round timed, 1-based (default 2)")
+    sc.add_argument("--json", metavar="FILE", help="write every run's figures as JSON")
+    sc.set_defaults(func=cmd_bench_scale)
     t = sub.add_parser("tune", help="Optuna study of xi and bit-widths: max accuracy, min simulated time")
     add_config_flags(t)
     t.add_argument("--study", default="fedhq-tune", help="study name; an existing study is resumed (default fedhq-tune)")

@@ -128,6 +128,8 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
             tracker.log_dict(sim.speed.describe(cfg.batch_size), "speed_model.json")
     run_id = tracker.run_id if tracker else None
     sim.run_id = run_id or sim.run_id or f"local-{uuid.uuid4().hex[:12]}"
+    if tracker:  # from here on the run outlives its tracking server going away (tasks.outbox)
+        tracker.begin_outbox(runs_root(cfg.state_dir) / sim.run_id / "mlflow-outbox")
     ckpts = (Checkpoints(runs_root(cfg.state_dir) / sim.run_id, cfg.checkpoint_keep, log_checkpoint(tracker, cfg))
              if cfg.checkpoint else None)
     bar = None
@@ -180,6 +182,7 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
             bar.close()
         if tracker and status == "FAILED":
             tracker.end("FAILED")
+            report_parked(tracker)
     summary = sim.summary(run_id)
     summary["significance_fit_s"] = sig_s
     summary["run_dir"] = str(ckpts.run_dir) if ckpts else None
@@ -214,9 +217,27 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
             tracker.log_dict({str(r.round): {str(c): why for c, why in r.rejected.items()}
                               for r in sim.records if r.rejected}, "rejected_updates.json")
             tracker.end("FINISHED")
+        if report_parked(tracker, summary):
+            summary["tracking_pending"] = str(tracker.parked)
     if ckpts:
         ckpts.mark_done()
     return summary
+
+
+def report_parked(tracker, summary: dict[str, Any] | None = None) -> bool:
+    """When the tracking server was still away at the run's end: say where the unsent calls wait
+    (summary and model included) and the command that sends them."""
+    if tracker.parked is None:
+        return False
+    folder = tracker.parked
+    if summary is not None:
+        from flows.cli import write_json
+
+        write_json(str(folder.parent / "summary.json"), summary)
+    print(f"fedhq: warning: MLflow at {tracker.settings.tracking_uri} did not answer by the end of the run; "
+          f"its summary, model and {sum(1 for _ in open(folder / 'ops.jsonl'))} unsent tracking calls wait in "
+          f"{folder}. Send them when it is back with: fedhq upload {folder.parent}", file=sys.stderr, flush=True)
+    return True
 
 
 def obtain_significance(sim: Simulation, tracker=None):

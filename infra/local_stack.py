@@ -59,27 +59,65 @@ class Stack:
                 "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
 
     def stop(self) -> None:
-        for pid in (self.mlflow_pid, self.s3_pid):
-            try:
-                os.killpg(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-        for pid in (self.mlflow_pid, self.s3_pid):
-            for attempt in range(100):
-                if attempt == 50:  # 5 s after SIGTERM
-                    try:
-                        os.killpg(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+        stop_groups([self.mlflow_pid, self.s3_pid])
+
+
+def stop_groups(pids: list[int], kill: bool = False) -> None:
+    """SIGTERM each process group (SIGKILL with ``kill``: gone at once, as in a crash), SIGKILL
+    after 5 s, and reap our own children."""
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGKILL if kill else signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+    for pid in pids:
+        for attempt in range(100):
+            if attempt == 50:  # 5 s after SIGTERM
                 try:
-                    os.waitpid(pid, os.WNOHANG)  # reap our own child so its group disappears
-                except ChildProcessError:
-                    pass
-                try:
-                    os.killpg(pid, 0)
+                    os.killpg(pid, signal.SIGKILL)
                 except ProcessLookupError:
-                    break
-                time.sleep(0.1)
+                    pass
+            try:
+                os.waitpid(pid, os.WNOHANG)  # reap our own child so its group disappears
+            except ChildProcessError:
+                pass
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+
+
+@dataclass
+class MlflowServer:
+    """A plain ``mlflow server`` (sqlite store, local artifacts) on loopback."""
+
+    pid: int
+    port: int
+    tracking_uri: str
+
+    def stop(self, kill: bool = False) -> None:
+        stop_groups([self.pid], kill)
+
+
+def start_mlflow(workdir: str, port: int | None = None, host: str = "127.0.0.1") -> MlflowServer:
+    """``mlflow server`` on ``port`` (a free one by default) with its store and artifacts in
+    ``workdir``; the same folder and port give the same server back after a stop."""
+    work = Path(workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    log = open(work / "mlflow-server.log", "ab")
+    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", host, "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{work / 'mlflow-server.db'}",
+                             "--artifacts-destination", str(work / "artifacts"), "--workers", "1"],
+                            stdout=log, stderr=log, start_new_session=True)
+    server = MlflowServer(proc.pid, port, f"http://{host}:{port}")
+    try:
+        wait_http(f"{server.tracking_uri}/health", timeout=120)
+    except Exception:
+        server.stop()
+        raise
+    return server
 
 
 def start(workdir: str, bucket: str = "fedhq", prefix: str = "mlflow", host: str | None = None) -> Stack:

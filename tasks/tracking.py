@@ -28,6 +28,12 @@ DEFAULTS = {
     # where the MLflow UI serves this store, for links from the Prefect UI (default: the tracking
     # server itself, else what `mlflow ui` serves locally)
     "ui_url": None,
+    # a training run's tracking calls held in memory while the server does not answer; beyond
+    # this many they wait on disk in the run folder (nothing is dropped)
+    "outbox_limit": 10000,
+    # at the end of a run, how long to wait for an unreachable server before leaving what is
+    # unsent (summary and model included) in the run folder for `fedhq upload`
+    "outage_wait_s": 30.0,
 }
 
 # Explicit requirements: MLflow's inference imports the model and takes ~10 s per call.
@@ -47,6 +53,8 @@ class TrackingSettings:
     significance_model: str
     async_logging: bool = True
     ui_url: str | None = None
+    outbox_limit: int = 10000
+    outage_wait_s: float = 30.0
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, tracking_uri: str | None = None,
@@ -127,9 +135,29 @@ class Tracker:
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         self.settings = settings
         self.mlflow = mlflow
+        if str(settings.tracking_uri).startswith(("http://", "https://")):
+            # the outbox retries a server that is away; MLflow's own retries (7, with a backoff
+            # of minutes) would only delay noticing it. A user's settings win.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         self.client = MlflowClient(tracking_uri=settings.tracking_uri)
         self.run_id: str | None = None
         self._pending: list[Any] = []
+        self._experiment_ids: dict[str, str] = {}   # run id -> experiment id (URLs without a call)
+        self.outbox: Any = None                       # tasks.outbox.Outbox during a training run
+        self.parked: Path | None = None               # where unsent calls wait for `fedhq upload`
+
+    # --- outage-proof calls during a training run (tasks.outbox) -------------------------
+    def begin_outbox(self, folder: str | os.PathLike) -> None:
+        """From now until :meth:`end`, calls go through an outbox that survives the server going away."""
+        from tasks.outbox import Outbox
+
+        self.parked = None
+        self.outbox = Outbox(self.client, self.register, Path(folder), self.settings.outbox_limit,
+                             target={"tracking_uri": self.settings.tracking_uri, "run_id": self.run_id})
+
+    def _put(self, op: dict[str, Any]):
+        return self.outbox.put(self.outbox.stage(dict(op, run_id=self.run_id)))
 
     def experiment_id(self, name: str | None = None) -> str:
         name = name or self.settings.experiment
@@ -149,6 +177,7 @@ class Tracker:
             tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
+        self._experiment_ids[self.run_id] = run.info.experiment_id
         flat: dict[str, str] = {}
         _flatten("", params, flat)
         from mlflow.entities import Param
@@ -159,7 +188,7 @@ class Tracker:
 
     def run_url(self) -> str:
         """The run's page in the MLflow UI."""
-        exp = self.client.get_run(self.run_id).info.experiment_id
+        exp = self._experiment_ids.get(self.run_id) or self.client.get_run(self.run_id).info.experiment_id
         return f"{self.settings.ui_url}/#/experiments/{exp}/runs/{self.run_id}"
 
     def model_version_url(self, version: str, name: str | None = None) -> str:
@@ -176,6 +205,9 @@ class Tracker:
         return {m.step for m in self.client.get_metric_history(self.run_id, key)}
 
     def set_tags(self, tags: dict[str, Any]) -> None:
+        if self.outbox:
+            self._put({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+            return
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
 
@@ -186,16 +218,24 @@ class Tracker:
 
         ts = int(time.time() * 1000)
         ms = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v == v]  # drop NaN
-        if self.settings.async_logging:
+        if self.outbox:
+            self._put({"kind": "metrics", "metrics": [[m.key, m.value, m.timestamp, m.step] for m in ms]})
+        elif self.settings.async_logging:
             self._pending.append(self.client.log_batch(self.run_id, metrics=ms, synchronous=False))
         else:
             self.client.log_batch(self.run_id, metrics=ms)
 
     def log_dict(self, data: dict, name: str) -> None:
-        self.client.log_dict(self.run_id, data, name)
+        if self.outbox:
+            self._put({"kind": "dict", "data": json.loads(json.dumps(data, default=str)), "name": name})
+        else:
+            self.client.log_dict(self.run_id, data, name)
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        if self.outbox:
+            self._put({"kind": "artifact", "path": str(path), "artifact_path": artifact_path})
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def flush(self) -> None:
         for op in self._pending:
@@ -204,6 +244,16 @@ class Tracker:
         self._pending.clear()
 
     def end(self, status: str = "FINISHED") -> None:
+        """End the run. With an outbox: wait up to ``outage_wait_s`` for it to drain; if the server
+        is still away, park the unsent calls in the run folder (``self.parked``)."""
+        if self.outbox:
+            box, self.outbox = self.outbox, None
+            box.put(dict(box.stage({"kind": "end", "status": status}), run_id=self.run_id))
+            if box.drain(self.settings.outage_wait_s):
+                box.close()
+            else:
+                self.parked = box.park()
+            return
         self.flush()
         self.client.set_terminated(self.run_id, status)
 
@@ -214,6 +264,11 @@ class Tracker:
         Much cheaper than ``log_model`` (no logged-model entity, no environment inference);
         the registry version points at ``runs:/<run>/<artifact_path>`` and loads the same way.
         """
+        if self.outbox:  # saved into the outbox folder; removed once sent
+            path = str(self.outbox.folder / "files" / f"{artifact_path}-{os.getpid()}-{id(save)}")
+            save(path)
+            self._put({"kind": "artifacts", "path": path, "artifact_path": artifact_path})
+            return f"runs:/{self.run_id}/{artifact_path}"
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, artifact_path)
             save(path)
@@ -233,9 +288,14 @@ class Tracker:
             files = save_bundle(bundle, tmp)
             uri = self._log_model_dir(lambda path: self.mlflow.pyfunc.save_model(
                 path, python_model=entry, artifacts=files, pip_requirements=pip_requirements()), "model")
-            self.client.log_artifact(self.run_id, files["int_weights"], "deployable")
             int_size = os.path.getsize(files["int_weights"])
-        return self.register(self.settings.registered_model, uri, dict(tags, int_model_bytes=int_size))
+            if self.outbox:
+                # its temporary folder goes away now: always a copy in the outbox folder
+                self._put(self.outbox.stage({"kind": "artifact", "path": files["int_weights"],
+                                             "artifact_path": "deployable"}, always=True))
+            else:
+                self.client.log_artifact(self.run_id, files["int_weights"], "deployable")
+        return self._register(self.settings.registered_model, uri, dict(tags, int_model_bytes=int_size))
 
     def log_sklearn(self, model: Any, name: str, registered: str, tags: dict[str, Any],
                     aliases: tuple[str, ...] = ()) -> str:
@@ -247,7 +307,21 @@ class Tracker:
         uri = self._log_model_dir(lambda path: mlflow.sklearn.save_model(
             model, path, pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
             skops_trusted_types=["sklearn.tree._tree.Tree"]), name)
-        return self.register(registered, uri, tags, aliases)
+        return self._register(registered, uri, tags, aliases)
+
+    def _register(self, name: str, model_uri: str, tags: dict[str, Any], aliases: tuple[str, ...] = ()) -> str | None:
+        """Register now, or through the outbox: then the version when the server answers within
+        ``outage_wait_s``, None while it is away (the registration waits in the outbox)."""
+        if not self.outbox:
+            return self.register(name, model_uri, tags, aliases)
+        fut = self._put({"kind": "register", "name": name, "uri": model_uri,
+                         "tags": {k: str(v) for k, v in tags.items()}, "aliases": list(aliases)})
+        if self.outbox.offline:
+            return None
+        try:
+            return fut.result(timeout=self.settings.outage_wait_s)
+        except TimeoutError:
+            return None
 
     def load_significance(self, wanted: dict[str, Any]):
         """The newest registered significance model fitted for exactly ``wanted``'s setting: found
@@ -270,7 +344,8 @@ class Tracker:
                 return model, f"version {mv.version}"
         return None, "no version fitted for this setting"
 
-    def register(self, name: str, model_uri: str, tags: dict[str, Any], aliases: tuple[str, ...] = ()) -> str:
+    def register(self, name: str, model_uri: str, tags: dict[str, Any], aliases: tuple[str, ...] = (),
+                 run_id: str | None = None) -> str:
         from mlflow.exceptions import MlflowException
 
         with _lock:
@@ -278,7 +353,7 @@ class Tracker:
                 self.client.get_registered_model(name)
             except MlflowException:
                 self.client.create_registered_model(name)
-            mv = self.client.create_model_version(name, model_uri, run_id=self.run_id,
+            mv = self.client.create_model_version(name, model_uri, run_id=run_id or self.run_id,
                                                   tags={k: str(v) for k, v in tags.items()})
         for alias in aliases:
             self.client.set_registered_model_alias(name, alias, mv.version)

@@ -49,12 +49,14 @@ class Dataset:
 
 def _normalize(train_u8: np.ndarray, test_u8: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8/float NHWC or NCHW arrays -> float32 NCHW, standardised with train statistics."""
-    tr = torch.as_tensor(train_u8, dtype=torch.float32)
-    te = torch.as_tensor(test_u8, dtype=torch.float32)
+    # one float32 copy each, standardised in place (no full-size temporaries: the peak memory of
+    # a run is its data load)
+    tr = torch.tensor(np.ascontiguousarray(train_u8), dtype=torch.float32)
+    te = torch.tensor(np.ascontiguousarray(test_u8), dtype=torch.float32)
     dims = (0, 2, 3)
     mean = tr.mean(dim=dims, keepdim=True)
     std = tr.std(dim=dims, keepdim=True).clamp_min(1e-6)
-    return ((tr - mean) / std).contiguous(), ((te - mean) / std).contiguous()
+    return tr.sub_(mean).div_(std), te.sub_(mean).div_(std)
 
 
 def _digits(test_fraction: float, seed: int) -> Dataset:

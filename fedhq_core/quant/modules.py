@@ -152,11 +152,17 @@ def prepare_model(model: nn.Module, w_bits: int = 8, a_bits: int = 8, first_last
         else:
             continue
         module._init_quant(w_bits, a_bits)  # type: ignore[union-attr]
+    model.__dict__["_fedhq_qlayers"] = [(n, m) for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)]
     set_bits(model, w_bits, a_bits, first_last_bits)
     return model
 
 
 def quant_layers(model: nn.Module) -> list[tuple[str, _QuantMixin]]:
+    """The model's quantizable layers by name; a prepared model keeps the list (clients call this
+    several times each, and walking the module tree was a visible share of a small client's cost)."""
+    cached = model.__dict__.get("_fedhq_qlayers")
+    if cached is not None:
+        return cached
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)]
 
 
@@ -226,7 +232,23 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not is_quant_state_key(k)}
 
 
+def _state_refs(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's own parameters and buffers by state key (quantizer state excluded), kept on
+    the model: loading the global state into a pooled model is then one copy per tensor."""
+    refs = model.__dict__.get("_fedhq_state_refs")
+    if refs is None:
+        refs = {k: v for k, v in model.state_dict(keep_vars=True).items() if not is_quant_state_key(k)}
+        model.__dict__["_fedhq_state_refs"] = refs
+    return refs
+
+
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    refs = _state_refs(model)
+    if refs.keys() == state.keys() and all(r.shape == state[k].shape for k, r in refs.items()):
+        with torch.no_grad():
+            for k, r in refs.items():
+                r.copy_(state[k])
+        return
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not is_quant_state_key(k)]
     if missing or unexpected:

@@ -17,14 +17,14 @@ import torch
 
 @dataclass
 class PackedTensor:
-    data: bytes
+    data: bytes | np.ndarray  # the packed bytes (a uint8 array when decoded from an upload)
     scale: np.ndarray        # float32, one per row (or one), empty for float payloads
     shape: tuple[int, ...]
     bits: int
 
     @property
     def nbytes(self) -> int:
-        return len(self.data) + int(self.scale.nbytes)
+        return (self.data.nbytes if isinstance(self.data, np.ndarray) else len(self.data)) + int(self.scale.nbytes)
 
 
 @dataclass
@@ -79,19 +79,44 @@ def unpack_bits(data: bytes, bits: int, n: int) -> np.ndarray:
     return np.packbits(full, axis=1).reshape(-1)
 
 
-def quantize_tensor(x: torch.Tensor, bits: int, gen: torch.Generator | None) -> PackedTensor:
-    x = x.detach().float().cpu()
-    shape = tuple(x.shape)
+def _rounding_noise(n: int, offset: float, gen: torch.Generator | None) -> torch.Tensor:
+    """``offset`` plus ``n`` uniform draws on the 16-bit grid ``(k + 0.5) / 65536`` in ``(0, 1)``:
+    four draws per 64-bit random word (a quarter of the generator calls of ``torch.rand``;
+    stochastic rounding stays unbiased to within 2**-17 of a step)."""
+    words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), generator=gen, dtype=torch.int64)  # every bit drawn
+    return torch.add(words.view(torch.int16)[:n], 32768.5 + 65536 * offset).mul_(1.0 / 65536)
+
+
+def quantize_tensors(xs: dict[str, torch.Tensor], bits: int, gen: torch.Generator | None) -> dict[str, PackedTensor]:
+    """Quantize every tensor of ``xs`` at ``bits`` in one vectorised pass (one noise draw for all
+    of them, one fused scale-and-round per tensor, one clamp and cast for all), then pack each
+    tensor into its own bytes."""
+    xs = {k: v.detach().float().cpu() for k, v in xs.items()}
     if bits >= 16:
         dtype = torch.float16 if bits == 16 else torch.float32
-        return PackedTensor(x.to(dtype).numpy().tobytes(), np.zeros(0, np.float32), shape, bits)
-    rows = x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1)
+        return {k: PackedTensor(x.to(dtype).numpy().tobytes(), np.zeros(0, np.float32), tuple(x.shape), bits)
+                for k, x in xs.items()}
     qmax = 2 ** (bits - 1) - 1
-    scale = (rows.abs().amax(dim=1, keepdim=True) / qmax).clamp_min(1e-12)
-    noise = torch.rand(rows.shape, generator=gen, dtype=rows.dtype)
-    q = torch.clamp(torch.floor(rows / scale + noise), -qmax - 1, qmax).to(torch.int16)
-    unsigned = (q + qmax + 1).to(torch.uint8)
-    return PackedTensor(pack_bits(unsigned, bits), scale.reshape(-1).numpy().copy(), shape, bits)
+    rows = {k: x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1) for k, x in xs.items()}
+    scales = {k: (r.abs().amax(dim=1) / qmax).clamp_min(1e-12) for k, r in rows.items()}
+    sizes = [r.numel() for r in rows.values()]
+    # q = floor(x / s + u) + qmax + 1, in 1 .. 2 qmax + 1: |x| / s <= qmax and u in (0, 1), so the
+    # value is positive and the cast's truncation is the floor
+    y = _rounding_noise(sum(sizes), qmax + 1, gen)
+    for (k, r), part in zip(rows.items(), y.split(sizes)):
+        torch.addcmul(part.view(r.shape), r, (1.0 / scales[k]).unsqueeze(1), out=part.view(r.shape))
+    q = y.clamp_(1, 2 * qmax + 1).to(torch.int32).to(torch.uint8)  # (float -> uint8 directly is slower)
+    return {k: PackedTensor(pack_bits(part, bits), scales[k].numpy().copy(), tuple(x.shape), bits)
+            for (k, x), part in zip(xs.items(), q.split(sizes))}
+
+
+def finite_payload(p: PackedTensor) -> bool:
+    """True when every dequantized value of ``p`` is finite, without dequantizing: an integer
+    code times a finite scale is finite unless the scale times the largest code overflows."""
+    if p.bits >= 16:
+        return bool(np.isfinite(np.frombuffer(p.data, dtype=np.float16 if p.bits == 16 else np.float32)).all())
+    with np.errstate(over="ignore"):
+        return bool(np.isfinite(p.scale * np.float32(2 ** (p.bits - 1))).all())
 
 
 def dequantize_tensor(p: PackedTensor) -> torch.Tensor:
@@ -109,12 +134,13 @@ def pack_update(local: dict[str, torch.Tensor], global_: dict[str, torch.Tensor]
                 gen: torch.Generator | None = None, act_ranges: dict[str, tuple[float, float]] | None = None,
                 n_samples: int = 0, weight_steps: dict[str, torch.Tensor] | None = None) -> Payload:
     """Quantize ``local - global`` for every floating tensor. ``bits`` may be per tensor (fedfq)."""
-    tensors = {}
+    deltas: dict[int, dict[str, torch.Tensor]] = {}   # by upload bits (per tensor under fedfq)
     for k, v in local.items():
-        if not v.is_floating_point():
-            continue
-        b = bits[k] if isinstance(bits, dict) else bits
-        tensors[k] = quantize_tensor(v.detach().cpu() - global_[k].detach().cpu(), b, gen)
+        if v.is_floating_point():
+            b = bits[k] if isinstance(bits, dict) else bits
+            deltas.setdefault(b, {})[k] = v.detach().cpu() - global_[k].detach().cpu()
+    packed = {k: p for b, group in deltas.items() for k, p in quantize_tensors(group, b, gen).items()}
+    tensors = {k: packed[k] for k in local if k in packed}
     steps = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in (weight_steps or {}).items()}
     return Payload(tensors, dict(act_ranges or {}), n_samples, steps)
 
