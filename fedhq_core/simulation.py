@@ -37,6 +37,7 @@ from .worker import (ClientJob, DataKey, ModelSpec, RoundInputs, ShardRef, Uploa
                      expected_upload_limit, run_jobs)
 
 
+DASK_TASKS = 16
 _BOOKS: dict[ModelSpec, TraceBook] = {}
 _BOOKS_LOCK = threading.Lock()
 
@@ -273,13 +274,31 @@ class Simulation:
 
         return gap_trend(self.gaps)
 
-    def fit_significance(self, map_fn: Callable = map) -> Any:
-        """Offline SigAcc fitting by pilot rounds (see allocation.pilot); does not touch the run's state."""
+    def fit_significance(self, submit_train: Callable | None = None) -> Any:
+        """Offline SigAcc fitting by pilot rounds (see allocation.pilot); does not touch the run's
+        state. ``submit_train`` as in :class:`RoundOps`: the pilot's clients train where the
+        run's do (default: here, one after the other)."""
         from .allocation.pilot import fit_significance
 
         if self.speed is None:
             self.profile()
-        return fit_significance(self, map_fn)
+        train_fn = None
+        if submit_train is not None:
+            train_fn = lambda rnd, cids, strategy: self.train_clients(submit_train, rnd, cids, strategy)  # noqa: E731
+        return fit_significance(self, train_fn)
+
+    def train_clients(self, submit_train: Callable, rnd: int, cids: list[int], strategy: str) -> list[ClientResult]:
+        """Train ``cids`` under ``strategy`` from the current master through ``submit_train``,
+        decoded and checked like a round's uploads (pilot rounds)."""
+        jobs = [ClientJob(rnd, c, self.shard_ref(c), self.client_spec(rnd, c, strategy)) for c in cids]
+        inputs = self.round_inputs()
+        results, bad = self.accept(collect([(ch, submit_train(inputs, ch)) for ch in self.chunks(jobs)], 0.0))
+        if bad:
+            raise RuntimeError(f"pilot round {rnd}: client {next(iter(bad))} failed: {next(iter(bad.values()))}")
+        return results
+
+    def shard_ref(self, cid: int) -> ShardRef:
+        return ShardRef(self.data_key, self.shards[cid].idx, self.train_split)
 
     # --- models -------------------------------------------------------------------------
     @property
@@ -392,7 +411,7 @@ class Simulation:
     def jobs(self, rnd: int, alloc: Allocation, sampled: list[int], attempt: int = 0) -> list[ClientJob]:
         """One job per sampled client: its shard, its spec and (if configured) its injected fault."""
         cfg = self.cfg
-        return [ClientJob(rnd, c, ShardRef(self.data_key, self.shards[c].idx, self.train_split),
+        return [ClientJob(rnd, c, self.shard_ref(c),
                           self.client_spec(rnd, c, alloc.strategies[c], alloc.upload_bits.get(c)),
                           draw_fault(cfg.seed, rnd, c, attempt, cfg.fault_rate, cfg.fault_kinds), cfg.client_timeout_s)
                 for c in sampled]
@@ -400,8 +419,10 @@ class Simulation:
     def chunks(self, jobs: list[Any]) -> list[list[Any]]:
         """Split a round's client jobs into tasks: ``clients_per_task`` each, or one task per worker."""
         cfg = self.cfg
-        # on Dask, one task per client: the scheduler balances them over the workers
-        auto = 1 if (cfg.dask_address or cfg.dask_local) else math.ceil(len(jobs) / default_concurrency(cfg))
+        # on Dask, two tasks per worker (DASK_TASKS for a remote cluster): the scheduler balances them
+        # (and moves a dead worker's to the others) while a round of 500 clients is not 500 task runs
+        slots = 2 * cfg.dask_local if cfg.dask_local else DASK_TASKS if cfg.dask_address else default_concurrency(cfg)
+        auto = math.ceil(len(jobs) / slots)
         size = cfg.clients_per_task or auto
         return [jobs[i:i + size] for i in range(0, len(jobs), max(1, size))]
 
@@ -415,7 +436,7 @@ class Simulation:
         for up in uploads:
             try:
                 if up.data is None:
-                    reason = "timeout" if up.error and up.error.startswith("timeout") else "raised"
+                    reason = next((r for r in ("timeout", "worker-lost") if (up.error or "").startswith(r)), "raised")
                     raise RejectedUpdate(reason, up.error or "no upload")
                 if timeout and up.wall_s > timeout:
                     raise RejectedUpdate("timeout", f"{up.wall_s:.2f} s > client_timeout_s {timeout:g}")
@@ -610,9 +631,20 @@ class RoundOps:
     :class:`Upload` list."""
 
     submit_train: Callable[..., Any]
+    sent_bytes: dict[int, int] = field(default_factory=dict)   # round -> bytes sent to workers (Dask)
     allocate: Callable[..., Any] = lambda sim, rnd, sampled: sim.allocate(rnd, sampled)
     aggregate: Callable[..., Any] = lambda sim, results: sim.aggregate(results)
     evaluate: Callable[..., Any] = lambda sim: sim.evaluate()
+
+
+def worker_lost(err: BaseException) -> bool:
+    """True when a task failed because the worker process running it died (Dask gave up on it
+    after rescheduling it ``distributed.scheduler.allowed-failures`` times, or lost the
+    connection), not because the client's code raised."""
+    names = {type(e).__name__ for e in (err, err.__cause__, err.__context__) if e is not None}
+    text = str(err).lower()
+    return bool(names & {"KilledWorker", "CommClosedError"}) or (
+        "worker" in text and any(w in text for w in ("died", "lost", "killed", "closed")))
 
 
 def collect(futures: list[tuple[list[ClientJob], Any]], timeout_s: float) -> list[Upload]:
@@ -630,7 +662,8 @@ def collect(futures: list[tuple[list[ClientJob], Any]], timeout_s: float) -> lis
         except TimeoutError:
             uploads.extend(Upload(j.cid, None, f"timeout: no answer within {wait:.1f} s") for j in jobs)
         except Exception as err:  # noqa: BLE001 - a task that failed for good loses only its clients
-            uploads.extend(Upload(j.cid, None, f"task failed: {type(err).__name__}: {str(err)[:200]}") for j in jobs)
+            why = "worker-lost" if worker_lost(err) else "task failed"
+            uploads.extend(Upload(j.cid, None, f"{why}: {type(err).__name__}: {str(err)[:200]}") for j in jobs)
     return uploads
 
 
@@ -697,6 +730,8 @@ def run_rounds(sim: Simulation, ops: RoundOps, on_round: Callable[[RoundRecord],
                                   out.attempts, out.failed_s)
             rec.extra["workers"] = out.workers
             rec.extra["samples"] = sum(r.n_samples for r in out.results)
+            if rnd in ops.sent_bytes:
+                rec.extra["bytes_to_workers"] = ops.sent_bytes.pop(rnd)
             if checkpoints is not None:
                 with span("checkpoint", rnd):
                     checkpoints.save(sim)
@@ -713,7 +748,7 @@ def run(cfg: ExperimentConfig, on_round: Callable[[RoundRecord], None] | None = 
     if sim.speed is None:
         sim.profile()
     with ThreadPoolExecutor(default_concurrency(cfg)) as pool:
-        if sim.needs_significance():
-            sim.set_significance(sim.fit_significance(pool.map))
         ops = RoundOps(submit_train=lambda inputs, jobs: pool.submit(run_jobs, inputs, jobs))
+        if sim.needs_significance():
+            sim.set_significance(sim.fit_significance(ops.submit_train))
         return run_rounds(sim, ops, on_round, checkpoints)

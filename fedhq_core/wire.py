@@ -7,6 +7,7 @@ pickle is involved, so a hostile client (or a compromised worker) can send garba
 pickle gadget. It is about ten times faster than ``torch.save``/``torch.load`` on an upload.
 :func:`decode_upload` then rejects, with a one-word reason:
 
+* ``worker-lost`` - the worker process training it died, and Dask gave up on the task,
 * ``size``      - more bytes than ``max_bytes`` (checked before decoding),
 * ``decode``    - not a FedHQ upload at all,
 * ``keys``      - missing or unexpected tensors,
@@ -30,7 +31,7 @@ from .client import STEP_KINDS, ClientResult
 from .config import UPLOAD_BITS
 from .quant.payload import PackedTensor, Payload, finite_payload, packed_layout
 
-REJECT_REASONS = ("raised", "timeout", "size", "decode", "keys", "dtype", "shape", "nonfinite", "n_samples")
+REJECT_REASONS = ("raised", "timeout", "worker-lost", "size", "decode", "keys", "dtype", "shape", "nonfinite", "n_samples")
 
 
 class RejectedUpdate(ValueError):

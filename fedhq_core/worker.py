@@ -147,6 +147,17 @@ def train_split(key: DataKey) -> Any:
         return _TRAIN[key]
 
 
+def warm_up(key: DataKey, spec: ModelSpec) -> str:
+    """Run on each Dask worker as a run starts (beside the server's own start-up): import the
+    training task's modules, load the dataset and build a model, so round 0 does not pay for it."""
+    import tasks.training  # noqa: F401 - what every train-clients task unpickles
+
+    train_split(key)
+    with borrow_model(spec, worker_device("auto" if torch.cuda.is_available() else "cpu")):
+        pass
+    return WORKER_ID
+
+
 class ShardRef:
     """A client's shard as indices into the train split of ``key``. In the run's own process it
     reads the run's split directly; pickled (to a Dask worker) it travels as the key and the

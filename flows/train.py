@@ -103,6 +103,8 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
     ``resume``: ``sim`` was restored from a checkpoint; continue its MLflow run and rounds."""
     set_torch_threads(cfg)
     sim = sim or Simulation(cfg)
+    sent: dict[int, int] = {}
+    submit = train_submitter(cfg, sent, sim)
     if not resume:
         with span("profile (task)"):
             T.profile_hardware(sim, speed)
@@ -110,7 +112,7 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
     sig_s = 0.0
     if sim.needs_significance():
         t0 = time.perf_counter()
-        sim.set_significance(obtain_significance(sim, tracker))
+        sim.set_significance(obtain_significance(sim, tracker, submit))
         sig_s = time.perf_counter() - t0
     if not resume:
         sim.wall_start = time.perf_counter()  # the run's wall time: rounds, evaluation and tracking
@@ -156,19 +158,8 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
         if on_round:
             on_round(rec)
 
-    train = T.train_clients.with_options(retries=cfg.task_retries, retry_delay_seconds=cfg.task_retry_delay_s)
-    # The server's verbs run inside the flow unless asked for as task runs of their own (each task
-    # run costs bookkeeping here and in the API server: measured, ~40 ms a round on digits).
-    # On threads, inputs and jobs go in quote(): Prefect does not walk them looking for futures
-    # (they hold none), which halves a training task's bookkeeping (measured: ~20 -> ~10 ms a
-    # task). prefect-dask hands quoted arguments to the task as they are, so not on Dask.
-    on_dask = bool(cfg.dask_address or cfg.dask_local)
-
-    def submit(inputs, jobs):
-        return train.submit(inputs, jobs) if on_dask else train.submit(quote(inputs), quote(jobs))
-
-    ops = (RoundOps(submit_train=submit, allocate=T.allocate, aggregate=T.aggregate, evaluate=T.evaluate)
-           if cfg.server_tasks else RoundOps(submit_train=submit))
+    ops = (RoundOps(submit_train=submit, sent_bytes=sent, allocate=T.allocate, aggregate=T.aggregate,
+                    evaluate=T.evaluate) if cfg.server_tasks else RoundOps(submit_train=submit, sent_bytes=sent))
     status = "FAILED"
     try:
         run_rounds(sim, ops, _on_round, ckpts)
@@ -240,7 +231,48 @@ def report_parked(tracker, summary: dict[str, Any] | None = None) -> bool:
     return True
 
 
-def obtain_significance(sim: Simulation, tracker=None):
+def train_submitter(cfg: ExperimentConfig, sent: dict[int, int] | None = None,
+                    sim: Simulation | None = None) -> Callable[[Any, list], Any]:
+    """``submit(inputs, jobs)``: one train-clients task on the flow's task runner (rounds and
+    pilot rounds alike).
+
+    * Threads: inputs and jobs go in ``quote()``: Prefect does not walk them looking for futures
+      (they hold none), which halves a task's bookkeeping (measured: ~20 -> ~10 ms a task).
+    * Dask: the round's inputs (global weights, ranges, steps) are scattered to every worker once
+      per round and the tasks get their future; jobs carry shard indices, which each worker reads
+      from its own once-loaded copy of the dataset. ``sent[round]`` counts the bytes sent to the
+      workers (the inputs times the workers, plus each task's jobs). prefect-dask hands quoted
+      arguments to the task as they are, so no ``quote()`` there."""
+    from prefect.context import FlowRunContext
+
+    train = T.train_clients.with_options(retries=cfg.task_retries, retry_delay_seconds=cfg.task_retry_delay_s)
+    ctx = FlowRunContext.get()
+    client = getattr(ctx.task_runner, "client", None) if ctx else None   # DaskTaskRunner's
+    if client is None:
+        return lambda inputs, jobs: train.submit(quote(inputs), quote(jobs))
+    import pickle
+
+    last: list[Any] = [None, None]   # the inputs last scattered, and their future
+    if sim is not None:  # workers import, load the data and build a model while the server starts up
+        from fedhq_core.worker import warm_up
+
+        last.append([client.submit(warm_up, sim.data_key, sim.model_spec, workers=[w], pure=False)
+                     for w in client.scheduler_info().get("workers", {})])   # (kept: not cancelled)
+
+    def submit(inputs, jobs):
+        rnd = jobs[0].rnd if jobs else -1
+        if inputs is not last[0]:
+            last[:] = [inputs, client.scatter(inputs, broadcast=True, hash=False)]
+            if sent is not None:
+                workers = len(client.scheduler_info().get("workers", {})) or 1
+                sent[rnd] = sent.get(rnd, 0) + workers * len(pickle.dumps(inputs, protocol=5))
+        if sent is not None:
+            sent[rnd] = sent.get(rnd, 0) + len(pickle.dumps(jobs, protocol=5))
+        return train.submit(last[1], jobs)
+    return submit
+
+
+def obtain_significance(sim: Simulation, tracker=None, submit: Callable | None = None):
     """A registered SigAcc model fitted for exactly this setting (any version, found by its tags),
     else fit one now and register it (alias ``current`` points at the newest fit)."""
     from fedhq_core.allocation.pilot import pilot_length, setting_key, significance_tags
@@ -254,7 +286,7 @@ def obtain_significance(sim: Simulation, tracker=None):
             return model
         print(f"fedhq: {why} in {name}; fitting one by a pilot run ({pilot_length(sim.cfg)} rounds per branch)",
               file=sys.stderr)
-    model = T.fit_significance(sim)
+    model = sim.fit_significance(submit or train_submitter(sim.cfg))   # the pilot trains where the run does
     print(f"fedhq: SigAcc R2 in-sample {model.train_r2:.2f}, cross-validated {model.cv_r2:.2f} (by client), "
           f"{model.cv_r2_rounds:.2f} (by pilot round); pilot round gains {model.tags['round_gains']}", file=sys.stderr)
     if tracker:
@@ -325,8 +357,10 @@ def task_runner_for(cfg: ExperimentConfig):
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
         "n_workers": cfg.dask_local, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1",
         "dashboard_address": None, "silence_logs": logging.ERROR,
-        # each worker's torch uses its share of the cores (no oversubscription)
-        "env": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}})
+        # each worker's torch uses its share of the cores (no oversubscription); Dask's statistical
+        # profiler off: sampling the task thread every 10 ms takes the GIL from the training
+        "env": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"}})
 
 
 def _start_flow(cfg: ExperimentConfig, sim: Simulation, progress: bool, resume: bool) -> dict[str, Any]:

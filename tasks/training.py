@@ -54,7 +54,10 @@ def dask_worker_slot() -> int | None:
 @task(name="train-clients", task_run_name=_clients_name, **OPTS)
 def train_clients(inputs: RoundInputs, jobs: list[ClientJob]) -> list[Upload]:
     """Local training of the given clients on one worker slot (a thread here, or a Dask worker).
-    Inputs are tensors; each client's upload comes back as bytes (``fedhq_core.wire``)."""
+    Inputs are tensors (on Dask, the round's scattered copy on this worker); jobs carry shard
+    indices; each client's upload comes back as bytes (``fedhq_core.wire``)."""
+    if hasattr(inputs, "key") and hasattr(inputs, "result") and not isinstance(inputs, RoundInputs):
+        inputs = inputs.result()   # a Dask future of the scattered inputs, if it was not resolved
     return run_jobs(inputs, jobs, dask_worker_slot())
 
 
@@ -66,14 +69,3 @@ def aggregate(sim: Simulation, results: list[ClientResult]) -> float:
 @task(name="evaluate", **OPTS)
 def evaluate(sim: Simulation) -> dict[str, float]:
     return sim.evaluate()
-
-
-@task(name="fit-significance", **OPTS)
-def fit_significance(sim: Simulation):
-    """Pilot rounds (every client under PTQ and QAT) and the SigAcc regressor fit."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from fedhq_core.simulation import default_concurrency
-
-    with ThreadPoolExecutor(default_concurrency(sim.cfg)) as pool:
-        return sim.fit_significance(pool.map)

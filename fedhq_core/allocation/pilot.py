@@ -31,10 +31,12 @@ def pilot_length(cfg) -> int:
     return cfg.pilot_rounds or min(cfg.rounds, max(3, math.ceil(PILOT_SPAN * cfg.rounds)))
 
 
-def pilot_gains(sim, rounds: int, map_fn: Callable[[Callable, Iterable], Iterable] = map
+def pilot_gains(sim, rounds: int, train_fn: Callable[[int, list[int], str], list] | None = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict[str, float]]]:
     """Features X, signed gains, client ids and pilot rounds (the CV groups), and one summary per
-    pilot round."""
+    pilot round. ``train_fn(rnd, cids, strategy)`` trains the clients from the current master
+    (default: one after the other here; a run passes its task runner's)."""
+    train_fn = train_fn or (lambda r, cids, strategy: [sim.train(r, c, strategy) for c in cids])
     saved = (sim.global_state, sim.global_ranges, sim.global_steps, sim.gaps)
     shards = sim.shard_features()
     branch = {s: {"state": sim.global_state, "ranges": sim.global_ranges, "steps": sim.global_steps, "gaps": [],
@@ -47,7 +49,7 @@ def pilot_gains(sim, rounds: int, map_fn: Callable[[Callable, Iterable], Iterabl
                 sim.global_state, sim.global_ranges, sim.global_steps, sim.gaps = (b["state"], b["ranges"], b["steps"],
                                                                                    b["gaps"])
                 X = feature_rows(shards, cids, rnd / sim.cfg.rounds, sim.quant_gap, b["sens"])
-                res = list(map_fn(lambda c: sim.train(10_000 + rnd, c, strategy), cids))
+                res = train_fn(10_000 + rnd, cids, strategy)
                 n = np.array([r.n_samples for r in res], dtype=float)
                 rows.append((rnd, cids, X, n / n.mean()))
                 b["sens"].update({r.cid: float(r.quant_loss) for r in res if r.quant_loss is not None})
@@ -100,8 +102,8 @@ def setting_key(tags: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def fit_significance(sim, map_fn=map) -> SignificanceModel:
-    X, gains, groups, point_ids, log = pilot_gains(sim, pilot_length(sim.cfg), map_fn)
+def fit_significance(sim, train_fn=None) -> SignificanceModel:
+    X, gains, groups, point_ids, log = pilot_gains(sim, pilot_length(sim.cfg), train_fn)
     model = SignificanceModel.fit(X, gains, sim.cfg.seed, significance_tags(sim.cfg), groups, point_ids)
     model.tags.update({"n_samples": len(gains), "mean_gain": round(float(gains.mean()), 4),
                        "train_r2": round(model.train_r2, 4), "cv_r2": round(model.cv_r2, 4),
