@@ -96,3 +96,30 @@ def test_profile_file_opts_in_to_host_coefficients(tiny_cfg, tmp_path):
     prof.write_text("{not json")
     with pytest.raises(ConfigError, match="profile_file"):
         Simulation(tiny_cfg.replace(profile_file=str(prof))).profile()
+
+
+def test_pooled_model_reuse_trains_like_a_fresh_model(tiny_cfg):
+    """A model (and its SGD optimizer) reused across clients, with the round's shared QAT warm
+    start, gives bit-identical uploads to a fresh model per client: fresh momentum each time."""
+    import pickle
+
+    import numpy as np
+
+    from fedhq_core.client import train_client
+    from fedhq_core.worker import RoundInputs, ShardRef, warm_steps
+
+    sim = Simulation(tiny_cfg)
+    inputs = RoundInputs(sim.model_spec, "cpu", sim.global_state, None, None)
+    reused = sim.new_model()
+    for cid in (0, 1, 2):
+        x, y = sim.shard_ref(cid).read()
+        spec = sim.client_spec(0, cid, "qat")
+        a = train_client(reused, cid, x, y, sim.global_state, None, spec, None, warm_steps(inputs, reused))
+        b = train_client(sim.new_model(), cid, x, y, sim.global_state, None, sim.client_spec(0, cid, "qat"))
+        assert a.work == b.work and "wsearch" in a.work          # billed for the search it did not repeat
+        for k, t in a.payload.tensors.items():
+            assert np.array_equal(np.frombuffer(t.data, np.uint8), np.frombuffer(b.payload.tensors[k].data, np.uint8))
+    # a shard travels to a worker as its indices only
+    ref = sim.shard_ref(1)
+    copy = pickle.loads(pickle.dumps(ref))
+    assert copy.split is None and len(pickle.dumps(ref)) < 4096 and np.array_equal(copy.idx, ref.idx)
