@@ -190,8 +190,10 @@ class Outbox:
                 if self._q and self._q[0][0] is op:
                     self._q.popleft()
                 self.sent += 1
+                parked = self._stop     # parked while this call was in flight: ops.jsonl names its file
                 self._cv.notify_all()
-            self._unstage(op)
+            if not parked:
+                self._unstage(op)
             fut.set_result(result)
             if self.offline:
                 self._came_back()
