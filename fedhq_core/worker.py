@@ -1,10 +1,11 @@
 """What runs where the clients train: a thread of this process or a Dask worker process.
 
 A training task gets plain data only: the round's :class:`RoundInputs` (model spec, global
-weights, ranges and steps as tensors) and a list of :class:`ClientJob` (the client's shard as
-tensors plus its :class:`~fedhq_core.client.TrainSpec`). It returns one :class:`Upload` per
-client, whose result is ``bytes`` (``fedhq_core.wire``), so nothing travels through files and
-nothing the server decodes can run code.
+weights, ranges and steps as tensors; on Dask scattered once per round to every worker) and a
+list of :class:`ClientJob` (the client's shard as a :class:`ShardRef`, indices into the train
+split that a Dask worker loads once, plus its :class:`~fedhq_core.client.TrainSpec`). It returns
+one :class:`Upload` per client, whose result is ``bytes`` (``fedhq_core.wire``), so nothing
+travels through files and nothing the server decodes can run code.
 
 One client's failure never takes its task-mates down: an exception becomes an ``Upload`` with
 ``error`` set. Fault injection (``fault_rate``/``fault_kinds``) happens here, on the client's

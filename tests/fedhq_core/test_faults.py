@@ -139,3 +139,27 @@ def test_a_retried_round_resamples_and_records_its_attempts(tiny_cfg):
     assert rec.attempts == first_clean + 1 and rec.rejected and len(rec.strategies) == 3
     assert set(rec.strategies) == set(sim.sample(0, first_clean))
     assert math.isfinite(rec.sim_round_s) and rec.sim_round_s > 0
+
+
+def test_a_task_lost_with_its_worker_rejects_its_clients_as_worker_lost(sim):
+    """A task Dask gave up on after its worker died loses only its clients, as ``worker-lost``;
+    a task whose code raised stays ``raised``."""
+    from fedhq_core.simulation import collect, worker_lost
+
+    class KilledWorker(Exception):       # distributed.scheduler.KilledWorker, by name
+        pass
+
+    class Failed:
+        def __init__(self, err):
+            self.err = err
+
+        def result(self, timeout=None):
+            raise self.err
+
+    jobs = sim.jobs(0, Allocation({c: "qat" for c in (0, 1, 2)}), [0, 1, 2])
+    uploads = collect([(jobs[:2], Failed(KilledWorker("attempted to run task on 2 workers; all died"))),
+                       (jobs[2:], Failed(ValueError("bad")))], 0.0)
+    results, rejected = sim.accept(uploads)
+    assert not results and rejected[0].startswith("worker-lost") and rejected[1].startswith("worker-lost")
+    assert rejected[2].startswith("raised")
+    assert worker_lost(OSError("Worker tcp://127.0.0.1:1 closed the connection")) and not worker_lost(ValueError("x"))
