@@ -101,8 +101,12 @@ def test_outbox_spills_parks_and_uploads(tmp_path, monkeypatch, capsys):
     tracker.log_dict({"final": 1}, "summary.json")
     tracker.end("FINISHED")
     assert tracker.parked == box.folder and not (box.folder / "spill.jsonl").exists()
+    from flows.train import report_parked
+
+    assert report_parked(tracker, {"run_id": run_id})            # what the run's end says and leaves
+    assert json.loads((box.folder.parent / "summary.json").read_text())["run_id"] == run_id
     err = capsys.readouterr().err
-    assert "does not answer" in err and "outbox_limit" in err
+    assert "does not answer" in err and "outbox_limit" in err and f"fedhq upload {box.folder.parent}" in err
     ops = [json.loads(line) for line in (box.folder / "ops.jsonl").read_text().splitlines()]
     assert [o["kind"] for o in ops].count("metrics") == 8 and ops[-1]["kind"] == "end"
 
