@@ -61,6 +61,26 @@ class Stack:
     def stop(self) -> None:
         stop_groups([self.mlflow_pid, self.s3_pid])
 
+    def stop_mlflow(self) -> None:
+        """The tracking server goes away (SIGKILL, as in a crash); S3 stays."""
+        stop_groups([self.mlflow_pid], kill=True)
+
+    def restart_mlflow(self) -> None:
+        """The tracking server comes back on the same port, with the same store and bucket."""
+        port = int(self.tracking_uri.rsplit(":", 1)[1])
+        host = self.tracking_uri.split("//", 1)[1].rsplit(":", 1)[0]
+        env = dict(os.environ, **self.env())
+        self.mlflow_pid = _spawn_mlflow(host, port, Path(self.workdir), f"s3://{self.bucket}/{self.prefix}", env).pid
+        wait_http(f"{self.tracking_uri}/health", timeout=120)
+
+
+def _spawn_mlflow(host: str, port: int, work: Path, artifacts: str, env: dict[str, str] | None = None):
+    log = open(work / "mlflow-server.log", "ab")
+    return subprocess.Popen([str(BIN / "mlflow"), "server", "--host", host, "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{work / 'mlflow-server.db'}",
+                             "--artifacts-destination", artifacts, "--workers", "1"],
+                            env=env, stdout=log, stderr=log, start_new_session=True)
+
 
 def stop_groups(pids: list[int], kill: bool = False) -> None:
     """SIGTERM each process group (SIGKILL with ``kill``: gone at once, as in a crash), SIGKILL
@@ -88,38 +108,6 @@ def stop_groups(pids: list[int], kill: bool = False) -> None:
             time.sleep(0.1)
 
 
-@dataclass
-class MlflowServer:
-    """A plain ``mlflow server`` (sqlite store, local artifacts) on loopback."""
-
-    pid: int
-    port: int
-    tracking_uri: str
-
-    def stop(self, kill: bool = False) -> None:
-        stop_groups([self.pid], kill)
-
-
-def start_mlflow(workdir: str, port: int | None = None, host: str = "127.0.0.1") -> MlflowServer:
-    """``mlflow server`` on ``port`` (a free one by default) with its store and artifacts in
-    ``workdir``; the same folder and port give the same server back after a stop."""
-    work = Path(workdir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
-    log = open(work / "mlflow-server.log", "ab")
-    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", host, "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{work / 'mlflow-server.db'}",
-                             "--artifacts-destination", str(work / "artifacts"), "--workers", "1"],
-                            stdout=log, stderr=log, start_new_session=True)
-    server = MlflowServer(proc.pid, port, f"http://{host}:{port}")
-    try:
-        wait_http(f"{server.tracking_uri}/health", timeout=120)
-    except Exception:
-        server.stop()
-        raise
-    return server
-
-
 def start(workdir: str, bucket: str = "fedhq", prefix: str = "mlflow", host: str | None = None) -> Stack:
     host = host or os.environ.get("FEDHQ_BIND", "127.0.0.1")
     work = Path(workdir).resolve()
@@ -140,10 +128,7 @@ def start(workdir: str, bucket: str = "fedhq", prefix: str = "mlflow", host: str
         boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
                      aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
                      aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=bucket)
-        ml = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", host, "--port", str(ml_port),
-                               "--backend-store-uri", f"sqlite:///{work / 'mlflow-server.db'}",
-                               "--artifacts-destination", f"s3://{bucket}/{prefix}", "--workers", "1"],
-                              env=env, stdout=log, stderr=log, start_new_session=True)
+        ml = _spawn_mlflow(host, ml_port, work, f"s3://{bucket}/{prefix}", env)
     except Exception:
         os.killpg(s3.pid, signal.SIGKILL)
         raise

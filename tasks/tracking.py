@@ -144,6 +144,7 @@ class Tracker:
         self.run_id: str | None = None
         self._pending: list[Any] = []
         self._experiment_ids: dict[str, str] = {}   # run id -> experiment id (URLs without a call)
+        self._deadline: float | None = None
         self.outbox: Any = None                       # tasks.outbox.Outbox during a training run
         self.parked: Path | None = None               # where unsent calls wait for `fedhq upload`
 
@@ -153,6 +154,7 @@ class Tracker:
         from tasks.outbox import Outbox
 
         self.parked = None
+        self._deadline: float | None = None   # the run's end waits on an away server this long in all
         self.outbox = Outbox(self.client, self.register, Path(folder), self.settings.outbox_limit,
                              target={"tracking_uri": self.settings.tracking_uri, "run_id": self.run_id})
 
@@ -249,7 +251,7 @@ class Tracker:
         if self.outbox:
             box, self.outbox = self.outbox, None
             box.put(dict(box.stage({"kind": "end", "status": status}), run_id=self.run_id))
-            if box.drain(self.settings.outage_wait_s):
+            if box.drain(self._end_wait()):
                 box.close()
             else:
                 self.parked = box.park()
@@ -316,12 +318,19 @@ class Tracker:
             return self.register(name, model_uri, tags, aliases)
         fut = self._put({"kind": "register", "name": name, "uri": model_uri,
                          "tags": {k: str(v) for k, v in tags.items()}, "aliases": list(aliases)})
-        if self.outbox.offline:
-            return None
         try:
-            return fut.result(timeout=self.settings.outage_wait_s)
+            return fut.result(timeout=self._end_wait())
         except TimeoutError:
             return None
+
+    def _end_wait(self) -> float:
+        """Seconds left of ``outage_wait_s``, counted from the first wait at the run's end (the
+        registrations and the final drain share it)."""
+        import time
+
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self.settings.outage_wait_s
+        return max(0.0, self._deadline - time.monotonic())
 
     def load_significance(self, wanted: dict[str, Any]):
         """The newest registered significance model fitted for exactly ``wanted``'s setting: found

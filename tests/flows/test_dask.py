@@ -22,7 +22,7 @@ def test_dask_local_cluster_equals_thread_runner(tiny_cfg, monkeypatch):
     from flows.train import run_training, task_runner_for
 
     cfg = tiny_cfg.replace(rounds=3, strategy="fedhq", significance="none", adjust_every=1, max_concurrency=2,
-                           local_epochs=4)
+                           local_epochs=2)
     threads = run_training(cfg)
     before = set(psutil.Process().children(recursive=True))
     dask_cfg = cfg.replace(dask_local=2)

@@ -1,60 +1,11 @@
-"""The tracking server goes away mid-run.
-
-* On loopback: a real `mlflow server` is killed after round 1 and restarted on the same port after
-  round 3. The run goes on, says so in one line, and the held calls are sent when the server is
-  back: every round's metrics and the registered model end up in the run.
-* The outbox itself, against a store that "does not answer" until told to: a bounded memory
-  buffer that spills to disk, and, when the run ends before the server is back, the parked calls
-  (summary and model files included) sent later by ``fedhq upload``.
-"""
+"""The tracking server goes away mid-run (the loopback test with a real `mlflow server` killed and
+restarted on the same port is tests/infra/test_mlflow_s3.py): here the outbox itself, against a
+store that "does not answer" until told to: a bounded memory buffer that spills to disk, and,
+when the run ends before the server is back, the parked calls (summary and model files
+included) sent later by ``fedhq upload``."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
-import pytest
-
-
-@pytest.mark.slow
-def test_run_survives_its_tracking_server_going_away(tmp_path, monkeypatch, capsys):
-    from mlflow import MlflowClient
-
-    from fedhq_core.simulation import Simulation
-    from flows.cli import main
-    from infra.local_stack import start_mlflow
-
-    store = str(tmp_path / "mlflow")
-    servers = [start_mlflow(store)]
-    uri, port = servers[0].tracking_uri, servers[0].port
-    monkeypatch.chdir(tmp_path)
-    close_round = Simulation.close_round
-
-    def outage(self, rnd, *args, **kwargs):
-        rec = close_round(self, rnd, *args, **kwargs)
-        if rnd == 1:
-            servers[-1].stop(kill=True)                       # gone, as in a crash: rounds 2-3 without it
-        elif rnd == 3:
-            servers.append(start_mlflow(store, port))         # back on the same port
-        return rec
-
-    monkeypatch.setattr(Simulation, "close_round", outage)
-    out = tmp_path / "run.json"
-    try:
-        assert main(["run", "--rounds", "5", "--clients", "6", "--local-epochs", "1", "--no-progress",
-                     "--tracking-uri", uri, "--state-dir", str(tmp_path / "state"), "--set", "profile_reps=1",
-                     "--json", str(out)]) == 0
-        err = capsys.readouterr().err
-        assert "does not answer" in err and "answers again" in err and "fedhq upload" not in err
-        res = json.loads(out.read_text())
-        client = MlflowClient(uri)
-        assert sorted({m.step for m in client.get_metric_history(res["run_id"], "acc_q")}) == list(range(5))
-        run = client.get_run(res["run_id"])
-        assert run.info.status == "FINISHED" and run.data.metrics["final_acc_q"] == pytest.approx(res["final_acc_q"])
-        assert client.get_model_version("fedhq-global-model", res["model_version"]).run_id == res["run_id"]
-        assert not (Path(res["run_dir"]) / "mlflow-outbox").exists()
-    finally:
-        for s in servers:
-            s.stop(kill=True)
 
 
 class _Away:

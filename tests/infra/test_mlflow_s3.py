@@ -1,10 +1,13 @@
 """Integration: a real `mlflow server` with S3 artifacts (moto's server mode) on loopback, a short
 training run against it, the artifacts checked in the bucket with boto3, the model loaded back by
-alias through the server. Both servers are stopped by PID afterwards."""
+alias through the server. The tracking server goes away mid-run (SIGKILLed after round 0 and
+started again on the same port while the next rounds run): the run goes on, says so, and every
+round's metrics, the model and its registration reach the run once the server is back. Both servers are stopped by PID afterwards."""
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,20 +26,45 @@ def stack(tmp_path):
 
 
 @pytest.mark.slow
-def test_training_run_against_mlflow_server_with_s3(stack, tmp_path, monkeypatch):
+def test_training_run_against_mlflow_server_with_s3(stack, tmp_path, monkeypatch, capsys):
     import boto3
     import mlflow
 
+    from fedhq_core.simulation import Simulation
     from flows.cli import main
+
+    import threading
+
+    close_round = Simulation.close_round
+    restart = threading.Thread(target=stack.restart_mlflow)
+
+    def outage(self, rnd, *args, **kwargs):
+        rec = close_round(self, rnd, *args, **kwargs)
+        if rnd == 0:
+            stack.stop_mlflow()           # gone, as in a crash: the next rounds run without it
+            restart.start()               # back on the same port once it has started again
+        return rec
+
+    monkeypatch.setattr(Simulation, "close_round", outage)
+    (tmp_path / "mlflow.yaml").write_text("outage_wait_s: 120\n")   # the run's end waits for the restart
 
     assert stack.tracking_uri.startswith("http://127.0.0.1:") and stack.s3_endpoint.startswith("http://127.0.0.1:")
     for k, v in stack.env().items():
         monkeypatch.setenv(k, v)
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "run.json"
-    assert main(["run", "--rounds", "2", "--clients", "6", "--local-epochs", "1", "--no-progress",
+    assert main(["run", "--rounds", "4", "--clients", "6", "--local-epochs", "1", "--no-progress",
                  "--set", "profile_reps=1", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
+    restart.join()
+    err = capsys.readouterr().err
+    assert "does not answer" in err and "answers again" in err and "fedhq upload" not in err
+    client = mlflow.MlflowClient(stack.tracking_uri)
+    assert sorted({m.step for m in client.get_metric_history(res["run_id"], "acc_q")}) == list(range(4))
+    run = client.get_run(res["run_id"])
+    assert run.info.status == "FINISHED" and run.data.metrics["final_acc_q"] == pytest.approx(res["final_acc_q"])
+    assert client.get_model_version("fedhq-global-model", res["model_version"]).run_id == res["run_id"]
+    assert not (Path(res["run_dir"]) / "mlflow-outbox").exists()
     s3 = boto3.client("s3", endpoint_url=stack.s3_endpoint, region_name="us-east-1")
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=stack.bucket).get("Contents", [])]
     assert any(k.endswith("model/MLmodel") for k in keys)
