@@ -154,7 +154,7 @@ class Tracker:
         from tasks.outbox import Outbox
 
         self.parked = None
-        self._deadline: float | None = None   # the run's end waits on an away server this long in all
+        self._deadline = None   # the run's end waits on an away server outage_wait_s in all
         self.outbox = Outbox(self.client, self.register, Path(folder), self.settings.outbox_limit,
                              target={"tracking_uri": self.settings.tracking_uri, "run_id": self.run_id})
 
