@@ -68,28 +68,9 @@ def load_data(cfg: ExperimentConfig) -> Dataset:
     return data_key(cfg).load()
 
 
-class Shard:
-    """A client's shard: sorted indices into the train split. Its images are read (copied) on
-    access, so a run holds the train split once, never a second copy cut into shards."""
-
-    def __init__(self, split: Split, idx: np.ndarray):
-        self.split, self.idx = split, np.asarray(idx, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.idx)
-
-    @property
-    def x(self) -> torch.Tensor:
-        return self.split.x[torch.from_numpy(self.idx)]
-
-    @property
-    def y(self) -> torch.Tensor:
-        return self.split.y[torch.from_numpy(self.idx)]
-
-
-def split_clients(cfg: ExperimentConfig, ds: Dataset) -> tuple[Split, np.ndarray, list[Shard]]:
+def split_clients(cfg: ExperimentConfig, ds: Dataset) -> tuple[Split, np.ndarray, list[ShardRef]]:
     """Seeded split of the train set: (server calibration split, labels of the client pool,
-    client shards)."""
+    client shards as indices into ``ds.train``)."""
     rng = np.random.default_rng([cfg.seed, 31])
     perm = rng.permutation(len(ds.train))
     n_cal = min(cfg.server_calib_size, max(1, len(ds.train) // 10))
@@ -101,7 +82,8 @@ def split_clients(cfg: ExperimentConfig, ds: Dataset) -> tuple[Split, np.ndarray
                         classes_per_client=cfg.classes_per_client, min_size=cfg.min_shard_size)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    return server_calib, labels, [Shard(ds.train, pool[np.asarray(i, dtype=np.int64)]) for i in idx]
+    key = data_key(cfg)
+    return server_calib, labels, [ShardRef(key, pool[np.asarray(i, dtype=np.int64)], ds.train) for i in idx]
 
 
 def cpu_model() -> str:
@@ -208,8 +190,6 @@ class Simulation:
         self.num_classes = ds.num_classes
         self.in_shape = ds.in_shape
         self.server_calib, self.global_labels, self.shards = split_clients(cfg, ds)
-        self.train_split = ds.train
-        self.data_key = data_key(cfg)
         self.test: Split = ds.test
         self.n_clients = cfg.clients
 
@@ -290,15 +270,12 @@ class Simulation:
     def train_clients(self, submit_train: Callable, rnd: int, cids: list[int], strategy: str) -> list[ClientResult]:
         """Train ``cids`` under ``strategy`` from the current master through ``submit_train``,
         decoded and checked like a round's uploads (pilot rounds)."""
-        jobs = [ClientJob(rnd, c, self.shard_ref(c), self.client_spec(rnd, c, strategy)) for c in cids]
+        jobs = [ClientJob(rnd, c, self.shards[c], self.client_spec(rnd, c, strategy)) for c in cids]
         inputs = self.round_inputs()
         results, bad = self.accept(collect([(ch, submit_train(inputs, ch)) for ch in self.chunks(jobs)], 0.0))
         if bad:
             raise RuntimeError(f"pilot round {rnd}: client {next(iter(bad))} failed: {next(iter(bad.values()))}")
         return results
-
-    def shard_ref(self, cid: int) -> ShardRef:
-        return ShardRef(self.data_key, self.shards[cid].idx, self.train_split)
 
     # --- models -------------------------------------------------------------------------
     @property
@@ -411,7 +388,7 @@ class Simulation:
     def jobs(self, rnd: int, alloc: Allocation, sampled: list[int], attempt: int = 0) -> list[ClientJob]:
         """One job per sampled client: its shard, its spec and (if configured) its injected fault."""
         cfg = self.cfg
-        return [ClientJob(rnd, c, self.shard_ref(c),
+        return [ClientJob(rnd, c, self.shards[c],
                           self.client_spec(rnd, c, alloc.strategies[c], alloc.upload_bits.get(c)),
                           draw_fault(cfg.seed, rnd, c, attempt, cfg.fault_rate, cfg.fault_kinds), cfg.client_timeout_s)
                 for c in sampled]

@@ -160,12 +160,13 @@ def warm_up(key: DataKey, spec: ModelSpec) -> str:
 
 
 class ShardRef:
-    """A client's shard as indices into the train split of ``key``. In the run's own process it
-    reads the run's split directly; pickled (to a Dask worker) it travels as the key and the
-    indices only, and the worker reads its own once-loaded copy of the same split."""
+    """A client's shard: sorted indices into the train split of ``key``. Its images are read
+    (copied) on access, so a run holds the train split once. In the run's own process it reads
+    the run's split directly; pickled (to a Dask worker) it travels as the key and the indices
+    only, and the worker reads its own once-loaded copy of the same split."""
 
     def __init__(self, key: DataKey, idx: np.ndarray, split: Any = None):
-        self.key, self.idx, self.split = key, idx, split
+        self.key, self.idx, self.split = key, np.asarray(idx, dtype=np.int64), split
         self.n_train = len(split) if split is not None else -1
 
     def __getstate__(self) -> dict[str, Any]:
@@ -174,12 +175,23 @@ class ShardRef:
     def __len__(self) -> int:
         return len(self.idx)
 
-    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _split(self) -> Any:
         split = self.split if self.split is not None else train_split(self.key)
         if self.n_train >= 0 and len(split) != self.n_train:
             raise RuntimeError(f"this worker's {self.key.dataset} train split has {len(split)} samples, the "
                                f"run's {self.n_train}: give the workers the same data_dir")
-        idx = torch.from_numpy(self.idx)
+        return split
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self._split().x[torch.from_numpy(self.idx)]
+
+    @property
+    def y(self) -> torch.Tensor:
+        return self._split().y[torch.from_numpy(self.idx)]
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        split, idx = self._split(), torch.from_numpy(self.idx)
         return split.x[idx], split.y[idx]
 
 

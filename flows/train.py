@@ -258,7 +258,7 @@ def train_submitter(cfg: ExperimentConfig, sent: dict[int, int] | None = None,
     if sim is not None:  # workers import, load the data and build a model while the server starts up
         from fedhq_core.worker import warm_up
 
-        last.append([client.submit(warm_up, sim.data_key, sim.model_spec, workers=[w], pure=False)
+        last.append([client.submit(warm_up, sim.shards[0].key, sim.model_spec, workers=[w], pure=False)
                      for w in client.scheduler_info().get("workers", {})])   # (kept: not cancelled)
 
     def submit(inputs, jobs):

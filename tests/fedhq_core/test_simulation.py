@@ -112,7 +112,7 @@ def test_pooled_model_reuse_trains_like_a_fresh_model(tiny_cfg):
     inputs = RoundInputs(sim.model_spec, "cpu", sim.global_state, None, None)
     reused = sim.new_model()
     for cid in (0, 1, 2):
-        x, y = sim.shard_ref(cid).read()
+        x, y = sim.shards[cid].read()
         spec = sim.client_spec(0, cid, "qat")
         a = train_client(reused, cid, x, y, sim.global_state, None, spec, None, warm_steps(inputs, reused))
         b = train_client(sim.new_model(), cid, x, y, sim.global_state, None, sim.client_spec(0, cid, "qat"))
@@ -120,6 +120,6 @@ def test_pooled_model_reuse_trains_like_a_fresh_model(tiny_cfg):
         for k, t in a.payload.tensors.items():
             assert np.array_equal(np.frombuffer(t.data, np.uint8), np.frombuffer(b.payload.tensors[k].data, np.uint8))
     # a shard travels to a worker as its indices only
-    ref = sim.shard_ref(1)
+    ref = sim.shards[1]
     copy = pickle.loads(pickle.dumps(ref))
     assert copy.split is None and len(pickle.dumps(ref)) < 4096 and np.array_equal(copy.idx, ref.idx)
