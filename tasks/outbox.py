@@ -91,7 +91,6 @@ class Outbox:
         self._stop = False
         self.offline_since: float | None = None
         self.held_max = 0
-        self.sent = 0
         self._thread = threading.Thread(target=self._loop, name="fedhq-mlflow-outbox", daemon=True)
         self._thread.start()
 
@@ -189,7 +188,6 @@ class Outbox:
             with self._cv:
                 if self._q and self._q[0][0] is op:
                     self._q.popleft()
-                self.sent += 1
                 parked = self._stop     # parked while this call was in flight: ops.jsonl names its file
                 self._cv.notify_all()
             if not parked:
@@ -201,7 +199,6 @@ class Outbox:
     def _went_away(self, err: BaseException) -> None:
         if self.offline_since is None:
             self.offline_since = time.monotonic()
-            self._sent_at_outage = self.sent
             warn(f"MLflow at {self.target.get('tracking_uri', '?')} does not answer ({type(err).__name__}); "
                  f"the run goes on and its tracking calls are held (up to {self.limit} in memory, then in "
                  f"{self.folder}) until it does")

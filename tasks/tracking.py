@@ -249,8 +249,8 @@ class Tracker:
         """End the run. With an outbox: wait up to ``outage_wait_s`` for it to drain; if the server
         is still away, park the unsent calls in the run folder (``self.parked``)."""
         if self.outbox:
+            self._put({"kind": "end", "status": status})
             box, self.outbox = self.outbox, None
-            box.put(dict(box.stage({"kind": "end", "status": status}), run_id=self.run_id))
             if box.drain(self._end_wait()):
                 box.close()
             else:
