@@ -2,9 +2,10 @@
 
 * fp32 - FP32 SGD; uploads a 32-bit update and no ranges (the accuracy ceiling baseline).
 * ptq  - FP32 SGD, then on-device post-training quantization: calibrate percentile activation
-         ranges on ``calib_batches`` local batches; with ``report_sensitivity`` also quantize
-         the weights (MSE-optimal scales) and measure the local accuracy lost to quantization
-         on those same batches.
+         ranges in one forward pass over ``calib_batches`` x ``batch_size`` local samples; with
+         ``report_sensitivity`` (on only in runs whose allocator reads it) also quantize the
+         weights (MSE-optimal scales) and measure the local accuracy lost to quantization on
+         those same samples.
 * qat  - SGD through fake-quantized weights (LSQ steps warm-started from the global weights'
          MSE-optimal scales) and activations (EMA ranges warm-started from the global ranges).
 
@@ -41,7 +42,7 @@ class TrainSpec:
     weight_decay: float = 0.0
     upload_bits: int | dict[str, int] = 8
     calib_batches: int = 4
-    report_sensitivity: bool = True           # PTQ: measure the local accuracy lost to quantization
+    report_sensitivity: bool = False          # PTQ: measure the local accuracy lost to quantization
     seed: int = 0
     fedfq: tuple[float, int] | None = None   # (average upload bits, annealing iterations)
 
@@ -102,6 +103,11 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
 def correct_count(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Forward-only pass (calibration or quantized check): correct predictions as a device tensor."""
     return (model(x).argmax(1) == y).sum()
+
+
+def calib_size(n: int, spec: TrainSpec) -> int:
+    """Samples a PTQ client calibrates on: ``calib_batches`` x ``batch_size``, never beyond its shard."""
+    return min(n, spec.calib_batches * spec.batch_size)
 
 
 def _sgd_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: TrainSpec,
@@ -180,10 +186,11 @@ def train_client(model: nn.Module, cid: int, x: torch.Tensor, y: torch.Tensor, g
         work["fp32"], loss = _sgd_epochs(model, x, y, spec, gen)
         ranges = {}
         if spec.strategy == "ptq":
-            # calibration never reaches beyond the shard
-            perm = torch.randperm(len(y), generator=gen)[: spec.calib_batches * spec.batch_size].to(device)
-            calib = [(x[perm[i:i + spec.batch_size]], y[perm[i:i + spec.batch_size]])
-                     for i in range(0, len(perm), spec.batch_size)]
+            # calib_batches x batch_size samples, never beyond the shard, in ONE forward pass: a
+            # forward-only pass keeps no activations for a backward, so it fits where a training
+            # step of batch_size does, and one pass issues a quarter of the ops of four
+            perm = torch.randperm(len(y), generator=gen)[: calib_size(len(y), spec)].to(device)
+            calib = [(x[perm], y[perm])]
             ranges, quant_loss = calibrate(model, calib, spec.report_sensitivity, work)
     set_mode(model, "fp")
     local = {k: v.detach() for k, v in model_state(model).items()}

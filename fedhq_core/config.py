@@ -92,7 +92,9 @@ class ExperimentConfig:
     jitter_sigma: float = 0.15       # [design] log-normal sigma of per-round time jitter
     throttle_prob: float = 0.2       # [design] share of clients throttled beyond their spec sheet
     throttle_factor: float = 2.5     # [design] slowdown of a throttled client
-    report_sensitivity: bool = True  # [design] PTQ clients measure (and are billed for) their local quantization loss
+    report_sensitivity: bool | None = None  # [design] PTQ clients measure (and are billed for) their local quantization
+                                     # loss; None = only in runs whose allocator reads it (fedhq's fine stage)
+    server_device: str = "nvidia-a100"  # [design] device class the server's work is priced on (hardware.catalog)
     profile_file: str | None = None  # opt-in host-calibrated coefficients (fedhq devices --validate --write-profile)
     # host validation only (fedhq devices --validate); the clock never uses host timings
     profile_batch_sizes: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
@@ -273,6 +275,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         _check(name in DEVICES, "fleet", f"unknown device class {name!r} (see fedhq_core/hardware/catalog.py)")
         _check(share >= 0, "fleet", f"share of {name!r} must be >= 0")
     _check(sum(cfg.fleet.values()) > 0, "fleet", "shares must not all be zero")
+    _check(cfg.server_device in DEVICES, "server_device",
+           f"unknown device class {cfg.server_device!r} (see fedhq_core/hardware/catalog.py)")
     if cfg.dataset == "digits":
         pass
     else:

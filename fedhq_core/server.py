@@ -32,6 +32,15 @@ def fedavg(global_state: dict[str, torch.Tensor], results: Sequence[ClientResult
     return new
 
 
+def aggregate(global_state: dict[str, torch.Tensor], global_ranges: dict[str, tuple[float, float]] | None,
+              results: Sequence[ClientResult]) -> tuple[dict[str, torch.Tensor], dict[str, tuple[float, float]] | None,
+                                                        dict[str, torch.Tensor] | None]:
+    """One round of the server's aggregation: the FedAvg master, the averaged activation ranges
+    (kept when no client sent any) and the QAT clients' averaged weight steps (None without QAT).
+    The clock prices exactly this function from its trace (``hardware.server_work``)."""
+    return fedavg(global_state, results), average_ranges(results, global_ranges), average_steps(results)
+
+
 def average_ranges(results: Iterable[ClientResult],
                    previous: dict[str, tuple[float, float]] | None = None) -> dict[str, tuple[float, float]] | None:
     """Sample-weighted mean of the uploaded activation ranges; keeps ``previous`` if none came."""
@@ -73,6 +82,14 @@ def calibrate_on_server(model: nn.Module, state: dict[str, torch.Tensor], x: tor
         model(x[i:i + batch_size].to(device))
     set_mode(model, "fp")
     return get_act_ranges(model)
+
+
+def proxy_gap(model: nn.Module, state: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
+    """The master's quantization gap under server-side PTQ on the proxy split: ranges calibrated
+    on ``x``, MSE weight scales; FP32 minus quantized accuracy."""
+    ranges = calibrate_on_server(model, state, x)
+    m = evaluate_global(model, state, ranges, x, y)
+    return m["acc_fp32"] - m["acc_q"]
 
 
 @torch.no_grad()

@@ -22,16 +22,18 @@ import torch
 from torch import nn
 
 from .allocation import Allocation, RoundFeedback, build_allocator
+from .allocation.pilot import FitInfo
 from .client import ClientResult, TrainSpec, train_client
 from .config import ExperimentConfig
 from .errors import ConfigError, TooFewClients
 from .phases import span
 from .data import Dataset, Split, partition
-from .hardware import Fleet, RooflineModel, SimulatedClock, TraceBook, predict_compute
+from .hardware import DEVICES, Fleet, RooflineModel, SimulatedClock, TraceBook, predict_compute
+from .hardware.server_work import ServerPricing
 from .hardware.speed_model import load_profile
-from .quant import integer_weights, load_model_state, model_state, prepare_deploy, set_mode
+from .quant import integer_weights, load_model_state, model_state, prepare_deploy, quant_layers, set_mode
 from .quant.payload import packed_layout
-from .server import average_steps, average_ranges, calibrate_on_server, evaluate_global, fedavg
+from .server import aggregate, calibrate_on_server, evaluate_global, proxy_gap
 from .wire import RejectedUpdate, decode_upload
 from .worker import (ClientJob, DataKey, ModelSpec, RoundInputs, ShardRef, Upload, borrow_model, draw_fault,
                      expected_upload_limit, run_jobs)
@@ -132,7 +134,7 @@ class RoundRecord:
     extra: dict[str, Any] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)   # client -> "reason: detail", all attempts
     attempts: int = 1
-    server_s: float = 0.0        # the server's measured share of sim_round_s (aggregation)
+    server_s: float = 0.0        # the server's priced share of sim_round_s (allocation, aggregation, refits)
 
     def metrics(self) -> dict[str, float]:
         keys = ("acc_q", "acc_fp32", "loss_q", "loss_fp32", "train_loss", "sim_round_s", "sim_time_s", "wall_s",
@@ -199,7 +201,10 @@ class Simulation:
         self.global_ranges: dict[str, tuple[float, float]] | None = None
         self.global_steps: dict[str, torch.Tensor] | None = None
         self.gaps: list[float] = []  # the master's quantization gap on server_calib, per round (measure_gap)
-        self.gap_s = 0.0             # the server's seconds for that measurement, this round
+        self.gap_s = 0.0             # the server's priced seconds for that measurement, this round
+        self.server_host_s = 0.0     # this host's seconds for the server's work of the round (a metric only)
+        self.server: ServerPricing | None = None
+        self.fit = FitInfo()         # what fitting SigAcc cost this run (see allocation.pilot)
         self._shard_features: dict[int, np.ndarray] | None = None
         self.fleet = Fleet.build(cfg.clients, cfg.fleet, cfg.throttle_prob, cfg.throttle_factor,
                                  cfg.jitter_sigma, cfg.seed)
@@ -219,13 +224,23 @@ class Simulation:
         model does; baselines, fedhq-coarse and ``significance: none`` skip the measurement)."""
         return bool(getattr(self.allocator, "reads_gap", False))
 
+    def reports_sensitivity(self) -> bool:
+        """PTQ clients measure their quantization loss on the device (and are billed for it) only
+        when the config says so or, by default, when the allocator reads it: a baseline never pays
+        for FedHQ's features."""
+        r = self.cfg.report_sensitivity
+        return bool(getattr(self.allocator, "reads_sensitivity", False)) if r is None else bool(r)
+
     def needs_significance(self) -> bool:
         """The allocator uses SigAcc, has none yet, and the config does not opt out (significance: none)."""
         return (self.cfg.significance != "none" and hasattr(self.allocator, "significance_of")
                 and getattr(self.allocator, "significance", 0) is None)
 
     def set_significance(self, model: Any) -> None:
+        """Give the allocator its SigAcc model; what obtaining it cost (``model.fit_info``) goes on
+        this run's bill (``fit_*`` in the summary)."""
         self.allocator.significance = model  # type: ignore[attr-defined]
+        self.fit = getattr(model, "fit_info", None) or FitInfo()
 
     def shard_features(self) -> dict[int, np.ndarray]:
         """SigAcc's shard features of every client (computed once)."""
@@ -242,9 +257,7 @@ class Simulation:
         test split. In a run the server measures the master it has just sent out while the
         clients train (:meth:`aggregate`), so the next allocation sees the gap one round late and
         the clock charges it only when it outlasts the round's slowest client."""
-        ranges = calibrate_on_server(self.eval_model, self.global_state, self.server_calib.x)
-        m = evaluate_global(self.eval_model, self.global_state, ranges, self.server_calib.x, self.server_calib.y)
-        self.gaps.append(m["acc_fp32"] - m["acc_q"])
+        self.gaps.append(proxy_gap(self.eval_model, self.global_state, self.server_calib.x, self.server_calib.y))
         return self.gaps[-1]
 
     @property
@@ -258,14 +271,18 @@ class Simulation:
         """Offline SigAcc fitting by pilot rounds (see allocation.pilot); does not touch the run's
         state. ``submit_train`` as in :class:`RoundOps`: the pilot's clients train where the
         run's do (default: here, one after the other)."""
-        from .allocation.pilot import fit_significance
+        from .allocation.pilot import fit_significance, pilot_length
 
+        t0 = time.perf_counter()
         if self.speed is None:
             self.profile()
         train_fn = None
         if submit_train is not None:
             train_fn = lambda rnd, cids, strategy: self.train_clients(submit_train, rnd, cids, strategy)  # noqa: E731
-        return fit_significance(self, train_fn)
+        model = fit_significance(self, train_fn)
+        model.fit_info = FitInfo("pilot", float(model.tags["fit_sim_s"]), time.perf_counter() - t0,
+                                 f"pilot of this setting, {pilot_length(self.cfg)} rounds per branch (all-PTQ, all-QAT)")
+        return model
 
     def train_clients(self, submit_train: Callable, rnd: int, cids: list[int], strategy: str) -> list[ClientResult]:
         """Train ``cids`` under ``strategy`` from the current master through ``submit_train``,
@@ -309,6 +326,9 @@ class Simulation:
             speed = RooflineModel(self.trace_book(), overrides)
         self.speed = speed
         self.clock = SimulatedClock(self.fleet, speed)
+        floats = [v for v in self.global_state.values() if v.is_floating_point()]
+        self.server = ServerPricing(speed, DEVICES[self.cfg.server_device], len(self.server_calib), len(floats),
+                                    len(quant_layers(self.eval_model)))
         return speed
 
     def steps_of(self, cid: int) -> list[int]:
@@ -329,9 +349,9 @@ class Simulation:
             return work
         work["fp32"] = self.steps_of(cid)
         if strategy == "ptq":
-            calib = _batches(min(n, cfg.calib_batches * b), b)   # never beyond the shard
+            calib = [min(n, cfg.calib_batches * b)]   # one forward pass, never beyond the shard
             work["calib"] = calib
-            if cfg.report_sensitivity:
+            if self.reports_sensitivity():
                 work["wsearch"], work["fwd"] = [0], list(calib)
         return work
 
@@ -372,7 +392,7 @@ class Simulation:
         if upload_bits is None or fedfq:
             upload_bits = 32 if strategy == "fp32" and not fedfq else cfg.upload_bits
         return TrainSpec(strategy, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay,
-                         upload_bits, cfg.calib_batches, cfg.report_sensitivity,
+                         upload_bits, cfg.calib_batches, self.reports_sensitivity(),
                          seed=int(np.random.default_rng([cfg.seed, 53, rnd, cid]).integers(2**62)), fedfq=fedfq)
 
     def train(self, rnd: int, cid: int, strategy: str, upload_bits: Any = None) -> ClientResult:
@@ -427,24 +447,35 @@ class Simulation:
         return sorted(results, key=lambda r: r.cid), rejected
 
     def aggregate(self, results: list[ClientResult]) -> float:
-        """FedAvg into the master; returns the server's measured seconds after the uploads. The
-        gap of the master the clients started from is measured first (``gap_s``, concurrent with
-        their training on the clock)."""
+        """FedAvg into the master; returns the server's priced seconds after the uploads. The gap
+        of the master the clients started from is measured first (``gap_s``, priced, concurrent
+        with their training on the clock). This host's time for both is kept in ``server_host_s``
+        (a metric, never on the clock)."""
+        assert self.server is not None, "profile() first"
         t0 = time.perf_counter()
+        self.gap_s = 0.0
         if self.uses_gap:
             self.measure_gap()
-        self.gap_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
+            self.gap_s = self.server.gap_s()
         with span("aggregate"):
             self.aggregate_results(results)
-        return time.perf_counter() - t0
+        self.server_host_s = time.perf_counter() - t0
+        return self.aggregation_s(results)
+
+    def aggregation_s(self, results: list[ClientResult]) -> float:
+        """Priced seconds of decoding and aggregating ``results`` on the server's device."""
+        assert self.server is not None, "profile() first"
+        n_qat = sum(bool(r.payload.weight_steps) for r in results)
+        cfg = self.cfg
+        bits = (32 if cfg.strategy == "fp32" else int(min(8, max(2, round(cfg.fedfq_avg_bits))))
+                if cfg.strategy == "fedfq" else cfg.upload_bits)
+        return self.server.aggregate_s(len(results) - n_qat, n_qat, bits, sum(r.upload_bytes for r in results))
 
     def aggregate_results(self, results: list[ClientResult]) -> None:
         """FedAvg of the master, the clients' averaged ranges and QAT steps (pilot and rounds)."""
-        self.global_state = fedavg(self.global_state, results)
-        self.global_ranges = average_ranges(results, self.global_ranges)
         # QAT clients' learned weight steps (None in a round without QAT: MSE scales then)
-        self.global_steps = average_steps(results)
+        self.global_state, self.global_ranges, self.global_steps = aggregate(self.global_state, self.global_ranges,
+                                                                             results)
 
     def evaluate(self) -> dict[str, float]:
         # deploy_ranges: clients' averaged ranges; only when no client sent any (fp32, fedfq)
@@ -461,23 +492,33 @@ class Simulation:
         """A round attempt with too few accepted updates: the global model stays as it is, but the
         clock still pays for the wait on the clients that did report."""
         assert self.clock is not None
-        return self.clock.advance(list(self.client_times(rnd, results).values()), 0.0)[0]
+        return self.clock.advance(list(self.client_times(rnd, results).values()), {})[0]
 
     def close_round(self, rnd: int, alloc: Allocation, alloc_s: float, results: list[ClientResult],
                     server_s: float, metrics: dict[str, float] | None, rejected: dict[int, str] | None = None,
                     attempts: int = 1, failed_s: float = 0.0) -> RoundRecord:
-        assert self.clock is not None
+        assert self.clock is not None and self.server is not None
         times = self.client_times(rnd, results)
-        round_s, split = self.clock.advance(list(times.values()), server_s, self.gap_s)
-        round_s += failed_s
         metrics = metrics if metrics is not None else (
             {k: self.records[-1].__dict__[k] for k in ("acc_q", "acc_fp32", "loss_q", "loss_fp32")}
             if self.records else {"acc_q": 0.0, "acc_fp32": 0.0, "loss_q": float("nan"), "loss_fp32": float("nan")})
+        t0 = time.perf_counter()
+        observed = self.allocator.observe(RoundFeedback(rnd, results, times, metrics), self) or {}
+        alloc_s += time.perf_counter() - t0
+        # the server's priced work: allocation before the round, aggregation after the uploads,
+        # the allocator's bookkeeping and refits after that, and the deployment's calibration
+        # (clients that send no ranges) once the last round is in
+        server = {"alloc": self.server.host_s(self.allocator.take_host_ops()), "server": server_s}
+        if rnd + 1 == self.cfg.rounds and self.cfg.strategy in ("fp32", "fedfq"):
+            server["deploy"] = self.server.calib_s()
+        round_s, split = self.clock.advance(list(times.values()), server, self.gap_s)
+        round_s += failed_s
         up = sum(r.upload_bytes for r in results)
         self.upload_bytes_total += up
         strategies = {r.cid: r.strategy for r in results}
         extra = {k: v for k, v in alloc.info.items() if isinstance(v, (int, float))}
         extra.update({f"sim_{k}_s": v for k, v in split.items()})
+        extra["server_host_s"] = self.server_host_s
         if self.uses_gap:
             extra["quant_gap_measured"] = self.gaps[-1]
         if failed_s:
@@ -487,11 +528,9 @@ class Simulation:
                           round_s, self.clock.now_s, time.perf_counter() - self.wall_start, up,
                           sum(s == "qat" for s in strategies.values()), sum(s == "ptq" for s in strategies.values()),
                           sum(s == "fp32" for s in strategies.values()), alloc_s, strategies, extra,
-                          dict(rejected or {}), attempts, server_s)
+                          dict(rejected or {}), attempts, float(sum(server.values())))
+        rec.extra.update(observed)
         self.records.append(rec)
-        t0 = time.perf_counter()
-        rec.extra.update(self.allocator.observe(RoundFeedback(rnd, results, times, metrics), self) or {})
-        rec.alloc_s += time.perf_counter() - t0
         self.rnd = rnd + 1
         return rec
 
@@ -531,7 +570,7 @@ class Simulation:
                 "clock": {"now_s": self.clock.now_s, "history": list(self.clock.history)},
                 "speed": self.speed.to_state(), "allocator": self.allocator.state_dict(),
                 "significance": sig.to_state() if hasattr(sig, "to_state") else None,
-                "upload_bytes_total": self.upload_bytes_total, "gaps": self.gaps,
+                "upload_bytes_total": self.upload_bytes_total, "gaps": self.gaps, "fit": dict(vars(self.fit)),
                 "wall_elapsed_s": time.perf_counter() - self.wall_start}
         return tensors, meta
 
@@ -559,6 +598,7 @@ class Simulation:
         self.run_id = meta.get("run_id")
         self.upload_bytes_total = int(meta["upload_bytes_total"])
         self.gaps = [float(g) for g in meta.get("gaps", [])]
+        self.fit = FitInfo(**meta["fit"]) if meta.get("fit") else self.fit
         self.wall_start = time.perf_counter() - float(meta["wall_elapsed_s"])
         torch.set_rng_state(tensors["rng/torch"])
 
@@ -574,14 +614,20 @@ class Simulation:
         return (rnd + 1) % self.cfg.eval_every == 0 or rnd + 1 == self.cfg.rounds
 
     def summary(self, run_id: str | None = None) -> dict[str, Any]:
+        """The run's figures. ``total_sim_s`` is the rounds' simulated time; a SigAcc pilot made
+        for this run is on its bill too: ``charged_total_sim_s`` adds ``fit_charged_sim_s``, and
+        ``wall_s`` includes the pilot's wall time (``fit_charged_wall_s``)."""
         last = self.records[-1] if self.records else None
+        total = self.clock.now_s if self.clock else 0.0
         return {
             "config": self.cfg.to_dict(),
             "rounds": [record_dict(r) for r in self.records],
             "final_acc_q": last.acc_q if last else None,
             "final_acc_fp32": last.acc_fp32 if last else None,
-            "total_sim_s": self.clock.now_s if self.clock else 0.0,
-            "wall_s": time.perf_counter() - self.wall_start,
+            "total_sim_s": total,
+            "charged_total_sim_s": total + self.fit.charged_sim_s,
+            **self.fit.to_dict(),
+            "wall_s": time.perf_counter() - self.wall_start + self.fit.charged_wall_s,
             "upload_bytes": self.upload_bytes_total,
             "alloc_overhead_s": float(sum(r.alloc_s for r in self.records)),
             "qat_share": float(np.mean([r.n_qat / max(1, r.n_qat + r.n_ptq + r.n_fp32) for r in self.records]))
@@ -728,4 +774,5 @@ def run(cfg: ExperimentConfig, on_round: Callable[[RoundRecord], None] | None = 
         ops = RoundOps(submit_train=lambda inputs, jobs: pool.submit(run_jobs, inputs, jobs))
         if sim.needs_significance():
             sim.set_significance(sim.fit_significance(ops.submit_train))
+            sim.wall_start = time.perf_counter()   # the fit's wall time is added once, in summary()
         return run_rounds(sim, ops, on_round, checkpoints)

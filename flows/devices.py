@@ -22,7 +22,7 @@ INPUTS = {"digits": ((1, 8, 8), 10), "cifar10": ((3, 32, 32), 10), "cifar10-fold
 
 def ptq_extras(cfg: ExperimentConfig, batch: int) -> dict[str, list[int]]:
     """What a PTQ client runs per round beyond FP32 training (full calibration batches)."""
-    calib = [batch] * cfg.calib_batches
+    calib = [batch * cfg.calib_batches]   # one forward pass (client.calibrate)
     work: dict[str, list[int]] = {"calib": calib, "pack": [cfg.upload_bits]}
     if cfg.report_sensitivity:
         work.update(wsearch=[0], fwd=list(calib))

@@ -109,13 +109,10 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
         with span("profile (task)"):
             T.profile_hardware(sim, speed)
     tracker = tracker_for(cfg)
-    sig_s = 0.0
-    if sim.needs_significance():
-        t0 = time.perf_counter()
+    if sim.needs_significance():   # its cost goes on the run's bill (sim.fit, the summary's fit_* fields)
         sim.set_significance(obtain_significance(sim, tracker, submit))
-        sig_s = time.perf_counter() - t0
     if not resume:
-        sim.wall_start = time.perf_counter()  # the run's wall time: rounds, evaluation and tracking
+        sim.wall_start = time.perf_counter()  # the run's wall time: rounds, evaluation and tracking (+ the fit's)
     if tracker and resume and sim.run_id and not sim.run_id.startswith("local-"):
         tracker.resume(sim.run_id, sim.rnd - 1)
         # rounds checkpointed before the kill whose metrics had not reached MLflow yet
@@ -177,7 +174,6 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
             tracker.end("FAILED")
             report_parked(tracker)
     summary = sim.summary(run_id)
-    summary["significance_fit_s"] = sig_s
     summary["run_dir"] = str(ckpts.run_dir) if ckpts else None
     summary["checkpoint"] = str(ckpts.last) if ckpts and ckpts.last else None
     if tracker:
@@ -188,7 +184,9 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
                                  "run_version": refit["version"]}, aliases=("current",))
         rej = summary["rejected"]
         tracker.log_metrics({"final_acc_q": summary["final_acc_q"], "final_acc_fp32": summary["final_acc_fp32"],
-                             "total_sim_s": summary["total_sim_s"], "total_upload_bytes": summary["upload_bytes"],
+                             "total_sim_s": summary["total_sim_s"], "charged_total_sim_s": summary["charged_total_sim_s"],
+                             "fit_sim_s": summary["fit_sim_s"], "fit_wall_s": summary["fit_wall_s"],
+                             "total_upload_bytes": summary["upload_bytes"],
                              "alloc_overhead_s": summary["alloc_overhead_s"], "total_rejected": rej["total"]},
                             step=cfg.rounds)
         tracker.set_tags({"fedhq.rejected": f"{rej['total']} rejected ({format_reasons(rej['by_reason'])})"})
@@ -279,24 +277,34 @@ def obtain_significance(sim: Simulation, tracker=None, submit: Callable | None =
     else fit one now and register it (alias ``current`` points at the newest fit)."""
     from fedhq_core.allocation.pilot import pilot_length, setting_key, significance_tags
 
+    from fedhq_core.allocation.pilot import FitInfo
+
     wanted = significance_tags(sim.cfg)
     name = tracker.settings.significance_model if tracker else None
     if tracker and sim.cfg.significance == "auto":
+        t0 = time.perf_counter()
         model, why = tracker.load_significance(wanted)
         if model is not None:
-            print(f"fedhq: using {name} {why} (fitted for this setting)", file=sys.stderr)
+            reused = int(model.tags.get("runs_reused", 1))
+            model.fit_info = FitInfo("registry", float(model.tags.get("fit_sim_s", 0.0)), time.perf_counter() - t0,
+                                     f"{name} {why}, fitted for this setting by an earlier pilot", reused)
+            print(f"fedhq: using {name} {why} (fitted for this setting; a one-off cost of "
+                  f"{model.fit_info.sim_s:.2f} simulated s, reused by {reused} run(s))", file=sys.stderr)
             return model
         print(f"fedhq: {why} in {name}; fitting one by a pilot run ({pilot_length(sim.cfg)} rounds per branch)",
               file=sys.stderr)
     model = sim.fit_significance(submit or train_submitter(sim.cfg))   # the pilot trains where the run does
     print(f"fedhq: SigAcc R2 in-sample {model.train_r2:.2f}, cross-validated {model.cv_r2:.2f} (by client), "
-          f"{model.cv_r2_rounds:.2f} (by pilot round); pilot round gains {model.tags['round_gains']}", file=sys.stderr)
+          f"{model.cv_r2_rounds:.2f} (by pilot round); pilot round gains {model.tags['round_gains']}; "
+          f"charged to this run: {model.fit_info.sim_s:.2f} simulated s, {model.fit_info.wall_s:.1f} wall s",
+          file=sys.stderr)
     if tracker:
         tracker.start(f"fit-significance-{sim.dataset_name}", {**wanted}, tags={"kind": "fit-significance"})
         tracker.log_metrics({"train_r2": model.train_r2, "cv_r2": model.cv_r2, "cv_r2_rounds": model.cv_r2_rounds,
                              "mean_gain": model.tags["mean_gain"]})
         version = tracker.log_sklearn(model.regressor, "significance", name,
-                                      {**model.tags, "setting": setting_key(wanted)}, aliases=("current",))
+                                      {**model.tags, "setting": setting_key(wanted),
+                                       "fit_wall_s": round(model.fit_info.wall_s, 3)}, aliases=("current",))
         tracker.end()
         print(f"fedhq: registered {name} version {version} as current", file=sys.stderr)
     return model

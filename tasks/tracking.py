@@ -350,6 +350,10 @@ class Tracker:
                 model = SignificanceModel(reg, dict(mv.tags))
                 for k in ("train_r2", "cv_r2", "cv_r2_rounds"):
                     setattr(model, k, float(mv.tags.get(k, "nan")))
+                # a one-off cost: each run that reuses the fit is counted on its version
+                reused = int(mv.tags.get("runs_reused", "0")) + 1
+                self.client.set_model_version_tag(name, mv.version, "runs_reused", str(reused))
+                model.tags["runs_reused"] = str(reused)
                 return model, f"version {mv.version}"
         return None, "no version fitted for this setting"
 

@@ -28,7 +28,8 @@ def build_allocator(cfg: ExperimentConfig, significance: SignificanceModel | Non
         return RandomHybridAllocator(cfg.qat_share if cfg.qat_share >= 0 else 0.5, cfg.seed)
     if s in ("fedhq", "fedhq-coarse"):
         return FedHQAllocator(cfg.xi, significance, fine=(s == "fedhq"), adjust_every=cfg.adjust_every,
-                              search_band=cfg.search_band, seed=cfg.seed)
+                              search_band=cfg.search_band, seed=cfg.seed,
+                              reads_sensitivity=cfg.significance != "none")
     if s == "fedfq":
         return FedFQAllocator()
     raise ValueError(f"strategy: unknown strategy {s!r}")

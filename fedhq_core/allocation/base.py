@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from ..hardware.server_work import HostOps
+
 if TYPE_CHECKING:  # pragma: no cover
     from ..client import ClientResult
     from ..hardware.clock import ClientTime
@@ -46,9 +48,15 @@ class Allocator:
     """Base class. Subclasses implement :meth:`allocate`; :meth:`observe` is optional."""
 
     name = "base"
+    reads_sensitivity = False      # whether PTQ clients' on-device sensitivity reports are read
 
     def allocate(self, rnd: int, sampled: list[int], view: FleetView) -> Allocation:  # pragma: no cover
         raise NotImplementedError
+
+    def take_host_ops(self) -> HostOps:
+        """The counted host work (numpy, scikit-learn) of the allocations and observations since
+        the last call, for the server's clock (``hardware.server_work``); none by default."""
+        return HostOps()
 
     def observe(self, feedback: RoundFeedback, view: FleetView) -> None:
         return None
@@ -79,9 +87,15 @@ class RandomHybridAllocator(Allocator):
     def __init__(self, qat_share: float, seed: int):
         self.qat_share = qat_share
         self.seed = seed
+        self._ops = HostOps()
+
+    def take_host_ops(self) -> HostOps:
+        ops, self._ops = self._ops, HostOps()
+        return ops
 
     def allocate(self, rnd: int, sampled: list[int], view: FleetView) -> Allocation:
         rng = np.random.default_rng([self.seed, 4099, rnd])
         n_qat = int(round(self.qat_share * len(sampled)))
+        self._ops.add(2, len(sampled))   # one draw, one choice
         qat = set(rng.choice(sampled, size=n_qat, replace=False).tolist()) if n_qat else set()
         return Allocation({c: ("qat" if c in qat else "ptq") for c in sampled})

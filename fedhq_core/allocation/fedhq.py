@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from ..hardware.server_work import HostOps, gbr_predict_ops
 from .base import Allocation, Allocator, RoundFeedback
-from .significance import SignificanceModel, feature_rows, minmax
+from .significance import FEATURES, SignificanceModel, feature_rows, minmax
 
 
 def normalised_significance(gains: np.ndarray) -> np.ndarray:
@@ -59,24 +60,29 @@ def objective(x: np.ndarray, t_ptq: np.ndarray, t_qat: np.ndarray, gains: np.nda
 
 
 def local_search(x0: np.ndarray, s_hat: np.ndarray, gains: np.ndarray, t_ptq: np.ndarray, t_qat: np.ndarray,
-                 xi: float, band: float, max_sweeps: int = 10) -> np.ndarray:
-    """Greedy first-improvement flips of positive-gain clients near the line, until no flip lowers J."""
+                 xi: float, band: float, max_sweeps: int = 10, ops: HostOps | None = None) -> np.ndarray:
+    """Greedy first-improvement flips of positive-gain clients near the line, until no flip lowers J.
+    ``ops`` counts its work (each objective evaluation: 6 numpy calls over the clients)."""
     x = x0.copy()
     a_hat = normalised_significance(gains)
     margin = np.abs((1.0 - xi) * a_hat - xi * (1.0 - s_hat))
     near = np.flatnonzero((margin <= band) & (gains > 0))
     best = objective(x, t_ptq, t_qat, gains, xi)
+    evals = 1
     for _ in range(max_sweeps):
         improved = False
         for i in near:
             x[i] = ~x[i]
             j = objective(x, t_ptq, t_qat, gains, xi)
+            evals += 1
             if j < best - 1e-12:
                 best, improved = j, True
             else:
                 x[i] = ~x[i]
         if not improved:
             break
+    if ops is not None:
+        ops.add(6 + 6 * evals, len(x) * (6 + 6 * evals))
     return x
 
 
@@ -152,7 +158,7 @@ class FedHQAllocator(Allocator):
     """``fine=False`` is the ``fedhq-coarse`` ablation (stage 1 only, spec-sheet times)."""
 
     def __init__(self, xi: float, significance: SignificanceModel | None, *, fine: bool = True,
-                 adjust_every: int = 3, search_band: float = 0.25, seed: int = 0):
+                 adjust_every: int = 3, search_band: float = 0.25, seed: int = 0, reads_sensitivity: bool = True):
         import sklearn.linear_model  # noqa: F401  (import once here, not inside a timed adjustment)
 
         self.name = "fedhq" if fine else "fedhq-coarse"
@@ -165,6 +171,13 @@ class FedHQAllocator(Allocator):
         self.quant_sensitivity: dict[int, float] = {}
         self.refits: list[dict[str, Any]] = []      # new cost-model versions, for the tracking layer
         self._last_pred: dict[int, tuple[float, float]] = {}  # cid -> (cost-model pred, spec pred)
+        # the fine stage's gain estimate reads the PTQ clients' on-device sensitivity reports
+        self.reads_sensitivity = fine and reads_sensitivity
+        self._ops = HostOps()
+
+    def take_host_ops(self) -> HostOps:
+        ops, self._ops = self._ops, HostOps()
+        return ops
 
     @property
     def reads_gap(self) -> bool:
@@ -178,6 +191,7 @@ class FedHQAllocator(Allocator):
         none``) every client counts as gaining equally: the allocation is then by speed alone."""
         if self.significance is None:
             return np.ones(len(cids))
+        self._ops += gbr_predict_ops(len(cids), len(FEATURES))
         if not self.fine:   # fedhq-coarse: the estimate of the initial state, never updated
             return self.significance.predict(feature_rows(view.shard_features(), cids, 0.0, 0.0, {}))
         X = feature_rows(view.shard_features(), cids, rnd / view.cfg.rounds, view.quant_gap, self.quant_sensitivity)
@@ -185,18 +199,23 @@ class FedHQAllocator(Allocator):
 
     def allocate(self, rnd: int, sampled: list[int], view) -> Allocation:
         t0 = time.perf_counter()
+        n = len(sampled)
         spec = view.predicted_times(sampled)
+        self._ops.add(2 * n, 12 * n)          # two priced work lists per client (dict lookups)
         t_ptq, t_qat = spec["ptq"], spec["qat"]
         if self.fine:
             t_ptq = self.cost.correct(sampled, t_ptq, False)
             t_qat = self.cost.correct(sampled, t_qat, True)
+            if self.cost.regressor is not None:
+                self._ops.add(2 * (n + 3), 2 * 8 * n)   # feature rows, ridge predict, exp
         s_hat = minmax(1.0 / t_ptq)
         gains = self.significance_of(sampled, view, rnd)
         x, free = allocate_coarse(s_hat, gains, t_ptq, t_qat, self.xi)
+        self._ops.add(4 + 12 + 10, n * (3 + 12 + 10))   # speed score, coarse rule, the round's info
         coarse = x.copy()
         adjusted = bool(self.fine and self.cost.regressor is not None)
         if adjusted:
-            x = local_search(x, s_hat, gains, t_ptq, t_qat, self.xi, self.search_band)
+            x = local_search(x, s_hat, gains, t_ptq, t_qat, self.xi, self.search_band, ops=self._ops)
         strategies = {c: ("qat" if q else "ptq") for c, q in zip(sampled, x)}
         self._last_pred = {c: (float(np.where(q, tq, tp)), float(np.where(q, sq, sp)))
                            for c, q, tp, tq, sp, sq in zip(sampled, x, t_ptq, t_qat, spec["ptq"], spec["qat"])}
@@ -227,12 +246,15 @@ class FedHQAllocator(Allocator):
                 errs_model.append(abs(pred_model - t.total_s) / t.total_s)
                 errs_spec.append(abs(pred_spec - t.total_s) / t.total_s)
             self.cost.add(r.cid, spec_total, t.total_s, r.strategy == "qat")
+            self._ops.add(8, 8)
         if errs_model:
             out["cost_model_mape"] = float(np.mean(errs_model))
             out["spec_sheet_mape"] = float(np.mean(errs_spec))
         if self.fine and (feedback.rnd + 1) % self.adjust_every == 0:
             t0 = time.perf_counter()
             self.cost.refit()
+            rows, feats = len(self.cost.targets), len(self.cost.rows[0]) if self.cost.rows else 0
+            self._ops.add(10, rows * feats * feats + feats ** 3)   # ridge: normal equations
             out["cost_model_refit_s"] = time.perf_counter() - t0
             self.refits.append({"version": self.cost.version, "round": feedback.rnd, "model": self.cost.regressor,
                                 "n_samples": len(self.cost.targets)})

@@ -15,12 +15,41 @@ with its FedAvg share of G(r). The simulation's own state is left untouched.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from ..server import evaluate_global
 from .significance import SignificanceModel, feature_rows
+
+@dataclass
+class FitInfo:
+    """What obtaining a run's SigAcc model cost, and where it came from.
+
+    ``source``: ``pilot`` (a pilot for this very setting, made for this run: charged to it),
+    ``registry`` (a version fitted earlier and reused: a one-off cost, reported with the runs
+    that reused it) or ``none`` (no SigAcc model)."""
+
+    source: str = "none"
+    sim_s: float = 0.0        # simulated seconds of the pilot's rounds and fits, on the run's clock
+    wall_s: float = 0.0       # this host's seconds for obtaining it
+    detail: str = ""
+    reused_by: int = 0        # registry: runs that have reused this version (this one included)
+
+    @property
+    def charged_sim_s(self) -> float:
+        return self.sim_s if self.source == "pilot" else 0.0
+
+    @property
+    def charged_wall_s(self) -> float:
+        return self.wall_s if self.source == "pilot" else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fit_source": self.source, "fit_sim_s": self.sim_s, "fit_wall_s": self.wall_s,
+                "fit_detail": self.detail, "fit_reused_by": self.reused_by,
+                "fit_charged_sim_s": self.charged_sim_s, "fit_charged_wall_s": self.charged_wall_s}
+
 
 PILOT_SPAN = 0.5   # [design] by default the pilot covers the first half of the run's rounds
 SMOOTH = 1         # [design] G(r) is averaged over rounds r-1..r+1 of the pilot
@@ -32,16 +61,20 @@ def pilot_length(cfg) -> int:
 
 
 def pilot_gains(sim, rounds: int, train_fn: Callable[[int, list[int], str], list] | None = None
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict[str, float]]]:
-    """Features X, signed gains, client ids and pilot rounds (the CV groups), and one summary per
-    pilot round. ``train_fn(rnd, cids, strategy)`` trains the clients from the current master
-    (default: one after the other here; a run passes its task runner's)."""
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict[str, float]], float]:
+    """Features X, signed gains, client ids and pilot rounds (the CV groups), one summary per
+    pilot round, and the pilot's simulated seconds. ``train_fn(rnd, cids, strategy)`` trains the
+    clients from the current master (default: one after the other here; a run passes its task
+    runner's). Every pilot round is priced on the run's clock like a round (its clients' work on
+    their devices, the server's aggregation, gap measurement and proxy scoring on its device),
+    without moving the run's own clock: the branches run one after the other on the same fleet."""
     train_fn = train_fn or (lambda r, cids, strategy: [sim.train(r, c, strategy) for c in cids])
     saved = (sim.global_state, sim.global_ranges, sim.global_steps, sim.gaps)
     shards = sim.shard_features()
     branch = {s: {"state": sim.global_state, "ranges": sim.global_ranges, "steps": sim.global_steps, "gaps": [],
                   "sens": {}, "acc": []} for s in ("ptq", "qat")}
     rows: list[tuple[int, list[int], np.ndarray, np.ndarray]] = []   # (round, cids, features, shares)
+    sim_s = 0.0
     try:
         for rnd in range(rounds):
             cids = sim.sample(10_000 + rnd)
@@ -54,6 +87,9 @@ def pilot_gains(sim, rounds: int, train_fn: Callable[[int, list[int], str], list
                 rows.append((rnd, cids, X, n / n.mean()))
                 b["sens"].update({r.cid: float(r.quant_loss) for r in res if r.quant_loss is not None})
                 sim.measure_gap()      # of the master this round started from, as in a run (appends to b["gaps"])
+                times = [sim.clock.client_time(10_000 + rnd, r.cid, r.work, r.upload_bytes) for r in res]
+                sim_s += sim.clock.round_length(times, {"server": sim.aggregation_s(res), "proxy": sim.server.proxy_s()},
+                                                sim.server.gap_s())[0]
                 sim.aggregate_results(res)
                 b["state"], b["ranges"], b["steps"] = sim.global_state, sim.global_ranges, sim.global_steps
                 b["acc"].append(evaluate_global(sim.eval_model, sim.global_state, sim.global_ranges, sim.server_calib.x,
@@ -70,7 +106,7 @@ def pilot_gains(sim, rounds: int, train_fn: Callable[[int, list[int], str], list
         point_ids.extend([rnd] * len(cids))
     log = [{"round": r, "progress": r / sim.cfg.rounds, "round_gain": float(smooth[r]), "raw_gain": float(raw[r])}
            for r in range(rounds)]
-    return np.asarray(X), np.asarray(gains), np.asarray(groups), np.asarray(point_ids), log
+    return np.asarray(X), np.asarray(gains), np.asarray(groups), np.asarray(point_ids), log, sim_s
 
 
 # Fields that can change the gains. Only time-only fields (clock, execution, tracking, fault
@@ -103,9 +139,16 @@ def setting_key(tags: dict[str, Any]) -> str:
 
 
 def fit_significance(sim, train_fn=None) -> SignificanceModel:
-    X, gains, groups, point_ids, log = pilot_gains(sim, pilot_length(sim.cfg), train_fn)
+    """A pilot for ``sim``'s setting and the regressor fitted on it. ``tags["fit_sim_s"]`` is its
+    price on the run's clock: the pilot's rounds plus the regressor's fits (the model and its two
+    5-fold cross-validations: 11 gradient-boosting fits, counted host work on the server)."""
+    from ..hardware.server_work import gbr_fit_ops
+
+    X, gains, groups, point_ids, log, sim_s = pilot_gains(sim, pilot_length(sim.cfg), train_fn)
     model = SignificanceModel.fit(X, gains, sim.cfg.seed, significance_tags(sim.cfg), groups, point_ids)
+    sim_s += sim.server.host_s(gbr_fit_ops(len(gains), X.shape[1], fits=11))
     model.tags.update({"n_samples": len(gains), "mean_gain": round(float(gains.mean()), 4),
+                       "fit_sim_s": round(sim_s, 6),
                        "train_r2": round(model.train_r2, 4), "cv_r2": round(model.cv_r2, 4),
                        "cv_r2_rounds": round(model.cv_r2_rounds, 4),
                        "round_gains": ";".join(f"{p['round']}:{p['round_gain']:+.3f}" for p in log)})

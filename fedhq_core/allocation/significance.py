@@ -112,6 +112,7 @@ class SignificanceModel:
     cv_r2: float = float("nan")          # GroupKFold by client
     cv_r2_rounds: float = float("nan")   # GroupKFold by pilot round (run states never seen)
     fit_data: dict[str, Any] | None = None  # X, gains, groups, seed: refitting on them rebuilds this model exactly
+    fit_info: Any = None                 # pilot.FitInfo: what obtaining this model cost a run
 
     @classmethod
     def fit(cls, X: np.ndarray, gains: np.ndarray, seed: int, tags: dict[str, Any] | None = None,

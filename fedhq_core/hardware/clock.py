@@ -8,7 +8,8 @@ background load). A client's simulated time in a round is
     x hidden slowdown
     + upload bytes / uplink bandwidth
 
-and a round lasts as long as its slowest sampled client plus the server's measured time.
+and a round lasts as long as its slowest sampled client plus the server's work, priced from its
+trace on the server's device class (``server_work``), never from this host's timings.
 The allocator sees spec-sheet predictions only; the hidden slowdown and jitter show up in the
 observed times, which is what the fine-grained cost model learns from.
 """
@@ -87,19 +88,27 @@ class SimulatedClock:
         return ClientTime(compute, compute * factor, upload_bytes * 8.0 / dev.uplink_bps,
                           {k: v * factor for k, v in kinds.items()})
 
-    def advance(self, client_times: list[ClientTime], server_s: float,
-                concurrent_s: float = 0.0) -> tuple[float, dict[str, float]]:
-        """Close a round: its length is the slowest client (or the server's work done while the
-        clients train, ``concurrent_s``, when that is longer) plus the server's time after the
-        uploads. Also returns that length split by what it was spent on (the slowest client's step
-        kinds and upload, the server, and any server work the clients had to wait for)."""
+    @staticmethod
+    def round_length(client_times: list[ClientTime], server: dict[str, float],
+                     concurrent_s: float = 0.0) -> tuple[float, dict[str, float]]:
+        """A round's length: the slowest client (or the server's work done while the clients
+        train, ``concurrent_s``, when that is longer) plus the server's priced work before and
+        after it (``server``: part -> seconds, e.g. allocation and aggregation). Also returns that
+        length split by what it was spent on (the slowest client's step kinds and upload, each
+        server part, and any server work the clients had to wait for)."""
         slowest = max(client_times, key=lambda c: c.total_s, default=None)
         clients_s = slowest.total_s if slowest else 0.0
-        length = max(clients_s, concurrent_s) + server_s
+        length = max(clients_s, concurrent_s) + float(sum(server.values()))
         split = dict(slowest.by_kind, upload=slowest.upload_s) if slowest else {}
-        split["server"] = server_s
+        split.update({k: v for k, v in server.items() if v})
         if concurrent_s > clients_s:
             split["server_wait"] = concurrent_s - clients_s
+        return length, split
+
+    def advance(self, client_times: list[ClientTime], server: dict[str, float],
+                concurrent_s: float = 0.0) -> tuple[float, dict[str, float]]:
+        """Close a round (:meth:`round_length`) and move the clock on by its length."""
+        length, split = self.round_length(client_times, server, concurrent_s)
         self.now_s += length
         self.history.append(length)
         return length, split

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..client import STEP_KINDS
+from .server_work import AGG_KINDS, SERVER_KINDS, server_runner
 from .trace import LinearTrace, StepTrace, trace
 
 # fp32/qat: train steps; fwd: forward-only evaluation (deployed, quantized); calib: PTQ
@@ -50,6 +51,8 @@ def step_runner(model: nn.Module, kind: str, batch: int, in_shape: tuple[int, ..
     from ..quant import (get_act_ranges, init_weight_steps, model_state, pack_update, prepare_deploy,
                          reset_act_ranges, set_mode)
 
+    if kind in SERVER_KINDS:
+        return server_runner(model, kind, batch, in_shape, num_classes, upload_bits, seed)
     g = torch.Generator().manual_seed(seed)
     b = max(1, batch)
     x = torch.randn(b, *in_shape, generator=g)
@@ -121,7 +124,8 @@ class TraceBook:
         return t
 
     def get(self, kind: str, batch: int) -> StepTrace:
-        """The trace of one ``kind`` step at ``batch`` (for ``pack``: ``batch`` = upload bits)."""
+        """The trace of one ``kind`` step at ``batch`` (for ``pack`` and the server's aggregation
+        kinds: ``batch`` = upload bits; for the server's proxy kinds: the proxy split's size)."""
         with self._lock:
             if kind in LINEAR_KINDS:
                 if kind not in self._linear:
@@ -130,7 +134,7 @@ class TraceBook:
                 return self._linear[kind].at(batch)
             key = (kind, 0 if kind == "wsearch" else batch)
             if key not in self._exact:
-                self._exact[key] = (self._trace(kind, 0, bits=batch) if kind == "pack"
+                self._exact[key] = (self._trace(kind, 0, bits=batch) if kind == "pack" or kind in AGG_KINDS
                                     else self._trace(kind, key[1]))
             return self._exact[key]
 

@@ -9,6 +9,7 @@ round away on average. Integer buffers (e.g. BatchNorm's ``num_batches_tracked``
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,6 +51,10 @@ def packed_layout(shape: tuple[int, ...], bits: int) -> tuple[int, int]:
         return n * bits // 8, 0
     return math.ceil(n * bits / 8), (shape[0] if len(shape) >= 2 else 1)
 
+
+# A decoded upload's bytes are a read-only numpy view; torch reads it without writing (one warning
+# per process otherwise).
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
@@ -119,15 +124,31 @@ def finite_payload(p: PackedTensor) -> bool:
         return bool(np.isfinite(p.scale * np.float32(2 ** (p.bits - 1))).all())
 
 
+def _raw_bytes(p: PackedTensor) -> torch.Tensor:
+    """The packed bytes as a uint8 tensor, without a copy (never written to)."""
+    arr = p.data if isinstance(p.data, np.ndarray) else np.frombuffer(p.data, dtype=np.uint8)
+    return torch.from_numpy(arr)
+
+
 def dequantize_tensor(p: PackedTensor) -> torch.Tensor:
-    n = int(np.prod(p.shape)) if p.shape else 1
+    """The update tensor of ``p``. Written in torch ops (as :func:`pack_bits` is), so the
+    server's decoding is traced and priced like the clients' work (``hardware.server_work``)."""
+    raw = _raw_bytes(p)
     if p.bits >= 16:
-        dtype = np.float16 if p.bits == 16 else np.float32
-        return torch.from_numpy(np.frombuffer(p.data, dtype=dtype).astype(np.float32).reshape(p.shape))
+        return raw.view(torch.float16 if p.bits == 16 else torch.float32).to(torch.float32, copy=True).reshape(p.shape)
+    n = int(np.prod(p.shape)) if p.shape else 1
     qmax = 2 ** (p.bits - 1) - 1
-    q = torch.from_numpy(unpack_bits(p.data, p.bits, n).astype(np.float32)) - (qmax + 1)
-    rows = q.reshape(len(p.scale), -1) * torch.from_numpy(p.scale)[:, None]
+    if p.bits == 8:
+        codes = raw[:n].to(torch.float32)
+    else:   # MSB-first bit planes (np.packbits layout), ``bits`` planes per value
+        planes = ((raw.unsqueeze(1) >> _SHIFTS8) & 1).reshape(-1)[: n * p.bits].reshape(n, p.bits)
+        codes = (planes.to(torch.float32) * _PLANE_WEIGHTS[8 - p.bits:]).sum(dim=1)
+    rows = (codes - (qmax + 1)).reshape(len(p.scale), -1) * torch.from_numpy(p.scale)[:, None]
     return rows.reshape(p.shape)
+
+
+_SHIFTS8 = torch.arange(7, -1, -1, dtype=torch.uint8)
+_PLANE_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.float32)
 
 
 def pack_update(local: dict[str, torch.Tensor], global_: dict[str, torch.Tensor], bits: int | dict[str, int],

@@ -155,9 +155,17 @@ def test_predicted_work_is_what_clients_report(tiny_cfg):
         dev = sim.fleet.devices[1]
         assert predict_compute(sim.speed, dev, r.work) == pytest.approx(
             predict_compute(sim.speed, dev, sim.expected_work(1, strategy)))
-    r = sim.train(0, 1, "ptq")
-    assert r.work["calib"] == r.work["fwd"] and sum(r.work["calib"]) <= len(sim.shards[1]) and r.quant_loss is not None
-    quiet = Simulation(tiny_cfg.replace(report_sensitivity=False))
+    # a baseline never pays for FedHQ's feature: only an allocator that reads the sensitivity gets it
+    for strategy, reported in (("all-ptq", False), ("random-hybrid", False), ("fedhq", True), ("fedhq-coarse", False)):
+        s = Simulation(tiny_cfg.replace(strategy=strategy))
+        s.profile()
+        r = s.train(0, 1, "ptq")
+        assert r.work == s.expected_work(1, "ptq")
+        assert (r.quant_loss is not None) == reported and ("fwd" in r.work) == reported, strategy
+    r = Simulation(tiny_cfg.replace(strategy="fedhq")).train(0, 1, "ptq")
+    # one calibration forward pass, never beyond the shard
+    assert r.work["calib"] == r.work["fwd"] and len(r.work["calib"]) == 1 and r.work["calib"][0] <= len(sim.shards[1])
+    quiet = Simulation(tiny_cfg.replace(strategy="fedhq", report_sensitivity=False))
     r = quiet.train(0, 1, "ptq")
     assert set(r.work) == {"fp32", "calib", "pack"} and r.quant_loss is None
 

@@ -60,25 +60,55 @@ def test_strategies_run_and_learn(tiny_cfg, strategy):
     assert np.all(np.diff(times) > 0) and times[-1] == pytest.approx(sum(r.sim_round_s for r in sim.records))
 
 
-def test_same_seed_same_run_in_fresh_folders(tiny_cfg, tmp_path):
-    """The clock prices from traces and catalog constants only: two seeded fedhq runs in fresh
-    state folders (traces rebuilt) allocate identically and end with identical weights."""
+def test_same_seed_same_clock_in_fresh_folders_on_a_loaded_host(tiny_cfg, tmp_path):
+    """The clock prices from traces and catalog constants only, the server's work included: the
+    same seeded fedhq run twice in fresh state folders (traces rebuilt), the second beside a
+    CPU-bound process, allocates identically, ends with identical weights, and every round's
+    simulated times (and the pilot's charged time) are identical. Host time is a metric only."""
+    import subprocess
+    import sys
+
     import fedhq_core.simulation as S
 
     cfg = tiny_cfg.replace(strategy="fedhq", rounds=3, adjust_every=1, pilot_rounds=1, jitter_sigma=0.3)
     sims = []
     for i in range(2):
         S._BOOKS.clear()
-        sims.append(run(cfg.replace(state_dir=str(tmp_path / f"fresh{i}"))))
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if i else None
+        try:
+            sims.append(run(cfg.replace(state_dir=str(tmp_path / f"fresh{i}"))))
+        finally:
+            if busy:
+                busy.kill()
+                busy.wait()
     a, b = sims
     assert [r.strategies for r in a.records] == [r.strategies for r in b.records]
-    # the server's own measured seconds (aggregation, and the gap measurement when it outlasts
-    # the clients) are host time; everything the clients did is priced identically
-    def clients(sim):
-        return [r.sim_round_s - r.server_s - r.extra.get("sim_server_wait_s", 0.0) for r in sim.records]
-
-    assert clients(a) == clients(b)
+    sim_times = lambda sim: [(r.sim_round_s, r.sim_time_s, r.server_s,  # noqa: E731
+                              {k: v for k, v in r.extra.items() if k.startswith("sim_")}) for r in sim.records]
+    assert sim_times(a) == sim_times(b)
+    assert all(r.server_s > 0 and r.extra["sim_alloc_s"] > 0 and "server_host_s" in r.extra for r in a.records)
+    sa, sb = a.summary(), b.summary()
+    assert sa["fit_source"] == "pilot" and sa["fit_sim_s"] == sb["fit_sim_s"] > 0
+    assert sa["charged_total_sim_s"] == pytest.approx(sa["total_sim_s"] + sa["fit_sim_s"])
+    assert sa["wall_s"] >= sa["fit_wall_s"] > 0     # the pilot's wall time is on the run's bill too
     assert all(torch.equal(a.global_state[k], b.global_state[k]) for k in a.global_state)
+
+
+def test_server_work_is_priced_from_its_trace(tiny_cfg):
+    """Aggregation is priced from traces of the server's own function, linear in the uploads."""
+    from fedhq_core.hardware import price_trace
+    from fedhq_core.hardware.server_work import HostOps
+
+    sim = Simulation(tiny_cfg)
+    sim.profile()
+    srv, book, d = sim.server, sim.trace_book(), sim.server.device
+    header = lambda n, b: srv.host_s(HostOps(n * (2 + 5 * srv.n_tensors + srv.n_layers), b))  # noqa: E731
+    assert srv.aggregate_s(2, 0, 8, 100) == pytest.approx(price_trace(book.get("s_agg2", 8), d) + header(2, 100))
+    assert srv.aggregate_s(1, 1, 8, 100) == pytest.approx(price_trace(book.get("s_aggq", 8), d) + header(2, 100))
+    per_upload = srv.aggregate_s(3, 0, 8, 0) - srv.aggregate_s(2, 0, 8, 0)
+    assert per_upload > 0 and srv.aggregate_s(6, 0, 8, 0) == pytest.approx(srv.aggregate_s(2, 0, 8, 0) + 4 * per_upload)
+    assert "dequantize" not in " ".join(book.get("s_agg1", 8).names)   # aten ops, the decoding's included
+    assert srv.gap_s() > srv.proxy_s() > 0 and srv.calib_s() > 0
 
 
 def test_profile_file_opts_in_to_host_coefficients(tiny_cfg, tmp_path):

@@ -25,9 +25,21 @@ def test_bench_writes_the_documented_schema(tmp_path, monkeypatch):
     assert set(res["significance"]) == {"0", "1"} and "cv_r2" in res["significance"]["0"]
     for entry in res["strategies"].values():
         for key in ("final_acc_q", "tail_acc_q", "final_acc_fp32", "tta_sim_s", "total_sim_s", "wall_s", "upload_bytes",
-                    "qat_share", "alloc_overhead_s", "curve", "final_acc_q_std"):
+                    "qat_share", "alloc_overhead_s", "curve", "final_acc_q_std", "fit_sim_s", "fit_wall_s", "fit_source",
+                    "charged_total_sim_s", "tta_uncharged_sim_s", "curve_uncharged"):
             assert key in entry
         assert len(entry["curve"]) == 2 and all(len(p) == 2 for p in entry["curve"])
+    # fedhq's pilot was made for its runs: charged to them; the pure strategies fit nothing
+    fedhq = res["strategies"]["fedhq"]
+    assert fedhq["fit_source"] == "pilot" and fedhq["fit_sim_s"] > 0 and fedhq["fit_wall_s"] > 0
+    assert fedhq["charged_total_sim_s"] == pytest.approx(fedhq["total_sim_s"] + fedhq["fit_sim_s"])
+    # (the curve is the first seed's)
+    assert fedhq["curve"][0][0] == pytest.approx(fedhq["curve_uncharged"][0][0] + res["per_seed"]["0"]["fedhq"]["fit_sim_s"])
+    for name in ("all-qat", "all-ptq"):
+        e = res["strategies"][name]
+        assert e["fit_source"] == "none" and e["fit_sim_s"] == 0 and e["charged_total_sim_s"] == e["total_sim_s"]
+    assert res["dominance"]["sim_vs_all_ptq"] == pytest.approx(
+        fedhq["charged_total_sim_s"] / res["strategies"]["all-ptq"]["charged_total_sim_s"], rel=0.05)
     assert set(res["speedup_tta_vs"]) == {"all-qat", "all-ptq"}
     assert {"cpu", "cores", "torch", "device"} <= set(res["host"])
     for png in res["plots"].values():
@@ -48,11 +60,15 @@ def test_bench_overhead_measures_both_paths(tmp_path, monkeypatch):
     assert r["flow_final_acc_fp32"] == pytest.approx(r["bare_final_acc"], abs=0.02)
 
 
-def _run(accs: list[float], sim_per_round: float) -> dict:
+def _run(accs: list[float], sim_per_round: float, fit_s: float = 0.0) -> dict:
+    from flows.bench import add_curves
+
     rounds = [{"round": i, "acc_q": a, "sim_time_s": sim_per_round * (i + 1)} for i, a in enumerate(accs)]
-    return {"rounds": rounds, "curve": [[r["sim_time_s"], r["acc_q"]] for r in rounds], "final_acc_q": accs[-1],
-            "final_acc_fp32": accs[-1], "total_sim_s": sim_per_round * len(accs), "wall_s": 1.0, "upload_bytes": 1,
-            "qat_share": 0.0, "alloc_overhead_s": 0.0}
+    total = sim_per_round * len(accs)
+    return add_curves({"rounds": rounds, "final_acc_q": accs[-1], "final_acc_fp32": accs[-1], "total_sim_s": total,
+                       "charged_total_sim_s": total + fit_s, "fit_sim_s": fit_s, "fit_wall_s": 0.0,
+                       "fit_charged_sim_s": fit_s, "fit_source": "pilot" if fit_s else "none", "fit_detail": "",
+                       "wall_s": 1.0, "upload_bytes": 1, "qat_share": 0.0, "alloc_overhead_s": 0.0})
 
 
 def test_dominance_compares_tails_with_the_better_pure_strategy():
@@ -73,5 +89,13 @@ def test_dominance_compares_tails_with_the_better_pure_strategy():
     assert dom["tta_vs_best"] == pytest.approx(4.0 / 3.0)       # fedhq reaches 0.8075 at 4 s, all-ptq at 3 s
     assert dom["sim_vs_all_ptq"] == pytest.approx(1.0)
     assert dom["met"] == {"acc_vs_best": True, "tta_vs_best": False, "sim_vs_all_ptq": True}
+    assert dom["uncharged"] == pytest.approx({"tta_vs_best": 4.0 / 3.0, "sim_vs_all_ptq": 1.0})
+    # a pilot made for fedhq's run (2 simulated s) is on its bill: its curve, TTA and time shift
+    per_seed[0]["fedhq"] = _run([0.2, 0.6, 0.80, 0.90, 0.86], 1.0, fit_s=2.0)
+    per_seed[0]["fedhq"]["tail_acc_q"] = tail_accuracy(per_seed[0]["fedhq"], eval_every=1)
+    dom = summarize(per_seed, None)["dominance"]
+    assert dom["tta_vs_best"] == pytest.approx(6.0 / 3.0) and dom["sim_vs_all_ptq"] == pytest.approx(7.0 / 5.0)
+    assert dom["uncharged"] == pytest.approx({"tta_vs_best": 4.0 / 3.0, "sim_vs_all_ptq": 1.0})
+    assert dom["met"]["sim_vs_all_ptq"] is False
     # evaluations every 2 rounds: the tail takes evaluated rounds only (1, 3 and the last)
     assert tail_accuracy(_run([0.0, 0.3, 0.0, 0.6, 0.9], 1.0), eval_every=2) == pytest.approx(0.6)

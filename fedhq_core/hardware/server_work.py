@@ -1,0 +1,158 @@
+"""What the server runs, traced and priced like the clients' work, on a server device class.
+
+The server's share of a round is never this host's time: it is the price, on
+``cfg.server_device`` (a catalog entry), of the very functions the server runs, traced op by op
+by :class:`~fedhq_core.hardware.profile.TraceBook` like every client step kind:
+
+* ``s_agg1``, ``s_agg2``, ``s_aggq``: :func:`fedhq_core.server.aggregate` (decode and dequantize
+  each upload, FedAvg, ranges, QAT steps) over one PTQ upload, two PTQ uploads, and one PTQ plus
+  one QAT upload, at the upload bits. The op count is linear in the uploads, so a round of
+  ``p`` step-less and ``q`` QAT uploads costs ``base + p * d_ptq + q * d_qat`` with
+  ``d_ptq = s_agg2 - s_agg1``, ``d_qat = s_aggq - s_agg1``, ``base = s_agg1 - d_ptq``.
+* ``s_gap``: :func:`fedhq_core.server.proxy_gap`, the master's quantization gap on the proxy split
+  (FedHQ's fine stage reads it).
+* ``s_calib``: :func:`fedhq_core.server.calibrate_on_server` on the proxy split (the deployment
+  of the fp32 and fedfq baselines, whose clients send no ranges).
+* ``s_proxy``: :func:`fedhq_core.server.evaluate_global` of a deployed master on the proxy split
+  with MSE weight scales (the SigAcc pilot scores each branch's master every round).
+
+Work in numpy and scikit-learn (an upload's header checks, the FedHQ allocator, its cost-model
+refits, SigAcc fits) has no torch op to trace; it is *counted* (:class:`HostOps`: calls and the
+elements they touch) by the code that runs it, and priced at one host issue latency per call
+plus the elements at the host core's peak. Python bookkeeping of a few floats per layer is not
+priced.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .catalog import LAMBDA_REF, DeviceClass
+
+SERVER_KINDS = ("s_agg1", "s_agg2", "s_aggq", "s_gap", "s_calib", "s_proxy")
+AGG_KINDS = ("s_agg1", "s_agg2", "s_aggq")     # traced at the upload bits (like ``pack``)
+
+# [design] The host core of a datacenter node (the reference core of catalog.LAMBDA_REF, ~3.5 GHz
+# x86): 2 x 256-bit FMA units = 32 FP32 FLOP/cycle -> 112 GFLOP/s peak, for the elements numpy
+# and scikit-learn touch on a server whose device is a GPU.
+HOST_CORE_FLOPS = 3.5e9 * 32
+
+
+@dataclass
+class HostOps:
+    """Counted numpy / scikit-learn work: calls and the elements they touch."""
+
+    calls: float = 0.0
+    elements: float = 0.0
+
+    def add(self, calls: float, elements: float = 0.0) -> "HostOps":
+        self.calls += calls
+        self.elements += elements
+        return self
+
+    def __add__(self, other: "HostOps") -> "HostOps":
+        return HostOps(self.calls + other.calls, self.elements + other.elements)
+
+
+def host_seconds(ops: HostOps, d: DeviceClass) -> float:
+    """Counted host work on ``d``: a CPU device runs it on its own cores; a GPU node on its host
+    core (the catalog's reference core: Python-issued latency ``LAMBDA_REF['cpu']``)."""
+    if d.executor == "cpu":
+        return ops.calls * d.lam_py + ops.elements / (d.eta_c * d.peak_flops)
+    return ops.calls * LAMBDA_REF["cpu"][0] + ops.elements / HOST_CORE_FLOPS
+
+
+def gbr_fit_ops(n_rows: int, n_features: int, n_estimators: int = 80, depth: int = 2, fits: int = 1) -> HostOps:
+    """A gradient-boosting fit's counted work: per tree, split search over every feature of the
+    (sub)sampled rows at each level (a sort per feature: n log2 n), one call per tree and level."""
+    import math
+
+    per_tree = depth * n_features * n_rows * max(1.0, math.log2(max(n_rows, 2)))
+    return HostOps(fits * n_estimators * (depth + 2), fits * n_estimators * per_tree)
+
+
+def gbr_predict_ops(n_rows: int, n_features: int, n_estimators: int = 80, depth: int = 2) -> HostOps:
+    """A gradient-boosting prediction's counted work: the feature rows, one call, and a walk of
+    ``depth`` comparisons per tree and row."""
+    return HostOps(n_rows + 2, n_rows * (n_features + n_estimators * depth))
+
+
+def server_runner(model: nn.Module, kind: str, n: int, in_shape: tuple[int, ...], num_classes: int,
+                  bits: int = 8, seed: int = 0) -> Callable[[], object]:
+    """The server's own function for ``kind`` on synthetic inputs of the run's shapes (see the
+    module docstring): ``n`` proxy samples, or ``bits`` for the aggregation kinds."""
+    from ..client import ClientResult
+    from ..quant import get_weight_steps, init_weight_steps, model_state, pack_update, quant_layers
+    from ..server import aggregate, calibrate_on_server, evaluate_global, proxy_gap
+
+    g = torch.Generator().manual_seed(seed)
+    state = {k: v.detach().clone() for k, v in model_state(model).items()}
+    if kind in AGG_KINDS:
+        ranges = {name: (0.0, 1.0) for name, _ in quant_layers(model)}
+        init_weight_steps(model)
+        steps = get_weight_steps(model)
+
+        def upload(cid: int, qat: bool) -> ClientResult:
+            local = {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                     for k, v in state.items()}
+            payload = pack_update(local, state, bits, g, ranges, n_samples=10, weight_steps=steps if qat else None)
+            return ClientResult(cid, "qat" if qat else "ptq", payload, 10, {}, 0.0)
+
+        results = [upload(0, False)] + ([upload(1, False)] if kind == "s_agg2" else
+                                        [upload(1, True)] if kind == "s_aggq" else [])
+        fn: Callable[[], object] = lambda: aggregate(state, None, results)  # noqa: E731
+    else:
+        x = torch.randn(max(1, n), *in_shape, generator=g)
+        y = torch.randint(0, num_classes, (max(1, n),), generator=g)
+        if kind == "s_gap":
+            fn = lambda: proxy_gap(model, state, x, y)  # noqa: E731
+        elif kind == "s_calib":
+            fn = lambda: calibrate_on_server(model, state, x)  # noqa: E731
+        elif kind == "s_proxy":
+            ranges = calibrate_on_server(model, state, x)
+            fn = lambda: evaluate_global(model, state, ranges, x, y)  # noqa: E731
+        else:
+            raise ValueError(f"kind: unknown server kind {kind!r}")
+    fn()
+    return fn
+
+
+@dataclass
+class ServerPricing:
+    """Simulated seconds of the server's work on its device class (deterministic)."""
+
+    speed: object              # RooflineModel
+    device: DeviceClass
+    n_proxy: int               # size of the server's proxy split
+    n_tensors: int             # floating tensors in an upload
+    n_layers: int              # quantizable layers (one activation range each)
+
+    def _t(self, kind: str, batch: int) -> float:
+        return self.speed.step_time(kind, batch, self.device)   # type: ignore[attr-defined]
+
+    def aggregate_s(self, n_plain: int, n_qat: int, bits: int, upload_bytes: int) -> float:
+        """Decoding and aggregating ``n_plain`` uploads without weight steps and ``n_qat`` with."""
+        n = n_plain + n_qat
+        if n == 0:
+            return 0.0
+        a1, a2, aq = (self._t(k, bits) for k in AGG_KINDS)
+        d_plain, d_qat = a2 - a1, aq - a1
+        traced = (a1 - d_plain) + n_plain * d_plain + n_qat * d_qat
+        # wire header checks: a JSON parse and ~5 numpy calls per tensor, over every byte
+        header = HostOps(n * (2 + 5 * self.n_tensors + self.n_layers), float(upload_bytes))
+        return traced + self.host_s(header)
+
+    def gap_s(self) -> float:
+        return self._t("s_gap", self.n_proxy)
+
+    def calib_s(self) -> float:
+        return self._t("s_calib", self.n_proxy)
+
+    def proxy_s(self) -> float:
+        return self._t("s_proxy", self.n_proxy)
+
+    def host_s(self, ops: HostOps) -> float:
+        return host_seconds(ops, self.device)
