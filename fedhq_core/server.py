@@ -92,6 +92,17 @@ def proxy_gap(model: nn.Module, state: dict[str, torch.Tensor], x: torch.Tensor,
     return m["acc_fp32"] - m["acc_q"]
 
 
+def upload_quant_loss(model: nn.Module, state: dict[str, torch.Tensor], result: ClientResult, x: torch.Tensor,
+                      y: torch.Tensor) -> float:
+    """A PTQ client's quantization sensitivity, measured by the server from its upload: its local
+    model (``state`` + the dequantized update) deployed with its own activation ranges and MSE
+    weight scales, FP32 minus quantized accuracy on the proxy split ``x``, ``y``."""
+    delta = unpack_update(result.payload)
+    local = {k: v + delta[k].to(v.device, v.dtype) if k in delta else v for k, v in state.items()}
+    m = evaluate_global(model, local, result.payload.act_ranges or None, x, y)
+    return m["acc_fp32"] - m["acc_q"]
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> tuple[float, float]:
     """Accuracy (0..1) and mean cross-entropy of ``model`` in its current mode."""

@@ -33,13 +33,14 @@ from .hardware.server_work import ServerPricing
 from .hardware.speed_model import load_profile
 from .quant import integer_weights, load_model_state, model_state, prepare_deploy, quant_layers, set_mode
 from .quant.payload import packed_layout
-from .server import aggregate, calibrate_on_server, evaluate_global, proxy_gap
+from .server import aggregate, calibrate_on_server, evaluate_global, proxy_gap, upload_quant_loss
 from .wire import RejectedUpdate, decode_upload
 from .worker import (ClientJob, DataKey, ModelSpec, RoundInputs, ShardRef, Upload, borrow_model, draw_fault,
                      expected_upload_limit, run_jobs)
 
 
 DASK_TASKS = 16
+PTQ_EXTRAS = ("calib", "wsearch", "fwd")   # a PTQ client's on-device work beyond FP32 training
 _BOOKS: dict[ModelSpec, TraceBook] = {}
 _BOOKS_LOCK = threading.Lock()
 
@@ -159,6 +160,11 @@ def sim_breakdown(records: Iterable[RoundRecord]) -> dict[str, float]:
     return out
 
 
+def _mean_of(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
 def reject_counts(rejected_maps: Iterable[dict[int, str]]) -> dict[str, int]:
     """How many client updates were rejected, by reason, over several client -> "reason: detail" maps."""
     out: dict[str, int] = {}
@@ -204,6 +210,7 @@ class Simulation:
         self.gap_s = 0.0             # the server's priced seconds for that measurement, this round
         self.server_host_s = 0.0     # this host's seconds for the server's work of the round (a metric only)
         self.server: ServerPricing | None = None
+        self._carried_s = 0.0        # server work of this round done while the next one trains (priced)
         self.fit = FitInfo()         # what fitting SigAcc cost this run (see allocation.pilot)
         self._shard_features: dict[int, np.ndarray] | None = None
         self.fleet = Fleet.build(cfg.clients, cfg.fleet, cfg.throttle_prob, cfg.throttle_factor,
@@ -211,6 +218,8 @@ class Simulation:
         self.speed: RooflineModel | None = None
         self.clock: SimulatedClock | None = None
         self.allocator = build_allocator(cfg, significance)
+        if self.server_sensitivity():
+            self.allocator.sensitivity_lag = 1   # type: ignore[attr-defined]
         self.records: list[RoundRecord] = []
         self.last_allocation_info: dict[str, Any] = {}
         self.rnd = 0
@@ -226,10 +235,24 @@ class Simulation:
 
     def reports_sensitivity(self) -> bool:
         """PTQ clients measure their quantization loss on the device (and are billed for it) only
-        when the config says so or, by default, when the allocator reads it: a baseline never pays
-        for FedHQ's features."""
-        r = self.cfg.report_sensitivity
-        return bool(getattr(self.allocator, "reads_sensitivity", False)) if r is None else bool(r)
+        when the config asks for it (``report_sensitivity: true``)."""
+        return bool(self.cfg.report_sensitivity)
+
+    def server_sensitivity(self) -> bool:
+        """By default (``report_sensitivity`` unset) the server measures each PTQ upload's
+        sensitivity on its proxy split, priced as its own work, and only when the allocator reads
+        it: a baseline never pays for FedHQ's features."""
+        return self.cfg.report_sensitivity is None and bool(getattr(self.allocator, "reads_sensitivity", False))
+
+    def measure_sensitivities(self, results: list[ClientResult]) -> float:
+        """The server's measurement of every PTQ upload's quantization sensitivity (sets its
+        ``quant_loss``) from the master the clients started from; returns its priced seconds."""
+        assert self.server is not None, "profile() first"
+        ptq = [r for r in results if r.strategy == "ptq"]
+        for r in ptq:
+            r.quant_loss = upload_quant_loss(self.eval_model, self.global_state, r, self.server_calib.x,
+                                             self.server_calib.y)
+        return len(ptq) * self.server.sens_s()
 
     def needs_significance(self) -> bool:
         """The allocator uses SigAcc, has none yet, and the config does not opt out (significance: none)."""
@@ -453,10 +476,14 @@ class Simulation:
         (a metric, never on the clock)."""
         assert self.server is not None, "profile() first"
         t0 = time.perf_counter()
-        self.gap_s = 0.0
+        self.gap_s, self._carried_s = self._carried_s, 0.0
         if self.uses_gap:
             self.measure_gap()
-            self.gap_s = self.server.gap_s()
+            self.gap_s += self.server.gap_s()
+        if self.server_sensitivity() and self.rnd + 1 < self.cfg.rounds:
+            # measured while the next round trains (so on the clock only where it outlasts that
+            # round's slowest client); the allocator sees the reports one round late
+            self._carried_s = self.measure_sensitivities(results)
         with span("aggregate"):
             self.aggregate_results(results)
         self.server_host_s = time.perf_counter() - t0
@@ -519,6 +546,10 @@ class Simulation:
         extra = {k: v for k, v in alloc.info.items() if isinstance(v, (int, float))}
         extra.update({f"sim_{k}_s": v for k, v in split.items()})
         extra["server_host_s"] = self.server_host_s
+        ptq = [times[r.cid] for r in results if r.strategy == "ptq"]
+        if ptq:   # what PTQ runs on the device beyond FP32 training, as a share of its client's time
+            extra["ptq_extras_share"] = float(np.mean([sum(t.by_kind.get(k, 0.0) for k in PTQ_EXTRAS) / t.total_s
+                                                       for t in ptq]))
         if self.uses_gap:
             extra["quant_gap_measured"] = self.gaps[-1]
         if failed_s:
@@ -571,6 +602,7 @@ class Simulation:
                 "speed": self.speed.to_state(), "allocator": self.allocator.state_dict(),
                 "significance": sig.to_state() if hasattr(sig, "to_state") else None,
                 "upload_bytes_total": self.upload_bytes_total, "gaps": self.gaps, "fit": dict(vars(self.fit)),
+                "carried_s": self._carried_s,
                 "wall_elapsed_s": time.perf_counter() - self.wall_start}
         return tensors, meta
 
@@ -599,6 +631,7 @@ class Simulation:
         self.upload_bytes_total = int(meta["upload_bytes_total"])
         self.gaps = [float(g) for g in meta.get("gaps", [])]
         self.fit = FitInfo(**meta["fit"]) if meta.get("fit") else self.fit
+        self._carried_s = float(meta.get("carried_s", 0.0))
         self.wall_start = time.perf_counter() - float(meta["wall_elapsed_s"])
         torch.set_rng_state(tensors["rng/torch"])
 
@@ -635,6 +668,7 @@ class Simulation:
             "speed_model": self.speed.summary() if self.speed else None,
             "significance": self.significance_summary(),
             "sim_breakdown_s": sim_breakdown(self.records),
+            "ptq_extras_share": _mean_of(r.extra.get("ptq_extras_share") for r in self.records),
             "rejected": {"total": sum(len(r.rejected) for r in self.records),
                          "by_reason": reject_counts(r.rejected for r in self.records),
                          "retried_rounds": sum(r.attempts > 1 for r in self.records)},

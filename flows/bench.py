@@ -28,7 +28,8 @@ from flows.train import execute_run, obtain_significance, set_torch_threads, tra
 
 ALL_STRATEGIES = ("fedhq", "all-qat", "all-ptq", "fp32", "fedfq", "random-hybrid", "fedhq-coarse")
 METRICS = ("final_acc_q", "tail_acc_q", "final_acc_fp32", "tta_sim_s", "tta_uncharged_sim_s", "total_sim_s",
-           "charged_total_sim_s", "fit_sim_s", "fit_wall_s", "wall_s", "upload_bytes", "qat_share", "alloc_overhead_s")
+           "charged_total_sim_s", "fit_sim_s", "fit_wall_s", "wall_s", "upload_bytes", "qat_share", "alloc_overhead_s",
+           "ptq_extras_share")
 
 
 def host_info(device: str) -> dict[str, Any]:

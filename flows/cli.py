@@ -213,6 +213,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(format_table(headers, rows))
     print("\nsimulated time by step kind (critical client of each round):")
     print(format_table(*breakdown_table(out)))
+    shares = {n: e.get("ptq_extras_share") for n, e in out["strategies"].items() if e.get("ptq_extras_share") is not None}
+    if shares:
+        print("PTQ's on-device extras (calibration, and the sensitivity check where the allocator reads it) as a share "
+              "of a PTQ client's simulated time: " + ", ".join(f"{n} {100 * v:.1f}%" for n, v in shares.items()))
     for k in ("speedup_tta_vs", "acc_gain_vs_all_ptq", "gap_recovered_vs_all_ptq", "sim_time_vs_all_ptq"):
         if k in out:
             print(f"{k}: {json.dumps(out[k], default=_json_default)}")
@@ -247,7 +251,7 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
              round(r["ratio_steady_round"], 3)],
             ["peak RSS, children included (MiB)", round(r["flow_peak_rss_mib"]), round(r["bare_peak_rss_mib"]), "-"]]
     print(f"fp32 FedAvg, {cfg.dataset}, {r['rounds']} rounds, {cfg.clients} clients, fraction {cfg.fraction}: "
-          f"Prefect flow + MLflow tracking vs a bare PyTorch loop")
+          f"Prefect flow + MLflow tracking vs a bare PyTorch loop, both training {r['bare_concurrency']} clients at once")
     print(format_table(["measure", "fedhq_flow", "bare_loop", "ratio"], rows))
     if args.breakdown:
         print("\nwhere the time goes (wall seconds; round phases summed over rounds and per round):")

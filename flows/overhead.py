@@ -7,7 +7,8 @@ shards, local SGD steps):
   (the run's own Prefect API server, or the one ``PREFECT_API_URL`` names; a sqlite MLflow store
   in the state folder, apart from the user's), and
 * ``bare``: a plain PyTorch loop in one process - load data, build the model, and for each round
-  train the sampled clients one after the other with SGD and average their weights.
+  train the sampled clients with SGD, as many at once as the flow trains (``max_concurrency``
+  threads, the cores shared out the same way), and average their weights.
 
 Each is timed from outside (process start to exit, so start-up is included) and per round from
 inside (steady state: the median round after the first two); with ``--reps`` the two run in
@@ -29,7 +30,9 @@ import numpy as np
 
 
 def bare_loop(cfg_dict: dict[str, Any], out_path: str) -> None:
-    """The reference: the same local SGD steps with no framework around them."""
+    """The reference: the same local SGD steps with no framework around them, the clients of a
+    round trained with the flow's concurrency (``max_concurrency`` threads, each with its share
+    of the cores, as the flow's thread runner does), so the two compare like with like."""
     t_start = time.perf_counter()
     from fedhq_core.phases import add as add_span, since_launch, span
 
@@ -38,55 +41,69 @@ def bare_loop(cfg_dict: dict[str, Any], out_path: str) -> None:
         import torch
         import torch.nn.functional as F
     with span("import fedhq"):
+        from concurrent.futures import ThreadPoolExecutor
+
         from fedhq_core.config import from_mapping
         from fedhq_core.models import build_model
-        from fedhq_core.simulation import load_data, split_clients
+        from fedhq_core.simulation import default_concurrency, load_data, split_clients
 
     cfg = from_mapping(cfg_dict)
-    torch.set_num_threads(os.cpu_count() or 1)
+    workers = default_concurrency(cfg)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))   # as flows.train.set_torch_threads
     with span("data load"):
         ds = load_data(cfg)
         _, _, shards = split_clients(cfg, ds)  # the same client split as the flow
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, ds.in_shape, ds.num_classes)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
-    round_s = []
-    for rnd in range(cfg.rounds):
-        t0 = time.perf_counter()
-        t_round = time.time()   # the round's span; its training starts at once
-        k = max(1, int(round(cfg.fraction * cfg.clients)))
-        sampled = sorted(np.random.default_rng([cfg.seed, 17, rnd]).choice(cfg.clients, size=k, replace=False))
-        new = {k_: torch.zeros_like(v, dtype=torch.float32) for k_, v in global_state.items()}
-        total = sum(len(shards[c]) for c in sampled)
-        for c in sampled:
-            model.load_state_dict(global_state)
-            opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    free = [model] + [build_model(cfg.model, ds.in_shape, ds.num_classes) for _ in range(workers - 1)]
+
+    def train(rnd: int, c: int) -> tuple[dict[str, Any], int]:
+        m = free.pop()
+        try:
+            m.load_state_dict(global_state)
+            opt = torch.optim.SGD(m.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
             gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, 53, rnd, c]).integers(2**62)))
             x, y = shards[c].x, shards[c].y
-            model.train()
+            m.train()
             for _ in range(cfg.local_epochs):
                 order = torch.randperm(len(y), generator=gen)
                 for i in range(0, len(y), cfg.batch_size):
                     idx = order[i:i + cfg.batch_size]
-                    loss = F.cross_entropy(model(x[idx]), y[idx])
+                    loss = F.cross_entropy(m(x[idx]), y[idx])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
+            return {k_: v.detach().clone() for k_, v in m.state_dict().items()}, len(y)
+        finally:
+            free.append(m)
+
+    round_s = []
+    with ThreadPoolExecutor(workers) as pool:
+        for rnd in range(cfg.rounds):
+            t0 = time.perf_counter()
+            t_round = time.time()   # the round's span; its training starts at once
+            k = max(1, int(round(cfg.fraction * cfg.clients)))
+            sampled = sorted(np.random.default_rng([cfg.seed, 17, rnd]).choice(cfg.clients, size=k, replace=False))
+            trained = list(pool.map(lambda c: train(rnd, int(c)), sampled))
+            add_span("train-clients body", t_round, None, rnd)
             with span("aggregate", rnd):
-                for k_, v in model.state_dict().items():
-                    new[k_] += v.float() * (len(y) / total)
-        add_span("train-clients body", t_round, None, rnd)
-        with span("aggregate", rnd):
-            global_state = {k_: new[k_].to(v.dtype) for k_, v in global_state.items()}
-        with span("evaluate fp32", rnd):
-            model.load_state_dict(global_state)
-            model.eval()
-            with torch.no_grad():
-                acc = float((model(ds.test.x).argmax(1) == ds.test.y).float().mean())
-        add_span("round", t_round, None, rnd)
-        round_s.append(time.perf_counter() - t0)
+                total = sum(n for _, n in trained)
+                new = {k_: torch.zeros_like(v, dtype=torch.float32) for k_, v in global_state.items()}
+                for state, n in trained:
+                    for k_, v in state.items():
+                        new[k_] += v.float() * (n / total)
+                global_state = {k_: new[k_].to(v.dtype) for k_, v in global_state.items()}
+            with span("evaluate fp32", rnd):
+                model.load_state_dict(global_state)
+                model.eval()
+                with torch.no_grad():
+                    acc = float((model(ds.test.x).argmax(1) == ds.test.y).float().mean())
+            add_span("round", t_round, None, rnd)
+            round_s.append(time.perf_counter() - t0)
     with open(out_path, "w") as f:
-        json.dump({"round_s": round_s, "inner_wall_s": time.perf_counter() - t_start, "final_acc": acc}, f)
+        json.dump({"round_s": round_s, "inner_wall_s": time.perf_counter() - t_start, "final_acc": acc,
+                   "concurrency": workers}, f)
 
 
 # --- per-phase breakdown (``--breakdown``) -------------------------------------------------------------
@@ -282,6 +299,7 @@ def measure(cfg_dict: dict[str, Any], reps: int = 1, phases: bool = False) -> di
         "steady_round_flow_s": float(np.median(results["steady_round_flow_s_reps"])),
         "steady_round_bare_s": float(np.median(results["steady_round_bare_s_reps"])),
         "flow_final_acc_fp32": flow["final_acc_fp32"], "bare_final_acc": bare["final_acc"],
+        "bare_concurrency": bare["concurrency"],
     })
     if phases:  # each phase's median over the repetitions
         runs = results.pop("phases_runs")

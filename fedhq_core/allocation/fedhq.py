@@ -173,6 +173,8 @@ class FedHQAllocator(Allocator):
         self._last_pred: dict[int, tuple[float, float]] = {}  # cid -> (cost-model pred, spec pred)
         # the fine stage's gain estimate reads the PTQ clients' on-device sensitivity reports
         self.reads_sensitivity = fine and reads_sensitivity
+        self.sensitivity_lag = 0        # 1: reports reach the allocator one round late (the server measures them)
+        self._pending_sensitivity: dict[int, float] = {}
         self._ops = HostOps()
 
     def take_host_ops(self) -> HostOps:
@@ -236,9 +238,13 @@ class FedHQAllocator(Allocator):
     def observe(self, feedback: RoundFeedback, view) -> dict[str, float]:
         out: dict[str, float] = {}
         errs_model, errs_spec = [], []
+        new = {r.cid: float(r.quant_loss) for r in feedback.results if r.quant_loss is not None}
+        if self.sensitivity_lag:   # measured by the server while the next round trained
+            self.quant_sensitivity.update(self._pending_sensitivity)
+            self._pending_sensitivity = new
+        else:
+            self.quant_sensitivity.update(new)
         for r in feedback.results:
-            if r.quant_loss is not None:
-                self.quant_sensitivity[r.cid] = float(r.quant_loss)
             t = feedback.times[r.cid]
             spec_total = t.compute_s + t.upload_s
             if r.cid in self._last_pred:
@@ -263,6 +269,7 @@ class FedHQAllocator(Allocator):
     def state_dict(self) -> dict[str, Any]:
         """JSON-ready: quantization sensitivities, the cost model and every refit so far."""
         return {"quant_sensitivity": {str(k): v for k, v in self.quant_sensitivity.items()},
+                "pending_sensitivity": {str(k): v for k, v in self._pending_sensitivity.items()},
                 "cost": self.cost.to_state(),
                 "refits": [{**{k: v for k, v in r.items() if k != "model"}, "model": ridge_to_state(r["model"])}
                            for r in self.refits],
@@ -270,6 +277,7 @@ class FedHQAllocator(Allocator):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.quant_sensitivity = {int(k): float(v) for k, v in state["quant_sensitivity"].items()}
+        self._pending_sensitivity = {int(k): float(v) for k, v in state.get("pending_sensitivity", {}).items()}
         self.cost = CostModel.from_state(state["cost"])
         self.refits = [{**r, "model": ridge_from_state(r["model"])} for r in state["refits"]]
         self._last_pred = {int(k): (v[0], v[1]) for k, v in state["last_pred"].items()}

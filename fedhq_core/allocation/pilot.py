@@ -85,11 +85,14 @@ def pilot_gains(sim, rounds: int, train_fn: Callable[[int, list[int], str], list
                 res = train_fn(10_000 + rnd, cids, strategy)
                 n = np.array([r.n_samples for r in res], dtype=float)
                 rows.append((rnd, cids, X, n / n.mean()))
+                # the server measures the PTQ uploads' sensitivity, as in a run (priced like the gap:
+                # concurrent with the clients' training)
+                sens_s = sim.measure_sensitivities(res) if sim.server_sensitivity() else 0.0
                 b["sens"].update({r.cid: float(r.quant_loss) for r in res if r.quant_loss is not None})
                 sim.measure_gap()      # of the master this round started from, as in a run (appends to b["gaps"])
                 times = [sim.clock.client_time(10_000 + rnd, r.cid, r.work, r.upload_bytes) for r in res]
                 sim_s += sim.clock.round_length(times, {"server": sim.aggregation_s(res), "proxy": sim.server.proxy_s()},
-                                                sim.server.gap_s())[0]
+                                                sim.server.gap_s() + sens_s)[0]
                 sim.aggregate_results(res)
                 b["state"], b["ranges"], b["steps"] = sim.global_state, sim.global_ranges, sim.global_steps
                 b["acc"].append(evaluate_global(sim.eval_model, sim.global_state, sim.global_ranges, sim.server_calib.x,

@@ -15,6 +15,8 @@ by :class:`~fedhq_core.hardware.profile.TraceBook` like every client step kind:
   of the fp32 and fedfq baselines, whose clients send no ranges).
 * ``s_proxy``: :func:`fedhq_core.server.evaluate_global` of a deployed master on the proxy split
   with MSE weight scales (the SigAcc pilot scores each branch's master every round).
+* ``s_sens``: :func:`fedhq_core.server.upload_quant_loss`, one PTQ upload's quantization
+  sensitivity measured on the proxy split (what FedHQ's fine stage reads; a baseline never pays).
 
 Work in numpy and scikit-learn (an upload's header checks, the FedHQ allocator, its cost-model
 refits, SigAcc fits) has no torch op to trace; it is *counted* (:class:`HostOps`: calls and the
@@ -32,7 +34,7 @@ from torch import nn
 
 from .catalog import LAMBDA_REF, DeviceClass
 
-SERVER_KINDS = ("s_agg1", "s_agg2", "s_aggq", "s_gap", "s_calib", "s_proxy")
+SERVER_KINDS = ("s_agg1", "s_agg2", "s_aggq", "s_gap", "s_calib", "s_proxy", "s_sens")
 AGG_KINDS = ("s_agg1", "s_agg2", "s_aggq")     # traced at the upload bits (like ``pack``)
 
 # [design] The host core of a datacenter node (the reference core of catalog.LAMBDA_REF, ~3.5 GHz
@@ -86,11 +88,11 @@ def server_runner(model: nn.Module, kind: str, n: int, in_shape: tuple[int, ...]
     module docstring): ``n`` proxy samples, or ``bits`` for the aggregation kinds."""
     from ..client import ClientResult
     from ..quant import get_weight_steps, init_weight_steps, model_state, pack_update, quant_layers
-    from ..server import aggregate, calibrate_on_server, evaluate_global, proxy_gap
+    from ..server import aggregate, calibrate_on_server, evaluate_global, proxy_gap, upload_quant_loss
 
     g = torch.Generator().manual_seed(seed)
     state = {k: v.detach().clone() for k, v in model_state(model).items()}
-    if kind in AGG_KINDS:
+    if kind in AGG_KINDS or kind == "s_sens":
         ranges = {name: (0.0, 1.0) for name, _ in quant_layers(model)}
         init_weight_steps(model)
         steps = get_weight_steps(model)
@@ -104,6 +106,10 @@ def server_runner(model: nn.Module, kind: str, n: int, in_shape: tuple[int, ...]
         results = [upload(0, False)] + ([upload(1, False)] if kind == "s_agg2" else
                                         [upload(1, True)] if kind == "s_aggq" else [])
         fn: Callable[[], object] = lambda: aggregate(state, None, results)  # noqa: E731
+        if kind == "s_sens":
+            x = torch.randn(max(1, n), *in_shape, generator=g)
+            y = torch.randint(0, num_classes, (max(1, n),), generator=g)
+            fn = lambda: upload_quant_loss(model, state, results[0], x, y)  # noqa: E731
     else:
         x = torch.randn(max(1, n), *in_shape, generator=g)
         y = torch.randint(0, num_classes, (max(1, n),), generator=g)
@@ -153,6 +159,10 @@ class ServerPricing:
 
     def proxy_s(self) -> float:
         return self._t("s_proxy", self.n_proxy)
+
+    def sens_s(self) -> float:
+        """One PTQ upload's sensitivity measurement (at the run's upload bits: traced at 8)."""
+        return self._t("s_sens", self.n_proxy)
 
     def host_s(self, ops: HostOps) -> float:
         return host_seconds(ops, self.device)

@@ -155,19 +155,20 @@ def test_predicted_work_is_what_clients_report(tiny_cfg):
         dev = sim.fleet.devices[1]
         assert predict_compute(sim.speed, dev, r.work) == pytest.approx(
             predict_compute(sim.speed, dev, sim.expected_work(1, strategy)))
-    # a baseline never pays for FedHQ's feature: only an allocator that reads the sensitivity gets it
-    for strategy, reported in (("all-ptq", False), ("random-hybrid", False), ("fedhq", True), ("fedhq-coarse", False)):
+    # a baseline never pays for FedHQ's feature: by default no PTQ client measures its sensitivity on
+    # the device; the server measures it from fedhq's uploads (priced as server work), for no baseline
+    for strategy, on_server in (("all-ptq", False), ("random-hybrid", False), ("fedhq", True), ("fedhq-coarse", False)):
         s = Simulation(tiny_cfg.replace(strategy=strategy))
         s.profile()
         r = s.train(0, 1, "ptq")
-        assert r.work == s.expected_work(1, "ptq")
-        assert (r.quant_loss is not None) == reported and ("fwd" in r.work) == reported, strategy
-    r = Simulation(tiny_cfg.replace(strategy="fedhq")).train(0, 1, "ptq")
-    # one calibration forward pass, never beyond the shard
+        assert r.work == s.expected_work(1, "ptq") and set(r.work) == {"fp32", "calib", "pack"} and r.quant_loss is None
+        assert s.server_sensitivity() == on_server, strategy
+        assert s.measure_sensitivities([r]) == pytest.approx(s.server.sens_s()) and 0 <= r.quant_loss <= 1
+    # opt-in: on the device (billed to the client), one calibration forward pass, never beyond the shard
+    loud = Simulation(tiny_cfg.replace(strategy="fedhq", report_sensitivity=True))
+    r = loud.train(0, 1, "ptq")
+    assert not loud.server_sensitivity() and r.quant_loss is not None and r.work == loud.expected_work(1, "ptq")
     assert r.work["calib"] == r.work["fwd"] and len(r.work["calib"]) == 1 and r.work["calib"][0] <= len(sim.shards[1])
-    quiet = Simulation(tiny_cfg.replace(strategy="fedhq", report_sensitivity=False))
-    r = quiet.train(0, 1, "ptq")
-    assert set(r.work) == {"fp32", "calib", "pack"} and r.quant_loss is None
 
 
 # --- fine stage ------------------------------------------------------------------------

@@ -56,6 +56,9 @@ def test_bench_overhead_measures_both_paths(tmp_path, monkeypatch):
     assert r["flow_wall_s"] > 0 and r["bare_wall_s"] > 0
     assert r["ratio_total"] == pytest.approx(r["flow_wall_s"] / r["bare_wall_s"])
     assert r["flow_peak_rss_mib"] > 50 and r["bare_peak_rss_mib"] > 50
+    import os
+
+    assert r["bare_concurrency"] == os.cpu_count()   # like with like: the flow's thread runner trains that many
     # same SGD steps on the same shards: the FP32 models agree
     assert r["flow_final_acc_fp32"] == pytest.approx(r["bare_final_acc"], abs=0.02)
 
