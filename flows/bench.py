@@ -121,7 +121,7 @@ def summarize(per_seed: dict[int, dict[str, dict[str, Any]]], target: float | No
     for name in names:
         entry: dict[str, Any] = {}
         for m in METRICS:
-            mean, std = mean_std(per_seed[s][name][m] for s in seeds)
+            mean, std = mean_std(per_seed[s][name].get(m) for s in seeds)
             entry[m] = mean
             if len(seeds) > 1:
                 entry[f"{m}_std"] = std
