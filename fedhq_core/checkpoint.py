@@ -98,6 +98,11 @@ class Checkpoints:
     def files(self) -> list[Path]:
         return sorted(self.dir.glob("round-*.ckpt"))
 
+    phase = "checkpoint"   # as an observer of the round loop (fedhq_core.loop)
+
+    def on_round(self, sim: Any, rec: Any) -> None:
+        self.save(sim)
+
     def save(self, sim: Any) -> Path:
         tensors, meta = sim.state_dict()
         path = self.dir / f"round-{sim.rnd - 1:04d}.ckpt"

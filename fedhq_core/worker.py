@@ -148,11 +148,9 @@ def train_split(key: DataKey) -> Any:
         return _TRAIN[key]
 
 
-def warm_up(key: DataKey, spec: ModelSpec) -> str:
-    """Run on each Dask worker as a run starts (beside the server's own start-up): import the
-    training task's modules, load the dataset and build a model, so round 0 does not pay for it."""
-    import tasks.training  # noqa: F401 - what every train-clients task unpickles
-
+def prepare_worker(key: DataKey, spec: ModelSpec) -> str:
+    """Load the dataset of ``key`` and build a pooled model in this process (a Dask worker as a
+    run starts: ``tasks.training.warm_up``), so round 0 does not pay for it."""
     train_split(key)
     with borrow_model(spec, worker_device("auto" if torch.cuda.is_available() else "cpu")):
         pass

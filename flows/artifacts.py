@@ -6,7 +6,7 @@ import re
 from typing import Any
 
 from fedhq_core.config import ExperimentConfig
-from fedhq_core.simulation import format_reasons
+from fedhq_core.records import format_reasons
 
 
 def artifact_key(*parts: str) -> str:

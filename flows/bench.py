@@ -24,7 +24,10 @@ from fedhq_core.metrics import accuracy_at, mean_std, speedup, time_to_accuracy 
 from fedhq_core.simulation import Simulation, cpu_model, load_data  # noqa: E402
 from tasks import training as T  # noqa: E402
 
-from flows.train import execute_run, obtain_significance, set_torch_threads, tracker_for  # noqa: E402
+from flows.runners import set_torch_threads  # noqa: E402
+from flows.significance import obtain_significance  # noqa: E402
+from flows.train import execute_run  # noqa: E402
+from tasks.run_tracking import tracker_for  # noqa: E402
 
 ALL_STRATEGIES = ("fedhq", "all-qat", "all-ptq", "fp32", "fedfq", "random-hybrid", "fedhq-coarse")
 METRICS = ("final_acc_q", "tail_acc_q", "final_acc_fp32", "tta_sim_s", "tta_uncharged_sim_s", "total_sim_s",

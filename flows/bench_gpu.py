@@ -23,7 +23,8 @@ from fedhq_core.config import ExperimentConfig
 from fedhq_core.hardware import DEVICES, RooflineModel, TraceBook, measure_kinds
 from fedhq_core.models import build_model
 from fedhq_core.quant import prepare_model
-from fedhq_core.simulation import resolve_device, run
+from fedhq_core.loop import run
+from fedhq_core.simulation import resolve_device
 
 
 def catalog_card(gpu_name: str | None) -> str | None:

@@ -20,7 +20,8 @@ import torch
 from fedhq_core.allocation import Allocation
 from fedhq_core.checkpoint import Checkpoints
 from fedhq_core.config import ExperimentConfig
-from fedhq_core.simulation import Simulation, run
+from fedhq_core.loop import run
+from fedhq_core.simulation import Simulation
 from fedhq_core.worker import run_jobs, worker_device
 
 

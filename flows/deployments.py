@@ -16,7 +16,8 @@ REFIT_CRON = "0 4 * * 1"       # 04:00 on Mondays
 
 def deployments(config: dict[str, Any] | None = None, nightly_cron: str = NIGHTLY_CRON,
                 tune_cron: str = WEEKLY_TUNE_CRON, refit_cron: str = REFIT_CRON) -> list:
-    from flows.train import fit_significance_flow, train_flow
+    from flows.significance import fit_significance_flow
+    from flows.train import train_flow
     from flows.tune import tune_flow
 
     from prefect.deployments.runner import EntrypointType

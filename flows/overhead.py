@@ -45,11 +45,12 @@ def bare_loop(cfg_dict: dict[str, Any], out_path: str) -> None:
 
         from fedhq_core.config import from_mapping
         from fedhq_core.models import build_model
-        from fedhq_core.simulation import default_concurrency, load_data, split_clients
+        from fedhq_core.dispatch import default_concurrency
+        from fedhq_core.simulation import load_data, split_clients
 
     cfg = from_mapping(cfg_dict)
     workers = default_concurrency(cfg)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))   # as flows.train.set_torch_threads
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))   # as flows.runners.set_torch_threads
     with span("data load"):
         ds = load_data(cfg)
         _, _, shards = split_clients(cfg, ds)  # the same client split as the flow

@@ -27,7 +27,10 @@ from fedhq_core.simulation import Simulation, load_data  # noqa: E402
 from tasks import training as T  # noqa: E402
 
 from fedhq_core.allocation.pilot import setting_key, significance_tags  # noqa: E402
-from flows.train import execute_run, model_tags, obtain_significance, set_torch_threads, tracker_for  # noqa: E402
+from flows.runners import set_torch_threads  # noqa: E402
+from flows.significance import obtain_significance  # noqa: E402
+from flows.train import execute_run  # noqa: E402
+from tasks.run_tracking import model_tags, tracker_for  # noqa: E402
 
 
 def choose(front: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial:

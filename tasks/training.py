@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from fedhq_core.allocation import Allocation
 from fedhq_core.client import ClientResult
-from fedhq_core.worker import ClientJob, RoundInputs, Upload, run_jobs
+from fedhq_core.worker import ClientJob, DataKey, ModelSpec, RoundInputs, Upload, prepare_worker, run_jobs
 from fedhq_core.hardware import RooflineModel
 from fedhq_core.simulation import Simulation
 
@@ -69,3 +69,10 @@ def aggregate(sim: Simulation, results: list[ClientResult]) -> float:
 @task(name="evaluate", **OPTS)
 def evaluate(sim: Simulation) -> dict[str, float]:
     return sim.evaluate()
+
+
+def warm_up(key: DataKey, spec: ModelSpec) -> str:
+    """Run on each Dask worker as a run starts (beside the server's own start-up): unpickling this
+    function imports this module, what every train-clients task needs; then the worker loads the
+    dataset and builds a model (``fedhq_core.worker.prepare_worker``)."""
+    return prepare_worker(key, spec)

@@ -1,19 +1,14 @@
-"""Allocators: which strategy (fp32 / ptq / qat) each sampled client runs each round."""
+"""Allocators: which strategy (fp32 / ptq / qat) each sampled client runs each round, one per
+module (``uniform``, ``random_hybrid``, ``fedfq``, ``fedhq``), behind the seam of ``base``."""
 from __future__ import annotations
 
 from ..config import ExperimentConfig
-from .base import Allocation, Allocator, FleetView, RandomHybridAllocator, RoundFeedback, UniformAllocator
+from .base import Allocation, Allocator, Capabilities, FleetView, RoundFeedback
+from .fedfq import FedFQAllocator
 from .fedhq import FedHQAllocator, allocate_coarse, local_search, objective
+from .random_hybrid import RandomHybridAllocator
 from .significance import SignificanceModel
-
-
-class FedFQAllocator(Allocator):
-    """FP32 local training; every client's uplink is bit-allocated by simulated annealing."""
-
-    name = "fedfq"
-
-    def allocate(self, rnd: int, sampled: list[int], view) -> Allocation:
-        return Allocation({c: "fp32" for c in sampled}, upload_bits={c: "fedfq" for c in sampled})
+from .uniform import UniformAllocator
 
 
 def build_allocator(cfg: ExperimentConfig, significance: SignificanceModel | None = None) -> Allocator:
@@ -29,12 +24,12 @@ def build_allocator(cfg: ExperimentConfig, significance: SignificanceModel | Non
     if s in ("fedhq", "fedhq-coarse"):
         return FedHQAllocator(cfg.xi, significance, fine=(s == "fedhq"), adjust_every=cfg.adjust_every,
                               search_band=cfg.search_band, seed=cfg.seed,
-                              reads_sensitivity=cfg.significance != "none")
+                              uses_significance=cfg.significance != "none")
     if s == "fedfq":
         return FedFQAllocator()
     raise ValueError(f"strategy: unknown strategy {s!r}")
 
 
 __all__ = ["FedFQAllocator", "FedHQAllocator", "SignificanceModel", "allocate_coarse", "local_search", "objective",
-           "Allocation", "Allocator", "FleetView", "RandomHybridAllocator", "RoundFeedback", "UniformAllocator",
-           "build_allocator"]
+           "Allocation", "Allocator", "Capabilities", "FleetView", "RandomHybridAllocator", "RoundFeedback",
+           "UniformAllocator", "build_allocator"]

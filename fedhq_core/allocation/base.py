@@ -1,7 +1,11 @@
 """The Allocator seam: each round the server asks an allocator which strategy each sampled
 client runs (``fp32``, ``ptq`` or ``qat``), and tells it afterwards what the round showed.
 
-Baselines live here; the FedHQ allocator (coarse + fine stages) builds on the same interface.
+An allocator reads the run only through :class:`FleetView` (everything it may look at, all of
+it the spec-sheet world: never the hidden slowdowns) and declares what the run must measure for
+it in :class:`Capabilities`; the simulation reads those declarations, it never probes. One
+allocator per module: ``uniform`` (fp32, all-ptq, all-qat), ``random_hybrid``, ``fedfq``, ``fedhq``
+(coarse + fine stages, also ``fedhq-coarse``).
 """
 from __future__ import annotations
 
@@ -18,11 +22,32 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 class FleetView(Protocol):
-    """What an allocator may look at: the spec-sheet world, never the hidden slowdowns."""
+    """Everything an allocator may read of the run: the spec-sheet world, never the hidden
+    slowdowns (those show up only in :class:`RoundFeedback`'s observed times)."""
 
     n_clients: int
+    rounds: int                                       # R: progress is rnd / rounds
 
-    def predicted_times(self, cids: list[int]) -> dict[str, np.ndarray]: ...  # {"ptq": (n,), "qat": (n,)}
+    def predicted_times(self, cids: list[int]) -> dict[str, np.ndarray]: ...  # {"ptq": (n,), "qat": (n,)}, seconds
+
+    def shard_features(self) -> dict[int, np.ndarray]: ...   # SigAcc's shard features per client
+
+    @property
+    def quant_gap(self) -> float: ...   # the master's quantization gap trend (only if Capabilities.reads_gap)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an allocator needs the run to measure or provide for it (all off for a baseline, so a
+    baseline never pays for them).
+
+    * ``uses_significance``: it wants a SigAcc model (the run obtains one before round 0);
+    * ``reads_gap``: it reads the master's quantization gap, measured by the server each round;
+    * ``reads_sensitivity``: it reads the PTQ uploads' quantization sensitivity."""
+
+    uses_significance: bool = False
+    reads_gap: bool = False
+    reads_sensitivity: bool = False
 
 
 @dataclass
@@ -48,7 +73,17 @@ class Allocator:
     """Base class. Subclasses implement :meth:`allocate`; :meth:`observe` is optional."""
 
     name = "base"
-    reads_sensitivity = False      # whether PTQ clients' on-device sensitivity reports are read
+    significance: Any = None       # a SigAcc model, when Capabilities.uses_significance
+    sensitivity_lag = 0            # 1: sensitivity reports reach it one round late (measured by the server)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities()
+
+    @property
+    def refits(self) -> list[dict[str, Any]]:
+        """New cost-model versions so far (``version``, ``round``, ``model``, ``n_samples``)."""
+        return []
 
     def allocate(self, rnd: int, sampled: list[int], view: FleetView) -> Allocation:  # pragma: no cover
         raise NotImplementedError
@@ -66,36 +101,3 @@ class Allocator:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
-
-
-class UniformAllocator(Allocator):
-    """Every client runs the same strategy (fp32, all-ptq, all-qat)."""
-
-    def __init__(self, strategy: str, name: str):
-        self.strategy = strategy
-        self.name = name
-
-    def allocate(self, rnd: int, sampled: list[int], view: FleetView) -> Allocation:
-        return Allocation({c: self.strategy for c in sampled})
-
-
-class RandomHybridAllocator(Allocator):
-    """Random PTQ/QAT with a given QAT share (the ablation of FedHQ's choice of *which* clients)."""
-
-    name = "random-hybrid"
-
-    def __init__(self, qat_share: float, seed: int):
-        self.qat_share = qat_share
-        self.seed = seed
-        self._ops = HostOps()
-
-    def take_host_ops(self) -> HostOps:
-        ops, self._ops = self._ops, HostOps()
-        return ops
-
-    def allocate(self, rnd: int, sampled: list[int], view: FleetView) -> Allocation:
-        rng = np.random.default_rng([self.seed, 4099, rnd])
-        n_qat = int(round(self.qat_share * len(sampled)))
-        self._ops.add(2, len(sampled))   # one draw, one choice
-        qat = set(rng.choice(sampled, size=n_qat, replace=False).tolist()) if n_qat else set()
-        return Allocation({c: ("qat" if c in qat else "ptq") for c in sampled})

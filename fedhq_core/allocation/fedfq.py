@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .base import Allocation, Allocator, FleetView
+
 MIN_BITS, MAX_BITS = 2, 8
 
 
@@ -53,3 +55,12 @@ def fedfq_bits(deltas: dict[str, torch.Tensor], avg_bits: float, iters: int, see
             if e < best:
                 best_b, best = cand.copy(), e
     return {k: int(v) for k, v in zip(names, best_b)}
+
+
+class FedFQAllocator(Allocator):
+    """FP32 local training; every client's uplink is bit-allocated by simulated annealing."""
+
+    name = "fedfq"
+
+    def allocate(self, rnd: int, sampled: list[int], view: FleetView) -> Allocation:
+        return Allocation({c: "fp32" for c in sampled}, upload_bits={c: "fedfq" for c in sampled})

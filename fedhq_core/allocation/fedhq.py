@@ -22,13 +22,13 @@ Fine [paper: ML-based adjustment with a cost model; design: what it learns and t
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ..hardware.server_work import HostOps, gbr_predict_ops
-from .base import Allocation, Allocator, RoundFeedback
+from .base import Allocation, Allocator, Capabilities, FleetView, RoundFeedback
+from .cost_model import CostModel, ridge_from_state, ridge_to_state
 from .significance import FEATURES, SignificanceModel, feature_rows, minmax
 
 
@@ -86,79 +86,11 @@ def local_search(x0: np.ndarray, s_hat: np.ndarray, gains: np.ndarray, t_ptq: np
     return x
 
 
-def ridge_to_state(reg: Any) -> dict[str, Any] | None:
-    """A fitted Ridge as plain numbers (checkpoints hold no pickles)."""
-    if reg is None:
-        return None
-    return {"alpha": reg.alpha, "coef": np.asarray(reg.coef_).tolist(), "intercept": float(reg.intercept_)}
-
-
-def ridge_from_state(d: dict[str, Any] | None) -> Any:
-    if d is None:
-        return None
-    from sklearn.linear_model import Ridge
-
-    reg = Ridge(alpha=d["alpha"])
-    reg.coef_ = np.asarray(d["coef"], dtype=float)
-    reg.intercept_ = float(d["intercept"])
-    reg.n_features_in_ = len(reg.coef_)
-    return reg
-
-
-@dataclass
-class CostModel:
-    """log(observed / spec-sheet) time per (client, strategy), learned from past rounds."""
-
-    seed: int = 0
-    regressor: Any = None
-    version: int = 0
-    rows: list[list[float]] = field(default_factory=list)
-    targets: list[float] = field(default_factory=list)
-    client_log_ratio: dict[int, list[float]] = field(default_factory=dict)
-
-    def _features(self, cid: int, pred_s: float, is_qat: bool) -> list[float]:
-        hist = self.client_log_ratio.get(cid, [])
-        return [np.log(max(pred_s, 1e-9)), float(is_qat), float(np.mean(hist)) if hist else 0.0, float(len(hist))]
-
-    def add(self, cid: int, pred_s: float, observed_s: float, is_qat: bool) -> None:
-        self.rows.append(self._features(cid, pred_s, is_qat))
-        target = float(np.log(max(observed_s, 1e-9) / max(pred_s, 1e-9)))
-        self.targets.append(target)
-        self.client_log_ratio.setdefault(cid, []).append(target)
-
-    def refit(self) -> None:
-        from sklearn.linear_model import Ridge
-
-        # The signal is mostly per-client and persistent (hidden throttling) plus strategy: a
-        # ridge regression on these features learns it and refits in about a millisecond, which
-        # keeps the adjustment far under 1% of a run's wall time.
-        reg = Ridge(alpha=1e-2)
-        reg.fit(np.asarray(self.rows), np.asarray(self.targets))
-        self.regressor = reg
-        self.version += 1
-
-    def to_state(self) -> dict[str, Any]:
-        return {"seed": self.seed, "version": self.version, "rows": self.rows, "targets": self.targets,
-                "client_log_ratio": {str(k): v for k, v in self.client_log_ratio.items()},
-                "regressor": ridge_to_state(self.regressor)}
-
-    @classmethod
-    def from_state(cls, d: dict[str, Any]) -> "CostModel":
-        return cls(d["seed"], ridge_from_state(d["regressor"]), d["version"], [list(r) for r in d["rows"]],
-                   list(d["targets"]), {int(k): list(v) for k, v in d["client_log_ratio"].items()})
-
-    def correct(self, cids: list[int], pred: np.ndarray, is_qat: bool) -> np.ndarray:
-        if self.regressor is None:
-            return pred
-        X = np.asarray([self._features(c, p, is_qat) for c, p in zip(cids, pred)])
-        return pred * np.exp(self.regressor.predict(X))
-
-
 class FedHQAllocator(Allocator):
     """``fine=False`` is the ``fedhq-coarse`` ablation (stage 1 only, spec-sheet times)."""
 
     def __init__(self, xi: float, significance: SignificanceModel | None, *, fine: bool = True,
-                 adjust_every: int = 3, search_band: float = 0.25, seed: int = 0, reads_sensitivity: bool = True):
+                 adjust_every: int = 3, search_band: float = 0.25, seed: int = 0, uses_significance: bool = True):
         import sklearn.linear_model  # noqa: F401  (import once here, not inside a timed adjustment)
 
         self.name = "fedhq" if fine else "fedhq-coarse"
@@ -169,11 +101,9 @@ class FedHQAllocator(Allocator):
         self.search_band = search_band
         self.cost = CostModel(seed=seed)
         self.quant_sensitivity: dict[int, float] = {}
-        self.refits: list[dict[str, Any]] = []      # new cost-model versions, for the tracking layer
+        self._refits: list[dict[str, Any]] = []     # new cost-model versions, for the tracking layer
         self._last_pred: dict[int, tuple[float, float]] = {}  # cid -> (cost-model pred, spec pred)
-        # the fine stage's gain estimate reads the PTQ clients' on-device sensitivity reports
-        self.reads_sensitivity = fine and reads_sensitivity
-        self.sensitivity_lag = 0        # 1: reports reach the allocator one round late (the server measures them)
+        self.uses_significance = uses_significance   # False with `significance: none`: by speed alone
         self._pending_sensitivity: dict[int, float] = {}
         self._ops = HostOps()
 
@@ -182,12 +112,19 @@ class FedHQAllocator(Allocator):
         return ops
 
     @property
-    def reads_gap(self) -> bool:
-        """Whether the gain estimate reads the run's quantization gap (the fine stage with a model)."""
-        return self.fine and self.significance is not None
+    def capabilities(self) -> Capabilities:
+        """It wants a SigAcc model (unless ``significance: none``); the fine stage's estimate reads
+        the master's quantization gap (once it has a model) and the PTQ uploads' sensitivity."""
+        return Capabilities(uses_significance=self.uses_significance,
+                            reads_gap=self.fine and self.significance is not None,
+                            reads_sensitivity=self.fine and self.uses_significance)
+
+    @property
+    def refits(self) -> list[dict[str, Any]]:
+        return self._refits
 
     # --- analyses ----------------------------------------------------------------------
-    def significance_of(self, cids: list[int], view, rnd: int = 0) -> np.ndarray:
+    def significance_of(self, cids: list[int], view: FleetView, rnd: int = 0) -> np.ndarray:
         """Signed gains g_m from the run's current state (the fine stage's online update; the
         coarse-only ablation keeps the initial state's). Without a SigAcc model (``significance:
         none``) every client counts as gaining equally: the allocation is then by speed alone."""
@@ -196,10 +133,10 @@ class FedHQAllocator(Allocator):
         self._ops += gbr_predict_ops(len(cids), len(FEATURES))
         if not self.fine:   # fedhq-coarse: the estimate of the initial state, never updated
             return self.significance.predict(feature_rows(view.shard_features(), cids, 0.0, 0.0, {}))
-        X = feature_rows(view.shard_features(), cids, rnd / view.cfg.rounds, view.quant_gap, self.quant_sensitivity)
+        X = feature_rows(view.shard_features(), cids, rnd / view.rounds, view.quant_gap, self.quant_sensitivity)
         return self.significance.predict(X)
 
-    def allocate(self, rnd: int, sampled: list[int], view) -> Allocation:
+    def allocate(self, rnd: int, sampled: list[int], view: FleetView) -> Allocation:
         t0 = time.perf_counter()
         n = len(sampled)
         spec = view.predicted_times(sampled)
@@ -222,7 +159,7 @@ class FedHQAllocator(Allocator):
         self._last_pred = {c: (float(np.where(q, tq, tp)), float(np.where(q, sq, sp)))
                            for c, q, tp, tq, sp, sq in zip(sampled, x, t_ptq, t_qat, spec["ptq"], spec["qat"])}
         estimate = {"gain_mean": float(gains.mean()), "gain_positive_share": float((gains > 0).mean())}
-        if self.reads_gap:
+        if self.capabilities.reads_gap:
             estimate["quant_gap"] = float(view.quant_gap)
         info = {
             "qat_share": float(x.mean()), "n_free_qat": int(free.sum()), "n_flipped": int((x != coarse).sum()),
@@ -235,7 +172,7 @@ class FedHQAllocator(Allocator):
         }
         return Allocation(strategies, info=info)
 
-    def observe(self, feedback: RoundFeedback, view) -> dict[str, float]:
+    def observe(self, feedback: RoundFeedback, view: FleetView) -> dict[str, float]:
         out: dict[str, float] = {}
         errs_model, errs_spec = [], []
         new = {r.cid: float(r.quant_loss) for r in feedback.results if r.quant_loss is not None}
@@ -262,7 +199,7 @@ class FedHQAllocator(Allocator):
             rows, feats = len(self.cost.targets), len(self.cost.rows[0]) if self.cost.rows else 0
             self._ops.add(10, rows * feats * feats + feats ** 3)   # ridge: normal equations
             out["cost_model_refit_s"] = time.perf_counter() - t0
-            self.refits.append({"version": self.cost.version, "round": feedback.rnd, "model": self.cost.regressor,
+            self._refits.append({"version": self.cost.version, "round": feedback.rnd, "model": self.cost.regressor,
                                 "n_samples": len(self.cost.targets)})
         return out
 
@@ -272,12 +209,12 @@ class FedHQAllocator(Allocator):
                 "pending_sensitivity": {str(k): v for k, v in self._pending_sensitivity.items()},
                 "cost": self.cost.to_state(),
                 "refits": [{**{k: v for k, v in r.items() if k != "model"}, "model": ridge_to_state(r["model"])}
-                           for r in self.refits],
+                           for r in self._refits],
                 "last_pred": {str(k): list(v) for k, v in self._last_pred.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.quant_sensitivity = {int(k): float(v) for k, v in state["quant_sensitivity"].items()}
         self._pending_sensitivity = {int(k): float(v) for k, v in state.get("pending_sensitivity", {}).items()}
         self.cost = CostModel.from_state(state["cost"])
-        self.refits = [{**r, "model": ridge_from_state(r["model"])} for r in state["refits"]]
+        self._refits = [{**r, "model": ridge_from_state(r["model"])} for r in state["refits"]]
         self._last_pred = {int(k): (v[0], v[1]) for k, v in state["last_pred"].items()}

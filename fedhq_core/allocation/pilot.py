@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -60,6 +60,32 @@ def pilot_length(cfg) -> int:
     return cfg.pilot_rounds or min(cfg.rounds, max(3, math.ceil(PILOT_SPAN * cfg.rounds)))
 
 
+def train_here(sim, rnd: int, cid: int, strategy: str) -> Any:
+    """Train one client here and now, from the server's current master (the pilot's default)."""
+    from ..client import train_client
+    from ..worker import borrow_model
+
+    shard, srv = sim.shards[cid], sim.server
+    with borrow_model(sim.model_spec, sim.device) as model:
+        return train_client(model, cid, shard.x, shard.y, srv.global_state, srv.global_ranges,
+                            sim.dispatch.client_spec(rnd, cid, strategy), srv.global_steps)
+
+
+def train_through(sim, submit_train: Callable, rnd: int, cids: list[int], strategy: str) -> list:
+    """Train ``cids`` under ``strategy`` from the current master through the run's task runner
+    (``submit_train`` as in ``loop.RoundOps``), decoded and checked like a round's uploads."""
+    from ..dispatch import collect
+    from ..worker import ClientJob
+
+    d = sim.dispatch
+    jobs = [ClientJob(rnd, c, sim.shards[c], d.client_spec(rnd, c, strategy)) for c in cids]
+    inputs = d.round_inputs()
+    results, bad = d.accept(collect([(ch, submit_train(inputs, ch)) for ch in d.chunks(jobs)], 0.0))
+    if bad:
+        raise RuntimeError(f"pilot round {rnd}: client {next(iter(bad))} failed: {next(iter(bad.values()))}")
+    return results
+
+
 def pilot_gains(sim, rounds: int, train_fn: Callable[[int, list[int], str], list] | None = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict[str, float]], float]:
     """Features X, signed gains, client ids and pilot rounds (the CV groups), one summary per
@@ -68,18 +94,19 @@ def pilot_gains(sim, rounds: int, train_fn: Callable[[int, list[int], str], list
     runner's). Every pilot round is priced on the run's clock like a round (its clients' work on
     their devices, the server's aggregation, gap measurement and proxy scoring on its device),
     without moving the run's own clock: the branches run one after the other on the same fleet."""
-    train_fn = train_fn or (lambda r, cids, strategy: [sim.train(r, c, strategy) for c in cids])
-    saved = (sim.global_state, sim.global_ranges, sim.global_steps, sim.gaps)
+    train_fn = train_fn or (lambda r, cids, strategy: [train_here(sim, r, c, strategy) for c in cids])
+    srv, pricing = sim.server, sim.pricing
+    saved = (srv.global_state, srv.global_ranges, srv.global_steps, srv.gaps)
     shards = sim.shard_features()
-    branch = {s: {"state": sim.global_state, "ranges": sim.global_ranges, "steps": sim.global_steps, "gaps": [],
+    branch = {s: {"state": srv.global_state, "ranges": srv.global_ranges, "steps": srv.global_steps, "gaps": [],
                   "sens": {}, "acc": []} for s in ("ptq", "qat")}
     rows: list[tuple[int, list[int], np.ndarray, np.ndarray]] = []   # (round, cids, features, shares)
     sim_s = 0.0
     try:
         for rnd in range(rounds):
-            cids = sim.sample(10_000 + rnd)
+            cids = sim.dispatch.sample(10_000 + rnd)
             for strategy, b in branch.items():
-                sim.global_state, sim.global_ranges, sim.global_steps, sim.gaps = (b["state"], b["ranges"], b["steps"],
+                srv.global_state, srv.global_ranges, srv.global_steps, srv.gaps = (b["state"], b["ranges"], b["steps"],
                                                                                    b["gaps"])
                 X = feature_rows(shards, cids, rnd / sim.cfg.rounds, sim.quant_gap, b["sens"])
                 res = train_fn(10_000 + rnd, cids, strategy)
@@ -87,18 +114,19 @@ def pilot_gains(sim, rounds: int, train_fn: Callable[[int, list[int], str], list
                 rows.append((rnd, cids, X, n / n.mean()))
                 # the server measures the PTQ uploads' sensitivity, as in a run (priced like the gap:
                 # concurrent with the clients' training)
-                sens_s = sim.measure_sensitivities(res) if sim.server_sensitivity() else 0.0
+                sens_s = srv.measure_sensitivities(res) if sim.server_measures_sensitivity else 0.0
                 b["sens"].update({r.cid: float(r.quant_loss) for r in res if r.quant_loss is not None})
-                sim.measure_gap()      # of the master this round started from, as in a run (appends to b["gaps"])
-                times = [sim.clock.client_time(10_000 + rnd, r.cid, r.work, r.upload_bytes) for r in res]
-                sim_s += sim.clock.round_length(times, {"server": sim.aggregation_s(res), "proxy": sim.server.proxy_s()},
-                                                sim.server.gap_s() + sens_s)[0]
-                sim.aggregate_results(res)
-                b["state"], b["ranges"], b["steps"] = sim.global_state, sim.global_ranges, sim.global_steps
-                b["acc"].append(evaluate_global(sim.eval_model, sim.global_state, sim.global_ranges, sim.server_calib.x,
-                                                sim.server_calib.y, sim.global_steps)["acc_q"])
+                srv.measure_gap()      # of the master this round started from, as in a run (appends to b["gaps"])
+                times = list(pricing.client_times(10_000 + rnd, res).values())
+                sim_s += pricing.clock.round_length(times, {"server": pricing.aggregation_s(res),
+                                                            "proxy": pricing.server.proxy_s()},
+                                                    pricing.server.gap_s() + sens_s)[0]
+                srv.aggregate_results(res)
+                b["state"], b["ranges"], b["steps"] = srv.global_state, srv.global_ranges, srv.global_steps
+                b["acc"].append(evaluate_global(srv.eval_model, srv.global_state, srv.global_ranges, srv.proxy.x,
+                                                srv.proxy.y, srv.global_steps)["acc_q"])
     finally:
-        sim.global_state, sim.global_ranges, sim.global_steps, sim.gaps = saved
+        srv.global_state, srv.global_ranges, srv.global_steps, srv.gaps = saved
     raw = np.array(branch["qat"]["acc"]) - np.array(branch["ptq"]["acc"])
     smooth = np.array([raw[max(0, r - SMOOTH):r + SMOOTH + 1].mean() for r in range(rounds)])
     X, gains, groups, point_ids = [], [], [], []
@@ -149,10 +177,28 @@ def fit_significance(sim, train_fn=None) -> SignificanceModel:
 
     X, gains, groups, point_ids, log, sim_s = pilot_gains(sim, pilot_length(sim.cfg), train_fn)
     model = SignificanceModel.fit(X, gains, sim.cfg.seed, significance_tags(sim.cfg), groups, point_ids)
-    sim_s += sim.server.host_s(gbr_fit_ops(len(gains), X.shape[1], fits=11))
+    sim_s += sim.pricing.server.host_s(gbr_fit_ops(len(gains), X.shape[1], fits=11))
     model.tags.update({"n_samples": len(gains), "mean_gain": round(float(gains.mean()), 4),
                        "fit_sim_s": round(sim_s, 6),
                        "train_r2": round(model.train_r2, 4), "cv_r2": round(model.cv_r2, 4),
                        "cv_r2_rounds": round(model.cv_r2_rounds, 4),
                        "round_gains": ";".join(f"{p['round']}:{p['round_gain']:+.3f}" for p in log)})
+    return model
+
+
+def fit_for_run(sim, submit_train: Callable | None = None) -> SignificanceModel:
+    """A pilot for ``sim``'s setting, made for this run and charged to it (``fit_info``); the
+    run's state is untouched. ``submit_train`` as in ``loop.RoundOps``: the pilot's clients train
+    where the run's do (default: here, one after the other)."""
+    import time
+
+    t0 = time.perf_counter()
+    if sim.pricing.speed is None:
+        sim.profile()
+    train_fn = None
+    if submit_train is not None:
+        train_fn = lambda rnd, cids, strategy: train_through(sim, submit_train, rnd, cids, strategy)  # noqa: E731
+    model = fit_significance(sim, train_fn)
+    model.fit_info = FitInfo("pilot", float(model.tags["fit_sim_s"]), time.perf_counter() - t0,
+                             f"pilot of this setting, {pilot_length(sim.cfg)} rounds per branch (all-PTQ, all-QAT)")
     return model

@@ -62,6 +62,13 @@ def shard_features(labels: np.ndarray, global_hist: np.ndarray) -> np.ndarray:
     return np.array([np.log(max(len(labels), 1)), entropy(h), js_divergence(h, global_hist), float((h > 0).sum())])
 
 
+def fleet_shard_features(global_labels: np.ndarray, shard_labels: list[np.ndarray],
+                         num_classes: int) -> dict[int, np.ndarray]:
+    """:func:`shard_features` of every client (by id) against the pool's label distribution."""
+    hist = label_histogram(global_labels, num_classes)
+    return {c: shard_features(labels, hist) for c, labels in enumerate(shard_labels)}
+
+
 def client_features(shard: np.ndarray, progress: float, quant_gap: float, sensitivity: float | None,
                     fleet_sensitivity: float | None) -> np.ndarray:
     """One row of :data:`FEATURES`: ``shard`` from :func:`shard_features`, then the run's state."""

@@ -11,6 +11,7 @@ from fedhq_core.allocation.fedfq import fedfq_bits
 from fedhq_core.allocation.fedhq import CostModel, normalised_significance
 from fedhq_core.allocation.significance import (client_features, feature_rows, js_divergence, label_histogram, minmax,
                                                 shard_features)
+from fedhq_core.allocation.pilot import fit_for_run, train_here
 from fedhq_core.simulation import Simulation
 
 
@@ -122,11 +123,11 @@ def test_allocator_follows_the_sign_of_the_fitted_gain(tiny_cfg):
             gains.append(gap - 0.1)
     sim.set_significance(SignificanceModel.fit(np.array(rows), np.array(gains), seed=0))
     sampled = list(range(sim.n_clients))
-    sim.gaps = [0.0]
+    sim.server.gaps = [0.0]
     low = sim.allocator.allocate(0, sampled, sim)
     assert set(low.strategies.values()) == {"ptq"} and low.info["n_sign_ptq"] == len(sampled)
     assert all(g <= 0 for g in low.info["scatter"]["gain"])
-    sim.gaps = [0.4, 0.4, 0.4]
+    sim.server.gaps = [0.4, 0.4, 0.4]
     high = sim.allocator.allocate(1, sampled, sim)
     assert high.info["n_sign_ptq"] == 0 and high.info["n_free_qat"] >= 1 and "qat" in high.strategies.values()
 
@@ -150,24 +151,24 @@ def test_predicted_work_is_what_clients_report(tiny_cfg):
     sim = Simulation(tiny_cfg)
     sim.profile()
     for strategy in ("ptq", "qat"):
-        r = sim.train(0, 1, strategy)
-        assert r.work == sim.expected_work(1, strategy)
+        r = train_here(sim, 0, 1, strategy)
+        assert r.work == sim.pricing.expected_work(1, strategy)
         dev = sim.fleet.devices[1]
-        assert predict_compute(sim.speed, dev, r.work) == pytest.approx(
-            predict_compute(sim.speed, dev, sim.expected_work(1, strategy)))
+        assert predict_compute(sim.pricing.speed, dev, r.work) == pytest.approx(
+            predict_compute(sim.pricing.speed, dev, sim.pricing.expected_work(1, strategy)))
     # a baseline never pays for FedHQ's feature: by default no PTQ client measures its sensitivity on
     # the device; the server measures it from fedhq's uploads (priced as server work), for no baseline
     for strategy, on_server in (("all-ptq", False), ("random-hybrid", False), ("fedhq", True), ("fedhq-coarse", False)):
         s = Simulation(tiny_cfg.replace(strategy=strategy))
         s.profile()
-        r = s.train(0, 1, "ptq")
-        assert r.work == s.expected_work(1, "ptq") and set(r.work) == {"fp32", "calib", "pack"} and r.quant_loss is None
-        assert s.server_sensitivity() == on_server, strategy
-        assert s.measure_sensitivities([r]) == pytest.approx(s.server.sens_s()) and 0 <= r.quant_loss <= 1
+        r = train_here(s, 0, 1, "ptq")
+        assert r.work == s.pricing.expected_work(1, "ptq") and set(r.work) == {"fp32", "calib", "pack"} and r.quant_loss is None
+        assert s.server_measures_sensitivity == on_server, strategy
+        assert s.server.measure_sensitivities([r]) == pytest.approx(s.pricing.server.sens_s()) and 0 <= r.quant_loss <= 1
     # opt-in: on the device (billed to the client), one calibration forward pass, never beyond the shard
     loud = Simulation(tiny_cfg.replace(strategy="fedhq", report_sensitivity=True))
-    r = loud.train(0, 1, "ptq")
-    assert not loud.server_sensitivity() and r.quant_loss is not None and r.work == loud.expected_work(1, "ptq")
+    r = train_here(loud, 0, 1, "ptq")
+    assert not loud.server_measures_sensitivity and r.quant_loss is not None and r.work == loud.pricing.expected_work(1, "ptq")
     assert r.work["calib"] == r.work["fwd"] and len(r.work["calib"]) == 1 and r.work["calib"][0] <= len(sim.shards[1])
 
 
@@ -191,11 +192,11 @@ def test_fedhq_allocator_end_to_end(tiny_cfg):
     cfg = tiny_cfg.replace(strategy="fedhq", rounds=4, adjust_every=2, pilot_rounds=2)
     sim = Simulation(cfg)
     sim.profile()
-    before = {k: v.clone() for k, v in sim.global_state.items()}
-    sig = sim.fit_significance()
+    before = {k: v.clone() for k, v in sim.server.global_state.items()}
+    sig = fit_for_run(sim)
     # the pilot ran two branches of 2 rounds on 3 sampled clients and left the run untouched
     assert sig.tags["n_samples"] == 2 * 2 * 3 and len(sig.tags["round_gains"].split(";")) == 2
-    assert all(torch.equal(before[k], sim.global_state[k]) for k in before) and sim.global_steps is None
+    assert all(torch.equal(before[k], sim.server.global_state[k]) for k in before) and sim.server.global_steps is None
     assert np.isfinite(sig.train_r2) and sig.cv_r2 <= 1.0
     # a checkpoint rebuilds the same model and keeps the R² figures it measured
     again = SignificanceModel.from_state(sig.to_state())
@@ -204,7 +205,7 @@ def test_fedhq_allocator_end_to_end(tiny_cfg):
     assert (again.train_r2, again.tags) == (sig.train_r2, sig.tags)
     assert np.array_equal([again.cv_r2, again.cv_r2_rounds], [sig.cv_r2, sig.cv_r2_rounds], equal_nan=True)
     sim.set_significance(sig)
-    from fedhq_core.simulation import run
+    from fedhq_core.loop import run
 
     run(cfg, sim=sim)
     alloc = sim.allocator

@@ -7,7 +7,8 @@ import torch
 
 from fedhq_core.checkpoint import Checkpoints, find_run, read_state, save_state
 from fedhq_core.errors import CheckpointError
-from fedhq_core.simulation import Simulation, run
+from fedhq_core.loop import run
+from fedhq_core.simulation import Simulation
 
 
 class Crash(Exception):
@@ -42,8 +43,8 @@ def test_corrupt_checkpoint_falls_back_and_resume_matches_uninterrupted(tiny_cfg
     sim.load_state_dict(tensors, meta)
     assert sim.rnd == 2 and len(sim.records) == 2 and sim.allocator.cost.version == 2
     run(cfg, sim=sim)
-    for k, v in ref.global_state.items():
-        assert torch.allclose(sim.global_state[k].to(v.dtype), v, atol=1e-6), k
+    for k, v in ref.server.global_state.items():
+        assert torch.allclose(sim.server.global_state[k].to(v.dtype), v, atol=1e-6), k
     assert [r.acc_q for r in sim.records] == [r.acc_q for r in ref.records]
     assert [r.strategies for r in sim.records] == [r.strategies for r in ref.records]
 

@@ -13,7 +13,8 @@ import torch
 
 from fedhq_core.allocation import Allocation
 from fedhq_core.errors import TooFewClients
-from fedhq_core.simulation import Simulation, run
+from fedhq_core.loop import run
+from fedhq_core.simulation import Simulation
 from fedhq_core.wire import RejectedUpdate, decode_upload, save_wire, to_wire
 from fedhq_core.worker import corrupt, draw_fault, expected_upload_limit, run_jobs
 
@@ -24,11 +25,11 @@ def sim(tiny_cfg):
 
 
 def _expected(sim):
-    return {k: tuple(v.shape) for k, v in sim.global_state.items() if v.is_floating_point()}
+    return {k: tuple(v.shape) for k, v in sim.server.global_state.items() if v.is_floating_point()}
 
 
 def _upload(sim, strategy="qat"):
-    (up,) = run_jobs(sim.round_inputs(), sim.jobs(0, Allocation({0: strategy}), [0]))
+    (up,) = run_jobs(sim.dispatch.round_inputs(), sim.dispatch.jobs(0, Allocation({0: strategy}), [0]))
     assert up.error is None
     return up
 
@@ -37,7 +38,7 @@ def _upload(sim, strategy="qat"):
                                          ("dtype", "dtype"), ("size", "size")])
 def test_each_corruption_is_rejected_with_its_reason(sim, kind, reason):
     up = _upload(sim)
-    limit = expected_upload_limit(sim.global_state, sim.cfg.max_upload_factor)
+    limit = expected_upload_limit(sim.server.global_state, sim.cfg.max_upload_factor)
     good = decode_upload(up.data, _expected(sim), max_bytes=limit, max_samples=len(sim.shards[0]))
     assert good.cid == 0 and good.payload.weight_steps
     wire = to_wire(good)
@@ -48,7 +49,7 @@ def test_each_corruption_is_rejected_with_its_reason(sim, kind, reason):
 
 def test_inflated_sample_count_and_foreign_tensors_are_rejected(sim):
     up = _upload(sim, "ptq")
-    exp, limit = _expected(sim), expected_upload_limit(sim.global_state, 2.0)
+    exp, limit = _expected(sim), expected_upload_limit(sim.server.global_state, 2.0)
     wire = to_wire(decode_upload(up.data, exp, max_bytes=limit, max_samples=10**9))
     meta = json.loads(wire["meta"])
     meta["n_samples"] = 10**9  # would dominate FedAvg
@@ -100,7 +101,7 @@ def test_faulty_run_stays_finite_and_close_to_clean(tiny_cfg):
     rejected = [why for r in faulty.records for why in r.rejected.values()]
     reasons = {why.split(":")[0] for why in rejected}
     assert len(rejected) >= 6 and reasons <= {"raised", "nonfinite", "shape", "dtype", "size"} and len(reasons) >= 3
-    assert all(bool(torch.isfinite(v).all()) for v in faulty.global_state.values() if v.is_floating_point())
+    assert all(bool(torch.isfinite(v).all()) for v in faulty.server.global_state.values() if v.is_floating_point())
     assert clean.records[-1].acc_q > 0.9
     assert faulty.records[-1].acc_q == pytest.approx(clean.records[-1].acc_q, abs=0.05)
     summary = faulty.summary()["rejected"]
@@ -117,10 +118,10 @@ def test_stalled_clients_time_out(tiny_cfg):
 
 def test_too_few_clients_stop_the_run_and_leave_the_model_alone(tiny_cfg):
     sim = Simulation(tiny_cfg.replace(fault_rate=1.0, fault_kinds=["raise", "nan"], round_retries=2))
-    before = {k: v.clone() for k, v in sim.global_state.items()}
+    before = {k: v.clone() for k, v in sim.server.global_state.items()}
     with pytest.raises(TooFewClients, match=r"round 0: only 0 of 3 .* after 3 attempt\(s\)"):
         run(sim.cfg, sim=sim)
-    assert all(torch.equal(before[k], v) for k, v in sim.global_state.items())
+    assert all(torch.equal(before[k], v) for k, v in sim.server.global_state.items())
     assert not sim.records and sim.rnd == 0
 
 
@@ -130,21 +131,21 @@ def test_a_retried_round_resamples_and_records_its_attempts(tiny_cfg):
     sim = Simulation(cfg)
 
     def clean(attempt: int) -> bool:
-        return not any(draw_fault(cfg.seed, 0, c, attempt, cfg.fault_rate, ["raise"]) for c in sim.sample(0, attempt))
+        return not any(draw_fault(cfg.seed, 0, c, attempt, cfg.fault_rate, ["raise"]) for c in sim.dispatch.sample(0, attempt))
 
     first_clean = next(a for a in range(7) if clean(a))
     assert first_clean > 0, "this seed gives a clean first attempt"
     run(cfg, sim=sim)
     rec = sim.records[0]
     assert rec.attempts == first_clean + 1 and rec.rejected and len(rec.strategies) == 3
-    assert set(rec.strategies) == set(sim.sample(0, first_clean))
+    assert set(rec.strategies) == set(sim.dispatch.sample(0, first_clean))
     assert math.isfinite(rec.sim_round_s) and rec.sim_round_s > 0
 
 
 def test_a_task_lost_with_its_worker_rejects_its_clients_as_worker_lost(sim):
     """A task Dask gave up on after its worker died loses only its clients, as ``worker-lost``;
     a task whose code raised stays ``raised``."""
-    from fedhq_core.simulation import collect, worker_lost
+    from fedhq_core.dispatch import collect, worker_lost
 
     class KilledWorker(Exception):       # distributed.scheduler.KilledWorker, by name
         pass
@@ -156,10 +157,10 @@ def test_a_task_lost_with_its_worker_rejects_its_clients_as_worker_lost(sim):
         def result(self, timeout=None):
             raise self.err
 
-    jobs = sim.jobs(0, Allocation({c: "qat" for c in (0, 1, 2)}), [0, 1, 2])
+    jobs = sim.dispatch.jobs(0, Allocation({c: "qat" for c in (0, 1, 2)}), [0, 1, 2])
     uploads = collect([(jobs[:2], Failed(KilledWorker("attempted to run task on 2 workers; all died"))),
                        (jobs[2:], Failed(ValueError("bad")))], 0.0)
-    results, rejected = sim.accept(uploads)
+    results, rejected = sim.dispatch.accept(uploads)
     assert not results and rejected[0].startswith("worker-lost") and rejected[1].startswith("worker-lost")
     assert rejected[2].startswith("raised")
     assert worker_lost(OSError("Worker tcp://127.0.0.1:1 closed the connection")) and not worker_lost(ValueError("x"))

@@ -10,7 +10,10 @@ from fedhq_core.client import ClientResult
 from fedhq_core.errors import ConfigError
 from fedhq_core.quant import pack_update
 from fedhq_core.server import average_ranges, fedavg
-from fedhq_core.simulation import Simulation, run, upload_size
+from fedhq_core.loop import run
+from fedhq_core.pricing import upload_size
+from fedhq_core.allocation.pilot import train_here
+from fedhq_core.simulation import Simulation
 
 
 def _result(cid, delta, n, ranges=None):
@@ -35,8 +38,8 @@ def test_ranges_are_averaged_by_shard_size():
 def test_upload_size_matches_real_payload(tiny_cfg):
     sim = Simulation(tiny_cfg)
     for bits in (4, 8, 32):
-        p = pack_update(sim.global_state, {k: torch.zeros_like(v) for k, v in sim.global_state.items()}, bits)
-        assert upload_size(sim.global_state, bits) == sum(t.nbytes for t in p.tensors.values())
+        p = pack_update(sim.server.global_state, {k: torch.zeros_like(v) for k, v in sim.server.global_state.items()}, bits)
+        assert upload_size(sim.server.global_state, bits) == sum(t.nbytes for t in p.tensors.values())
 
 
 def test_same_seed_same_run(tiny_cfg):
@@ -44,7 +47,7 @@ def test_same_seed_same_run(tiny_cfg):
     b = run(tiny_cfg.replace(strategy="random-hybrid"))
     assert [r.acc_q for r in a.records] == [r.acc_q for r in b.records]
     assert [r.strategies for r in a.records] == [r.strategies for r in b.records]
-    assert all(torch.equal(a.global_state[k], b.global_state[k]) for k in a.global_state)
+    assert all(torch.equal(a.server.global_state[k], b.server.global_state[k]) for k in a.server.global_state)
 
 
 @pytest.mark.parametrize("strategy", ["fp32", "all-ptq", "all-qat"])
@@ -68,7 +71,7 @@ def test_same_seed_same_clock_in_fresh_folders_on_a_loaded_host(tiny_cfg, tmp_pa
     import subprocess
     import sys
 
-    import fedhq_core.simulation as S
+    import fedhq_core.pricing as S
 
     cfg = tiny_cfg.replace(strategy="fedhq", rounds=3, adjust_every=1, pilot_rounds=1, jitter_sigma=0.3)
     sims = []
@@ -91,7 +94,7 @@ def test_same_seed_same_clock_in_fresh_folders_on_a_loaded_host(tiny_cfg, tmp_pa
     assert sa["fit_source"] == "pilot" and sa["fit_sim_s"] == sb["fit_sim_s"] > 0
     assert sa["charged_total_sim_s"] == pytest.approx(sa["total_sim_s"] + sa["fit_sim_s"])
     assert sa["wall_s"] >= sa["fit_wall_s"] > 0     # the pilot's wall time is on the run's bill too
-    assert all(torch.equal(a.global_state[k], b.global_state[k]) for k in a.global_state)
+    assert all(torch.equal(a.server.global_state[k], b.server.global_state[k]) for k in a.server.global_state)
 
 
 def test_server_work_is_priced_from_its_trace(tiny_cfg):
@@ -101,7 +104,8 @@ def test_server_work_is_priced_from_its_trace(tiny_cfg):
 
     sim = Simulation(tiny_cfg)
     sim.profile()
-    srv, book, d = sim.server, sim.trace_book(), sim.server.device
+    srv, book = sim.pricing.server, sim.pricing.trace_book()
+    d = srv.device
     header = lambda n, b: srv.host_s(HostOps(n * (2 + 5 * srv.n_tensors + srv.n_layers), b))  # noqa: E731
     assert srv.aggregate_s(2, 0, 8, 100) == pytest.approx(price_trace(book.get("s_agg2", 8), d) + header(2, 100))
     assert srv.aggregate_s(1, 1, 8, 100) == pytest.approx(price_trace(book.get("s_aggq", 8), d) + header(2, 100))
@@ -120,7 +124,7 @@ def test_profile_file_opts_in_to_host_coefficients(tiny_cfg, tmp_path):
     base.profile(), calibrated.profile()
     t0, t1 = base.predicted_times([0, 1]), calibrated.predicted_times([0, 1])
     assert np.all(t1["qat"] > t0["qat"])                      # 1% efficiency: slower everywhere
-    calibrated.close_round(0, calibrated.allocate(0, [0])[0], 0.0, [calibrated.train(0, 0, "qat")], 0.0, None)
+    calibrated.close_round(0, calibrated.allocate(0, [0])[0], 0.0, [train_here(calibrated, 0, 0, "qat")], 0.0, None)
     _, meta = calibrated.state_dict()
     assert meta["speed"]["overrides"]["*"]["eta_c"] == 0.01  # stored with the run (checkpoint)
     prof.write_text("{not json")
@@ -139,13 +143,13 @@ def test_pooled_model_reuse_trains_like_a_fresh_model(tiny_cfg):
     from fedhq_core.worker import RoundInputs, ShardRef, warm_steps
 
     sim = Simulation(tiny_cfg)
-    inputs = RoundInputs(sim.model_spec, "cpu", sim.global_state, None, None)
+    inputs = RoundInputs(sim.model_spec, "cpu", sim.server.global_state, None, None)
     reused = sim.new_model()
     for cid in (0, 1, 2):
         x, y = sim.shards[cid].read()
-        spec = sim.client_spec(0, cid, "qat")
-        a = train_client(reused, cid, x, y, sim.global_state, None, spec, None, warm_steps(inputs, reused))
-        b = train_client(sim.new_model(), cid, x, y, sim.global_state, None, sim.client_spec(0, cid, "qat"))
+        spec = sim.dispatch.client_spec(0, cid, "qat")
+        a = train_client(reused, cid, x, y, sim.server.global_state, None, spec, None, warm_steps(inputs, reused))
+        b = train_client(sim.new_model(), cid, x, y, sim.server.global_state, None, sim.dispatch.client_spec(0, cid, "qat"))
         assert a.work == b.work and "wsearch" in a.work          # billed for the search it did not repeat
         for k, t in a.payload.tensors.items():
             assert np.array_equal(np.frombuffer(t.data, np.uint8), np.frombuffer(b.payload.tensors[k].data, np.uint8))

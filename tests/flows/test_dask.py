@@ -18,8 +18,10 @@ def test_dask_local_cluster_equals_thread_runner(tiny_cfg, monkeypatch):
     from prefect.context import FlowRunContext
 
     from fedhq_core.checkpoint import read_state
+    from fedhq_core.dispatch import Dispatch
     from fedhq_core.simulation import Simulation
-    from flows.train import run_training, task_runner_for
+    from flows.runners import task_runner_for
+    from flows.train import run_training
 
     cfg = tiny_cfg.replace(rounds=3, strategy="fedhq", significance="none", adjust_every=1, max_concurrency=2,
                            local_epochs=2)
@@ -28,7 +30,7 @@ def test_dask_local_cluster_equals_thread_runner(tiny_cfg, monkeypatch):
     dask_cfg = cfg.replace(dask_local=2)
     assert type(task_runner_for(dask_cfg)).__name__ == "DaskTaskRunner"
     killed: list[int] = []
-    chunks = Simulation.chunks
+    chunks = Dispatch.chunks
 
     def kill_a_worker(self, jobs):           # called right before the round's tasks are submitted
         if jobs and jobs[0].rnd == 2 and not killed and self.cfg.dask_local:
@@ -41,14 +43,14 @@ def test_dask_local_cluster_equals_thread_runner(tiny_cfg, monkeypatch):
             threading.Thread(target=later, daemon=True).start()
         return chunks(self, jobs)
 
-    monkeypatch.setattr(Simulation, "chunks", kill_a_worker)
+    monkeypatch.setattr(Dispatch, "chunks", kill_a_worker)
     on_dask = run_training(dask_cfg)
     assert killed and (not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == "zombie")
     assert set(on_dask["rejected"]["by_reason"]) <= {"worker-lost"}
     assert all(r["extra"]["bytes_to_workers"] > 0 for r in on_dask["rounds"])
     # the round's global weights go to each worker once, not with every task
     assert on_dask["rounds"][0]["extra"]["bytes_to_workers"] < 3 * 4 * sum(
-        v.numel() for v in Simulation(cfg).global_state.values())
+        v.numel() for v in Simulation(cfg).server.global_state.values())
 
     a, _ = read_state(threads["checkpoint"])
     b, _ = read_state(on_dask["checkpoint"])

@@ -73,7 +73,8 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tmp_path, monkeypatc
 
     from fedhq_core.checkpoint import Checkpoints, read_state
     from fedhq_core.config import load_config
-    from fedhq_core.simulation import Simulation, run
+    from fedhq_core.loop import run
+    from fedhq_core.simulation import Simulation
 
     state = tmp_path / "state"
     log = tmp_path / "killed.log"
@@ -113,7 +114,7 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tmp_path, monkeypatc
         run(cfg, sim=ref)
     finally:
         torch.set_num_threads(threads)
-    for k, v in ref.global_state.items():
+    for k, v in ref.server.global_state.items():
         assert torch.allclose(tensors[f"global/{k}"].to(v.dtype), v, atol=1e-6), k
     server_got = server_want = 0.0
     for got, want in zip(res["rounds"], ref.records):

@@ -52,7 +52,7 @@ def test_outbox_spills_parks_and_uploads(tmp_path, monkeypatch, capsys):
     tracker.log_dict({"final": 1}, "summary.json")
     tracker.end("FINISHED")
     assert tracker.parked == box.folder and not (box.folder / "spill.jsonl").exists()
-    from flows.train import report_parked
+    from tasks.run_tracking import report_parked
 
     assert report_parked(tracker, {"run_id": run_id})            # what the run's end says and leaves
     assert json.loads((box.folder.parent / "summary.json").read_text())["run_id"] == run_id

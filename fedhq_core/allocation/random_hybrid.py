@@ -1,0 +1,30 @@
+"""random-hybrid: random PTQ/QAT with a given QAT share (the ablation of FedHQ's choice of *which*
+clients; the benchmark passes fedhq's measured share)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..hardware.server_work import HostOps
+from .base import Allocation, Allocator, FleetView
+
+
+class RandomHybridAllocator(Allocator):
+    """Random PTQ/QAT with a given QAT share (the ablation of FedHQ's choice of *which* clients)."""
+
+    name = "random-hybrid"
+
+    def __init__(self, qat_share: float, seed: int):
+        self.qat_share = qat_share
+        self.seed = seed
+        self._ops = HostOps()
+
+    def take_host_ops(self) -> HostOps:
+        ops, self._ops = self._ops, HostOps()
+        return ops
+
+    def allocate(self, rnd: int, sampled: list[int], view: FleetView) -> Allocation:
+        rng = np.random.default_rng([self.seed, 4099, rnd])
+        n_qat = int(round(self.qat_share * len(sampled)))
+        self._ops.add(2, len(sampled))   # one draw, one choice
+        qat = set(rng.choice(sampled, size=n_qat, replace=False).tolist()) if n_qat else set()
+        return Allocation({c: ("qat" if c in qat else "ptq") for c in sampled})

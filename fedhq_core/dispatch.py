@@ -1,0 +1,124 @@
+"""Dispatch: who trains in a round and how their work goes out and comes back. The seeded
+client sample, each client's job (shard, hyper-parameters, injected fault), the tasks the jobs
+are split into, collecting the tasks' uploads, and the server's checks on every upload before
+it may touch the master (``fedhq_core.wire``)."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from .allocation import Allocation
+from .client import ClientResult, TrainSpec
+from .config import ExperimentConfig
+from .server_state import ServerState
+from .wire import RejectedUpdate, decode_upload
+from .worker import ClientJob, ModelSpec, RoundInputs, ShardRef, Upload, draw_fault, expected_upload_limit
+
+DASK_TASKS = 16
+
+
+def default_concurrency(cfg: ExperimentConfig) -> int:
+    return cfg.max_concurrency or (os.cpu_count() or 1)
+
+
+class Dispatch:
+    """The round's outgoing jobs and incoming uploads for one run."""
+
+    def __init__(self, cfg: ExperimentConfig, shards: list[ShardRef], server: ServerState, spec: ModelSpec,
+                 on_device_sensitivity: bool):
+        self.cfg, self.shards, self.server, self.spec = cfg, shards, server, spec
+        self.on_device_sensitivity = on_device_sensitivity
+
+    def sample(self, rnd: int, attempt: int = 0) -> list[int]:
+        """Seeded client sample of a round; a retried round (``attempt`` > 0) draws afresh."""
+        rng = np.random.default_rng([self.cfg.seed, 17, rnd] + ([attempt] if attempt else []))
+        k = max(1, int(round(self.cfg.fraction * self.cfg.clients)))
+        return sorted(rng.choice(self.cfg.clients, size=k, replace=False).tolist())
+
+    def client_spec(self, rnd: int, cid: int, strategy: str, upload_bits: Any = None) -> TrainSpec:
+        cfg = self.cfg
+        fedfq = (cfg.fedfq_avg_bits, cfg.fedfq_iters) if upload_bits == "fedfq" else None
+        if upload_bits is None or fedfq:
+            upload_bits = 32 if strategy == "fp32" and not fedfq else cfg.upload_bits
+        return TrainSpec(strategy, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay,
+                         upload_bits, cfg.calib_batches, self.on_device_sensitivity,
+                         seed=int(np.random.default_rng([cfg.seed, 53, rnd, cid]).integers(2**62)), fedfq=fedfq)
+
+    def round_inputs(self) -> RoundInputs:
+        s = self.server
+        return RoundInputs(self.spec, self.cfg.device, s.global_state, s.global_ranges, s.global_steps)
+
+    def jobs(self, rnd: int, alloc: Allocation, sampled: list[int], attempt: int = 0) -> list[ClientJob]:
+        """One job per sampled client: its shard, its spec and (if configured) its injected fault."""
+        cfg = self.cfg
+        return [ClientJob(rnd, c, self.shards[c],
+                          self.client_spec(rnd, c, alloc.strategies[c], alloc.upload_bits.get(c)),
+                          draw_fault(cfg.seed, rnd, c, attempt, cfg.fault_rate, cfg.fault_kinds), cfg.client_timeout_s)
+                for c in sampled]
+
+    def chunks(self, jobs: list[Any]) -> list[list[Any]]:
+        """Split a round's client jobs into tasks: ``clients_per_task`` each, or one task per worker."""
+        cfg = self.cfg
+        # on Dask, two tasks per worker (DASK_TASKS for a remote cluster): the scheduler balances them
+        # (and moves a dead worker's to the others) while a round of 500 clients is not 500 task runs
+        slots = 2 * cfg.dask_local if cfg.dask_local else DASK_TASKS if cfg.dask_address else default_concurrency(cfg)
+        auto = math.ceil(len(jobs) / slots)
+        size = cfg.clients_per_task or auto
+        return [jobs[i:i + size] for i in range(0, len(jobs), max(1, size))]
+
+    def accept(self, uploads: list[Upload]) -> tuple[list[ClientResult], dict[int, str]]:
+        """Decode and check every upload; returns the accepted results (by client id) and, for
+        each rejected client, ``reason: detail`` (see ``fedhq_core.wire``)."""
+        expected = {k: tuple(v.shape) for k, v in self.server.global_state.items() if v.is_floating_point()}
+        limit = expected_upload_limit(self.server.global_state, self.cfg.max_upload_factor)
+        timeout = self.cfg.client_timeout_s
+        results, rejected = [], {}
+        for up in uploads:
+            try:
+                if up.data is None:
+                    reason = next((r for r in ("timeout", "worker-lost") if (up.error or "").startswith(r)), "raised")
+                    raise RejectedUpdate(reason, up.error or "no upload")
+                if timeout and up.wall_s > timeout:
+                    raise RejectedUpdate("timeout", f"{up.wall_s:.2f} s > client_timeout_s {timeout:g}")
+                blob, up.data = up.data, None   # decoded once; the upload's bytes go as soon as they are read
+                r = decode_upload(blob, expected, max_bytes=limit, max_samples=len(self.shards[up.cid]))
+                if r.cid != up.cid:
+                    raise RejectedUpdate("keys", f"claims to be client {r.cid}")
+                results.append(r)
+            except RejectedUpdate as err:
+                rejected[up.cid] = str(err)
+        return sorted(results, key=lambda r: r.cid), rejected
+
+
+def worker_lost(err: BaseException) -> bool:
+    """True when a task failed because the worker process running it died (Dask gave up on it
+    after rescheduling it ``distributed.scheduler.allowed-failures`` times, or lost the
+    connection), not because the client's code raised."""
+    names = {type(e).__name__ for e in (err, err.__cause__, err.__context__) if e is not None}
+    text = str(err).lower()
+    return bool(names & {"KilledWorker", "CommClosedError"}) or (
+        "worker" in text and any(w in text for w in ("died", "lost", "killed", "closed")))
+
+
+def collect(futures: list[tuple[list[ClientJob], Any]], timeout_s: float) -> list[Upload]:
+    """Every task's uploads. A task that failed (after its retries) or that has not answered
+    ``timeout_s`` x its client count after the round started yields one failed upload per
+    client; its thread or worker is left behind and its late answer ignored."""
+    start = time.perf_counter()
+    uploads: list[Upload] = []
+    for jobs, fut in futures:
+        wait = None
+        if timeout_s:
+            wait = max(0.0, start + timeout_s * len(jobs) + 1.0 - time.perf_counter())
+        try:
+            uploads.extend(fut.result(timeout=wait))
+        except TimeoutError:
+            uploads.extend(Upload(j.cid, None, f"timeout: no answer within {wait:.1f} s") for j in jobs)
+        except Exception as err:  # noqa: BLE001 - a task that failed for good loses only its clients
+            why = "worker-lost" if worker_lost(err) else "task failed"
+            uploads.extend(Upload(j.cid, None, f"{why}: {type(err).__name__}: {str(err)[:200]}") for j in jobs)
+    return uploads

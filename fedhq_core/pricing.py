@@ -1,0 +1,133 @@
+"""The fleet's prices: what each client will run under each strategy, what that costs on its
+device, and what the server's work costs on its own. This is the allocator's view of the fleet
+(spec-sheet predictions only) and the clock's price list (what clients really did, priced the
+same way, plus the hidden jitter and slowdowns: ``hardware.clock``).
+
+Everything is priced from op traces of the steps clients and the server run and the catalog's
+constants, never from this host's timings (``hardware``).
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .client import ClientResult
+from .config import ExperimentConfig
+from .hardware import DEVICES, Fleet, RooflineModel, SimulatedClock, TraceBook, predict_compute
+from .hardware.clock import ClientTime
+from .hardware.server_work import ServerPricing
+from .hardware.speed_model import load_profile
+from .quant.payload import packed_layout
+from .worker import ModelSpec
+
+_BOOKS: dict[ModelSpec, TraceBook] = {}
+_BOOKS_LOCK = threading.Lock()
+
+
+def _batches(n: int, b: int) -> list[int]:
+    """Sizes of the batches that split ``n`` samples into batches of ``b`` (last one partial)."""
+    return [b] * (n // b) + ([n % b] if n % b else [])
+
+
+def upload_size(state: dict[str, torch.Tensor], bits: int) -> int:
+    """Exact byte size of a payload of ``state``'s shape at ``bits`` (see quant.payload)."""
+    total = 0
+    for v in state.values():
+        if v.is_floating_point():
+            data, scales = packed_layout(tuple(v.shape), bits)
+            total += data + 4 * scales
+    return total
+
+
+def trace_book(spec: ModelSpec, state_dir: str) -> TraceBook:
+    """Op traces of a model shape (shared within the process, cached on disk under ``state_dir``)."""
+    with _BOOKS_LOCK:
+        if spec not in _BOOKS:
+            _BOOKS[spec] = TraceBook(lambda: spec.build(torch.device("cpu")), tuple(spec.in_shape), spec.num_classes,
+                                     Path(state_dir) / "cache", repr(spec))
+        return _BOOKS[spec]
+
+
+class FleetPricing:
+    """Prices of one run's fleet. ``has_steps()`` tells whether the master has learned QAT steps
+    (else a QAT client searches them first); ``on_device_sensitivity`` whether PTQ clients
+    measure their quantization loss on the device."""
+
+    def __init__(self, cfg: ExperimentConfig, fleet: Fleet, shard_sizes: list[int], spec: ModelSpec,
+                 has_steps: Callable[[], bool], on_device_sensitivity: bool):
+        self.cfg, self.fleet, self.sizes, self.spec = cfg, fleet, shard_sizes, spec
+        self.has_steps = has_steps
+        self.on_device_sensitivity = on_device_sensitivity
+        self.speed: RooflineModel | None = None
+        self.clock: SimulatedClock | None = None
+        self.server: ServerPricing | None = None
+        self.upload_bytes = 0           # one update's payload at upload_bits (shapes never change)
+
+    def trace_book(self) -> TraceBook:
+        return trace_book(self.spec, self.cfg.state_dir)
+
+    def start(self, speed: RooflineModel | None, state: dict[str, torch.Tensor], n_proxy: int,
+              n_layers: int) -> RooflineModel:
+        """Start the simulated clock (see ``Simulation.profile``)."""
+        if speed is None:
+            overrides = load_profile(self.cfg.profile_file) if self.cfg.profile_file else {}
+            speed = RooflineModel(self.trace_book(), overrides)
+        self.speed = speed
+        self.clock = SimulatedClock(self.fleet, speed)
+        floats = [v for v in state.values() if v.is_floating_point()]
+        self.server = ServerPricing(speed, DEVICES[self.cfg.server_device], n_proxy, len(floats), n_layers)
+        self.upload_bytes = upload_size(state, self.cfg.upload_bits)
+        return speed
+
+    def steps_of(self, cid: int) -> list[int]:
+        """Batch sizes of a client's local optimizer steps."""
+        return _batches(self.sizes[cid], self.cfg.batch_size) * self.cfg.local_epochs
+
+    def expected_work(self, cid: int, strategy: str) -> dict[str, list[int]]:
+        """What a client will run under ``strategy`` this round (the same kinds and batch sizes
+        that ``client.train_client`` reports back)."""
+        cfg = self.cfg
+        bits = 32 if strategy == "fp32" else cfg.upload_bits
+        work: dict[str, list[int]] = {"pack": [bits]}
+        if strategy == "qat":
+            work["qat"] = self.steps_of(cid)
+            if not self.has_steps():
+                work["wsearch"] = [0]
+            return work
+        work["fp32"] = self.steps_of(cid)
+        if strategy == "ptq":
+            calib = [min(self.sizes[cid], cfg.calib_batches * cfg.batch_size)]   # one forward pass (calib_size)
+            work["calib"] = calib
+            if self.on_device_sensitivity:
+                work["wsearch"], work["fwd"] = [0], list(calib)
+        return work
+
+    def predicted_times(self, cids: list[int]) -> dict[str, np.ndarray]:
+        """Spec-sheet predicted local round time per client under PTQ and QAT (compute + upload)."""
+        assert self.speed is not None, "profile() first"
+        out: dict[str, list[float]] = {"ptq": [], "qat": []}
+        for c in cids:
+            dev = self.fleet.devices[c]
+            upload = self.upload_bytes * 8.0 / dev.uplink_bps
+            # the same pricing the clock applies to what clients really did (hardware.clock)
+            for s in out:
+                out[s].append(predict_compute(self.speed, dev, self.expected_work(c, s)) + upload)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def client_times(self, rnd: int, results: list[ClientResult]) -> dict[int, ClientTime]:
+        """What each client's reported work took on its simulated device this round."""
+        assert self.clock is not None, "profile() first"
+        return {r.cid: self.clock.client_time(rnd, r.cid, r.work, r.upload_bytes) for r in results}
+
+    def aggregation_s(self, results: list[ClientResult]) -> float:
+        """Priced seconds of decoding and aggregating ``results`` on the server's device."""
+        assert self.server is not None, "profile() first"
+        cfg = self.cfg
+        n_qat = sum(bool(r.payload.weight_steps) for r in results)
+        bits = (32 if cfg.strategy == "fp32" else int(min(8, max(2, round(cfg.fedfq_avg_bits))))
+                if cfg.strategy == "fedfq" else cfg.upload_bits)
+        return self.server.aggregate_s(len(results) - n_qat, n_qat, bits, sum(r.upload_bytes for r in results))

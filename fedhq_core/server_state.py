@@ -1,0 +1,148 @@
+"""What the server holds and does between rounds: the FP32 master, the clients' averaged
+activation ranges and QAT weight steps, the quantization gaps it measured; aggregation, the
+measurements on its proxy split, deployment and evaluation.
+
+The proxy split (``server_calib``) is the server's own small slice of the training data: it
+calibrates the fp32/fedfq deployment and, for FedHQ's allocator only, measures the master's
+quantization gap and each PTQ upload's sensitivity. The test split is only ever evaluated.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .client import ClientResult
+from .data import Split
+from .phases import span
+from .pricing import FleetPricing
+from .quant import integer_weights, load_model_state, model_state, prepare_deploy, set_mode
+from .server import aggregate, calibrate_on_server, evaluate_global, proxy_gap, upload_quant_loss
+
+
+@contextlib.contextmanager
+def all_cores() -> Iterator[None]:
+    """Temporarily use every core for intra-op parallelism (between rounds, when nothing else runs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class ServerState:
+    """The server of one run. ``calibrates``: the deployment is calibrated on the proxy split
+    (the fp32 and fedfq baselines, whose clients send no ranges)."""
+
+    def __init__(self, eval_model: nn.Module, proxy: Split, test: Split, pricing: FleetPricing, calibrates: bool):
+        self.eval_model, self.proxy, self.test, self.pricing = eval_model, proxy, test, pricing
+        self.calibrates = calibrates
+        self.global_state = {k: v.detach().clone() for k, v in model_state(eval_model).items()}
+        self.global_ranges: dict[str, tuple[float, float]] | None = None
+        self.global_steps: dict[str, torch.Tensor] | None = None
+        self.gaps: list[float] = []  # the master's quantization gap on the proxy split, per round (measure_gap)
+        self.gap_s = 0.0             # priced seconds of the server's work done while this round's clients train
+        self.carried_s = 0.0         # priced server work of this round done while the next one trains
+        self.host_s = 0.0            # this host's seconds for the server's work of the round (a metric only)
+
+    # --- measurements on the proxy split ----------------------------------------------------
+    def measure_gap(self) -> float:
+        """The master's quantization gap under server-side PTQ (ranges calibrated on the proxy
+        split, MSE weight scales): FP32 minus quantized accuracy, never on the test split. In a
+        run the server measures the master it has just sent out while the clients train
+        (:meth:`aggregate`), so the next allocation sees the gap one round late and the clock
+        charges it only when it outlasts the round's slowest client."""
+        self.gaps.append(proxy_gap(self.eval_model, self.global_state, self.proxy.x, self.proxy.y))
+        return self.gaps[-1]
+
+    def measure_sensitivities(self, results: list[ClientResult]) -> float:
+        """The server's measurement of every PTQ upload's quantization sensitivity (sets its
+        ``quant_loss``) from the master the clients started from; returns its priced seconds."""
+        assert self.pricing.server is not None, "profile() first"
+        ptq = [r for r in results if r.strategy == "ptq"]
+        for r in ptq:
+            r.quant_loss = upload_quant_loss(self.eval_model, self.global_state, r, self.proxy.x, self.proxy.y)
+        return len(ptq) * self.pricing.server.sens_s()
+
+    # --- aggregation --------------------------------------------------------------------------
+    def aggregate(self, results: list[ClientResult], measure_gap: bool, measure_sensitivity: bool) -> float:
+        """FedAvg into the master; returns the server's priced seconds after the uploads. The gap
+        of the master the clients started from is measured first (``gap_s``, priced, concurrent
+        with their training on the clock); the uploads' sensitivities while the next round trains
+        (``carried_s``). This host's time for all of it is kept in ``host_s`` (a metric, never on
+        the clock)."""
+        assert self.pricing.server is not None, "profile() first"
+        t0 = time.perf_counter()
+        self.gap_s, self.carried_s = self.carried_s, 0.0
+        if measure_gap:
+            self.measure_gap()
+            self.gap_s += self.pricing.server.gap_s()
+        if measure_sensitivity:
+            # measured while the next round trains (so on the clock only where it outlasts that
+            # round's slowest client); the allocator sees the reports one round late
+            self.carried_s = self.measure_sensitivities(results)
+        with span("aggregate"):
+            self.aggregate_results(results)
+        self.host_s = time.perf_counter() - t0
+        return self.pricing.aggregation_s(results)
+
+    def aggregate_results(self, results: list[ClientResult]) -> None:
+        """FedAvg of the master, the clients' averaged ranges and QAT steps (pilot and rounds)."""
+        # QAT clients' learned weight steps (None in a round without QAT: MSE scales then)
+        self.global_state, self.global_ranges, self.global_steps = aggregate(self.global_state, self.global_ranges,
+                                                                             results)
+
+    # --- deployment and evaluation ------------------------------------------------------------
+    def deploy_ranges(self) -> dict[str, tuple[float, float]]:
+        """The clients' averaged ranges; only when no client sent any (fp32, fedfq) is the proxy
+        split used to calibrate."""
+        if self.calibrates or self.global_ranges is None:
+            with span("calibrate (server)"):
+                return calibrate_on_server(self.eval_model, self.global_state, self.proxy.x)
+        return self.global_ranges
+
+    def evaluate(self) -> dict[str, float]:
+        with all_cores():  # no client trains during evaluation: give it every core
+            return evaluate_global(self.eval_model, self.global_state, self.deploy_ranges(), self.test.x,
+                                   self.test.y, self.global_steps)
+
+    def deployed_bundle(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """Everything needed to rebuild the deployed quantized model, plus its int form."""
+        ranges = self.deploy_ranges()
+        load_model_state(self.eval_model, self.global_state)
+        prepare_deploy(self.eval_model, ranges, self.global_steps)
+        ints = integer_weights(self.eval_model)
+        set_mode(self.eval_model, "fp")
+        return {"meta": meta, "state": self.global_state, "steps": self.global_steps, "ranges": ranges,
+                "int_weights": ints}
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {f"global/{k}": v for k, v in self.global_state.items()}
+        tensors.update({f"steps/{k}": v for k, v in (self.global_steps or {}).items()})
+        return tensors
+
+    def state_meta(self) -> dict[str, Any]:
+        return {"has_steps": self.global_steps is not None, "gaps": self.gaps, "carried_s": self.carried_s,
+                "global_ranges": None if self.global_ranges is None else {k: list(v) for k, v in self.global_ranges.items()}}
+
+    def load(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Continue from :meth:`state_tensors` and :meth:`state_meta` of a run with this model."""
+        from .errors import ConfigError
+
+        master = {k[len("global/"):]: v for k, v in tensors.items() if k.startswith("global/")}
+        if set(master) != set(self.global_state) or any(master[k].shape != v.shape for k, v in self.global_state.items()):
+            raise ConfigError("checkpoint: its model does not match this run's model")
+        device = next(iter(self.global_state.values())).device  # checkpoints hold CPU tensors
+        self.global_state = {k: master[k].to(device=v.device, dtype=v.dtype) for k, v in self.global_state.items()}
+        steps = {k[len("steps/"):]: v.to(device) for k, v in tensors.items() if k.startswith("steps/")}
+        self.global_steps = steps if meta["has_steps"] else None
+        ranges = meta["global_ranges"]
+        self.global_ranges = None if ranges is None else {k: (v[0], v[1]) for k, v in ranges.items()}
+        self.gaps = [float(g) for g in meta.get("gaps", [])]
+        self.carried_s = float(meta.get("carried_s", 0.0))
