@@ -1,4 +1,4 @@
-"""The allocator: analyses, coarse geometry, fine adjustment, and the baselines (fixed seeds)."""
+"""The FedHQ allocator: the coarse rule, the local search, signed gains, the fine stage end to end."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,11 +8,15 @@ import torch
 from fedhq_core.allocation import (FedHQAllocator, RandomHybridAllocator, SignificanceModel, allocate_coarse,
                                    local_search, objective)
 from fedhq_core.allocation.fedfq import fedfq_bits
-from fedhq_core.allocation.fedhq import CostModel, normalised_significance
+from fedhq_core.allocation.cost_model import CostModel
+from fedhq_core.allocation.fedhq import normalised_significance
 from fedhq_core.allocation.significance import (client_features, feature_rows, js_divergence, label_histogram, minmax,
                                                 shard_features)
 from fedhq_core.allocation.pilot import fit_for_run, train_here
 from fedhq_core.simulation import Simulation
+
+
+# --- coarse geometry ------------------------------------------------------------------
 
 
 # --- coarse geometry ------------------------------------------------------------------
@@ -70,24 +74,6 @@ def test_local_search_ends_in_a_one_flip_optimum_within_the_band():
     assert objective(full, tp, tq, a, 0.3) == pytest.approx(best)
 
 
-# --- analyses -------------------------------------------------------------------------
-def test_features_and_divergence():
-    g = label_histogram(np.repeat(np.arange(10), 10), 10)
-    skewed = shard_features(np.zeros(30, dtype=int), g)
-    iid = shard_features(np.repeat(np.arange(10), 3), g)
-    assert js_divergence(g, g) == pytest.approx(0.0)
-    assert skewed[2] > iid[2]                 # JS divergence
-    assert skewed[3] == 1 and iid[3] == 10    # classes present
-    assert skewed[1] == pytest.approx(0.0)    # entropy of one class
-    assert np.allclose(minmax(np.array([2.0, 4.0, 3.0])), [0, 1, 0.5])
-    assert np.allclose(minmax(np.array([1.0, 1.0])), [0.5, 0.5])
-    # run state: progress, gap, own sensitivity where reported, else the fleet's mean (flagged)
-    rows = feature_rows({0: skewed, 1: iid}, [0, 1], 0.25, 0.08, {1: 0.3})
-    assert rows[:, 4].tolist() == [0.25, 0.25] and rows[:, 5].tolist() == [0.08, 0.08]
-    assert rows[:, 6].tolist() == [0.3, 0.3] and rows[:, 7].tolist() == [0.0, 1.0]
-    assert client_features(iid, 0.0, 0.05, None, None)[6] == 0.05   # nobody reported yet: the gap stands in
-
-
 def test_signed_gains_negative_fleet_gets_ptq_positive_fleet_free_qat():
     """A synthetic fleet: where every predicted gain is <= 0 nobody gets QAT, even free; where
     gains are positive, every client whose QAT fits in the slowest PTQ time gets it free."""
@@ -132,62 +118,6 @@ def test_allocator_follows_the_sign_of_the_fitted_gain(tiny_cfg):
     assert high.info["n_sign_ptq"] == 0 and high.info["n_free_qat"] >= 1 and "qat" in high.strategies.values()
 
 
-def test_significance_model_learns_a_relation():
-    rng = np.random.default_rng(0)
-    X = rng.random((80, 5))
-    y = 0.3 * X[:, 4] + 0.1 * X[:, 2] - 0.1
-    m = SignificanceModel.fit(X, y, seed=0, groups=np.arange(80) % 8, points=np.arange(80) // 20)
-    assert m.train_r2 > 0.8 and m.cv_r2 > 0.6 and m.cv_r2_rounds > 0.6 and m.cv_r2 < m.train_r2
-    assert m.predict(np.array([[0, 0, 0, 0, 1.0]]))[0] > 0 > m.predict(np.array([[0, 0, 0, 0, 0.0]]))[0]
-    # noise has no cross-validated skill, whatever the in-sample fit says
-    noise = SignificanceModel.fit(X, rng.normal(size=80), seed=0, groups=np.arange(80) % 8)
-    assert noise.cv_r2 < 0.1
-
-
-def test_predicted_work_is_what_clients_report(tiny_cfg):
-    """The allocator's predicted times price exactly the work a client then reports back."""
-    from fedhq_core.hardware import predict_compute
-
-    sim = Simulation(tiny_cfg)
-    sim.profile()
-    for strategy in ("ptq", "qat"):
-        r = train_here(sim, 0, 1, strategy)
-        assert r.work == sim.pricing.expected_work(1, strategy)
-        dev = sim.fleet.devices[1]
-        assert predict_compute(sim.pricing.speed, dev, r.work) == pytest.approx(
-            predict_compute(sim.pricing.speed, dev, sim.pricing.expected_work(1, strategy)))
-    # a baseline never pays for FedHQ's feature: by default no PTQ client measures its sensitivity on
-    # the device; the server measures it from fedhq's uploads (priced as server work), for no baseline
-    for strategy, on_server in (("all-ptq", False), ("random-hybrid", False), ("fedhq", True), ("fedhq-coarse", False)):
-        s = Simulation(tiny_cfg.replace(strategy=strategy))
-        s.profile()
-        r = train_here(s, 0, 1, "ptq")
-        assert r.work == s.pricing.expected_work(1, "ptq") and set(r.work) == {"fp32", "calib", "pack"} and r.quant_loss is None
-        assert s.server_measures_sensitivity == on_server, strategy
-        assert s.server.measure_sensitivities([r]) == pytest.approx(s.pricing.server.sens_s()) and 0 <= r.quant_loss <= 1
-    # opt-in: on the device (billed to the client), one calibration forward pass, never beyond the shard
-    loud = Simulation(tiny_cfg.replace(strategy="fedhq", report_sensitivity=True))
-    r = train_here(loud, 0, 1, "ptq")
-    assert not loud.server_measures_sensitivity and r.quant_loss is not None and r.work == loud.pricing.expected_work(1, "ptq")
-    assert r.work["calib"] == r.work["fwd"] and len(r.work["calib"]) == 1 and r.work["calib"][0] <= len(sim.shards[1])
-
-
-# --- fine stage ------------------------------------------------------------------------
-def test_cost_model_learns_hidden_throttling():
-    cm = CostModel(seed=0)
-    rng = np.random.default_rng(0)
-    throttled = {0, 3}
-    for rnd in range(6):
-        for c in range(6):
-            pred = rng.uniform(1, 2)
-            obs = pred * (2.5 if c in throttled else 1.0) * rng.lognormal(0, 0.05)
-            cm.add(c, pred, obs, is_qat=bool(rnd % 2))
-    cm.refit()
-    corrected = cm.correct([0, 1], np.array([1.0, 1.0]), False)
-    assert corrected[0] / corrected[1] == pytest.approx(2.5, rel=0.2)
-    assert cm.version == 1
-
-
 def test_fedhq_allocator_end_to_end(tiny_cfg):
     cfg = tiny_cfg.replace(strategy="fedhq", rounds=4, adjust_every=2, pilot_rounds=2)
     sim = Simulation(cfg)
@@ -218,22 +148,6 @@ def test_fedhq_allocator_end_to_end(tiny_cfg):
     # the gain estimate follows the run: logged per round with the gap it was computed from
     assert [r.round for r in sim.records if "gain_mean" in r.extra and "quant_gap" in r.extra] == [0, 1, 2, 3]
     assert all("quant_gap_measured" in r.extra for r in sim.records)
-
-
-def test_random_hybrid_share_and_determinism():
-    a = RandomHybridAllocator(0.4, seed=1).allocate(3, list(range(10)), None)
-    b = RandomHybridAllocator(0.4, seed=1).allocate(3, list(range(10)), None)
-    assert a.strategies == b.strategies and a.qat_share == pytest.approx(0.4)
-
-
-def test_fedfq_annealing_meets_budget_and_prefers_wide_ranges():
-    torch.manual_seed(0)
-    deltas = {"big": torch.randn(1000) * 10, "small": torch.randn(1000) * 0.01, "mid": torch.randn(500)}
-    bits = fedfq_bits(deltas, avg_bits=4.0, iters=300, seed=0)
-    n = {k: v.numel() for k, v in deltas.items()}
-    assert sum(n[k] * b for k, b in bits.items()) <= 4.0 * sum(n.values())
-    assert bits["big"] > bits["small"]
-    assert all(2 <= b <= 8 for b in bits.values())
 
 
 def test_significance_none_skips_the_fit(tiny_cfg):
