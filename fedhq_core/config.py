@@ -203,7 +203,14 @@ def _check(cond: bool, name: str, msg: str) -> None:
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """Check every field's range; return ``cfg`` or raise ConfigError naming the field."""
-    from .hardware.catalog import DEVICES  # local import: catalog is data only
+    _validate_run(cfg)
+    _validate_clock(cfg)
+    _validate_execution(cfg)
+    return cfg
+
+
+def _validate_run(cfg: ExperimentConfig) -> None:
+    """Data, model, training, quantization and strategy fields."""
 
     _check(cfg.dataset in DATASETS, "dataset", f"unknown dataset {cfg.dataset!r} (choose from {', '.join(DATASETS)})")
     _check(cfg.model in MODELS, "model", f"unknown model {cfg.model!r} (choose from {', '.join(MODELS)})")
@@ -238,6 +245,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(50 < cfg.ptq_act_percentile <= 100, "ptq_act_percentile", "must be in (50, 100]")
     _check(cfg.calib_batches >= 1, "calib_batches", "must be >= 1")
     _check(0 <= cfg.ema_momentum < 1, "ema_momentum", "must be in [0, 1)")
+
+
+def _validate_clock(cfg: ExperimentConfig) -> None:
+    """The simulated fleet and clock, and the host profile."""
     _check(cfg.jitter_sigma >= 0, "jitter_sigma", "must be >= 0")
     _check(0 <= cfg.throttle_prob <= 1, "throttle_prob", "must be in [0, 1]")
     _check(cfg.throttle_factor >= 1, "throttle_factor", "must be >= 1")
@@ -246,6 +257,12 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(cfg.profile_reps >= 1, "profile_reps", "must be >= 1")
     _check(cfg.profile_file is None or Path(cfg.profile_file).is_file(), "profile_file",
            f"file not found: {cfg.profile_file}")
+
+
+def _validate_execution(cfg: ExperimentConfig) -> None:
+    """Execution, failure handling, checkpoints, the fleet's devices and the data folder."""
+    from .hardware.catalog import DEVICES  # local import: catalog is data only
+
     _check(cfg.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
     _check(cfg.max_concurrency >= 0, "max_concurrency", "must be >= 0")
     _check(cfg.clients_per_task >= 0, "clients_per_task", "must be >= 0")
@@ -283,7 +300,6 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         _check(cfg.data_dir is not None, "data_dir", f"dataset {cfg.dataset!r} needs --data-dir")
         if not cfg.download:
             _check(Path(cfg.data_dir).is_dir(), "data_dir", f"directory not found: {cfg.data_dir}")
-    return cfg
 
 
 def from_mapping(values: dict[str, Any], base: ExperimentConfig | None = None, source: str = "config") -> ExperimentConfig:

@@ -204,9 +204,17 @@ def bench_flow(config: dict[str, Any], strategies: list[str], seeds: list[int], 
     out["speed_model"] = speed.describe(base.batch_size) if speed else None
     out["per_seed"] = {str(s): {n: {m: r.get(m) for m in METRICS} for n, r in runs.items()}
                        for s, runs in per_seed.items()}
+    publish_bench(out, ds.name, base.state_dir, seeds, tracker, parent)
+    return out
+
+
+def publish_bench(out: dict[str, Any], dataset: str, state_dir: str, seeds: list[int], tracker,
+                  parent: str | None) -> None:
+    """The benchmark's plots (accuracy against simulated time, TTA bars), logged on its parent
+    MLflow run with ``bench.json``, and its table as a Prefect artifact."""
     from tasks.plots import accuracy_vs_time, tta_bars
 
-    plot_dir = os.path.join(base.state_dir, "plots", f"bench-{ds.name}")
+    plot_dir = os.path.join(state_dir, "plots", f"bench-{dataset}")
     out["plots"] = {
         "accuracy_vs_time": accuracy_vs_time({n: e["curve"] for n, e in out["strategies"].items()},
                                              os.path.join(plot_dir, "accuracy_vs_time.png"), out["target"]),
@@ -222,10 +230,9 @@ def bench_flow(config: dict[str, Any], strategies: list[str], seeds: list[int], 
     from flows.artifacts import publish_table
 
     headers, rows = bench_table(out)
-    publish_table(f"bench-{ds.name}", [dict(zip(headers, r)) for r in rows],
-                  f"fedhq bench on {ds.name}, seeds {list(seeds)}: target accuracy {out['target']:.4f}",
+    publish_table(f"bench-{dataset}", [dict(zip(headers, r)) for r in rows],
+                  f"fedhq bench on {dataset}, seeds {list(seeds)}: target accuracy {out['target']:.4f}",
                   {"MLflow benchmark run": run_url} if tracker and parent else None)
-    return out
 
 
 def run_bench(cfg: ExperimentConfig, strategies: list[str], seeds: list[int], target: float | None,

@@ -21,6 +21,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fedhq", description="FedHQ: hybrid PTQ/QAT federated learning, orchestrated by Prefect "
                                           "and tracked in MLflow.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser, required=True)
+    _add_run_commands(sub)
+    _add_benchmarks(sub)
+    _add_mlops_commands(sub)
+    return p
+
+
+def _add_run_commands(sub) -> None:
+    """run, fit-significance and bench."""
     r = sub.add_parser("run", help="one training run (the embedded digits default without flags)")
     add_config_flags(r)
     r.add_argument("--json", metavar="FILE", help="write the run's result as JSON")
@@ -40,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="FILE", help="write the results (schema in README)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.set_defaults(func=cmd_bench)
+
+
+def _add_benchmarks(sub) -> None:
+    """bench-overhead, upload and bench-scale."""
     o = sub.add_parser("bench-overhead", help="wall time and memory of the flow + tracking vs a bare PyTorch loop")
     add_config_flags(o)
     o.add_argument("--reps", type=int, default=1, help="repeat both runs and take medians (default 1)")
@@ -61,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--round", type=int, default=2, help="the round timed, 1-based (default 2)")
     sc.add_argument("--json", metavar="FILE", help="write every run's figures as JSON")
     sc.set_defaults(func=cmd_bench_scale)
+
+
+def _add_mlops_commands(sub) -> None:
+    """tune, serve, devices, models and promote."""
     t = sub.add_parser("tune", help="Optuna study of xi and bit-widths: max accuracy, min simulated time")
     add_config_flags(t)
     t.add_argument("--study", default="fedhq-tune", help="study name; an existing study is resumed (default fedhq-tune)")
@@ -100,7 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--version", type=int, help="candidate version (default: newest)")
     pr.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow tracking URI (default from mlflow.yaml)")
     pr.set_defaults(func=cmd_promote)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,6 +106,17 @@ def tune_flow(config: dict[str, Any], study_name: str, trials: int, timeout: flo
     main_ctx = contextvars.copy_context()  # trials on Optuna's threads still see the flow's context
     study.optimize(lambda t: main_ctx.copy().run(objective, t), n_trials=trials, timeout=timeout, n_jobs=n_jobs,
                    catch=())
+    out = finish_study(study, storage, base, tracker, parent, bundles)
+    print(f"fedhq tune: study {study_name!r} in {storage}", file=sys.stderr)
+    return out
+
+
+
+def finish_study(study: optuna.Study, storage: str, base: ExperimentConfig, tracker, parent: str | None,
+                 bundles: dict[int, tuple[dict, dict]]) -> dict[str, Any]:
+    """The study's Pareto front and chosen trial: plotted, logged on the study's MLflow run, the
+    chosen trial's model registered (when it ran in this process), and published in Prefect."""
+    study_name = study.study_name
     front = study.best_trials
     chosen = choose(front)
     out: dict[str, Any] = {
@@ -138,9 +149,7 @@ def tune_flow(config: dict[str, Any], study_name: str, trials: int, timeout: flo
                   f"{out['chosen']['trial']}" + (f", registered as version {out['model_version']}"
                                                  if out.get("model_version") else ""),
                   {"MLflow study run": run_url} if tracker else None)
-    print(f"fedhq tune: study {study_name!r} in {storage}", file=sys.stderr)
     return out
-
 
 def run_tune(cfg: ExperimentConfig, study: str, trials: int, timeout: float | None, n_jobs: int,
              storage: str | None, tune_epochs: bool) -> dict[str, Any]:
