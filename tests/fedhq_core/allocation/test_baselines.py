@@ -1,31 +1,11 @@
 """The baseline allocators: random-hybrid and FedFQ's bit annealing."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from fedhq_core.allocation import (FedHQAllocator, RandomHybridAllocator, SignificanceModel, allocate_coarse,
-                                   local_search, objective)
+from fedhq_core.allocation import RandomHybridAllocator
 from fedhq_core.allocation.fedfq import fedfq_bits
-from fedhq_core.allocation.cost_model import CostModel
-from fedhq_core.allocation.fedhq import normalised_significance
-from fedhq_core.allocation.significance import (client_features, feature_rows, js_divergence, label_histogram, minmax,
-                                                shard_features)
-from fedhq_core.allocation.pilot import fit_for_run, train_here
-from fedhq_core.simulation import Simulation
-
-
-# --- coarse geometry ------------------------------------------------------------------
-
-
-# --- coarse geometry ------------------------------------------------------------------
-def _points():
-    s = np.array([0.0, 0.2, 0.5, 0.9, 1.0])
-    a = np.array([0.1, 0.9, 0.05, 0.0, 0.5])
-    t_ptq = np.array([10.0, 8.0, 5.0, 2.0, 1.0])
-    t_qat = t_ptq * 1.5
-    return s, a, t_ptq, t_qat
 
 
 def test_random_hybrid_share_and_determinism():

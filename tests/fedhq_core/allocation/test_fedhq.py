@@ -5,18 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedhq_core.allocation import (FedHQAllocator, RandomHybridAllocator, SignificanceModel, allocate_coarse,
-                                   local_search, objective)
-from fedhq_core.allocation.fedfq import fedfq_bits
-from fedhq_core.allocation.cost_model import CostModel
+from fedhq_core.allocation import FedHQAllocator, SignificanceModel, allocate_coarse, local_search, objective
 from fedhq_core.allocation.fedhq import normalised_significance
-from fedhq_core.allocation.significance import (client_features, feature_rows, js_divergence, label_histogram, minmax,
-                                                shard_features)
-from fedhq_core.allocation.pilot import fit_for_run, train_here
+from fedhq_core.allocation.pilot import fit_for_run
+from fedhq_core.allocation.significance import client_features, minmax
 from fedhq_core.simulation import Simulation
-
-
-# --- coarse geometry ------------------------------------------------------------------
 
 
 # --- coarse geometry ------------------------------------------------------------------

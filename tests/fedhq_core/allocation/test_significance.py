@@ -3,32 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from fedhq_core.allocation import (FedHQAllocator, RandomHybridAllocator, SignificanceModel, allocate_coarse,
-                                   local_search, objective)
-from fedhq_core.allocation.fedfq import fedfq_bits
-from fedhq_core.allocation.cost_model import CostModel
-from fedhq_core.allocation.fedhq import normalised_significance
+from fedhq_core.allocation import SignificanceModel
 from fedhq_core.allocation.significance import (client_features, feature_rows, js_divergence, label_histogram, minmax,
                                                 shard_features)
-from fedhq_core.allocation.pilot import fit_for_run, train_here
-from fedhq_core.simulation import Simulation
 
 
-# --- coarse geometry ------------------------------------------------------------------
-
-
-# --- coarse geometry ------------------------------------------------------------------
-def _points():
-    s = np.array([0.0, 0.2, 0.5, 0.9, 1.0])
-    a = np.array([0.1, 0.9, 0.05, 0.0, 0.5])
-    t_ptq = np.array([10.0, 8.0, 5.0, 2.0, 1.0])
-    t_qat = t_ptq * 1.5
-    return s, a, t_ptq, t_qat
-
-
-# --- analyses -------------------------------------------------------------------------
 def test_features_and_divergence():
     g = label_histogram(np.repeat(np.arange(10), 10), 10)
     skewed = shard_features(np.zeros(30, dtype=int), g)
