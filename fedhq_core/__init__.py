@@ -4,7 +4,7 @@ Depends on torch, numpy and scikit-learn only (no Prefect, no MLflow), so it run
 notebook::
 
     from fedhq_core import ExperimentConfig, run
-    sim = run(ExperimentConfig(rounds=5))
+    sim = run(ExperimentConfig(rounds=5, tracking=False))
     print(sim.summary()["final_acc_q"])
 """
 from .config import ExperimentConfig, load_config
@@ -12,10 +12,14 @@ from .errors import ConfigError, DataError
 
 
 def __getattr__(name: str):  # torch is imported only when the simulation is used
-    if name in ("Simulation", "run"):
-        from . import simulation
+    if name == "Simulation":
+        from .simulation import Simulation
 
-        return getattr(simulation, name)
+        return Simulation
+    if name == "run":
+        from .loop import run
+
+        return run
     raise AttributeError(name)
 
 
