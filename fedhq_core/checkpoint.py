@@ -69,12 +69,13 @@ def runs_root(state_dir: str | os.PathLike) -> Path:
 
 
 def find_run(state_dir: str | os.PathLike, run_id: str) -> Path:
-    """The folder of run ``run_id``, or of the run with the newest checkpoint for ``latest``."""
+    """The folder of run ``run_id``, or for ``latest`` of the unfinished run (no ``DONE`` marker)
+    with the newest checkpoint: a run that completed is not a run to resume."""
     root = runs_root(state_dir)
     if run_id == "latest":
-        runs = [p for p in root.glob("*/checkpoints/round-*.ckpt")]
+        runs = [p for p in root.glob("*/checkpoints/round-*.ckpt") if not (p.parent.parent / "DONE").exists()]
         if not runs:
-            raise CheckpointError(f"{root}: no run with a checkpoint to resume")
+            raise CheckpointError(f"{root}: no unfinished run with a checkpoint to resume")
         return max(runs, key=lambda p: p.stat().st_mtime).parent.parent
     if not run_id or "/" in run_id or run_id.startswith("."):
         raise CheckpointError(f"resume: invalid run id {run_id!r}")

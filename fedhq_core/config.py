@@ -341,3 +341,15 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         if unknown:
             raise ConfigError(f"{unknown[0]}: unknown key in {source}")
     return from_mapping({**values, **flags})
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """``uri`` without its credentials: ``user:password@`` becomes ``***@`` and the values of
+    query parameters that carry secrets (token, key, secret, password, signature) ``***``."""
+    import re
+
+    if not uri:
+        return uri
+    out = re.sub(r"(://)[^/@\s]+@", r"\1***@", uri)
+    return re.sub(r"([?&](?:[\w.-]*(?:token|key|secret|password|passwd|pwd|signature|sig|auth)[\w.-]*)=)[^&#\s]*",
+                  r"\1***", out, flags=re.IGNORECASE)

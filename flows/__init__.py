@@ -12,8 +12,16 @@ import os
 from pathlib import Path
 
 
+_USER_PREFECT_HOME = os.environ.get("PREFECT_HOME")   # set by the user (kept), else ours (moves with the state)
+
+
 def configure_prefect_env(state_dir: str | None = None) -> None:
+    """Prefect's defaults for a local, offline run, before Prefect is imported. ``state_dir`` (the
+    CLI's ``--state-dir``) moves Prefect's home with FedHQ's state unless the user set
+    ``PREFECT_HOME`` themselves."""
     state = Path(state_dir or os.environ.get("FEDHQ_STATE_DIR", ".fedhq")).resolve()
+    if state_dir is not None and not _USER_PREFECT_HOME:
+        os.environ["PREFECT_HOME"] = str(state / "prefect")
     os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -152,6 +152,10 @@ def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if getattr(args, "state_dir", None):   # --state-dir moves Prefect's home too (before Prefect loads)
+            from flows import configure_prefect_env
+
+            configure_prefect_env(args.state_dir)
         return int(args.func(args) or 0)
     except (UsageError, ConfigError, DataError, CheckpointError) as err:
         print(f"fedhq: error: {err}", file=sys.stderr)

@@ -16,8 +16,10 @@ from flows.cli_options import CONFIG_FLAGS, config_from_args, format_table
 
 def cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
+        # a resumed run keeps the config it was started with: every other flag is refused, none ignored
         given = [flag for flag, key, _, _ in CONFIG_FLAGS if key != "state_dir" and getattr(args, key) is not None]
         given += ["--config"] * bool(args.config) + ["--set"] * bool(args.set_)
+        given += ["--no-tracking"] * (args.tracking is not None) + ["--download"] * (args.download is not None)
         if given:
             raise ConfigError(f"resume: a resumed run keeps its saved config; drop {given[0]}")
         from fedhq_core.checkpoint import find_run
@@ -65,8 +67,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"MLflow: unsent calls wait in {summary['tracking_pending']}; send them with: fedhq upload "
               f"{Path(summary['tracking_pending']).parent}")
     if summary.get("run_dir"):
+        state = summary["config"]["state_dir"]
         print(f"checkpoints: {summary['run_dir']}  (continue an interrupted run with: fedhq run --resume "
-              f"{summary['run_id'] or Path(summary['run_dir']).name})")
+              f"{summary['run_id'] or Path(summary['run_dir']).name}"
+              + (f" --state-dir {state}" if os.path.normpath(state) != ".fedhq" else "") + ")")
     if args.json:
         write_json(args.json, summary)
     return 0

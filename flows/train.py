@@ -149,6 +149,10 @@ def _start_flow(cfg: ExperimentConfig, sim: Simulation, progress: bool, resume: 
 
 
 def run_training(cfg: ExperimentConfig, progress: bool = False) -> dict[str, Any]:
+    if cfg.tracking:   # an unreachable tracking server at the start: one line, before anything runs
+        from tasks.tracking import TrackingSettings, probe_tracking
+
+        probe_tracking(TrackingSettings.load(tracking_uri=cfg.tracking_uri).tracking_uri)
     open_tracker_early(cfg)
     with span("data load"):
         sim = Simulation(cfg)
@@ -164,6 +168,10 @@ def resume_training(state_dir: str, run_id: str, progress: bool = False) -> dict
         raise CheckpointError(f"{folder}: run {folder.name} already completed; nothing to resume")
     tensors, meta, path = ckpts.load_latest(lambda msg: print(f"fedhq: warning: {msg}", file=sys.stderr))
     cfg = from_mapping(meta["config"])
+    if cfg.tracking:
+        from tasks.tracking import TrackingSettings, probe_tracking
+
+        probe_tracking(TrackingSettings.load(tracking_uri=cfg.tracking_uri).tracking_uri)
     sim = Simulation(cfg)
     sim.load_state_dict(tensors, meta)
     print(f"fedhq: resuming run {sim.run_id} after round {sim.rnd - 1} from {path}", file=sys.stderr)

@@ -98,12 +98,33 @@ _SECRET_WORDS = ("password", "secret", "token", "access_key", "credential", "api
 
 
 def redact(key: str, value: str) -> str:
-    """What may be logged of a param: secrets by name masked, ``user:password@`` dropped from URLs."""
-    import re
+    """What may be logged of a param: secrets by name masked, credentials dropped from URLs."""
+    from fedhq_core.config import redact_uri
 
     if any(w in key.lower() for w in _SECRET_WORDS):
         return "***"
-    return re.sub(r"(://)[^/@\s]+@", r"\1***@", value)
+    return redact_uri(value) or value
+
+
+def probe_tracking(uri: str, timeout_s: float = 5.0) -> None:
+    """Before a run starts: an http(s) tracking server that does not accept a connection is a
+    one-line ConfigError (the user expects a run to be tracked where they said; an outage *during*
+    a run is the outbox's job). Local stores (sqlite, file) need no server."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from fedhq_core.config import redact_uri
+    from fedhq_core.errors import ConfigError
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConfigError(f"tracking_uri: no MLflow server answers at {redact_uri(uri)} ({type(err).__name__}: "
+                          f"{err}); start it, point --tracking-uri elsewhere, or run with --no-tracking") from None
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:

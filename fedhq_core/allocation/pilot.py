@@ -81,8 +81,11 @@ def train_through(sim, submit_train: Callable, rnd: int, cids: list[int], strate
     jobs = [ClientJob(rnd, c, sim.shards[c], d.client_spec(rnd, c, strategy)) for c in cids]
     inputs = d.round_inputs()
     results, bad = d.accept(collect([(ch, submit_train(inputs, ch)) for ch in d.chunks(jobs)], 0.0))
-    if bad:
-        raise RuntimeError(f"pilot round {rnd}: client {next(iter(bad))} failed: {next(iter(bad.values()))}")
+    if bad:   # the pilot compares whole rounds: a lost client would bias its gains, so it stops (one line)
+        from ..errors import TooFewClients
+
+        raise TooFewClients(f"SigAcc pilot round {rnd - 10_000}: client {next(iter(bad))} failed "
+                            f"({next(iter(bad.values()))}); the pilot needs every sampled client")
     return results
 
 

@@ -62,7 +62,7 @@ def test_unreadable_checkpoints_give_one_clear_error(tmp_path):
 
 
 def test_find_run(tmp_path):
-    with pytest.raises(CheckpointError, match="no run with a checkpoint"):
+    with pytest.raises(CheckpointError, match="no unfinished run with a checkpoint"):
         find_run(tmp_path, "latest")
     with pytest.raises(CheckpointError, match="no checkpoints for run abc"):
         find_run(tmp_path, "abc")
@@ -71,3 +71,21 @@ def test_find_run(tmp_path):
     for name in ("old", "new"):
         save_state(tmp_path / "runs" / name / "checkpoints" / "round-0000.ckpt", {}, {})
     assert find_run(tmp_path, "latest").name == "new" and find_run(tmp_path, "old").name == "old"
+
+
+def test_resume_latest_is_the_newest_unfinished_run(tmp_path):
+    import os
+
+    from fedhq_core.checkpoint import CheckpointError, find_run, runs_root
+
+    root = runs_root(tmp_path)
+    for i, name in enumerate(("interrupted", "finished")):
+        ckpt = root / name / "checkpoints" / "round-00001.ckpt"
+        ckpt.parent.mkdir(parents=True)
+        ckpt.write_bytes(b"x")
+        os.utime(ckpt, (1000 + i, 1000 + i))        # the finished run's checkpoint is the newer
+    (root / "finished" / "DONE").write_bytes(b"")
+    assert find_run(tmp_path, "latest").name == "interrupted"
+    (root / "interrupted" / "DONE").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no unfinished run"):
+        find_run(tmp_path, "latest")

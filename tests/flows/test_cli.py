@@ -30,12 +30,38 @@ def _cli(*args, cwd=None):
     (["--min-clients", "50"], "min_clients"),
     (["--resume", "no-such-run"], "no-such-run"),
     (["--profile", "/no/such/profile.json"], "profile_file"),
+    (["--resume", "latest", "--no-tracking"], "--no-tracking"),      # refused with --resume, never ignored
+    (["--resume", "latest", "--download"], "--download"),
+    (["--tracking-uri", "http://user:hunter2@127.0.0.1:9/"], "tracking_uri"),   # nothing listens: one line
 ])
 def test_bad_input_is_one_line_exit_2(args, field):
     p = _cli("run", *args)
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and field in lines[0] and "Traceback" not in p.stderr
+    assert "hunter2" not in p.stderr + p.stdout                     # credentials stay in the URI
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this host has CUDA")
+def test_cuda_without_a_gpu_is_one_line_exit_2():
+    p = _cli("run", "--device", "cuda", "--no-tracking")
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "device" in lines[0] and "Traceback" not in p.stderr
+
+
+def test_state_dir_moves_prefect_home(tmp_path):
+    """``--state-dir`` moves Prefect's home with FedHQ's state, unless the user set PREFECT_HOME."""
+    import os
+
+    code = ("import os, sys; from flows.cli import _main; _main(['run', '--state-dir', sys.argv[1], "
+            "'--resume', 'no-such-run']); print(os.environ['PREFECT_HOME'])")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_HOME"}
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "st")], capture_output=True, text=True, cwd=ROOT,
+                       env=env, timeout=60)
+    assert p.stdout.strip() == str((tmp_path / "st" / "prefect").resolve()), p.stderr
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "st")], capture_output=True, text=True, cwd=ROOT,
+                       env={**env, "PREFECT_HOME": str(tmp_path / "mine")}, timeout=60)
+    assert p.stdout.strip() == str(tmp_path / "mine")
 
 
 @pytest.mark.parametrize("args,field", [

@@ -97,8 +97,11 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     assert main(["run", "--resume", "latest", "--no-progress", "--state-dir", str(state), "--json", str(out)]) == 0
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert "resuming run" in err and "after round 1" in err
+    # the printed hint carries the non-default state folder, so it works as printed
+    assert f"--resume {run_dir.name} --state-dir {state}" in captured.out
     res = json.loads(out.read_text())
     assert res["run_id"] == run_dir.name and [r["round"] for r in res["rounds"]] == [0, 1, 2, 3]
 
