@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from fedhq_core.config import DATASETS, STRATEGIES, load_config
+from fedhq_core.config import DATASETS, STRATEGIES, load_config, redact_uri
 from fedhq_core.errors import CheckpointError, ConfigError
 from fedhq_core.records import _json_default, write_json
 from flows import api_settings, start_api_server
@@ -177,12 +177,19 @@ def cmd_upload(args: argparse.Namespace) -> int:
     box = run / "mlflow-outbox"
     if not (box / "ops.jsonl").is_file():
         raise CheckpointError(f"{run}: no unsent tracking calls (no mlflow-outbox/ops.jsonl)")
-    target = json.loads((box / TARGET_FILE).read_text())
+    from tasks.outbox import check_outbox
     from tasks.tracking import Tracker, TrackingSettings
 
-    tracker = Tracker(TrackingSettings.load(tracking_uri=args.tracking_uri or target["tracking_uri"]))
+    check_outbox(box)   # a hostile ops.jsonl is refused in one line before anything is sent
     try:
-        upload(box, tracker.client, tracker.register, lambda m: print(f"fedhq: {m} to {tracker.settings.tracking_uri} "
+        target = json.loads((box / TARGET_FILE).read_text())
+    except (OSError, ValueError):
+        target = {}
+    # the configured tracking server (--tracking-uri, MLFLOW_TRACKING_URI, mlflow.yaml), never the
+    # one the folder names: a folder cannot choose where its files go
+    tracker = Tracker(TrackingSettings.load(tracking_uri=args.tracking_uri))
+    try:
+        upload(box, tracker.client, tracker.register, lambda m: print(f"fedhq: {m} to {redact_uri(tracker.settings.tracking_uri)} "
                                                                         f"(run {target.get('run_id')})"))
     except Exception as err:  # noqa: BLE001 - one line; what was not sent stays for the next try
         print(f"fedhq: error: upload: {type(err).__name__}: {str(err)[:300]} (the unsent calls stay in {box})",

@@ -247,14 +247,56 @@ class Outbox:
             (shutil.rmtree if os.path.isdir(path) else os.unlink)(path)
 
 
+OP_KINDS = ("metrics", "tags", "artifact", "artifacts", "dict", "register", "end")
+REMOTE_MODEL_URIS = ("runs:/", "models:/")
+
+
+def check_outbox(folder: Path) -> list[dict[str, Any]]:
+    """Every op of a parked outbox, refused as a whole (one-line ``CheckpointError``, nothing sent)
+    unless each is a tracking call FedHQ writes and every file it sends lies inside the run
+    folder (``folder``'s parent), symbolic links resolved: a folder made elsewhere cannot make
+    ``fedhq upload`` send a file from outside it."""
+    from fedhq_core.errors import CheckpointError
+
+    path = folder / OPS_FILE
+    run_dir = folder.parent.resolve()
+
+    def refuse(n: int, why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: line {n}: {why}; nothing was sent")
+
+    def inside(p: Any) -> bool:
+        return isinstance(p, str) and bool(p) and Path(p).resolve().is_relative_to(run_dir)
+
+    ops = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            op = json.loads(line)
+        except ValueError:
+            raise refuse(n, "not a tracking call (not JSON)") from None
+        kind = op.get("kind") if isinstance(op, dict) else None
+        if kind not in OP_KINDS:
+            raise refuse(n, f"unknown tracking call {kind!r}")
+        files = [op.get("path")] if kind in ("artifact", "artifacts") else []
+        if kind == "register" and not str(op.get("uri", "")).startswith(REMOTE_MODEL_URIS):
+            files = [op.get("uri")]
+        if kind == "artifacts" and inside(op.get("path")) and os.path.isdir(op["path"]):
+            files += [os.path.join(d, f) for d, _, names in os.walk(op["path"]) for f in names]
+        bad = next((f for f in files if not inside(f)), None)
+        if files and (bad is not None or not all(os.path.exists(f) for f in files)):
+            raise refuse(n, f"{kind} names {bad or files[0]!r}, which is not a file inside the run folder {run_dir}")
+        ops.append(op)
+    return ops
+
+
 def upload(folder: Path, client: Any, register: Callable[..., str], log: Callable[[str], None]) -> dict[str, Any]:
-    """Send a parked outbox (``folder``/ops.jsonl) in order; stops at the first failure and keeps
-    the ops not yet sent. Returns what was sent and the registered versions."""
+    """Send a parked outbox (``folder``/ops.jsonl) in order, once :func:`check_outbox` has passed
+    every op; stops at the first failure and keeps the ops not yet sent. Returns what was sent
+    and the registered versions."""
     path = folder / OPS_FILE
     lines = path.read_text().splitlines()
+    ops = check_outbox(folder)
     versions: list[str] = []
-    for i, line in enumerate(lines):
-        op = json.loads(line)
+    for i, op in enumerate(ops):
         try:
             result = send_op(client, register, op)
         except Exception:
