@@ -26,7 +26,8 @@ DATASETS = ("digits", "cifar10-folder", "cifar10", "cifar100", "svhn")
 MODELS = ("cnn", "resnet18")
 PARTITIONS = ("iid", "dirichlet", "kclass")
 UPLOAD_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)  # 2..8: bit-packed integers; 16/32: float16/float32
-FAULT_KINDS = ("raise", "stall", "nan", "inf", "shape", "dtype", "size")
+FAULT_KINDS = ("raise", "stall", "nan", "inf", "shape", "dtype", "size", "scale", "signflip")
+AGGREGATIONS = ("fedavg", "trimmed-mean", "median")
 STRATEGIES = ("fp32", "all-ptq", "all-qat", "random-hybrid", "fedhq", "fedhq-coarse", "fedfq")
 
 # Default fleet: device class -> share of clients. Names index hardware.catalog.DEVICES.
@@ -115,6 +116,10 @@ class ExperimentConfig:
     task_retries: int = 0            # Prefect retries of a failed training task (transient failures)
     task_retry_delay_s: float = 0.0
     max_upload_factor: float = 2.0   # an upload over this x the FP32 model's size is rejected
+    norm_bound: float = 3.0          # [design] an update whose L2 norm is over this x the round's median is rejected
+                                     # (reason "norm"; 0 = off; needs 3 or more uploads)
+    aggregation: str = "fedavg"      # fedavg | trimmed-mean | median (coordinate-wise, robust to poisoned updates)
+    trim_fraction: float = 0.2       # [design] trimmed-mean: share of the uploads cut at each end, per coordinate
     fault_rate: float = 0.0          # fault injection: share of client tasks that misbehave
     fault_kinds: list[str] = field(default_factory=lambda: ["raise", "nan", "inf", "shape", "dtype", "size"])
     # --- checkpoints ----------------------------------------------------------------------
@@ -131,6 +136,13 @@ class ExperimentConfig:
     # ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def public_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` as FedHQ writes it anywhere (checkpoints, summaries, Prefect parameters,
+        MLflow): the URIs without their credentials (:func:`redact_uri`). A redacted tracking URI
+        takes its credentials from ``MLFLOW_TRACKING_URI`` again (``tasks.tracking``)."""
+        return {**self.to_dict(), "tracking_uri": redact_uri(self.tracking_uri),
+                "dask_address": redact_uri(self.dask_address)}
 
     def replace(self, **changes: Any) -> "ExperimentConfig":
         return validate(dataclasses.replace(self, **changes))
@@ -279,6 +291,10 @@ def _validate_execution(cfg: ExperimentConfig) -> None:
     _check(cfg.task_retries >= 0, "task_retries", "must be >= 0")
     _check(cfg.task_retry_delay_s >= 0, "task_retry_delay_s", "must be >= 0")
     _check(cfg.max_upload_factor >= 1, "max_upload_factor", "must be >= 1")
+    _check(cfg.norm_bound == 0 or cfg.norm_bound >= 1, "norm_bound", "must be 0 (off) or >= 1")
+    _check(cfg.aggregation in AGGREGATIONS, "aggregation",
+           f"unknown aggregation {cfg.aggregation!r} (choose from {', '.join(AGGREGATIONS)})")
+    _check(0 <= cfg.trim_fraction < 0.5, "trim_fraction", "must be in [0, 0.5)")
     _check(0 <= cfg.fault_rate <= 1, "fault_rate", f"must be in [0, 1], got {cfg.fault_rate}")
     _check(bool(cfg.fault_kinds) or cfg.fault_rate == 0, "fault_kinds", "must name at least one kind when fault_rate > 0")
     for kind in cfg.fault_kinds:

@@ -14,6 +14,7 @@ import numpy as np
 from .allocation import Allocation
 from .client import ClientResult, TrainSpec
 from .config import ExperimentConfig
+from .server import update_norm
 from .server_state import ServerState
 from .wire import RejectedUpdate, decode_upload
 from .worker import ClientJob, ModelSpec, RoundInputs, ShardRef, Upload, draw_fault, expected_upload_limit
@@ -32,6 +33,8 @@ class Dispatch:
                  on_device_sensitivity: bool):
         self.cfg, self.shards, self.server, self.spec = cfg, shards, server, spec
         self.on_device_sensitivity = on_device_sensitivity
+        self.norm_checks = 0          # update norms the last accept() computed (priced with the aggregation)
+        self.norm_ref = 0.0           # the median norm of the last accepted updates (the norm bound's cap)
 
     def sample(self, rnd: int, attempt: int = 0) -> list[int]:
         """Seeded client sample of a round; a retried round (``attempt`` > 0) draws afresh."""
@@ -91,7 +94,29 @@ class Dispatch:
                 results.append(r)
             except RejectedUpdate as err:
                 rejected[up.cid] = str(err)
-        return sorted(results, key=lambda r: r.cid), rejected
+        return self.bound_norms(sorted(results, key=lambda r: r.cid), rejected)
+
+    def bound_norms(self, results: list[ClientResult], rejected: dict[int, str]
+                    ) -> tuple[list[ClientResult], dict[int, str]]:
+        """Reject (``norm``) every update whose L2 norm is over ``norm_bound`` x a reference norm:
+        the median of the round's decoded updates, but never above the previous round's accepted
+        median (``norm_ref``), so a round where poisoned updates are the majority cannot lift the
+        bound with them. A poisoned update scaled up passes every other check. With fewer than
+        three updates there is no median to speak of, and nothing is bounded."""
+        bound = self.cfg.norm_bound
+        self.norm_checks = len(results) if bound and len(results) >= 3 else 0
+        if not self.norm_checks:
+            return results, rejected
+        norms = {r.cid: update_norm(r) for r in results}
+        ref = float(np.median(list(norms.values())))
+        ref = min(ref, self.norm_ref) if self.norm_ref else ref
+        for r in results:
+            if norms[r.cid] > bound * ref:
+                rejected[r.cid] = f"norm: update norm {norms[r.cid]:.3g} > {bound:g} x the reference {ref:.3g}"
+        kept = [r for r in results if r.cid not in rejected]
+        if kept:
+            self.norm_ref = float(np.median([norms[r.cid] for r in kept]))
+        return kept, rejected
 
 
 def worker_lost(err: BaseException) -> bool:

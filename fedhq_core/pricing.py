@@ -123,11 +123,13 @@ class FleetPricing:
         assert self.clock is not None, "profile() first"
         return {r.cid: self.clock.client_time(rnd, r.cid, r.work, r.upload_bytes) for r in results}
 
-    def aggregation_s(self, results: list[ClientResult]) -> float:
-        """Priced seconds of decoding and aggregating ``results`` on the server's device."""
+    def aggregation_s(self, results: list[ClientResult], norm_checks: int = 0) -> float:
+        """Priced seconds of decoding and aggregating ``results`` on the server's device, after
+        ``norm_checks`` update norms."""
         assert self.server is not None, "profile() first"
         cfg = self.cfg
         n_qat = sum(bool(r.payload.weight_steps) for r in results)
         bits = (32 if cfg.strategy == "fp32" else int(min(8, max(2, round(cfg.fedfq_avg_bits))))
                 if cfg.strategy == "fedfq" else cfg.upload_bits)
-        return self.server.aggregate_s(len(results) - n_qat, n_qat, bits, sum(r.upload_bytes for r in results))
+        return self.server.aggregate_s(len(results) - n_qat, n_qat, bits, sum(r.upload_bytes for r in results),
+                                       cfg.aggregation, norm_checks)

@@ -32,13 +32,40 @@ def fedavg(global_state: dict[str, torch.Tensor], results: Sequence[ClientResult
     return new
 
 
+def robust_average(global_state: dict[str, torch.Tensor], results: Sequence[ClientResult], method: str,
+                   trim: float = 0.2) -> dict[str, torch.Tensor]:
+    """Master += the coordinate-wise ``median`` or ``trimmed-mean`` (``trim`` of the uploads cut at
+    each end of every coordinate) of the dequantized updates, unweighted: a poisoned update moves a
+    coordinate only as far as the honest ones around it allow (Yin et al., ICML 2018)."""
+    if not results:
+        return global_state
+    deltas = [unpack_update(r.payload) for r in sorted(results, key=lambda r: r.cid)]
+    new = {k: v.clone() for k, v in global_state.items()}
+    for k in deltas[0]:
+        stack = torch.stack([d[k] for d in deltas])
+        if method == "median":
+            agg = stack.median(dim=0).values
+        else:
+            cut = int(trim * len(deltas))
+            agg = stack.sort(dim=0).values[cut:len(deltas) - cut].mean(dim=0)
+        new[k].add_(agg.to(new[k].device, new[k].dtype))
+    return new
+
+
+def update_norm(result: ClientResult) -> float:
+    """The L2 norm of an upload's dequantized update (the server's norm bound, ``dispatch``)."""
+    return float(torch.sqrt(sum((d.double() ** 2).sum() for d in unpack_update(result.payload).values())))
+
+
 def aggregate(global_state: dict[str, torch.Tensor], global_ranges: dict[str, tuple[float, float]] | None,
-              results: Sequence[ClientResult]) -> tuple[dict[str, torch.Tensor], dict[str, tuple[float, float]] | None,
-                                                        dict[str, torch.Tensor] | None]:
-    """One round of the server's aggregation: the FedAvg master, the averaged activation ranges
-    (kept when no client sent any) and the QAT clients' averaged weight steps (None without QAT).
-    The clock prices exactly this function from its trace (``hardware.server_work``)."""
-    return fedavg(global_state, results), average_ranges(results, global_ranges), average_steps(results)
+              results: Sequence[ClientResult], method: str = "fedavg", trim: float = 0.2,
+              ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[float, float]] | None, dict[str, torch.Tensor] | None]:
+    """One round of the server's aggregation: the master (FedAvg, or a robust ``method``), the
+    averaged activation ranges (kept when no client sent any) and the QAT clients' averaged weight
+    steps (None without QAT). The clock prices exactly this function from its trace
+    (``hardware.server_work``)."""
+    master = fedavg(global_state, results) if method == "fedavg" else robust_average(global_state, results, method, trim)
+    return master, average_ranges(results, global_ranges), average_steps(results)
 
 
 def average_ranges(results: Iterable[ClientResult],

@@ -70,7 +70,8 @@ class ServerState:
         return len(ptq) * self.pricing.server.sens_s()
 
     # --- aggregation --------------------------------------------------------------------------
-    def aggregate(self, results: list[ClientResult], measure_gap: bool, measure_sensitivity: bool) -> float:
+    def aggregate(self, results: list[ClientResult], measure_gap: bool, measure_sensitivity: bool,
+                  norm_checks: int = 0) -> float:
         """FedAvg into the master; returns the server's priced seconds after the uploads. The gap
         of the master the clients started from is measured first (``gap_s``, priced, concurrent
         with their training on the clock); the uploads' sensitivities while the next round trains
@@ -89,13 +90,14 @@ class ServerState:
         with span("aggregate"):
             self.aggregate_results(results)
         self.host_s = time.perf_counter() - t0
-        return self.pricing.aggregation_s(results)
+        return self.pricing.aggregation_s(results, norm_checks)
 
     def aggregate_results(self, results: list[ClientResult]) -> None:
         """FedAvg of the master, the clients' averaged ranges and QAT steps (pilot and rounds)."""
         # QAT clients' learned weight steps (None in a round without QAT: MSE scales then)
+        cfg = self.pricing.cfg
         self.global_state, self.global_ranges, self.global_steps = aggregate(self.global_state, self.global_ranges,
-                                                                             results)
+                                                                             results, cfg.aggregation, cfg.trim_fraction)
 
     # --- deployment and evaluation ------------------------------------------------------------
     def deploy_ranges(self) -> dict[str, tuple[float, float]]:

@@ -187,7 +187,8 @@ class Simulation:
     def aggregate(self, results: list[ClientResult]) -> float:
         """FedAvg into the master (``ServerState.aggregate``); the priced seconds after the uploads."""
         return self.server.aggregate(results, self.capabilities.reads_gap,
-                                     self.server_measures_sensitivity and self.rnd + 1 < self.cfg.rounds)
+                                     self.server_measures_sensitivity and self.rnd + 1 < self.cfg.rounds,
+                                     self.dispatch.norm_checks)
 
     def evaluate(self) -> dict[str, float]:
         return self.server.evaluate()
@@ -262,13 +263,14 @@ class Simulation:
         assert speed is not None and clock is not None, "profile() first"
         tensors = {**self.server.state_tensors(), "rng/torch": torch.get_rng_state()}
         sig = self.allocator.significance
-        meta = {"format": 1, "round": self.rnd, "run_id": self.run_id, "config": self.cfg.to_dict(),
+        meta = {"format": 1, "round": self.rnd, "run_id": self.run_id, "config": self.cfg.public_dict(),
                 **self.server.state_meta(),
                 "records": [record_dict(r) for r in self.records],
                 "clock": {"now_s": clock.now_s, "history": list(clock.history)},
                 "speed": speed.to_state(), "allocator": self.allocator.state_dict(),
                 "significance": sig.to_state() if sig is not None else None,
                 "upload_bytes_total": self.upload_bytes_total, "fit": dict(vars(self.fit)),
+                "norm_ref": self.dispatch.norm_ref,
                 "wall_elapsed_s": time.perf_counter() - self.wall_start}
         return tensors, meta
 
@@ -289,6 +291,7 @@ class Simulation:
         self.run_id = meta.get("run_id")
         self.upload_bytes_total = int(meta["upload_bytes_total"])
         self.fit = FitInfo(**meta["fit"]) if meta.get("fit") else self.fit
+        self.dispatch.norm_ref = float(meta.get("norm_ref", 0.0))
         self.wall_start = time.perf_counter() - float(meta["wall_elapsed_s"])
         torch.set_rng_state(tensors["rng/torch"])
 
@@ -308,7 +311,7 @@ class Simulation:
         clock, speed = self.pricing.clock, self.pricing.speed
         total = clock.now_s if clock else 0.0
         return {
-            "config": self.cfg.to_dict(),
+            "config": self.cfg.public_dict(),
             "rounds": [record_dict(r) for r in self.records],
             "final_acc_q": last.acc_q if last else None,
             "final_acc_fp32": last.acc_fp32 if last else None,

@@ -16,7 +16,13 @@ pickle gadget. It is about ten times faster than ``torch.save``/``torch.load`` o
 * ``nonfinite`` - NaN/Inf in the update, its scales, ranges or QAT steps,
 * ``n_samples`` - a sample count outside ``1..max_samples`` (it weights FedAvg).
 
-Checks run on the decoded update itself, so a payload that passes cannot poison FedAvg.
+* ``norm``      - an update whose L2 norm is over ``norm_bound`` x the round's median update norm
+                  (``dispatch.Dispatch.accept``, once every upload of the round is decoded).
+
+These checks bound what one update can do, but a well-formed update can still pull the model
+the wrong way: a finite update scaled by 100 passes every check above but ``norm``, and a
+moderately scaled or sign-flipped one may pass that too. ``aggregation: trimmed-mean | median``
+(``server.aggregate``) limits what the updates that pass can do (docs/operations.md).
 """
 from __future__ import annotations
 
@@ -31,7 +37,8 @@ from .client import STEP_KINDS, ClientResult
 from .config import UPLOAD_BITS
 from .quant.payload import PackedTensor, Payload, finite_payload, packed_layout
 
-REJECT_REASONS = ("raised", "timeout", "worker-lost", "size", "decode", "keys", "dtype", "shape", "nonfinite", "n_samples")
+REJECT_REASONS = ("raised", "timeout", "worker-lost", "size", "decode", "keys", "dtype", "shape", "nonfinite", "n_samples",
+                  "norm")
 
 
 class RejectedUpdate(ValueError):

@@ -229,6 +229,9 @@ def draw_fault(seed: int, rnd: int, cid: int, attempt: int, rate: float, kinds: 
     return kinds[int(rng.integers(len(kinds)))]
 
 
+POISON_FACTORS = {"scale": 100.0, "signflip": -4.0}   # poisoned updates: the honest update times this
+
+
 def corrupt(wire: dict, kind: str) -> dict:
     """Turn a valid upload into the kind of garbage ``kind`` names (the payload stays decodable)."""
     meta = json.loads(wire["meta"])
@@ -249,6 +252,15 @@ def corrupt(wire: dict, kind: str) -> dict:
     elif kind == "size":
         floats = sum(math.prod(t["shape"]) for t in meta["tensors"].values())
         wire["data"]["padding"] = torch.zeros(12 * floats + (1 << 20), dtype=torch.uint8)  # 3x the FP32 model
+    elif kind in POISON_FACTORS:   # a well-formed, finite update, scaled: every check but the norm passes
+        factor = POISON_FACTORS[kind]
+        for t, spec_t in meta["tensors"].items():
+            if spec_t["bits"] >= 16:
+                dtype = torch.float16 if spec_t["bits"] == 16 else torch.float32
+                vals = torch.frombuffer(bytearray(wire["data"][t].numpy().tobytes()), dtype=dtype) * factor
+                wire["data"][t] = torch.frombuffer(bytearray(vals.numpy().tobytes()), dtype=torch.uint8)
+            else:
+                wire["scale"][t] = wire["scale"][t] * factor
     wire["meta"] = json.dumps(meta)
     return wire
 
@@ -267,7 +279,7 @@ def run_job(inputs: RoundInputs, job: ClientJob, device: torch.device) -> Upload
                                   job.spec, inputs.global_steps, warm)
         with span("pack (wire)", job.rnd):
             wire = to_wire(result)
-        if job.fault in ("nan", "inf", "shape", "dtype", "size"):
+        if job.fault in ("nan", "inf", "shape", "dtype", "size", "scale", "signflip"):
             wire = corrupt(wire, job.fault)
         with span("pack (wire)", job.rnd):
             data = save_wire(wire)

@@ -184,7 +184,7 @@ def bench_flow(config: dict[str, Any], strategies: list[str], seeds: list[int], 
             if speed is None:
                 speed = T.profile_hardware(sim, None)
                 if tracker:
-                    parent = tracker.start(f"bench-{ds.name}", {**base.to_dict(), "strategies": strategies,
+                    parent = tracker.start(f"bench-{ds.name}", {**base.public_dict(), "strategies": strategies,
                                                                  "seeds": seeds}, tags={"kind": "bench"})
             if sim.needs_significance():
                 sim.profile(speed)
@@ -198,7 +198,7 @@ def bench_flow(config: dict[str, Any], strategies: list[str], seeds: list[int], 
     out = summarize(per_seed, target)
     sigs = {str(s): runs["fedhq"].get("significance") for s, runs in per_seed.items() if "fedhq" in runs}
     out["significance"] = {s: v for s, v in sigs.items() if v} or None
-    out["config"] = base.to_dict()
+    out["config"] = base.public_dict()
     out["seeds"] = list(seeds)
     out["host"] = host_info(str(sim.device.type))
     out["speed_model"] = speed.describe(base.batch_size) if speed else None
@@ -239,7 +239,7 @@ def run_bench(cfg: ExperimentConfig, strategies: list[str], seeds: list[int], ta
               progress: bool = False) -> dict[str, Any]:
     workers = set_torch_threads(cfg)
     f = bench_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
-    return f(cfg.to_dict(), strategies, seeds, target, progress)
+    return f(cfg.public_dict(), strategies, seeds, target, progress)
 
 
 def bench_table(out: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:

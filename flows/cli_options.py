@@ -77,7 +77,21 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         k, v = item.split("=", 1)
         import yaml
         overrides[k.strip()] = yaml.safe_load(v)
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    export_credentials(cfg)
+    return cfg
+
+
+def export_credentials(cfg: ExperimentConfig) -> None:
+    """A tracking URI with credentials goes into this process's ``MLFLOW_TRACKING_URI``: what FedHQ
+    writes anywhere (Prefect parameters, checkpoints, summaries) holds it redacted, and a redacted
+    URI takes its credentials back from there (``tasks.tracking.with_credentials``)."""
+    import os
+
+    from fedhq_core.config import redact_uri
+
+    if cfg.tracking_uri and redact_uri(cfg.tracking_uri) != cfg.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking_uri
 
 
 def format_table(headers: list[str], rows: list[list[Any]]) -> str:

@@ -17,7 +17,9 @@ from flows.cli_options import CONFIG_FLAGS, config_from_args, format_table
 def cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         # a resumed run keeps the config it was started with: every other flag is refused, none ignored
-        given = [flag for flag, key, _, _ in CONFIG_FLAGS if key != "state_dir" and getattr(args, key) is not None]
+        # (where it continues to reach outside the run is confirmed: --tracking-uri, --dask-address)
+        given = [flag for flag, key, _, _ in CONFIG_FLAGS
+                 if key not in ("state_dir", "tracking_uri", "dask_address") and getattr(args, key) is not None]
         given += ["--config"] * bool(args.config) + ["--set"] * bool(args.set_)
         given += ["--no-tracking"] * (args.tracking is not None) + ["--download"] * (args.download is not None)
         if given:
@@ -29,7 +31,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         start_api_server()
         from flows.train import resume_training
 
-        summary = resume_training(state_dir, args.resume, progress=not args.no_progress)
+        if args.tracking_uri:
+            os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri   # as config_from_args does
+        summary = resume_training(state_dir, args.resume, progress=not args.no_progress,
+                                  tracking_uri=args.tracking_uri, dask_address=args.dask_address)
         cfg = load_config(None, summary["config"])
     else:
         cfg = config_from_args(args)
@@ -82,7 +87,7 @@ def cmd_fit_significance(args: argparse.Namespace) -> int:
     from flows.significance import fit_significance_flow
 
     with api_settings():
-        res = fit_significance_flow(cfg.to_dict())
+        res = fit_significance_flow(cfg.public_dict())
     # the fit's figures; the setting it was fitted for is in the registry version's tags
     from flows.significance import SIG_FIGURES
 
@@ -319,5 +324,5 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           "export PREFECT_API_URL=http://127.0.0.1:4200/api)")
     from flows.deployments import serve
 
-    serve(cfg.to_dict(), nightly_cron=args.nightly_cron, tune_cron=args.tune_cron, refit_cron=args.refit_cron)
+    serve(cfg.public_dict(), nightly_cron=args.nightly_cron, tune_cron=args.tune_cron, refit_cron=args.refit_cron)
     return 0

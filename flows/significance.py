@@ -50,7 +50,7 @@ def obtain_significance(sim: Simulation, tracker=None, submit: Callable | None =
         tracker.start(f"fit-significance-{sim.dataset_name}", {**wanted}, tags={"kind": "fit-significance"})
         tracker.log_metrics({"train_r2": model.train_r2, "cv_r2": model.cv_r2, "cv_r2_rounds": model.cv_r2_rounds,
                              "mean_gain": model.tags["mean_gain"]})
-        version = tracker.log_sklearn(model.regressor, "significance", name,
+        version = tracker.log_state(model.to_state(), "significance", name,
                                       {**model.tags, "setting": setting_key(wanted),
                                        "fit_wall_s": round(model.fit_info.wall_s, 3)}, aliases=("current",))
         tracker.end()

@@ -112,8 +112,8 @@ def train_flow(config: dict[str, Any], progress: bool = False, prepared: str | N
                resume: bool = False) -> dict[str, Any]:
     """One FedHQ training run. ``config`` holds ExperimentConfig fields (validated here)."""
     add_span("prefect flow start", _CALLED.get(prepared, time.time()))
-    cfg = from_mapping(config)
     sim = _PREPARED.pop(prepared, None) if prepared else None
+    cfg = sim.cfg if sim is not None else from_mapping(config)   # the parameters carry no credentials
     out = execute_run(cfg, sim=sim, progress=progress, resume=resume and sim is not None)
     with span("prefect artifacts"):
         from flows.artifacts import publish_run
@@ -140,7 +140,7 @@ def _start_flow(cfg: ExperimentConfig, sim: Simulation, progress: bool, resume: 
         with api_settings():
             f = train_flow.with_options(task_runner=task_runner_for(cfg))
             _CALLED[key] = time.time()
-            out = f(cfg.to_dict(), progress=progress, prepared=key, resume=resume)
+            out = f(cfg.public_dict(), progress=progress, prepared=key, resume=resume)
         add_span("prefect flow end", _CALLED[key])
         return out
     finally:
@@ -159,19 +159,45 @@ def run_training(cfg: ExperimentConfig, progress: bool = False) -> dict[str, Any
     return _start_flow(cfg, sim, progress, resume=False)
 
 
-def resume_training(state_dir: str, run_id: str, progress: bool = False) -> dict[str, Any]:
+def resumed_config(cfg: ExperimentConfig, saved: dict[str, Any], tracking_uri: str | None,
+                   dask_address: str | None) -> ExperimentConfig:
+    """A checkpoint's config, where it reaches outside the run, only as the current settings
+    confirm it: the tracking server is the configured one (``--tracking-uri``, else
+    MLFLOW_TRACKING_URI / mlflow.yaml) and must be the one the run tracked to unless
+    ``--tracking-uri`` names it; a Dask scheduler only with ``--dask-address``; downloading never."""
+    from fedhq_core.config import redact_uri
+    from fedhq_core.errors import ConfigError
+
+    changes: dict[str, Any] = {"download": False}
+    if cfg.tracking:
+        from tasks.tracking import TrackingSettings, probe_tracking
+
+        configured = TrackingSettings.load(tracking_uri=tracking_uri).tracking_uri
+        if saved.get("tracking_uri") and not tracking_uri and redact_uri(configured) != saved["tracking_uri"]:
+            raise ConfigError(f"tracking_uri: the run tracked to {saved['tracking_uri']}, the configured server is "
+                              f"{redact_uri(configured)}; pass --tracking-uri to say where it continues")
+        probe_tracking(configured)
+        changes["tracking_uri"] = configured
+    if saved.get("dask_address") and not dask_address:
+        raise ConfigError(f"dask_address: the run trained on {saved['dask_address']}; pass --dask-address to "
+                          f"confirm where it continues")
+    if dask_address:
+        changes["dask_address"] = dask_address
+    return cfg.replace(**changes)
+
+
+def resume_training(state_dir: str, run_id: str, progress: bool = False, tracking_uri: str | None = None,
+                    dask_address: str | None = None) -> dict[str, Any]:
     """Continue run ``run_id`` (or ``latest``) from its newest good checkpoint, into the same
-    MLflow run. A corrupt checkpoint is reported and the previous one used."""
+    MLflow run. A corrupt checkpoint is reported and the previous one used. Its config is not
+    trusted where it reaches outside the run (:func:`resumed_config`)."""
     folder = find_run(state_dir, run_id)
     ckpts = Checkpoints(folder)
     if ckpts.done:
         raise CheckpointError(f"{folder}: run {folder.name} already completed; nothing to resume")
     tensors, meta, path = ckpts.load_latest(lambda msg: print(f"fedhq: warning: {msg}", file=sys.stderr))
-    cfg = from_mapping(meta["config"])
-    if cfg.tracking:
-        from tasks.tracking import TrackingSettings, probe_tracking
-
-        probe_tracking(TrackingSettings.load(tracking_uri=cfg.tracking_uri).tracking_uri)
+    cfg = resumed_config(from_mapping({**meta["config"], "tracking_uri": None, "dask_address": None}), meta["config"],
+                         tracking_uri, dask_address)
     sim = Simulation(cfg)
     sim.load_state_dict(tensors, meta)
     print(f"fedhq: resuming run {sim.run_id} after round {sim.rnd - 1} from {path}", file=sys.stderr)

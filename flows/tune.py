@@ -74,7 +74,7 @@ def tune_flow(config: dict[str, Any], study_name: str, trials: int, timeout: flo
                                 directions=["maximize", "minimize"],
                                 sampler=optuna.samplers.NSGAIISampler(seed=base.seed))
     tracker = tracker_for(base)
-    parent = tracker.start(f"tune-{study_name}", {**base.to_dict(), "study": study_name, "storage": storage,
+    parent = tracker.start(f"tune-{study_name}", {**base.public_dict(), "study": study_name, "storage": storage,
                                                  "trials": trials}, tags={"kind": "tune"}) if tracker else None
     sim0 = Simulation(base, dataset=ds)
     speed = T.profile_hardware(sim0, None)
@@ -154,4 +154,4 @@ def finish_study(study: optuna.Study, storage: str, base: ExperimentConfig, trac
 def run_tune(cfg: ExperimentConfig, study: str, trials: int, timeout: float | None, n_jobs: int,
              storage: str | None, tune_epochs: bool) -> dict[str, Any]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return tune_flow(cfg.to_dict(), study, trials, timeout, n_jobs, storage, tune_epochs)
+    return tune_flow(cfg.public_dict(), study, trials, timeout, n_jobs, storage, tune_epochs)

@@ -10,6 +10,7 @@ process groups and stopped by PID; everything binds to 127.0.0.1 unless FEDHQ_BI
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import socket
@@ -19,6 +20,8 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from fedhq_core.config import redact_uri
 
 BIN = Path(sys.executable).parent
 
@@ -141,15 +144,22 @@ def start(workdir: str, bucket: str = "fedhq", prefix: str = "mlflow", host: str
     return stack
 
 
+SECRET_VAR = re.compile(r"KEY|SECRET|PASSWORD|TOKEN|CREDENTIAL", re.IGNORECASE)
+
+
 def main(argv: list[str]) -> int:
     state = Path(os.environ.get("FEDHQ_STATE_DIR", ".fedhq")) / "stack"
     info = state / "stack.json"
     if argv[:1] == ["start"]:
         stack = start(str(state))
         info.write_text(json.dumps(asdict(stack)))
+        env_file = state / "stack.env"     # every variable, credentials included: readable by the owner only
+        env_file.write_text("".join(f"export {k}={v}\n" for k, v in stack.env().items()))
+        env_file.chmod(0o600)
         for k, v in stack.env().items():
-            if "SECRET" not in k:
-                print(f"export {k}={v}")
+            if not SECRET_VAR.search(k):
+                print(f"export {k}={redact_uri(v)}")
+        print(f"# credentials are not printed: source {env_file}")
         return 0
     if argv[:1] == ["stop"] and info.is_file():
         Stack(**json.loads(info.read_text())).stop()

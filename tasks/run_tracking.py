@@ -10,8 +10,9 @@ import uuid
 from concurrent.futures import Future
 from typing import Any
 
+from fedhq_core.allocation.cost_model import ridge_to_state
 from fedhq_core.checkpoint import runs_root
-from fedhq_core.config import ExperimentConfig
+from fedhq_core.config import ExperimentConfig, redact_uri
 from fedhq_core.phases import span
 from fedhq_core.records import RoundRecord, format_reasons, write_json
 
@@ -85,7 +86,7 @@ def start_tracking(tracker, sim: Any, resume: bool, run_name: str | None, parent
                 tracker.log_metrics(rec.metrics(), step=rec.round)
     elif tracker:
         with span("tracking start"):
-            tracker.start(run_name or f"{cfg.strategy}-{sim.dataset_name}-s{cfg.seed}", cfg.to_dict(),
+            tracker.start(run_name or f"{cfg.strategy}-{sim.dataset_name}-s{cfg.seed}", cfg.public_dict(),
                           tags={"strategy": cfg.strategy, "dataset": sim.dataset_name}, parent_run_id=parent_run_id)
             tracker.log_dict(sim.pricing.speed.describe(cfg.batch_size), "speed_model.json")
     sim.run_id = (tracker.run_id if tracker else None) or sim.run_id or f"local-{uuid.uuid4().hex[:12]}"
@@ -129,7 +130,7 @@ def finish_tracking(tracker, sim: Any, summary: dict[str, Any], register: bool) 
     the summary and rejected updates; where the server is still away, the parked calls."""
     cfg = sim.cfg
     for refit in sim.allocator.refits:
-        tracker.log_sklearn(refit["model"], f"cost-model-v{refit['version']}", tracker.settings.cost_model,
+        tracker.log_state(ridge_to_state(refit["model"]), f"cost-model-v{refit['version']}", tracker.settings.cost_model,
                             {"strategy": cfg.strategy, "dataset": sim.dataset_name, "xi": cfg.xi,
                              "round": refit["round"], "n_samples": refit["n_samples"],
                              "run_version": refit["version"]}, aliases=("current",))
@@ -146,11 +147,11 @@ def finish_tracking(tracker, sim: Any, summary: dict[str, Any], register: bool) 
         with span("registration"):
             summary["model_version"] = tracker.register_global_model(sim.deployed_bundle(), model_tags(sim, summary))
     summary["wall_s"] = sim.summary()["wall_s"]
-    summary["mlflow_run_url"] = tracker.run_url()
-    summary["tracking_uri"] = tracker.settings.tracking_uri
+    summary["mlflow_run_url"] = redact_uri(tracker.run_url())
+    summary["tracking_uri"] = redact_uri(tracker.settings.tracking_uri)
     if summary.get("model_version"):
         summary["registered_model"] = tracker.settings.registered_model
-        summary["model_version_url"] = tracker.model_version_url(summary["model_version"])
+        summary["model_version_url"] = redact_uri(tracker.model_version_url(summary["model_version"]))
     with span("tracking end"):
         tracker.log_dict({k: v for k, v in summary.items() if k != "rounds"}, "summary.json")
         tracker.log_dict({str(r.round): {str(c): why for c, why in r.rejected.items()}
@@ -168,7 +169,7 @@ def report_parked(tracker, summary: dict[str, Any] | None = None) -> bool:
     folder = tracker.parked
     if summary is not None:
         write_json(str(folder.parent / "summary.json"), summary)
-    print(f"fedhq: warning: MLflow at {tracker.settings.tracking_uri} did not answer by the end of the run; "
+    print(f"fedhq: warning: MLflow at {redact_uri(tracker.settings.tracking_uri)} did not answer by the end of the run; "
           f"its summary, model and {sum(1 for _ in open(folder / 'ops.jsonl'))} unsent tracking calls wait in "
           f"{folder}. Send them when it is back with: fedhq upload {folder.parent}", file=sys.stderr, flush=True)
     return True

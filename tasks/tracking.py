@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedhq_core.config import redact_uri
+
 
 DEFAULTS = {
     "tracking_uri": "sqlite:///mlflow.db",
@@ -73,7 +75,7 @@ class TrackingSettings:
         if os.environ.get("MLFLOW_TRACKING_URI"):
             values["tracking_uri"] = os.environ["MLFLOW_TRACKING_URI"]
         if tracking_uri:
-            values["tracking_uri"] = tracking_uri
+            values["tracking_uri"] = with_credentials(tracking_uri)
         if experiment:
             values["experiment"] = experiment
         if registered_model:
@@ -87,13 +89,14 @@ class TrackingSettings:
         if not values.get("ui_url"):
             uri = str(values["tracking_uri"])
             values["ui_url"] = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-        values["ui_url"] = str(values["ui_url"]).rstrip("/")
+        values["ui_url"] = redact_uri(str(values["ui_url"]).rstrip("/"))   # links are shown: no credentials
         return cls(**values)
 
 
 _lock = threading.Lock()
 
 
+STATE_FILE = "state.json"   # a model stored as data (log_state)
 _SECRET_WORDS = ("password", "secret", "token", "access_key", "credential", "api_key")
 
 
@@ -104,6 +107,22 @@ def redact(key: str, value: str) -> str:
     if any(w in key.lower() for w in _SECRET_WORDS):
         return "***"
     return redact_uri(value) or value
+
+
+def with_credentials(uri: str) -> str:
+    """A URI FedHQ wrote redacted (``***@``, ``token=***``) takes its credentials back from
+    ``MLFLOW_TRACKING_URI`` when that is the same URI unredacted; otherwise it is refused in one
+    line (credentials are never written, so they must come from the environment or a flag)."""
+    from fedhq_core.config import redact_uri
+    from fedhq_core.errors import ConfigError
+
+    if "***" not in uri:
+        return uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env and redact_uri(env) == uri:
+        return env
+    raise ConfigError(f"tracking_uri: {uri} was saved without its credentials; give them with MLFLOW_TRACKING_URI "
+                      f"or --tracking-uri")
 
 
 def probe_tracking(uri: str, timeout_s: float = 5.0) -> None:
@@ -177,7 +196,7 @@ class Tracker:
         self.parked = None
         self._deadline = None   # the run's end waits on an away server outage_wait_s in all
         self.outbox = Outbox(self.client, self.register, Path(folder), self.settings.outbox_limit,
-                             target={"tracking_uri": self.settings.tracking_uri, "run_id": self.run_id})
+                             target={"tracking_uri": redact_uri(self.settings.tracking_uri), "run_id": self.run_id})
 
     def _put(self, op: dict[str, Any]):
         return self.outbox.put(self.outbox.stage(dict(op, run_id=self.run_id)))
@@ -320,16 +339,18 @@ class Tracker:
                 self.client.log_artifact(self.run_id, files["int_weights"], "deployable")
         return self._register(self.settings.registered_model, uri, dict(tags, int_model_bytes=int_size))
 
-    def log_sklearn(self, model: Any, name: str, registered: str, tags: dict[str, Any],
-                    aliases: tuple[str, ...] = ()) -> str:
-        """Log a scikit-learn model in this run and register it as a new version of ``registered``."""
-        import mlflow.sklearn
-        import sklearn
+    def log_state(self, state: dict[str, Any], name: str, registered: str, tags: dict[str, Any],
+                  aliases: tuple[str, ...] = ()) -> str:
+        """Log a fitted model *as data* (``state.json``: its arrays and settings, no pickle of any
+        kind) in this run and register it as a new version of ``registered``. SigAcc models are
+        rebuilt from their fit data by a deterministic refit, cost models from their coefficients
+        (:meth:`load_significance`, ``allocation.cost_model.ridge_from_state``)."""
+        def save(path: str) -> None:
+            os.makedirs(path, exist_ok=True)
+            with open(os.path.join(path, STATE_FILE), "w") as f:
+                json.dump(state, f)
 
-        # skops serialization (no pickle); tree ensembles need their node type declared trusted
-        uri = self._log_model_dir(lambda path: mlflow.sklearn.save_model(
-            model, path, pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
-            skops_trusted_types=["sklearn.tree._tree.Tree"]), name)
+        uri = self._log_model_dir(save, name)
         return self._register(registered, uri, tags, aliases)
 
     def _register(self, name: str, model_uri: str, tags: dict[str, Any], aliases: tuple[str, ...] = ()) -> str | None:
@@ -366,9 +387,11 @@ class Tracker:
                                                      order_by=["version_number DESC"])
         for mv in versions:
             if all(mv.tags.get(k) == str(v) for k, v in wanted.items()):
-                self.mlflow.set_tracking_uri(self.settings.tracking_uri)
-                reg = self.mlflow.sklearn.load_model(f"models:/{name}/{mv.version}")
-                model = SignificanceModel(reg, dict(mv.tags))
+                state = self.load_state(mv.source)
+                if state is None:
+                    continue   # not stored as data (an older or foreign version): never unpickled
+                model = SignificanceModel.from_state(state)
+                model.tags = dict(mv.tags)
                 for k in ("train_r2", "cv_r2", "cv_r2_rounds"):
                     setattr(model, k, float(mv.tags.get(k, "nan")))
                 # a one-off cost: each run that reuses the fit is counted on its version
@@ -377,6 +400,21 @@ class Tracker:
                 model.tags["runs_reused"] = str(reused)
                 return model, f"version {mv.version}"
         return None, "no version fitted for this setting"
+
+    def load_state(self, source: str) -> dict[str, Any] | None:
+        """The ``state.json`` of a version logged by :meth:`log_state` (plain JSON, read as data),
+        or None when the version holds no such file."""
+        import mlflow.artifacts
+
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = mlflow.artifacts.download_artifacts(artifact_uri=f"{source.rstrip('/')}/{STATE_FILE}",
+                                                           dst_path=tmp, tracking_uri=self.settings.tracking_uri)
+                with open(path) as f:
+                    data = json.load(f)
+        except Exception:  # noqa: BLE001 - missing or unreadable: not a state version
+            return None
+        return data if isinstance(data, dict) else None
 
     def register(self, name: str, model_uri: str, tags: dict[str, Any], aliases: tuple[str, ...] = (),
                  run_id: str | None = None) -> str:

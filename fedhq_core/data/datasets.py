@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,37 +135,79 @@ def _cifar_folder(data_dir: Path, cache_dir: Path, per_class: int = 0) -> Datase
 
 # --- original release formats through torchvision -------------------------------------
 
+class _CifarUnpickler(pickle.Unpickler):
+    """The CIFAR release's python batches are pickles: read them allowing only what a batch holds
+    (dicts, lists, strings, numbers and numpy arrays), so a crafted ``--data-dir`` cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not something a CIFAR batch holds")
+
+
+def _read_cifar_file(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(f"{path}: cifar10/cifar100 files not found; pass --download to fetch the release")
+    try:
+        with open(path, "rb") as fh:
+            entry = _CifarUnpickler(fh, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+        raise DataError(f"{path}: not a CIFAR batch ({str(err)[:120]})") from None
+    if not isinstance(entry, dict):
+        raise DataError(f"{path}: not a CIFAR batch (a {type(entry).__name__})")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+def _cifar_release(name: str, data_dir: Path, download: bool):
+    """CIFAR-10/100 in the release's python format. ``--download`` fetches it with torchvision (which
+    checks every file's md5); reading is ours, with a restricted unpickler, downloaded or not."""
+    from torchvision import datasets as tvd
+
+    base = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+    if download:
+        base(str(data_dir), train=True, download=True)
+    folder = data_dir / base.base_folder
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+
+    def read(files) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        for fn, _md5 in files:
+            entry = _read_cifar_file(folder / fn)
+            try:
+                xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                ys.append(np.asarray(entry[label_key], dtype=np.int64))
+            except (KeyError, ValueError) as err:
+                raise DataError(f"{folder / fn}: not a {name} batch ({type(err).__name__}: {err})") from None
+        return np.concatenate(xs), np.concatenate(ys)
+
+    xtr, ytr = read(base.train_list)
+    xte, yte = read(base.test_list)
+    classes = _read_cifar_file(folder / base.meta["filename"]).get(base.meta["key"])
+    ncls = 10 if name == "cifar10" else 100
+    if classes is not None and len(classes) != ncls:
+        raise DataError(f"{folder / base.meta['filename']}: {len(classes)} class names, expected {ncls}")
+    return xtr, ytr, xte, yte, ncls
+
+
 def _torchvision_sets(name: str, data_dir: Path, download: bool):
     from torchvision import datasets as tvd
 
-    # torchvision checks each file's md5 before reading; we check presence instead, so that the
-    # loaders can be tested on small files in the same formats. Downloads keep torchvision's checks.
+    # SVHN's release is .mat files (scipy.io, no pickle); torchvision checks each file's md5 before
+    # reading, so the loader checks presence instead and can be tested on small files in the same
+    # format. Downloads keep torchvision's checks.
     def exists_only(cls, files):
         class _Local(cls):  # type: ignore[misc, valid-type]
             def _check_integrity(self) -> bool:  # noqa: D401
                 return all((Path(self.root) / f(self)).is_file() for f in files)
-
-            def _load_meta(self) -> None:  # CIFAR: same as torchvision's, minus the md5 check
-                import pickle
-
-                path = Path(self.root) / self.base_folder / self.meta["filename"]
-                if not path.is_file():
-                    raise RuntimeError(f"metadata file not found: {path}")
-                with open(path, "rb") as fh:
-                    self.classes = pickle.load(fh, encoding="latin1")[self.meta["key"]]
-                self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         return _Local
 
     try:
         if name in ("cifar10", "cifar100"):
-            base = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
-            files = [lambda s, fn=fn: Path(s.base_folder) / fn for fn, _ in base.train_list + base.test_list]
-            cls = base if download else exists_only(base, files)
-            tr = cls(str(data_dir), train=True, download=download)
-            te = cls(str(data_dir), train=False, download=download)
-            xtr, ytr = tr.data.transpose(0, 3, 1, 2), np.asarray(tr.targets)
-            xte, yte = te.data.transpose(0, 3, 1, 2), np.asarray(te.targets)
-            ncls = 10 if name == "cifar10" else 100
+            xtr, ytr, xte, yte, ncls = _cifar_release(name, data_dir, download)
         else:
             cls = tvd.SVHN if download else exists_only(tvd.SVHN, [lambda s: s.filename])
             tr = cls(str(data_dir), split="train", download=download)

@@ -9,6 +9,9 @@ by :class:`~fedhq_core.hardware.profile.TraceBook` like every client step kind:
   one QAT upload, at the upload bits. The op count is linear in the uploads, so a round of
   ``p`` step-less and ``q`` QAT uploads costs ``base + p * d_ptq + q * d_qat`` with
   ``d_ptq = s_agg2 - s_agg1``, ``d_qat = s_aggq - s_agg1``, ``base = s_agg1 - d_ptq``.
+* ``s_median2``, ``s_median3``, ``s_tmean2``, ``s_tmean3``: the robust aggregations
+  (``aggregation: median | trimmed-mean``) over two and three uploads (priced linearly in the
+  uploads from the two); ``s_norm``: one upload's update norm (the norm bound).
 * ``s_gap``: :func:`fedhq_core.server.proxy_gap`, the master's quantization gap on the proxy split
   (FedHQ's fine stage reads it).
 * ``s_calib``: :func:`fedhq_core.server.calibrate_on_server` on the proxy split (the deployment
@@ -34,8 +37,9 @@ from torch import nn
 
 from .catalog import LAMBDA_REF, DeviceClass
 
-SERVER_KINDS = ("s_agg1", "s_agg2", "s_aggq", "s_gap", "s_calib", "s_proxy", "s_sens")
-AGG_KINDS = ("s_agg1", "s_agg2", "s_aggq")     # traced at the upload bits (like ``pack``)
+ROBUST_KINDS = ("s_median2", "s_median3", "s_tmean2", "s_tmean3")
+AGG_KINDS = ("s_agg1", "s_agg2", "s_aggq", *ROBUST_KINDS, "s_norm")   # traced at the upload bits (like ``pack``)
+SERVER_KINDS = (*AGG_KINDS, "s_gap", "s_calib", "s_proxy", "s_sens")
 
 # [design] The host core of a datacenter node (the reference core of catalog.LAMBDA_REF, ~3.5 GHz
 # x86): 2 x 256-bit FMA units = 32 FP32 FLOP/cycle -> 112 GFLOP/s peak, for the elements numpy
@@ -88,7 +92,7 @@ def server_runner(model: nn.Module, kind: str, n: int, in_shape: tuple[int, ...]
     module docstring): ``n`` proxy samples, or ``bits`` for the aggregation kinds."""
     from ..client import ClientResult
     from ..quant import get_weight_steps, init_weight_steps, model_state, pack_update, quant_layers
-    from ..server import aggregate, calibrate_on_server, evaluate_global, proxy_gap, upload_quant_loss
+    from ..server import aggregate, calibrate_on_server, evaluate_global, proxy_gap, update_norm, upload_quant_loss
 
     g = torch.Generator().manual_seed(seed)
     state = {k: v.detach().clone() for k, v in model_state(model).items()}
@@ -106,6 +110,12 @@ def server_runner(model: nn.Module, kind: str, n: int, in_shape: tuple[int, ...]
         results = [upload(0, False)] + ([upload(1, False)] if kind == "s_agg2" else
                                         [upload(1, True)] if kind == "s_aggq" else [])
         fn: Callable[[], object] = lambda: aggregate(state, None, results)  # noqa: E731
+        if kind in ROBUST_KINDS:
+            method = "median" if "median" in kind else "trimmed-mean"
+            results = [upload(i, False) for i in range(int(kind[-1]))]
+            fn = lambda: aggregate(state, None, results, method)  # noqa: E731
+        elif kind == "s_norm":
+            fn = lambda: update_norm(results[0])  # noqa: E731
         if kind == "s_sens":
             x = torch.randn(max(1, n), *in_shape, generator=g)
             y = torch.randint(0, num_classes, (max(1, n),), generator=g)
@@ -139,14 +149,21 @@ class ServerPricing:
     def _t(self, kind: str, batch: int) -> float:
         return self.speed.step_time(kind, batch, self.device)   # type: ignore[attr-defined]
 
-    def aggregate_s(self, n_plain: int, n_qat: int, bits: int, upload_bytes: int) -> float:
-        """Decoding and aggregating ``n_plain`` uploads without weight steps and ``n_qat`` with."""
+    def aggregate_s(self, n_plain: int, n_qat: int, bits: int, upload_bytes: int, method: str = "fedavg",
+                    norm_checks: int = 0) -> float:
+        """Decoding and aggregating ``n_plain`` uploads without weight steps and ``n_qat`` with
+        (FedAvg, or a robust ``method``), after ``norm_checks`` update norms (the norm bound)."""
         n = n_plain + n_qat
         if n == 0:
             return 0.0
-        a1, a2, aq = (self._t(k, bits) for k in AGG_KINDS)
+        a1, a2, aq = (self._t(k, bits) for k in AGG_KINDS[:3])
         d_plain, d_qat = a2 - a1, aq - a1
         traced = (a1 - d_plain) + n_plain * d_plain + n_qat * d_qat
+        if method != "fedavg":   # the robust master instead of FedAvg's (QAT steps still averaged: d_qat)
+            tag = "median" if method == "median" else "tmean"
+            r2, r3 = self._t(f"s_{tag}2", bits), self._t(f"s_{tag}3", bits)
+            traced = r2 + (n - 2) * (r3 - r2) + n_qat * d_qat
+        traced += norm_checks * self._t("s_norm", bits)
         # wire header checks: a JSON parse and ~5 numpy calls per tensor, over every byte
         header = HostOps(n * (2 + 5 * self.n_tensors + self.n_layers), float(upload_bytes))
         return traced + self.host_s(header)

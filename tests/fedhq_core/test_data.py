@@ -74,7 +74,7 @@ def test_image_folder_loads_and_caches(tmp_path):
 def test_missing_data_dir_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_dataset("cifar10-folder", str(tmp_path / "nope"))
-    with pytest.raises(DataError, match="cifar10 files not found"):
+    with pytest.raises(DataError, match="cifar10/cifar100 files not found"):
         load_dataset("cifar10", str(tmp_path))
 
 
@@ -103,6 +103,24 @@ def test_original_cifar_formats(tmp_path, name, ncls, ntrain):
     ds = load_dataset(name, str(tmp_path))
     assert ds.num_classes == ncls
     assert ds.train.x.shape == (ntrain, 3, 32, 32) and len(ds.test) == 12
+
+
+def test_a_crafted_cifar_file_cannot_run_code(tmp_path):
+    """A pickle gadget in a CIFAR batch is refused in one line; the gadget never runs."""
+    import os
+
+    _write_cifar(tmp_path, "cifar10")
+    marker = tmp_path / "pwned"
+
+    class Gadget:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_3", "wb") as fh:
+        pickle.dump({"data": Gadget(), "labels": [0]}, fh)
+    with pytest.raises(DataError, match="data_batch_3: not a CIFAR batch"):
+        load_dataset("cifar10", str(tmp_path))
+    assert not marker.exists()
 
 
 def test_original_svhn_format(tmp_path):

@@ -164,3 +164,47 @@ def test_a_task_lost_with_its_worker_rejects_its_clients_as_worker_lost(sim):
     assert not results and rejected[0].startswith("worker-lost") and rejected[1].startswith("worker-lost")
     assert rejected[2].startswith("raised")
     assert worker_lost(OSError("Worker tcp://127.0.0.1:1 closed the connection")) and not worker_lost(ValueError("x"))
+
+
+@pytest.mark.parametrize("kind,factor", [("scale", 100.0), ("signflip", -4.0)])
+def test_poisoned_updates_pass_the_wire_checks_but_not_the_norm_bound(tiny_cfg, kind, factor):
+    """A scaled or sign-flipped update is well formed: it decodes, and only the norm bound (against
+    the round's median, capped by the last accepted median) rejects it as ``norm``."""
+    from fedhq_core.server import update_norm
+
+    sim = Simulation(tiny_cfg.replace(fraction=1.0))
+    jobs = sim.dispatch.jobs(0, Allocation({c: "ptq" for c in range(6)}), list(range(6)))
+    jobs[2].fault = kind
+    uploads = run_jobs(sim.dispatch.round_inputs(), jobs)
+    results, rejected = sim.dispatch.accept(uploads)
+    assert set(rejected) == {2} and rejected[2].startswith("norm:") and len(results) == 5
+    # the same upload decodes, and its norm is the honest one times |factor|
+    honest = run_jobs(sim.dispatch.round_inputs(), [sim.dispatch.jobs(0, Allocation({2: "ptq"}), [2])[0]])
+    (h,), _ = Simulation(tiny_cfg.replace(norm_bound=0)).dispatch.accept(honest)
+    (p,), _ = Simulation(tiny_cfg.replace(norm_bound=0)).dispatch.accept(run_jobs(sim.dispatch.round_inputs(), [jobs[2]]))
+    assert update_norm(p) == pytest.approx(abs(factor) * update_norm(h), rel=1e-4)
+    if kind == "scale":   # a round where the poisoned are the majority cannot lift the bound: the
+        for j in jobs[:4]:  # last accepted median caps it
+            j.fault = kind
+        results, rejected = sim.dispatch.accept(run_jobs(sim.dispatch.round_inputs(), jobs))
+        assert set(rejected) == {0, 1, 2, 3} and len(results) == 2
+
+
+def test_robust_aggregation_ignores_an_outlier_coordinate():
+    from fedhq_core.client import ClientResult
+    from fedhq_core.quant import pack_update
+    from fedhq_core.server import aggregate
+
+    g = {"w": torch.zeros(4)}
+
+    def res(cid, delta):
+        return ClientResult(cid, "ptq", pack_update({"w": g["w"] + delta}, g, 32, None, {}, 10), 10, {}, 0.0)
+
+    results = [res(0, torch.ones(4)), res(1, torch.ones(4) * 1.2), res(2, torch.ones(4) * 0.8),
+               res(3, torch.ones(4) * 0.9), res(4, torch.tensor([100.0, -100.0, 1.0, 1.0]))]
+    avg = aggregate(g, None, results)[0]["w"]
+    med = aggregate(g, None, results, "median")[0]["w"]
+    trim = aggregate(g, None, results, "trimmed-mean", 0.2)[0]["w"]
+    assert float(avg[0]) > 10                                   # FedAvg follows the poisoned client
+    assert torch.allclose(med, torch.tensor([1.0, 0.9, 1.0, 1.0]))
+    assert torch.allclose(trim, torch.tensor([1.0333, 0.9, 0.9667, 0.9667]), atol=1e-3)

@@ -142,3 +142,26 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tmp_path, monkeypatc
     assert "already completed" in capsys.readouterr().err
     assert main(["run", "--resume", "latest", "--rounds", "9", "--state-dir", str(state)]) == 2
     assert "keeps its saved config; drop --rounds" in capsys.readouterr().err
+
+
+def test_a_checkpoint_config_is_not_trusted_outside_the_run(tmp_path, monkeypatch):
+    """On resume, a checkpoint's tracking server must be the configured one (or be named with
+    --tracking-uri), its Dask scheduler is used only when --dask-address confirms one, and it never
+    turns downloading on."""
+    from fedhq_core.config import ExperimentConfig
+    from fedhq_core.errors import ConfigError
+    from flows.train import resumed_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    local = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = ExperimentConfig(state_dir=str(tmp_path))
+    saved = {"tracking_uri": "http://***@10.0.0.9:5000/", "dask_address": None}
+    with pytest.raises(ConfigError, match="tracking_uri: the run tracked to http://\\*\\*\\*@10.0.0.9"):
+        resumed_config(cfg, saved, None, None)
+    assert resumed_config(cfg, saved, local, None).tracking_uri == local        # named: confirmed
+    saved = {"tracking_uri": None, "dask_address": "tcp://10.0.0.9:8786", "download": True}
+    with pytest.raises(ConfigError, match="dask_address: the run trained on tcp://10.0.0.9:8786"):
+        resumed_config(cfg.replace(tracking=False), saved, None, None)
+    out = resumed_config(cfg.replace(tracking=False, download=True), saved, None, "tcp://127.0.0.1:8786")
+    assert out.dask_address == "tcp://127.0.0.1:8786" and out.download is False

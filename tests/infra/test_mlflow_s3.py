@@ -51,13 +51,19 @@ def test_training_run_against_mlflow_server_with_s3(stack, tmp_path, monkeypatch
     assert stack.tracking_uri.startswith("http://127.0.0.1:") and stack.s3_endpoint.startswith("http://127.0.0.1:")
     for k, v in stack.env().items():
         monkeypatch.setenv(k, v)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "run.json"
+    # credentials in the URI (the server ignores them): they must stay in it, nowhere else
+    secret_uri = stack.tracking_uri.replace("http://", "http://fedhq:hunter2@")
     assert main(["run", "--rounds", "4", "--clients", "6", "--local-epochs", "1", "--no-progress",
-                 "--set", "profile_reps=1", "--json", str(out)]) == 0
+                 "--tracking-uri", secret_uri, "--set", "profile_reps=1", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     restart.join()
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
+    assert "hunter2" not in captured.out + err and "hunter2" not in json.dumps(res)
+    assert res["tracking_uri"].startswith("http://***@") and "***@" in res["mlflow_run_url"]
     assert "does not answer" in err and "answers again" in err and "fedhq upload" not in err
     client = mlflow.MlflowClient(stack.tracking_uri)
     assert sorted({m.step for m in client.get_metric_history(res["run_id"], "acc_q")}) == list(range(4))
@@ -80,4 +86,10 @@ def test_training_run_against_mlflow_server_with_s3(stack, tmp_path, monkeypatch
     # credentials never reach params or tags
     run = mlflow.MlflowClient(stack.tracking_uri).get_run(res["run_id"])
     logged = json.dumps({**run.data.params, **run.data.tags})
-    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in logged and "AWS_SECRET" not in logged
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in logged and "AWS_SECRET" not in logged and "hunter2" not in logged
+    # ... nor any file the run, Prefect (its database) or MLflow (its store, the bucket) wrote
+    leaks = [str(p) for root in (tmp_path, Path(os.environ["PREFECT_HOME"])) for p in root.rglob("*")
+             if p.is_file() and b"hunter2" in p.read_bytes()]
+    assert leaks == [], leaks
+    for k in keys:
+        assert b"hunter2" not in s3.get_object(Bucket=stack.bucket, Key=k)["Body"].read(), k

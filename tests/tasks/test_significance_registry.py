@@ -25,8 +25,8 @@ def test_registry_reuse_matches_every_gain_field(tmp_path, monkeypatch):
         tags = significance_tags(cfg)
         model = SignificanceModel.fit(rng.random((20, 8)), rng.random(20), seed=0, tags=tags)
         tracker.start("fit", tags, tags={"kind": "fit-significance"})
-        tracker.log_sklearn(model.regressor, "significance", name, {**tags, "setting": setting_key(tags),
-                                                                    "cv_r2": 0.5}, aliases=("current",))
+        tracker.log_state(model.to_state(), "significance", name, {**tags, "setting": setting_key(tags),
+                                                                   "cv_r2": 0.5}, aliases=("current",))
         tracker.end()
     found, why = tracker.load_significance(significance_tags(a))
     assert found is not None and why == "version 1" and found.cv_r2 == 0.5   # not current (2), yet found
@@ -34,3 +34,26 @@ def test_registry_reuse_matches_every_gain_field(tmp_path, monkeypatch):
     assert found is not None and found.tags["lr"] == "0.02"
     found, why = tracker.load_significance(significance_tags(a.replace(seed=5)))
     assert found is None and "no version" in why
+    # stored as data: the version holds state.json and no pickle; a version that is not data
+    # (a pickled model with matching tags) is passed over, never loaded
+    import os
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracker.settings.tracking_uri)
+    mv = client.get_model_version(name, "1")
+    files = [a.path for a in client.list_artifacts(mv.run_id, "significance")]
+    assert files == ["significance/state.json"]
+    import pickle
+
+    tags = significance_tags(a)
+    tracker.start("pickled", tags)
+    bad = tmp_path / "evil"
+    bad.mkdir()
+    (bad / "model.pkl").write_bytes(pickle.dumps({"x": 1}))
+    tracker.client.log_artifacts(tracker.run_id, str(bad), "significance")
+    tracker.register(name, f"runs:/{tracker.run_id}/significance", {**tags, "setting": setting_key(tags)})
+    tracker.end()
+    found, why = tracker.load_significance(tags)
+    assert found is not None and why == "version 1"   # the newer, pickled version 3 is skipped
+    assert os.path.exists(bad / "model.pkl")
