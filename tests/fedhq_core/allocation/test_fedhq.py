@@ -149,3 +149,23 @@ def test_significance_none_skips_the_fit(tiny_cfg):
     sim.profile()
     alloc = sim.allocator.allocate(0, [0, 1, 2], sim)
     assert alloc.info["scatter"]["a_hat"] == [0.5, 0.5, 0.5]  # no information either way
+
+
+def test_a_failed_pilot_client_stops_the_run_in_one_line(tiny_cfg):
+    """The pilot compares whole rounds: a client that fails stops it with TooFewClients (the CLI's
+    one line, exit 1), not a RuntimeError traceback."""
+    from concurrent.futures import Future
+
+    from fedhq_core.errors import TooFewClients
+    from fedhq_core.worker import Upload
+
+    sim = Simulation(tiny_cfg.replace(strategy="fedhq", pilot_rounds=1))
+    sim.profile()
+
+    def submit(inputs, jobs):
+        f = Future()
+        f.set_result([Upload(j.cid, None, "RuntimeError: boom") for j in jobs])
+        return f
+
+    with pytest.raises(TooFewClients, match=r"SigAcc pilot round 0: client \d+ failed \(raised: RuntimeError: boom\)"):
+        fit_for_run(sim, submit)
