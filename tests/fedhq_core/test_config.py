@@ -56,3 +56,13 @@ def test_dataset_defaults_apply_only_to_unset_keys(tmp_path):
     cfg = load_config(None, {"dataset": "cifar10-folder", "data_dir": str(tmp_path), "rounds": 4})
     assert cfg.max_train_samples == 10000 and cfg.batch_size == 32 and cfg.rounds == 4
     assert load_config(None, {}).max_train_samples == 0
+
+
+def test_credentials_are_redacted_from_uris():
+    from fedhq_core.config import ExperimentConfig, redact_uri
+
+    assert redact_uri("http://me:hunter2@host:5000/x") == "http://***@host:5000/x"
+    assert redact_uri("https://h/api?token=abc&page=2&X-Amz-Signature=s") == "https://h/api?token=***&page=2&X-Amz-Signature=***"
+    assert redact_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db" and redact_uri(None) is None
+    public = ExperimentConfig(tracking_uri="http://me:hunter2@h/", dask_address="tcp://u:p@h:8786").public_dict()
+    assert "hunter2" not in str(public) and ":p@" not in str(public)
