@@ -37,11 +37,13 @@ def all_cores() -> Iterator[None]:
 
 class ServerState:
     """The server of one run. ``calibrates``: the deployment is calibrated on the proxy split
-    (the fp32 and fedfq baselines, whose clients send no ranges)."""
+    (the fp32 and fedfq baselines, whose clients send no ranges); ``aggregation`` and ``trim``:
+    how the master is formed (``server.aggregate``)."""
 
-    def __init__(self, eval_model: nn.Module, proxy: Split, test: Split, pricing: FleetPricing, calibrates: bool):
+    def __init__(self, eval_model: nn.Module, proxy: Split, test: Split, pricing: FleetPricing, calibrates: bool,
+                 aggregation: str = "fedavg", trim: float = 0.2):
         self.eval_model, self.proxy, self.test, self.pricing = eval_model, proxy, test, pricing
-        self.calibrates = calibrates
+        self.calibrates, self.aggregation, self.trim = calibrates, aggregation, trim
         self.global_state = {k: v.detach().clone() for k, v in model_state(eval_model).items()}
         self.global_ranges: dict[str, tuple[float, float]] | None = None
         self.global_steps: dict[str, torch.Tensor] | None = None
@@ -95,9 +97,8 @@ class ServerState:
     def aggregate_results(self, results: list[ClientResult]) -> None:
         """FedAvg of the master, the clients' averaged ranges and QAT steps (pilot and rounds)."""
         # QAT clients' learned weight steps (None in a round without QAT: MSE scales then)
-        cfg = self.pricing.cfg
         self.global_state, self.global_ranges, self.global_steps = aggregate(self.global_state, self.global_ranges,
-                                                                             results, cfg.aggregation, cfg.trim_fraction)
+                                                                             results, self.aggregation, self.trim)
 
     # --- deployment and evaluation ------------------------------------------------------------
     def deploy_ranges(self) -> dict[str, tuple[float, float]]:

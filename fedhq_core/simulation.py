@@ -108,7 +108,8 @@ class Simulation:
         self.pricing = FleetPricing(cfg, self.fleet, [len(s) for s in self.shards], self.model_spec,
                                     lambda: bool(self.server.global_steps), on_device)
         self.server = ServerState(self.new_model(), self.server_calib, ds.test, self.pricing,
-                                  calibrates=cfg.strategy in ("fp32", "fedfq"))
+                                  calibrates=cfg.strategy in ("fp32", "fedfq"), aggregation=cfg.aggregation,
+                                  trim=cfg.trim_fraction)
         self.dispatch = Dispatch(cfg, self.shards, self.server, self.model_spec, on_device)
         self.fit = FitInfo()         # what obtaining SigAcc cost this run (see allocation.pilot)
         self._shard_features: dict[int, np.ndarray] | None = None

@@ -14,27 +14,32 @@ from flows import api_settings, start_api_server
 from flows.cli_options import CONFIG_FLAGS, config_from_args, format_table
 
 
+def resume_run(args: argparse.Namespace) -> dict:
+    """``fedhq run --resume``: continue a run from its checkpoint; returns its summary."""
+    # a resumed run keeps the config it was started with: every other flag is refused, none ignored
+    # (where it continues to reach outside the run is confirmed: --tracking-uri, --dask-address)
+    given = [flag for flag, key, _, _ in CONFIG_FLAGS
+             if key not in ("state_dir", "tracking_uri", "dask_address") and getattr(args, key) is not None]
+    given += ["--config"] * bool(args.config) + ["--set"] * bool(args.set_)
+    given += ["--no-tracking"] * (args.tracking is not None) + ["--download"] * (args.download is not None)
+    if given:
+        raise ConfigError(f"resume: a resumed run keeps its saved config; drop {given[0]}")
+    from fedhq_core.checkpoint import find_run
+
+    state_dir = args.state_dir or os.environ.get("FEDHQ_STATE_DIR", ".fedhq")
+    find_run(state_dir, args.resume)  # a bad run id fails here, before Prefect and MLflow load
+    start_api_server()
+    from flows.train import resume_training
+
+    if args.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri   # as config_from_args does
+    return resume_training(state_dir, args.resume, progress=not args.no_progress, tracking_uri=args.tracking_uri,
+                           dask_address=args.dask_address)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
-        # a resumed run keeps the config it was started with: every other flag is refused, none ignored
-        # (where it continues to reach outside the run is confirmed: --tracking-uri, --dask-address)
-        given = [flag for flag, key, _, _ in CONFIG_FLAGS
-                 if key not in ("state_dir", "tracking_uri", "dask_address") and getattr(args, key) is not None]
-        given += ["--config"] * bool(args.config) + ["--set"] * bool(args.set_)
-        given += ["--no-tracking"] * (args.tracking is not None) + ["--download"] * (args.download is not None)
-        if given:
-            raise ConfigError(f"resume: a resumed run keeps its saved config; drop {given[0]}")
-        from fedhq_core.checkpoint import find_run
-
-        state_dir = args.state_dir or os.environ.get("FEDHQ_STATE_DIR", ".fedhq")
-        find_run(state_dir, args.resume)  # a bad run id fails here, before Prefect and MLflow load
-        start_api_server()
-        from flows.train import resume_training
-
-        if args.tracking_uri:
-            os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri   # as config_from_args does
-        summary = resume_training(state_dir, args.resume, progress=not args.no_progress,
-                                  tracking_uri=args.tracking_uri, dask_address=args.dask_address)
+        summary = resume_run(args)
         cfg = load_config(None, summary["config"])
     else:
         cfg = config_from_args(args)
