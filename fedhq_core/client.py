@@ -105,9 +105,10 @@ def correct_count(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     return (model(x).argmax(1) == y).sum()
 
 
-def calib_size(n: int, spec: TrainSpec) -> int:
-    """Samples a PTQ client calibrates on: ``calib_batches`` x ``batch_size``, never beyond its shard."""
-    return min(n, spec.calib_batches * spec.batch_size)
+def calib_size(n: int, calib_batches: int, batch_size: int) -> int:
+    """Samples a PTQ client calibrates on, in one forward pass: ``calib_batches`` x ``batch_size``,
+    never beyond its shard of ``n`` (the client and the clock's expected work both use this)."""
+    return min(n, calib_batches * batch_size)
 
 
 def _sgd_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: TrainSpec,
@@ -189,7 +190,7 @@ def train_client(model: nn.Module, cid: int, x: torch.Tensor, y: torch.Tensor, g
             # calib_batches x batch_size samples, never beyond the shard, in ONE forward pass: a
             # forward-only pass keeps no activations for a backward, so it fits where a training
             # step of batch_size does, and one pass issues a quarter of the ops of four
-            perm = torch.randperm(len(y), generator=gen)[: calib_size(len(y), spec)].to(device)
+            perm = torch.randperm(len(y), generator=gen)[: calib_size(len(y), spec.calib_batches, spec.batch_size)].to(device)
             calib = [(x[perm], y[perm])]
             ranges, quant_loss = calibrate(model, calib, spec.report_sensitivity, work)
     set_mode(model, "fp")

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .client import ClientResult
+from .client import ClientResult, calib_size
 from .config import ExperimentConfig
 from .hardware import DEVICES, Fleet, RooflineModel, SimulatedClock, TraceBook, predict_compute
 from .hardware.clock import ClientTime
@@ -100,7 +100,7 @@ class FleetPricing:
             return work
         work["fp32"] = self.steps_of(cid)
         if strategy == "ptq":
-            calib = [min(self.sizes[cid], cfg.calib_batches * cfg.batch_size)]   # one forward pass (calib_size)
+            calib = [calib_size(self.sizes[cid], cfg.calib_batches, cfg.batch_size)]
             work["calib"] = calib
             if self.on_device_sensitivity:
                 work["wsearch"], work["fwd"] = [0], list(calib)
