@@ -78,11 +78,11 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         import yaml
         overrides[k.strip()] = yaml.safe_load(v)
     cfg = load_config(args.config, overrides)
-    export_credentials(cfg)
+    export_credentials(cfg.tracking_uri)
     return cfg
 
 
-def export_credentials(cfg: ExperimentConfig) -> None:
+def export_credentials(uri: str | None) -> None:
     """A tracking URI with credentials goes into this process's ``MLFLOW_TRACKING_URI``: what FedHQ
     writes anywhere (Prefect parameters, checkpoints, summaries) holds it redacted, and a redacted
     URI takes its credentials back from there (``tasks.tracking.with_credentials``)."""
@@ -90,8 +90,8 @@ def export_credentials(cfg: ExperimentConfig) -> None:
 
     from fedhq_core.config import redact_uri
 
-    if cfg.tracking_uri and redact_uri(cfg.tracking_uri) != cfg.tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking_uri
+    if uri and redact_uri(uri) != uri:
+        os.environ["MLFLOW_TRACKING_URI"] = uri
 
 
 def format_table(headers: list[str], rows: list[list[Any]]) -> str:

@@ -11,7 +11,7 @@ from fedhq_core.config import DATASETS, STRATEGIES, load_config, redact_uri
 from fedhq_core.errors import CheckpointError, ConfigError
 from fedhq_core.records import _json_default, write_json
 from flows import api_settings, start_api_server
-from flows.cli_options import CONFIG_FLAGS, config_from_args, format_table
+from flows.cli_options import CONFIG_FLAGS, config_from_args, export_credentials, format_table
 
 
 def resume_run(args: argparse.Namespace) -> dict:
@@ -31,8 +31,7 @@ def resume_run(args: argparse.Namespace) -> dict:
     start_api_server()
     from flows.train import resume_training
 
-    if args.tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri   # as config_from_args does
+    export_credentials(args.tracking_uri)   # as config_from_args does
     return resume_training(state_dir, args.resume, progress=not args.no_progress, tracking_uri=args.tracking_uri,
                            dask_address=args.dask_address)
 
