@@ -78,6 +78,7 @@ class ExperimentConfig:
     ptq_act_percentile: float = 99.99  # [design] PTQ activation clipping percentile
     calib_batches: int = 4           # [design] PTQ calibration batches on the device
     ema_momentum: float = 0.9        # [design] QAT activation-range EMA
+    qat_step_lr_scale: float = 0.01  # [design] LSQ weight steps' lr relative to lr (no weight decay)
     # --- strategy / allocation --------------------------------------------------------
     strategy: str = "all-qat"
     xi: float = 0.5                  # [design] equal weight on relative round time and relative accuracy gain (J)
@@ -257,6 +258,7 @@ def _validate_run(cfg: ExperimentConfig) -> None:
     _check(50 < cfg.ptq_act_percentile <= 100, "ptq_act_percentile", "must be in (50, 100]")
     _check(cfg.calib_batches >= 1, "calib_batches", "must be >= 1")
     _check(0 <= cfg.ema_momentum < 1, "ema_momentum", "must be in [0, 1)")
+    _check(0 <= cfg.qat_step_lr_scale <= 1, "qat_step_lr_scale", "must be in [0, 1]")
 
 
 def _validate_clock(cfg: ExperimentConfig) -> None:

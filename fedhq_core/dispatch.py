@@ -49,7 +49,8 @@ class Dispatch:
             upload_bits = 32 if strategy == "fp32" and not fedfq else cfg.upload_bits
         return TrainSpec(strategy, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay,
                          upload_bits, cfg.calib_batches, self.on_device_sensitivity,
-                         seed=int(np.random.default_rng([cfg.seed, 53, rnd, cid]).integers(2**62)), fedfq=fedfq)
+                         seed=int(np.random.default_rng([cfg.seed, 53, rnd, cid]).integers(2**62)), fedfq=fedfq,
+                         step_lr_scale=cfg.qat_step_lr_scale)
 
     def round_inputs(self) -> RoundInputs:
         s = self.server
@@ -122,10 +123,11 @@ class Dispatch:
 def worker_lost(err: BaseException) -> bool:
     """True when a task failed because the worker process running it died (Dask gave up on it
     after rescheduling it ``distributed.scheduler.allowed-failures`` times, or lost the
-    connection), not because the client's code raised."""
+    connection, or its inputs were scattered data that died with it: Dask cancels the task for
+    "lost dependencies"), not because the client's code raised."""
     names = {type(e).__name__ for e in (err, err.__cause__, err.__context__) if e is not None}
     text = str(err).lower()
-    return bool(names & {"KilledWorker", "CommClosedError"}) or (
+    return bool(names & {"KilledWorker", "CommClosedError"}) or "lost dependencies" in text or (
         "worker" in text and any(w in text for w in ("died", "lost", "killed", "closed")))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Callable
 
 from flows import configure_prefect_env
@@ -15,7 +16,7 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from prefect.utilities.annotations import quote  # noqa: E402
 
 from fedhq_core.config import ExperimentConfig  # noqa: E402
-from fedhq_core.dispatch import default_concurrency  # noqa: E402
+from fedhq_core.dispatch import default_concurrency, worker_lost  # noqa: E402
 from fedhq_core.simulation import Simulation  # noqa: E402
 from tasks import training as T  # noqa: E402
 
@@ -55,10 +56,22 @@ def train_submitter(cfg: ExperimentConfig, sent: dict[int, int] | None = None,
         last.append([client.submit(warm_up, sim.shards[0].key, sim.model_spec, workers=[w], pure=False)
                      for w in client.scheduler_info().get("workers", {})])   # (kept: not cancelled)
 
+    def scatter(inputs, attempts: int = 3):
+        """The round's inputs on every worker. A worker that dies while they are being sent
+        closes its connection: the scatter goes again to the workers still there (and a
+        restarted one), and only a cluster that keeps failing stops the run."""
+        for attempt in range(attempts):
+            try:
+                return client.scatter(inputs, broadcast=True, hash=False)
+            except Exception as err:  # noqa: BLE001 - only a lost worker is retried
+                if attempt == attempts - 1 or not worker_lost(err):
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+
     def submit(inputs, jobs):
         rnd = jobs[0].rnd if jobs else -1
         if inputs is not last[0]:
-            last[:2] = [inputs, client.scatter(inputs, broadcast=True, hash=False)]
+            last[:2] = [inputs, scatter(inputs)]
             if sent is not None:
                 workers = len(client.scheduler_info().get("workers", {})) or 1
                 sent[rnd] = sent.get(rnd, 0) + workers * len(pickle.dumps(inputs, protocol=5))

@@ -165,6 +165,10 @@ def test_a_task_lost_with_its_worker_rejects_its_clients_as_worker_lost(sim):
     assert rejected[2].startswith("raised")
     assert worker_lost(OSError("Worker tcp://127.0.0.1:1 closed the connection")) and not worker_lost(ValueError("x"))
 
+    class FutureCancelledError(Exception):   # distributed.client's, when the scattered inputs died with a worker
+        pass
+    assert worker_lost(FutureCancelledError("train_clients-1 cancelled for reason: lost dependencies."))
+
 
 @pytest.mark.parametrize("kind,factor", [("scale", 100.0), ("signflip", -4.0)])
 def test_poisoned_updates_pass_the_wire_checks_but_not_the_norm_bound(tiny_cfg, kind, factor):

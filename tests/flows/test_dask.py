@@ -10,7 +10,8 @@ import torch
 
 
 @pytest.mark.slow
-def test_dask_local_cluster_equals_thread_runner(tiny_cfg, monkeypatch):
+@pytest.mark.parametrize("kill_after_s", [0.0, 0.3])   # while the inputs are scattered / a task runs
+def test_dask_local_cluster_equals_thread_runner(tiny_cfg, monkeypatch, kill_after_s):
     import os
     import threading
     import time
