@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/fedhq run
+	$(VENV)/bin/fedhq run --strategy fedhq
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -80,13 +80,14 @@ class ExperimentConfig:
     ema_momentum: float = 0.9        # [design] QAT activation-range EMA
     qat_step_lr_scale: float = 0.01  # [design] LSQ weight steps' lr relative to lr (no weight decay)
     # --- strategy / allocation --------------------------------------------------------
-    strategy: str = "all-qat"
+    strategy: str = "fedhq"
     xi: float = 0.5                  # [design] equal weight on relative round time and relative accuracy gain (J)
     qat_share: float = -1.0          # random-hybrid: QAT share; <0 = take fedhq's when known, else 0.5
     adjust_every: int = 3            # [design] fine-grained adjustment period (rounds)
-    search_band: float = 0.25        # [design] fine search flips clients within this distance of the line
-    pilot_rounds: int = 0            # [design] SigAcc pilot: rounds per branch (all-PTQ, all-QAT); 0 = half the run, >= 3
-    significance: str = "auto"       # auto | refit | none : use registry version, force a refit, or skip
+    max_stretch: float = 1.05        # [design] fedhq: QAT may stretch a round to at most this x its PTQ deadline
+    pilot_rounds: int = 0            # [design] fit-significance: paired pilot rounds per setting; 0 = the setting's run
+    significance: str = "auto"       # auto | online | none : a covering family's model else online; online only; skip
+    family_file: str | None = None   # a SigAcc family JSON instead of the shipped one (fit-significance --out)
     fedfq_avg_bits: float = 4.0      # fedfq: average upload bits per parameter
     fedfq_iters: int = 300           # fedfq: simulated-annealing iterations
     # --- simulated fleet / clock ------------------------------------------------------
@@ -250,9 +251,9 @@ def _validate_run(cfg: ExperimentConfig) -> None:
     _check(0.0 <= cfg.xi <= 1.0, "xi", f"must be in [0, 1], got {cfg.xi}")
     _check(cfg.qat_share <= 1.0, "qat_share", "must be <= 1 (negative = automatic)")
     _check(cfg.adjust_every >= 1, "adjust_every", "must be >= 1")
-    _check(cfg.search_band >= 0, "search_band", "must be >= 0")
-    _check(cfg.pilot_rounds >= 0, "pilot_rounds", "must be >= 0 (0: half the run)")
-    _check(cfg.significance in ("auto", "refit", "none"), "significance", "must be auto, refit or none")
+    _check(cfg.max_stretch >= 1.0, "max_stretch", "must be >= 1 (1: free QAT only)")
+    _check(cfg.pilot_rounds >= 0, "pilot_rounds", "must be >= 0 (0: the whole run)")
+    _check(cfg.significance in ("auto", "online", "none"), "significance", "must be auto, online or none")
     _check(0.5 <= cfg.fedfq_avg_bits <= 16, "fedfq_avg_bits", "must be in [0.5, 16]")
     _check(cfg.fedfq_iters >= 1, "fedfq_iters", "must be >= 1")
     _check(50 < cfg.ptq_act_percentile <= 100, "ptq_act_percentile", "must be in (50, 100]")
@@ -312,6 +313,8 @@ def _validate_execution(cfg: ExperimentConfig) -> None:
     _check(sum(cfg.fleet.values()) > 0, "fleet", "shares must not all be zero")
     _check(cfg.server_device in DEVICES, "server_device",
            f"unknown device class {cfg.server_device!r} (see fedhq_core/hardware/catalog.py)")
+    if cfg.family_file is not None:
+        _check(Path(cfg.family_file).is_file(), "family_file", f"file not found: {cfg.family_file}")
     if cfg.dataset == "digits":
         pass
     else:

@@ -127,7 +127,7 @@ def run(cfg: ExperimentConfig, on_round: Callable[[RoundRecord], None] | None = 
         sim: Simulation | None = None, checkpoints: Any = None) -> Simulation:
     """Plain-Python run (no Prefect, no MLflow), clients trained concurrently on threads.
     ``checkpoints``: a :class:`~fedhq_core.checkpoint.Checkpoints` (saved after every round)."""
-    from .allocation.pilot import fit_for_run
+    from .allocation.pilot import choose_significance
 
     sim = sim or Simulation(cfg)
     if sim.pricing.speed is None:
@@ -135,7 +135,7 @@ def run(cfg: ExperimentConfig, on_round: Callable[[RoundRecord], None] | None = 
     with ThreadPoolExecutor(default_concurrency(cfg)) as pool:
         ops = RoundOps(submit_train=lambda inputs, jobs: pool.submit(run_jobs, inputs, jobs))
         if sim.needs_significance():
-            sim.set_significance(fit_for_run(sim, ops.submit_train))
+            choose_significance(sim)               # a family's (shipped), or online: never a pilot
             sim.wall_start = time.perf_counter()   # the fit's wall time is added once, in summary()
         observers = ([checkpoints] if checkpoints is not None else []) + (
             [CallbackObserver(on_round)] if on_round else [])

@@ -131,5 +131,6 @@ class FleetPricing:
         n_qat = sum(bool(r.payload.weight_steps) for r in results)
         bits = (32 if cfg.strategy == "fp32" else int(min(8, max(2, round(cfg.fedfq_avg_bits))))
                 if cfg.strategy == "fedfq" else cfg.upload_bits)
-        return self.server.aggregate_s(len(results) - n_qat, n_qat, bits, sum(r.upload_bytes for r in results),
-                                       cfg.aggregation, norm_checks)
+        blend = self.server.mse_s() if 0 < n_qat < len(results) else 0.0   # server.blend_steps
+        return blend + self.server.aggregate_s(len(results) - n_qat, n_qat, bits,
+                                               sum(r.upload_bytes for r in results), cfg.aggregation, norm_checks)

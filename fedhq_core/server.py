@@ -16,7 +16,8 @@ from torch import nn
 
 from .client import ClientResult
 from .phases import span
-from .quant import get_act_ranges, load_model_state, prepare_deploy, reset_act_ranges, set_mode, unpack_update
+from .quant import (get_act_ranges, get_weight_steps, init_weight_steps, load_model_state, prepare_deploy,
+                    reset_act_ranges, set_mode, unpack_update)
 
 
 def fedavg(global_state: dict[str, torch.Tensor], results: Sequence[ClientResult]) -> dict[str, torch.Tensor]:
@@ -96,6 +97,27 @@ def average_steps(results: Iterable[ClientResult]) -> dict[str, torch.Tensor] | 
     return {k: v / n_tot for k, v in acc.items()} if acc else None
 
 
+def master_mse_steps(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The MSE-optimal per-channel weight scales of ``state`` (what a PTQ deployment uses)."""
+    load_model_state(model, state)
+    init_weight_steps(model)
+    return get_weight_steps(model)
+
+
+def blend_steps(model: nn.Module, master: dict[str, torch.Tensor], learned: dict[str, torch.Tensor] | None,
+                results: Sequence[ClientResult]) -> dict[str, torch.Tensor] | None:
+    """The deployed weight steps of a round: the QAT clients' averaged learned steps where every
+    upload was QAT; in a hybrid round the data-weighted mean of those and the new master's MSE
+    scales (the PTQ clients' share: their weights never trained against the learned steps, and
+    one QAT client's steps would otherwise deploy a mostly-PTQ model)."""
+    n_all = sum(r.n_samples for r in results)
+    n_qat = sum(r.n_samples for r in results if r.payload.weight_steps)
+    if learned is None or n_qat >= n_all:
+        return learned
+    mse = master_mse_steps(model, master)
+    return {k: (n_qat * v + (n_all - n_qat) * mse[k].to(v.dtype)) / n_all for k, v in learned.items()}
+
+
 @torch.no_grad()
 def calibrate_on_server(model: nn.Module, state: dict[str, torch.Tensor], x: torch.Tensor,
                         batch_size: int = 64) -> dict[str, tuple[float, float]]:
@@ -121,13 +143,62 @@ def proxy_gap(model: nn.Module, state: dict[str, torch.Tensor], x: torch.Tensor,
 
 def upload_quant_loss(model: nn.Module, state: dict[str, torch.Tensor], result: ClientResult, x: torch.Tensor,
                       y: torch.Tensor) -> float:
-    """A PTQ client's quantization sensitivity, measured by the server from its upload: its local
-    model (``state`` + the dequantized update) deployed with its own activation ranges and MSE
-    weight scales, FP32 minus quantized accuracy on the proxy split ``x``, ``y``."""
+    """A PTQ client's quantization sensitivity, measured by the server from its upload:
+    its local model (``state`` + the dequantized update) deployed with its own activation ranges
+    and MSE weight scales, FP32 minus quantized accuracy on the proxy split ``x``, ``y``."""
     delta = unpack_update(result.payload)
     local = {k: v + delta[k].to(v.device, v.dtype) if k in delta else v for k, v in state.items()}
     m = evaluate_global(model, local, result.payload.act_ranges or None, x, y)
     return m["acc_fp32"] - m["acc_q"]
+
+
+def deployed_acc(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[str, tuple[float, float]] | None,
+                 results: Sequence[ClientResult], x: torch.Tensor, y: torch.Tensor) -> float:
+    """Accuracy on ``x``, ``y`` of ``results`` aggregated (FedAvg) into ``state`` and deployed as a
+    run deploys (averaged ranges; :func:`blend_steps`). Accuracy, not
+    cross-entropy: a 2-bit model quantized to noise predicts near-uniformly and so scores a
+    *lower* loss than a confident model of two classes (measured: it sent digits at w2a2 to PTQ)."""
+    master, rng, steps = aggregate(state, ranges, results)
+    return evaluate_global(model, master, rng, x, y, blend_steps(model, master, steps, results))["acc_q"]
+
+
+def partial_gain(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[str, tuple[float, float]] | None,
+                 results: Sequence[ClientResult], x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """The round's online SigAcc signal: ``k`` of its QAT uploads and ``k`` of its PTQ uploads
+    (``k`` the smaller count; the larger side drawn seeded by the round's clients, so neither
+    partial averages more updates than the other) aggregated apart from the same master, each
+    deployed (:func:`deployed_acc`) and scored on the proxy split: QAT minus PTQ accuracy. None
+    when the round had not both strategies."""
+    import numpy as np
+
+    sides = {s: sorted((r for r in results if r.strategy == s), key=lambda r: r.cid) for s in ("qat", "ptq")}
+    k = min(len(v) for v in sides.values())
+    if k == 0:
+        return None
+    pick = np.random.default_rng(sorted(r.cid for r in results))
+    acc = {}
+    for strategy, sub in sides.items():
+        if len(sub) > k:
+            sub = [sub[i] for i in sorted(pick.choice(len(sub), k, replace=False))]
+        acc[strategy] = deployed_acc(model, state, ranges, sub, x, y)
+    return acc["qat"] - acc["ptq"]
+
+
+def swap_gains(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[str, tuple[float, float]] | None,
+               ptq: Sequence[ClientResult], qat: Sequence[ClientResult], picks: Sequence[bool],
+               x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """Per-client counterfactual gains of a paired round (``ptq[i]``, ``qat[i]``: client i's two
+    uploads from the same master): the hybrid ``picks`` (True: QAT) aggregated with client i's
+    QAT upload against with its PTQ upload, QAT minus PTQ deployed accuracy on ``x``, ``y``."""
+    base = [q if p else r for r, q, p in zip(ptq, qat, picks)]
+    base_acc = deployed_acc(model, state, ranges, base, x, y)
+    out = []
+    for i in range(len(base)):
+        other = list(base)
+        other[i] = ptq[i] if picks[i] else qat[i]
+        swapped = deployed_acc(model, state, ranges, other, x, y)
+        out.append(base_acc - swapped if picks[i] else swapped - base_acc)
+    return out
 
 
 @torch.no_grad()

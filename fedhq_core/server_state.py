@@ -21,7 +21,7 @@ from .data import Split
 from .phases import span
 from .pricing import FleetPricing
 from .quant import integer_weights, load_model_state, model_state, prepare_deploy, set_mode
-from .server import aggregate, calibrate_on_server, evaluate_global, proxy_gap, upload_quant_loss
+from .server import aggregate, blend_steps, calibrate_on_server, evaluate_global, partial_gain, proxy_gap, upload_quant_loss
 
 
 @contextlib.contextmanager
@@ -48,6 +48,7 @@ class ServerState:
         self.global_ranges: dict[str, tuple[float, float]] | None = None
         self.global_steps: dict[str, torch.Tensor] | None = None
         self.gaps: list[float] = []  # the master's quantization gap on the proxy split, per round (measure_gap)
+        self.partials: list[float | None] = []  # QAT minus PTQ partial aggregate on the proxy, per round
         self.gap_s = 0.0             # priced seconds of the server's work done while this round's clients train
         self.carried_s = 0.0         # priced server work of this round done while the next one trains
         self.host_s = 0.0            # this host's seconds for the server's work of the round (a metric only)
@@ -71,9 +72,21 @@ class ServerState:
             r.quant_loss = upload_quant_loss(self.eval_model, self.global_state, r, self.proxy.x, self.proxy.y)
         return len(ptq) * self.pricing.server.sens_s()
 
+    def measure_partial(self, results: list[ClientResult], bits: int) -> float:
+        """The round's online SigAcc signal (``server.partial_gain``: its QAT and PTQ uploads
+        aggregated apart from the master they started from, scored on the proxy split), appended
+        to ``partials`` (None for a round without both strategies); returns its priced seconds."""
+        assert self.pricing.server is not None, "profile() first"
+        self.partials.append(partial_gain(self.eval_model, self.global_state, self.global_ranges, results,
+                                          self.proxy.x, self.proxy.y))
+        if self.partials[-1] is None:
+            return 0.0
+        k = min(sum(r.strategy == "qat" for r in results), sum(r.strategy == "ptq" for r in results))
+        return self.pricing.server.partial_s(k, k, bits)
+
     # --- aggregation --------------------------------------------------------------------------
     def aggregate(self, results: list[ClientResult], measure_gap: bool, measure_sensitivity: bool,
-                  norm_checks: int = 0) -> float:
+                  norm_checks: int = 0, measure_partial: int = 0) -> float:
         """FedAvg into the master; returns the server's priced seconds after the uploads. The gap
         of the master the clients started from is measured first (``gap_s``, priced, concurrent
         with their training on the clock); the uploads' sensitivities while the next round trains
@@ -89,16 +102,20 @@ class ServerState:
             # measured while the next round trains (so on the clock only where it outlasts that
             # round's slowest client); the allocator sees the reports one round late
             self.carried_s = self.measure_sensitivities(results)
+        if measure_partial:
+            self.carried_s += self.measure_partial(results, measure_partial)
         with span("aggregate"):
             self.aggregate_results(results)
         self.host_s = time.perf_counter() - t0
         return self.pricing.aggregation_s(results, norm_checks)
 
     def aggregate_results(self, results: list[ClientResult]) -> None:
-        """FedAvg of the master, the clients' averaged ranges and QAT steps (pilot and rounds)."""
+        """FedAvg of the master, the clients' averaged ranges and deployed weight steps (the QAT
+        clients' learned ones, blended in a hybrid round: ``server.blend_steps``)."""
         # QAT clients' learned weight steps (None in a round without QAT: MSE scales then)
-        self.global_state, self.global_ranges, self.global_steps = aggregate(self.global_state, self.global_ranges,
-                                                                             results, self.aggregation, self.trim)
+        self.global_state, self.global_ranges, learned = aggregate(self.global_state, self.global_ranges, results,
+                                                                   self.aggregation, self.trim)
+        self.global_steps = blend_steps(self.eval_model, self.global_state, learned, results)
 
     # --- deployment and evaluation ------------------------------------------------------------
     def deploy_ranges(self) -> dict[str, tuple[float, float]]:
@@ -132,6 +149,7 @@ class ServerState:
 
     def state_meta(self) -> dict[str, Any]:
         return {"has_steps": self.global_steps is not None, "gaps": self.gaps, "carried_s": self.carried_s,
+                "partials": self.partials,
                 "global_ranges": None if self.global_ranges is None else {k: list(v) for k, v in self.global_ranges.items()}}
 
     def load(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -148,4 +166,5 @@ class ServerState:
         ranges = meta["global_ranges"]
         self.global_ranges = None if ranges is None else {k: (v[0], v[1]) for k, v in ranges.items()}
         self.gaps = [float(g) for g in meta.get("gaps", [])]
+        self.partials = [None if g is None else float(g) for g in meta.get("partials", [])]
         self.carried_s = float(meta.get("carried_s", 0.0))

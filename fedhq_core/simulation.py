@@ -93,16 +93,14 @@ class Simulation:
         ds = dataset or load_data(cfg)
         self.dataset_name, self.num_classes, self.in_shape = ds.name, ds.num_classes, ds.in_shape
         self.server_calib, self.global_labels, self.shards = split_clients(cfg, ds)
-        self.n_clients, self.rounds = cfg.clients, cfg.rounds
+        self.n_clients, self.rounds, self.proxy_size = cfg.clients, cfg.rounds, len(self.server_calib)
         self.fleet = Fleet.build(cfg.clients, cfg.fleet, cfg.throttle_prob, cfg.throttle_factor,
                                  cfg.jitter_sigma, cfg.seed)
         self.allocator = build_allocator(cfg, significance)
-        caps = self.allocator.capabilities
         # a PTQ client measures its sensitivity on the device only when asked to; by default the
         # server measures it from the uploads, and only for an allocator that reads it
         on_device = bool(cfg.report_sensitivity)
-        self.server_measures_sensitivity = cfg.report_sensitivity is None and caps.reads_sensitivity
-        if self.server_measures_sensitivity:
+        if cfg.report_sensitivity is None:
             self.allocator.sensitivity_lag = 1
         torch.manual_seed(cfg.seed)
         self.pricing = FleetPricing(cfg, self.fleet, [len(s) for s in self.shards], self.model_spec,
@@ -159,13 +157,32 @@ class Simulation:
         return gap_trend(self.server.gaps)
 
     @property
+    def setting(self) -> dict[str, float]:
+        from .allocation.significance import setting_of
+
+        return setting_of(self.cfg)
+
+    @property
+    def online_gains(self) -> list[float | None]:
+        """The server's QAT-vs-PTQ partial comparisons so far, less the newest: that one is
+        measured while the next round trains, so its allocation has not seen it yet."""
+        return self.server.partials[:-1]
+
+    @property
     def capabilities(self) -> Capabilities:
         return self.allocator.capabilities
 
+    @property
+    def server_measures_sensitivity(self) -> bool:
+        """By default the server measures the PTQ uploads' sensitivity, and only for an allocator
+        that reads it (it may start reading once it has a SigAcc model)."""
+        return self.cfg.report_sensitivity is None and self.capabilities.reads_sensitivity
+
     def needs_significance(self) -> bool:
-        """The allocator uses SigAcc, has none yet, and the config does not opt out (significance: none)."""
+        """The allocator uses SigAcc, has not been given a family model nor told to go online yet,
+        and the config does not opt out (significance: none)."""
         return self.cfg.significance != "none" and self.capabilities.uses_significance and \
-            self.allocator.significance is None
+            self.allocator.significance is None and self.fit.source == "none"
 
     def set_significance(self, model: Any) -> None:
         """Give the allocator its SigAcc model; what obtaining it cost (``model.fit_info``) goes on
@@ -187,9 +204,10 @@ class Simulation:
 
     def aggregate(self, results: list[ClientResult]) -> float:
         """FedAvg into the master (``ServerState.aggregate``); the priced seconds after the uploads."""
-        return self.server.aggregate(results, self.capabilities.reads_gap,
-                                     self.server_measures_sensitivity and self.rnd + 1 < self.cfg.rounds,
-                                     self.dispatch.norm_checks)
+        more = self.rnd + 1 < self.cfg.rounds     # a measurement only a later round can use
+        return self.server.aggregate(results, self.capabilities.reads_gap, self.server_measures_sensitivity and more,
+                                     self.dispatch.norm_checks,
+                                     self.cfg.upload_bits if self.capabilities.reads_partials and more else 0)
 
     def evaluate(self) -> dict[str, float]:
         return self.server.evaluate()
@@ -297,17 +315,19 @@ class Simulation:
         torch.set_rng_state(tensors["rng/torch"])
 
     def significance_summary(self) -> dict[str, Any] | None:
-        """SigAcc's fit quality and pilot round gains, when the allocator has a model."""
+        """SigAcc's fit quality (in-sample; CV by client, by pilot round, leave-one-setting-out) and
+        its family, when the allocator has a model."""
         sig = self.allocator.significance
         if sig is None:
             return None
         return {"train_r2": sig.train_r2, "cv_r2": sig.cv_r2, "cv_r2_rounds": sig.cv_r2_rounds,
-                "round_gains": sig.tags.get("round_gains"), "n_samples": sig.tags.get("n_samples")}
+                "cv_r2_settings": sig.cv_r2_settings, "family": sig.tags.get("family"),
+                "n_settings": sig.tags.get("n_settings"), "n_samples": sig.tags.get("n_samples")}
 
     def summary(self, run_id: str | None = None) -> dict[str, Any]:
-        """The run's figures. ``total_sim_s`` is the rounds' simulated time; a SigAcc pilot made
-        for this run is on its bill too: ``charged_total_sim_s`` adds ``fit_charged_sim_s``, and
-        ``wall_s`` includes the pilot's wall time (``fit_charged_wall_s``)."""
+        """The run's figures. ``total_sim_s`` is the rounds' simulated time; what obtaining SigAcc
+        cost this run is on its bill too: ``charged_total_sim_s`` adds ``fit_charged_sim_s`` (a
+        family's refit), and ``wall_s`` includes its wall time (``fit_charged_wall_s``)."""
         last = self.records[-1] if self.records else None
         clock, speed = self.pricing.clock, self.pricing.speed
         total = clock.now_s if clock else 0.0

@@ -174,7 +174,6 @@ def bench_flow(config: dict[str, Any], strategies: list[str], seeds: list[int], 
     speed = None
     per_seed: dict[int, dict[str, dict[str, Any]]] = {}
     for seed in seeds:
-        sig = None
         per_seed[seed] = {}
         for name in ordered(strategies):
             cfg = base.replace(strategy=name, seed=seed)
@@ -188,8 +187,7 @@ def bench_flow(config: dict[str, Any], strategies: list[str], seeds: list[int], 
                                                                  "seeds": seeds}, tags={"kind": "bench"})
             if sim.needs_significance():
                 sim.profile(speed)
-                sig = sig or obtain_significance(sim, tracker_for(cfg))
-                sim.set_significance(sig)
+                obtain_significance(sim, tracker_for(cfg))
             print(f"fedhq bench: seed {seed} {name}", file=sys.stderr, flush=True)
             res = execute_run(cfg, speed=speed, sim=sim, parent_run_id=parent, progress=progress)
             add_curves(res)

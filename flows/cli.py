@@ -36,9 +36,14 @@ def _add_run_commands(sub) -> None:
     r.add_argument("--resume", metavar="RUN_ID", help="continue run RUN_ID (or 'latest') from its last completed "
                                                       "round, into the same MLflow run")
     r.set_defaults(func=cmd_run)
-    f = sub.add_parser("fit-significance", help="offline SigAcc fitting by pilot rounds; registers "
-                                                 "fedhq-significance (alias current)")
+    f = sub.add_parser("fit-significance", help="offline SigAcc fitting of a family (dataset + model) by paired "
+                                                 "pilots over a grid of settings; registers fedhq-significance")
     add_config_flags(f)
+    f.add_argument("--grid", default="", help="FIELD=V1,V2;... the settings' values around the config (fields: "
+                                              "seed, partition, alpha, classes_per_client, clients, fraction, w_bits, "
+                                              "a_bits, first_last_bits, lr, local_epochs, batch_size)")
+    f.add_argument("--settings", type=int, default=12, help="settings drawn from the grid's product (seeded)")
+    f.add_argument("--out", help="also write the family's fit data as JSON here (what the project ships)")
     f.set_defaults(func=cmd_fit_significance)
     b = sub.add_parser("bench", help="every strategy side by side on the same clients, shards, devices and seeds")
     add_config_flags(b)

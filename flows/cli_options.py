@@ -36,7 +36,7 @@ CONFIG_FLAGS: list[tuple[str, str, Callable | None, str]] = [
     ("--w-bits", "w_bits", int, "deployed weight bits, 2..8 (default 4)"),
     ("--a-bits", "a_bits", int, "deployed activation bits, 2..8 (default 8)"),
     ("--upload-bits", "upload_bits", int, "bits of the uploaded update: 2..8, 16 or 32 (default 8)"),
-    ("--strategy", "strategy", str, f"strategy: {', '.join(STRATEGIES)} (default all-qat)"),
+    ("--strategy", "strategy", str, f"strategy: {', '.join(STRATEGIES)} (default fedhq)"),
     ("--xi", "xi", float, "FedHQ trade-off xi in [0, 1]: 0 = accuracy, 1 = speed (default 0.2)"),
     ("--seed", "seed", int, "random seed (default 0)"),
     ("--max-train-samples", "max_train_samples", int, "subsample the train split to N images (0 = all)"),

@@ -59,6 +59,10 @@ def cmd_run(args: argparse.Namespace) -> int:
              round(summary["wall_s"], 1), f"{summary['upload_bytes'] / 1e6:.2f}", summary["run_id"] or "-"]]
     print(format_table(["strategy", "dataset", "rounds", "bits", "acc_q", "acc_fp32", "sim_s", "wall_s",
                         "upload_MB", "mlflow_run"], rows))
+    if cfg.strategy in ("fedhq", "fedhq-coarse"):
+        print(f"SigAcc: {summary['fit_source']} ({summary['fit_detail']}); charged {summary['fit_sim_s'] * 1e3:.2f} "
+              f"simulated ms")
+        print("PTQ/QAT clients per round: " + " ".join(f"{r['n_ptq']}/{r['n_qat']}" for r in summary["rounds"]))
     rej = summary["rejected"]
     if rej["total"] or rej["retried_rounds"]:
         from fedhq_core.records import format_reasons
@@ -90,9 +94,13 @@ def cmd_fit_significance(args: argparse.Namespace) -> int:
     start_api_server()
     from flows.significance import fit_significance_flow
 
+    from fedhq_core.allocation.pilot import parse_grid
+
+    parse_grid(args.grid)                      # a bad grid fails here, in one line, before anything runs
+    if args.settings < 1:
+        raise ConfigError("settings: must be >= 1")
     with api_settings():
-        res = fit_significance_flow(cfg.public_dict())
-    # the fit's figures; the setting it was fitted for is in the registry version's tags
+        res = fit_significance_flow(cfg.public_dict(), args.grid, args.settings, args.out)
     from flows.significance import SIG_FIGURES
 
     print(format_table(["key", "value"], [[k, res[k]] for k in SIG_FIGURES if k in res]))
@@ -135,8 +143,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if k in out:
             print(f"{k}: {json.dumps(out[k], default=_json_default)}")
     if out.get("significance"):
-        print("SigAcc R2 per seed (in-sample / cross-validated by client / by pilot round): " + ", ".join(
-            f"{s}: {v['train_r2']:.2f} / {v['cv_r2']:.2f} / {v['cv_r2_rounds']:.2f}" for s, v in out["significance"].items()))
+        print("SigAcc R2 per seed (in-sample / CV by client / by pilot round / leave-one-setting-out): " + ", ".join(
+            f"{s}: {v['train_r2']:.2f} / {v['cv_r2']:.2f} / {v['cv_r2_rounds']:.2f} / {v['cv_r2_settings']:.2f}"
+            for s, v in out["significance"].items()))
     dom = out.get("dominance")
     if dom:
         tta = "not reached" if dom["tta_vs_best"] is None else f"{dom['tta_vs_best']:.2f}x"

@@ -1,11 +1,11 @@
-"""SigAcc for a run, through the registry: a version fitted for exactly this setting is reused
-(a one-off cost, counted on its version), else a pilot for this setting is run, charged to the
-run, and registered; and the ``fedhq fit-significance`` flow."""
+"""SigAcc for a run, without a pilot: a family model (fitted offline over a grid of settings of
+the run's dataset and model) that covers the run's setting, from the registry or as shipped with
+the project; else none, and the run decides online from its own rounds. And the ``fedhq
+fit-significance`` flow that builds a family and registers it."""
 from __future__ import annotations
 
 import sys
-import time
-from typing import Any, Callable
+from typing import Any
 
 from flows import configure_prefect_env
 
@@ -13,67 +13,65 @@ configure_prefect_env()
 
 from prefect import flow  # noqa: E402
 
-from fedhq_core.allocation.pilot import fit_for_run  # noqa: E402
+from fedhq_core.allocation.pilot import build_family, choose_significance, parse_grid  # noqa: E402
 from fedhq_core.config import from_mapping  # noqa: E402
-from fedhq_core.simulation import Simulation  # noqa: E402
-from tasks import training as T  # noqa: E402
+from fedhq_core.simulation import Simulation, load_data  # noqa: E402
 from tasks.run_tracking import tracker_for  # noqa: E402
 
-from flows.runners import set_torch_threads, train_submitter  # noqa: E402
+from flows.runners import set_torch_threads  # noqa: E402
 
 
-def obtain_significance(sim: Simulation, tracker=None, submit: Callable | None = None):
-    """A registered SigAcc model fitted for exactly this setting (any version, found by its tags),
-    else fit one now and register it (alias ``current`` points at the newest fit)."""
-    from fedhq_core.allocation.pilot import FitInfo, pilot_length, setting_key, significance_tags
-
-    wanted = significance_tags(sim.cfg)
-    name = tracker.settings.significance_model if tracker else None
-    if tracker and sim.cfg.significance == "auto":
-        t0 = time.perf_counter()
-        model, why = tracker.load_significance(wanted)
-        if model is not None:
-            reused = int(model.tags.get("runs_reused", 1))
-            model.fit_info = FitInfo("registry", float(model.tags.get("fit_sim_s", 0.0)), time.perf_counter() - t0,
-                                     f"{name} {why}, fitted for this setting by an earlier pilot", reused)
-            print(f"fedhq: using {name} {why} (fitted for this setting; a one-off cost of "
-                  f"{model.fit_info.sim_s:.2f} simulated s, reused by {reused} run(s))", file=sys.stderr)
-            return model
-        print(f"fedhq: {why} in {name}; fitting one by a pilot run ({pilot_length(sim.cfg)} rounds per branch)",
+def obtain_significance(sim: Simulation, tracker=None):
+    """The run's SigAcc model (``allocation.pilot.choose_significance``; the registry is searched
+    first when tracking is on), set on ``sim``; None when it decides online. Says which and why."""
+    model = choose_significance(sim, tracker.load_family(sim.cfg) if tracker else None)
+    f = sim.fit
+    if model is None:
+        print(f"fedhq: SigAcc online: {f.detail}", file=sys.stderr)
+    else:
+        print(f"fedhq: SigAcc from {f.detail}; leave-one-setting-out CV R2 {model.cv_r2_settings:.2f}; refit "
+              f"charged {f.sim_s * 1e3:.2f} simulated ms, {f.wall_s:.2f} wall s (the family's one-off build: "
+              f"{f.build_sim_s:.0f} simulated s, {f.build_wall_s:.0f} wall s, {f.build_settings} settings)",
               file=sys.stderr)
-    model = fit_for_run(sim, submit or train_submitter(sim.cfg))   # the pilot trains where the run does
-    print(f"fedhq: SigAcc R2 in-sample {model.train_r2:.2f}, cross-validated {model.cv_r2:.2f} (by client), "
-          f"{model.cv_r2_rounds:.2f} (by pilot round); pilot round gains {model.tags['round_gains']}; "
-          f"charged to this run: {model.fit_info.sim_s:.2f} simulated s, {model.fit_info.wall_s:.1f} wall s",
-          file=sys.stderr)
-    if tracker:
-        tracker.start(f"fit-significance-{sim.dataset_name}", {**wanted}, tags={"kind": "fit-significance"})
-        tracker.log_metrics({"train_r2": model.train_r2, "cv_r2": model.cv_r2, "cv_r2_rounds": model.cv_r2_rounds,
-                             "mean_gain": model.tags["mean_gain"]})
-        version = tracker.log_state(model.to_state(), "significance", name,
-                                      {**model.tags, "setting": setting_key(wanted),
-                                       "fit_wall_s": round(model.fit_info.wall_s, 3)}, aliases=("current",))
-        tracker.end()
-        print(f"fedhq: registered {name} version {version} as current", file=sys.stderr)
     return model
 
 
 @flow(name="fedhq-fit-significance", persist_result=False)
-def fit_significance_flow(config: dict[str, Any]) -> dict[str, Any]:
-    """Offline SigAcc fitting: pilot rounds, regressor, registry version with alias ``current``."""
-    cfg = from_mapping({**config, "significance": "refit"})
+def fit_significance_flow(config: dict[str, Any], grid: str = "", settings: int = 12,
+                          out: str | None = None) -> dict[str, Any]:
+    """Offline SigAcc fitting of a family: paired pilots over ``settings`` settings drawn from
+    ``grid`` around ``config``; registered as a version of the significance model (tags: the
+    grid's ranges, the CV figures and the build cost) and, with ``out``, written as JSON."""
+    cfg = from_mapping(config)
     set_torch_threads(cfg)
-    sim = Simulation(cfg.replace(strategy="fedhq"))
-    T.profile_hardware(sim, None)
-    model = obtain_significance(sim, tracker_for(cfg))
-    out = {**model.tags, "train_r2": model.train_r2, "cv_r2": model.cv_r2, "cv_r2_rounds": model.cv_r2_rounds}
+    grid_d = parse_grid(grid) if grid else {}
+    command = f"fedhq fit-significance --config <{cfg.dataset}/{cfg.model}> --grid '{grid}' --settings {settings}"
+
+    def report(i, c, p):
+        print(f"fedhq fit-significance: setting {i + 1}/{settings} ({', '.join(f'{k}={getattr(c, k)}' for k in grid_d)})"
+              f": {p['rows']} rows, mean gain {p['mean_gain']:+.3f}, {p['sim_s']:.1f} simulated s, {p['wall_s']:.1f} wall s",
+              file=sys.stderr, flush=True)
+
+    family = build_family(cfg, grid_d, settings, command, report, dataset=load_data(cfg))
+    if out:
+        family.save(out)
+    tracker = tracker_for(cfg)
+    res = {**family.tags(), **{f"r2_{k}": v for k, v in family.r2.items()}}
+    if tracker:
+        name = tracker.settings.significance_model
+        tracker.start(f"fit-significance-{cfg.dataset}", {**cfg.public_dict(), "grid": grid, "settings": settings},
+                      tags={"kind": "fit-significance"})
+        tracker.log_metrics({f"r2_{k}": v for k, v in family.r2.items()})
+        res["version"] = tracker.log_state(family.to_dict(), "significance", name, family.tags(), aliases=("current",))
+        tracker.end()
+        print(f"fedhq: registered {name} version {res['version']} as current", file=sys.stderr)
     from flows.artifacts import publish_table
 
-    publish_table(f"significance-{sim.dataset_name}", [{"measure": k, "value": str(out[k])} for k in SIG_FIGURES
-                                                        if k in out], "SigAcc fit (fedhq-significance)")
-    return out
+    publish_table(f"significance-{cfg.dataset}", [{"measure": k, "value": str(res[k])} for k in SIG_FIGURES
+                                                  if k in res], "SigAcc family fit (fedhq-significance)")
+    return res
 
 
-# the figures of a SigAcc fit shown by `fedhq fit-significance` and in its Prefect artifact
-SIG_FIGURES = ("dataset", "model", "w_bits", "a_bits", "seed", "n_samples", "mean_gain", "train_r2", "cv_r2",
-               "cv_r2_rounds", "round_gains")
+# the figures of a family fit shown by `fedhq fit-significance` and in its Prefect artifact
+SIG_FIGURES = ("family", "n_settings", "n_samples", "mean_gain", "grid", "r2_train", "r2_cv", "r2_cv_rounds",
+               "r2_cv_settings", "build_sim_s", "build_wall_s", "version")

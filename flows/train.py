@@ -48,7 +48,7 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
             T.profile_hardware(sim, speed)
     tracker = tracker_for(cfg)
     if sim.needs_significance():   # its cost goes on the run's bill (sim.fit, the summary's fit_* fields)
-        sim.set_significance(obtain_significance(sim, tracker, submit))
+        obtain_significance(sim, tracker)
     if not resume:
         sim.wall_start = time.perf_counter()  # the run's wall time: rounds, evaluation and tracking (+ the fit's)
     start_tracking(tracker, sim, resume, run_name, parent_run_id)

@@ -26,7 +26,6 @@ from fedhq_core.config import ExperimentConfig, from_mapping  # noqa: E402
 from fedhq_core.simulation import Simulation, load_data  # noqa: E402
 from tasks import training as T  # noqa: E402
 
-from fedhq_core.allocation.pilot import setting_key, significance_tags  # noqa: E402
 from flows.runners import set_torch_threads  # noqa: E402
 from flows.significance import obtain_significance  # noqa: E402
 from flows.train import execute_run  # noqa: E402
@@ -78,7 +77,6 @@ def tune_flow(config: dict[str, Any], study_name: str, trials: int, timeout: flo
                                                  "trials": trials}, tags={"kind": "tune"}) if tracker else None
     sim0 = Simulation(base, dataset=ds)
     speed = T.profile_hardware(sim0, None)
-    sigs: dict[str, Any] = {}
     bundles: dict[int, tuple[dict, dict]] = {}
     lock = threading.Lock()
 
@@ -91,11 +89,7 @@ def tune_flow(config: dict[str, Any], study_name: str, trials: int, timeout: flo
         cfg = base.replace(**changes)
         sim = Simulation(cfg, dataset=ds)
         sim.profile(speed)
-        key = setting_key(significance_tags(cfg))   # a study that comes back to a setting reuses its fit
-        with lock:
-            if key not in sigs:
-                sigs[key] = obtain_significance(sim, tracker_for(cfg))
-        sim.set_significance(sigs[key])
+        obtain_significance(sim, tracker_for(cfg))   # a covering family's model, or online: never a pilot
         res = execute_run(cfg, sim=sim, speed=speed, parent_run_id=parent, register=False,
                           run_name=f"{study_name}-trial-{trial.number}")
         trial.set_user_attr("run_id", res["run_id"])

@@ -374,32 +374,33 @@ class Tracker:
             self._deadline = time.monotonic() + self.settings.outage_wait_s
         return max(0.0, self._deadline - time.monotonic())
 
-    def load_significance(self, wanted: dict[str, Any]):
-        """The newest registered significance model fitted for exactly ``wanted``'s setting: found
-        by its ``setting`` tag (a hash of every gain-relevant field) with ``search_model_versions``,
-        then every field checked tag by tag. Any version qualifies, not only alias ``current``."""
-        from fedhq_core.allocation import SignificanceModel
-        from fedhq_core.allocation.pilot import setting_key
+    def load_family(self, cfg):
+        """The newest registered SigAcc family of ``cfg``'s dataset and model that covers its
+        setting (``allocation.pilot.Family.covers``), found by its ``family`` tag with
+        ``search_model_versions``; with why it qualifies, or why none does. Each run that
+        reuses a version is counted on it (``runs_reused``)."""
+        from fedhq_core.allocation.pilot import Family
 
         name = self.settings.significance_model
-        key = setting_key(wanted)
-        versions = self.client.search_model_versions(f"name='{name}' and tags.setting = '{key}'",
+        versions = self.client.search_model_versions(f"name='{name}' and tags.family = '{cfg.dataset}/{cfg.model}'",
                                                      order_by=["version_number DESC"])
+        why, misses = f"no {name} version of family {cfg.dataset}/{cfg.model}", []
         for mv in versions:
-            if all(mv.tags.get(k) == str(v) for k, v in wanted.items()):
-                state = self.load_state(mv.source)
-                if state is None:
-                    continue   # not stored as data (an older or foreign version): never unpickled
-                model = SignificanceModel.from_state(state)
-                model.tags = dict(mv.tags)
-                for k in ("train_r2", "cv_r2", "cv_r2_rounds"):
-                    setattr(model, k, float(mv.tags.get(k, "nan")))
-                # a one-off cost: each run that reuses the fit is counted on its version
-                reused = int(mv.tags.get("runs_reused", "0")) + 1
-                self.client.set_model_version_tag(name, mv.version, "runs_reused", str(reused))
-                model.tags["runs_reused"] = str(reused)
-                return model, f"version {mv.version}"
-        return None, "no version fitted for this setting"
+            state = self.load_state(mv.source)
+            if state is None:
+                continue   # not stored as data (an older or foreign version): never unpickled
+            try:
+                family = Family.from_dict(state)
+            except TypeError:
+                continue
+            ok, miss = family.covers(cfg)
+            if not ok:
+                misses.append(f"{name} version {mv.version}: {miss}")
+                continue
+            reused = int(mv.tags.get("runs_reused", "0")) + 1
+            self.client.set_model_version_tag(name, mv.version, "runs_reused", str(reused))
+            return family, f"{name} version {mv.version} ({len(family.settings)} settings, reused by {reused} run(s))"
+        return None, misses[0] if misses else why     # the newest version's reason
 
     def load_state(self, source: str) -> dict[str, Any] | None:
         """The ``state.json`` of a version logged by :meth:`log_state` (plain JSON, read as data),

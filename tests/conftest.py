@@ -35,6 +35,6 @@ def digits():
 def tiny_cfg(tmp_path):
     from fedhq_core.config import ExperimentConfig
 
-    return ExperimentConfig(clients=6, rounds=2, fraction=0.5, local_epochs=1, batch_size=32,
+    return ExperimentConfig(strategy="all-qat", clients=6, rounds=2, fraction=0.5, local_epochs=1, batch_size=32,
                             profile_batch_sizes=[8, 16, 32], profile_reps=1, tracking=False,
                             state_dir=str(tmp_path / "state"), max_concurrency=2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..config import ExperimentConfig
 from .base import Allocation, Allocator, Capabilities, FleetView, RoundFeedback
 from .fedfq import FedFQAllocator
-from .fedhq import FedHQAllocator, allocate_coarse, local_search, objective
+from .fedhq import FedHQAllocator, allocate_coarse, best_deadline, objective
 from .random_hybrid import RandomHybridAllocator
 from .significance import SignificanceModel
 from .uniform import UniformAllocator
@@ -23,13 +23,13 @@ def build_allocator(cfg: ExperimentConfig, significance: SignificanceModel | Non
         return RandomHybridAllocator(cfg.qat_share if cfg.qat_share >= 0 else 0.5, cfg.seed)
     if s in ("fedhq", "fedhq-coarse"):
         return FedHQAllocator(cfg.xi, significance, fine=(s == "fedhq"), adjust_every=cfg.adjust_every,
-                              search_band=cfg.search_band, seed=cfg.seed,
-                              uses_significance=cfg.significance != "none")
+                              seed=cfg.seed, uses_significance=cfg.significance != "none",
+                              max_stretch=cfg.max_stretch)
     if s == "fedfq":
         return FedFQAllocator()
     raise ValueError(f"strategy: unknown strategy {s!r}")
 
 
-__all__ = ["FedFQAllocator", "FedHQAllocator", "SignificanceModel", "allocate_coarse", "local_search", "objective",
+__all__ = ["FedFQAllocator", "FedHQAllocator", "SignificanceModel", "allocate_coarse", "best_deadline", "objective",
            "Allocation", "Allocator", "Capabilities", "FleetView", "RandomHybridAllocator", "RoundFeedback",
            "UniformAllocator", "build_allocator"]

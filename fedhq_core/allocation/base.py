@@ -27,6 +27,7 @@ class FleetView(Protocol):
 
     n_clients: int
     rounds: int                                       # R: progress is rnd / rounds
+    proxy_size: int                                   # samples in the server's proxy split
 
     def predicted_times(self, cids: list[int]) -> dict[str, np.ndarray]: ...  # {"ptq": (n,), "qat": (n,)}, seconds
 
@@ -34,6 +35,12 @@ class FleetView(Protocol):
 
     @property
     def quant_gap(self) -> float: ...   # the master's quantization gap trend (only if Capabilities.reads_gap)
+
+    @property
+    def setting(self) -> dict[str, float]: ...   # SigAcc's setting fields (significance.setting_of)
+
+    @property
+    def online_gains(self) -> list[float | None]: ...   # QAT-vs-PTQ partial aggregates measured so far
 
 
 @dataclass(frozen=True)
@@ -43,11 +50,14 @@ class Capabilities:
 
     * ``uses_significance``: it wants a SigAcc model (the run obtains one before round 0);
     * ``reads_gap``: it reads the master's quantization gap, measured by the server each round;
-    * ``reads_sensitivity``: it reads the PTQ uploads' quantization sensitivity."""
+    * ``reads_sensitivity``: it reads the PTQ uploads' quantization sensitivity;
+    * ``reads_partials``: it reads the server's comparison of each round's QAT and PTQ partial
+      aggregates (``server.partial_gain``)."""
 
     uses_significance: bool = False
     reads_gap: bool = False
     reads_sensitivity: bool = False
+    reads_partials: bool = False
 
 
 @dataclass

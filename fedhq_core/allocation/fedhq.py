@@ -11,13 +11,20 @@ Fine [paper: ML-based adjustment with a cost model; design: what it learns and t
   * a cost model (scikit-learn) learns log(observed / spec-sheet time) per client and strategy
     from the rounds so far (jitter and hidden throttling that the spec sheet misses);
   * the gain estimates follow the run: every round the features are recomputed from what the
-    rounds showed (progress, the server's measured quantization gap, the PTQ clients' reported
+    rounds showed (progress, the server's measured quantization gap, the PTQ clients' measured
     sensitivities), and the estimate is logged per round;
+  * online: the server compares each round's QAT and PTQ partial aggregates on its proxy split
+    (``server.partial_gain``, priced, measured while the next round trains, so seen one round
+    late); the trend of those comparisons sets the level of the gains: alone when no family
+    model covers the run (``online`` mode), blended with the family's prediction otherwise
+    (weight n / (n + PRIOR_ROUNDS) after n comparisons). A round whose gains are all <= 0 still
+    gives its fastest free client QAT (a probe), so the comparison keeps coming;
   * every ``adjust_every`` rounds the cost model is refitted (a new registry version); its error
     on the next round is reported beside the spec sheet's;
-  * a local search flips clients with g_m > 0 within ``search_band`` of the line to minimise
-    J(x) = xi * T(x) / T_ref + (1 - xi) * (A_ref - A(x)) / A_ref, A(x) = sum of g_m over QAT
-    clients, A_ref = sum of the positive g_m.
+  * the search minimises J(x) = xi * T(x) / T_ref + (1 - xi) * (A_ref - A(x)) / A_ref exactly
+    (A(x) = sum of g_m over QAT clients, A_ref = sum of the positive g_m): for a round deadline
+    T, every positive-gain client with t^QAT <= T lowers J at no time cost, so the optimum is
+    the best of the candidate deadlines (:func:`best_deadline`). Fast clients take QAT first.
 """
 from __future__ import annotations
 
@@ -29,7 +36,10 @@ import numpy as np
 from ..hardware.server_work import HostOps, gbr_predict_ops
 from .base import Allocation, Allocator, Capabilities, FleetView, RoundFeedback
 from .cost_model import CostModel, ridge_from_state, ridge_to_state
-from .significance import FEATURES, SignificanceModel, feature_rows, minmax
+from .significance import FEATURES, GAP_WINDOW, SignificanceModel, feature_rows, gap_trend, minmax
+
+PRIOR_ROUNDS = 3   # [design] a family's prediction weighs as much as 3 online comparisons
+CONFIDENCE = 2.0   # [design] the online level is the trend less 2 standard errors
 
 
 def normalised_significance(gains: np.ndarray) -> np.ndarray:
@@ -59,38 +69,36 @@ def objective(x: np.ndarray, t_ptq: np.ndarray, t_qat: np.ndarray, gains: np.nda
     return xi * t / t_ref + (1.0 - xi) * (a_ref - float(gains[x].sum())) / a_ref
 
 
-def local_search(x0: np.ndarray, s_hat: np.ndarray, gains: np.ndarray, t_ptq: np.ndarray, t_qat: np.ndarray,
-                 xi: float, band: float, max_sweeps: int = 10, ops: HostOps | None = None) -> np.ndarray:
-    """Greedy first-improvement flips of positive-gain clients near the line, until no flip lowers J.
-    ``ops`` counts its work (each objective evaluation: 6 numpy calls over the clients)."""
-    x = x0.copy()
-    a_hat = normalised_significance(gains)
-    margin = np.abs((1.0 - xi) * a_hat - xi * (1.0 - s_hat))
-    near = np.flatnonzero((margin <= band) & (gains > 0))
-    best = objective(x, t_ptq, t_qat, gains, xi)
-    evals = 1
-    for _ in range(max_sweeps):
-        improved = False
-        for i in near:
-            x[i] = ~x[i]
-            j = objective(x, t_ptq, t_qat, gains, xi)
-            evals += 1
-            if j < best - 1e-12:
-                best, improved = j, True
-            else:
-                x[i] = ~x[i]
-        if not improved:
-            break
+def best_deadline(gains: np.ndarray, t_ptq: np.ndarray, t_qat: np.ndarray, xi: float,
+                  ops: HostOps | None = None, max_stretch: float = float("inf")) -> np.ndarray:
+    """The QAT mask minimising :func:`objective` exactly, with the round at most ``max_stretch``
+    x T_ref long. For a deadline T >= T_ref = max t^PTQ, QAT for every positive-gain client with
+    t^QAT <= T is best (each lowers the accuracy term and none raises the round time past T); so
+    J is evaluated at T_ref and at each positive client's t^QAT above it within the stretch
+    (sorted, cumulative gains: O(n log n)). ``ops`` counts its work."""
+    pos = gains > 0
+    t_ref = float(np.max(t_ptq))
+    a_ref = float(gains[pos].sum()) or 1.0
+    order = np.argsort(t_qat[pos], kind="stable")
+    tq, cum = t_qat[pos][order], np.cumsum(gains[pos][order])
+    keep = tq <= max_stretch * t_ref
+    tq, cum = tq[keep], cum[keep]
+    deadlines = np.maximum(tq, t_ref)
+    j = xi * deadlines / t_ref + (1.0 - xi) * (a_ref - cum) / a_ref
+    j0 = xi + (1.0 - xi) * (a_ref - float(gains[pos & (t_qat <= t_ref)].sum())) / a_ref if pos.any() else xi
     if ops is not None:
-        ops.add(6 + 6 * evals, len(x) * (6 + 6 * evals))
-    return x
+        ops.add(12, 12 * len(gains))
+    if not len(j) or j0 <= float(j.min()) + 1e-12:
+        return pos & (t_qat <= t_ref)
+    return pos & (t_qat <= float(deadlines[int(np.argmin(j))]))
 
 
 class FedHQAllocator(Allocator):
     """``fine=False`` is the ``fedhq-coarse`` ablation (stage 1 only, spec-sheet times)."""
 
     def __init__(self, xi: float, significance: SignificanceModel | None, *, fine: bool = True,
-                 adjust_every: int = 3, search_band: float = 0.25, seed: int = 0, uses_significance: bool = True):
+                 adjust_every: int = 3, seed: int = 0, uses_significance: bool = True,
+                 max_stretch: float = float("inf")):
         import sklearn.linear_model  # noqa: F401  (import once here, not inside a timed adjustment)
 
         self.name = "fedhq" if fine else "fedhq-coarse"
@@ -98,7 +106,7 @@ class FedHQAllocator(Allocator):
         self.significance = significance
         self.fine = fine
         self.adjust_every = adjust_every
-        self.search_band = search_band
+        self.max_stretch = max_stretch
         self.cost = CostModel(seed=seed)
         self.quant_sensitivity: dict[int, float] = {}
         self._refits: list[dict[str, Any]] = []     # new cost-model versions, for the tracking layer
@@ -106,6 +114,7 @@ class FedHQAllocator(Allocator):
         self.uses_significance = uses_significance   # False with `significance: none`: by speed alone
         self._pending_sensitivity: dict[int, float] = {}
         self._ops = HostOps()
+        self._estimate: dict[str, float] = {}   # the round's estimate: family and online gain levels
 
     def take_host_ops(self) -> HostOps:
         ops, self._ops = self._ops, HostOps()
@@ -114,10 +123,12 @@ class FedHQAllocator(Allocator):
     @property
     def capabilities(self) -> Capabilities:
         """It wants a SigAcc model (unless ``significance: none``); the fine stage's estimate reads
-        the master's quantization gap (once it has a model) and the PTQ uploads' sensitivity."""
+        the master's quantization gap and the PTQ uploads' sensitivity (once it has a family
+        model) and the round's QAT-vs-PTQ partial aggregates (online, with or without one)."""
         return Capabilities(uses_significance=self.uses_significance,
                             reads_gap=self.fine and self.significance is not None,
-                            reads_sensitivity=self.fine and self.uses_significance)
+                            reads_sensitivity=self.fine and self.significance is not None,
+                            reads_partials=self.fine and self.uses_significance)
 
     @property
     def refits(self) -> list[dict[str, Any]]:
@@ -126,15 +137,32 @@ class FedHQAllocator(Allocator):
     # --- analyses ----------------------------------------------------------------------
     def significance_of(self, cids: list[int], view: FleetView, rnd: int = 0) -> np.ndarray:
         """Signed gains g_m from the run's current state (the fine stage's online update; the
-        coarse-only ablation keeps the initial state's). Without a SigAcc model (``significance:
-        none``) every client counts as gaining equally: the allocation is then by speed alone."""
-        if self.significance is None:
+        coarse-only ablation keeps the initial state's). Without SigAcc (``significance: none``)
+        every client counts as gaining equally: the allocation is then by speed alone."""
+        self._estimate = {}
+        if not self.uses_significance:
             return np.ones(len(cids))
-        self._ops += gbr_predict_ops(len(cids), len(FEATURES))
-        if not self.fine:   # fedhq-coarse: the estimate of the initial state, never updated
-            return self.significance.predict(feature_rows(view.shard_features(), cids, 0.0, 0.0, {}))
-        X = feature_rows(view.shard_features(), cids, rnd / view.rounds, view.quant_gap, self.quant_sensitivity)
-        return self.significance.predict(X)
+        pred = np.zeros(len(cids))
+        if self.significance is not None:
+            self._ops += gbr_predict_ops(len(cids), len(FEATURES))
+            if not self.fine:   # fedhq-coarse: the estimate of the initial state, never updated
+                return self.significance.predict(feature_rows(view.shard_features(), cids, 0.0, 0.0, {}, view.setting))
+            pred = self.significance.predict(feature_rows(view.shard_features(), cids, rnd / view.rounds,
+                                                          view.quant_gap, self.quant_sensitivity, view.setting))
+        online = [g for g in view.online_gains if g is not None]
+        self._estimate = {"online_n": len(online)}
+        if self.significance is not None:
+            self._estimate["family_gain"] = float(pred.mean())
+        if not online:
+            return pred
+        trend = gap_trend(online)
+        recent = min(len(online), GAP_WINDOW)
+        # QAT must earn its place: the level is the trend's lower bound, less CONFIDENCE standard
+        # errors of a difference of two accuracies on the proxy split (at p = 0.5, the widest)
+        level = trend - CONFIDENCE * np.sqrt(0.5 / view.proxy_size) / np.sqrt(recent)
+        w = len(online) / (len(online) + PRIOR_ROUNDS) if self.significance is not None else 1.0
+        self._estimate.update(online_gain=trend, online_level=float(level))
+        return pred + w * (level - float(pred.mean()))
 
     def allocate(self, rnd: int, sampled: list[int], view: FleetView) -> Allocation:
         t0 = time.perf_counter()
@@ -153,12 +181,18 @@ class FedHQAllocator(Allocator):
         self._ops.add(4 + 12 + 10, n * (3 + 12 + 10))   # speed score, coarse rule, the round's info
         coarse = x.copy()
         adjusted = bool(self.fine and self.cost.regressor is not None)
-        if adjusted:
-            x = local_search(x, s_hat, gains, t_ptq, t_qat, self.xi, self.search_band, ops=self._ops)
+        probe = -1
+        if self.fine:
+            x = best_deadline(gains, t_ptq, t_qat, self.xi, ops=self._ops, max_stretch=self.max_stretch)
+            if not x.any() and self.capabilities.reads_partials:
+                fastest = int(np.argmin(t_qat))     # a probe keeps the online comparison coming
+                if t_qat[fastest] <= float(np.max(t_ptq)):
+                    x[fastest], probe = True, fastest
         strategies = {c: ("qat" if q else "ptq") for c, q in zip(sampled, x)}
         self._last_pred = {c: (float(np.where(q, tq, tp)), float(np.where(q, sq, sp)))
                            for c, q, tp, tq, sp, sq in zip(sampled, x, t_ptq, t_qat, spec["ptq"], spec["qat"])}
-        estimate = {"gain_mean": float(gains.mean()), "gain_positive_share": float((gains > 0).mean())}
+        estimate = {"gain_mean": float(gains.mean()), "gain_positive_share": float((gains > 0).mean()),
+                    "n_probe": int(probe >= 0), **self._estimate}
         if self.capabilities.reads_gap:
             estimate["quant_gap"] = float(view.quant_gap)
         info = {

@@ -1,67 +1,77 @@
-"""Offline fitting of SigAcc: a pilot that measures, at every round of a short run, how much more
-accurate the deployed (quantized) global model is for having trained with QAT rather than PTQ.
+"""Offline fitting of SigAcc, once per family (dataset + model), and what a run pays for it.
 
-The pilot follows the run it prepares (same clients, sampling, seeds, round count ``R``) in two
-branches from the same initial model, one all-PTQ and one all-QAT, for ``pilot_rounds`` rounds
-(default: the first half of the run). After each round the server deploys both branches'
-masters as a run would (averaged ranges; QAT also its averaged learned steps) and scores them on
-its proxy split ``server_calib`` (never the test split). The round's gain G(r) = QAT branch minus
-PTQ branch, averaged over neighbouring rounds (one evaluation is noisy), is signed and cumulative:
-it includes QAT's slower convergence as well as the quantization loss it avoids. Each sampled
-client's row is its features at that point in its branch (:func:`significance.feature_rows`:
-shard, progress r/R, the master's quantization gap, its last reported sensitivity), labelled
-with its FedAvg share of G(r). The simulation's own state is left untouched.
+A family is fitted over a grid of settings (seeds, partition, clients, fraction, bits, lr, local
+epochs; :func:`draw_settings`), never for the run that uses it. Each setting runs a paired pilot
+(:func:`pilot_rows`): every round, every sampled client trains from the same master twice, once
+under PTQ and once under QAT. The client's label
+is its own measured gain: the round's hybrid (a seeded half-and-half pick of the two uploads)
+aggregated with its QAT upload against with its PTQ upload, deployed, scored on the proxy split
+(``server.swap_gains``): a per-client counterfactual, not the round's gain split by data share.
+The master then advances on that hybrid, so later rows see later states of a run.
+
+The rows of every setting are pooled into one regressor (:class:`Family`); the family's grid
+ranges decide which runs it covers (:meth:`Family.covers`); its leave-one-setting-out CV R² says
+how far it transfers. Shipped as plain JSON (``families/<dataset>-<model>.json``: rows and
+targets, the grid, the command that built it and its one-off cost), refitted deterministically
+by a run in well under a second; that refit is the run's only SigAcc cost (:class:`FitInfo`).
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import itertools
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from ..server import evaluate_global
-from .significance import SignificanceModel, feature_rows
+from .significance import FEATURES, GAP_WINDOW, SignificanceModel, feature_rows, setting_of
+
+FAMILY_DIR = Path(__file__).parent / "families"
+
 
 @dataclass
 class FitInfo:
     """What obtaining a run's SigAcc model cost, and where it came from.
 
-    ``source``: ``pilot`` (a pilot for this very setting, made for this run: charged to it),
-    ``registry`` (a version fitted earlier and reused: a one-off cost, reported with the runs
-    that reused it) or ``none`` (no SigAcc model)."""
+    ``source``: ``family`` (a family fitted offline over a grid, shipped or registered: the run
+    pays for refitting its rows, ``sim_s``; the family's build is a one-off, ``build_sim_s``,
+    reported with the runs that reuse it), ``online`` (no family covers the setting: the run
+    decides from its own rounds) or ``none`` (no SigAcc model)."""
 
     source: str = "none"
-    sim_s: float = 0.0        # simulated seconds of the pilot's rounds and fits, on the run's clock
-    wall_s: float = 0.0       # this host's seconds for obtaining it
+    sim_s: float = 0.0        # simulated seconds charged to this run (the refit of the family's rows)
+    wall_s: float = 0.0       # this host's seconds for obtaining it (charged too)
     detail: str = ""
     reused_by: int = 0        # registry: runs that have reused this version (this one included)
+    build_sim_s: float = 0.0  # the family's one-off build, simulated (not charged to the run)
+    build_wall_s: float = 0.0
+    build_settings: int = 0
 
     @property
     def charged_sim_s(self) -> float:
-        return self.sim_s if self.source == "pilot" else 0.0
+        return self.sim_s
 
     @property
     def charged_wall_s(self) -> float:
-        return self.wall_s if self.source == "pilot" else 0.0
+        return self.wall_s
 
     def to_dict(self) -> dict[str, Any]:
         return {"fit_source": self.source, "fit_sim_s": self.sim_s, "fit_wall_s": self.wall_s,
                 "fit_detail": self.detail, "fit_reused_by": self.reused_by,
-                "fit_charged_sim_s": self.charged_sim_s, "fit_charged_wall_s": self.charged_wall_s}
-
-
-PILOT_SPAN = 0.5   # [design] by default the pilot covers the first half of the run's rounds
-SMOOTH = 1         # [design] G(r) is averaged over rounds r-1..r+1 of the pilot
+                "fit_charged_sim_s": self.charged_sim_s, "fit_charged_wall_s": self.charged_wall_s,
+                "family_build_sim_s": self.build_sim_s, "family_build_wall_s": self.build_wall_s,
+                "family_settings": self.build_settings}
 
 
 def pilot_length(cfg) -> int:
-    """Rounds per pilot branch: ``pilot_rounds``, or 0 for the first half of the run (at least 3)."""
-    return cfg.pilot_rounds or min(cfg.rounds, max(3, math.ceil(PILOT_SPAN * cfg.rounds)))
+    """Rounds of a setting's pilot: ``pilot_rounds``, or 0 for the setting's whole run."""
+    return min(cfg.rounds, cfg.pilot_rounds) if cfg.pilot_rounds else cfg.rounds
 
 
 def train_here(sim, rnd: int, cid: int, strategy: str) -> Any:
-    """Train one client here and now, from the server's current master (the pilot's default)."""
+    """Train one client here and now, from the server's current master."""
     from ..client import train_client
     from ..worker import borrow_model
 
@@ -71,138 +81,260 @@ def train_here(sim, rnd: int, cid: int, strategy: str) -> Any:
                             sim.dispatch.client_spec(rnd, cid, strategy), srv.global_steps)
 
 
-def train_through(sim, submit_train: Callable, rnd: int, cids: list[int], strategy: str) -> list:
-    """Train ``cids`` under ``strategy`` from the current master through the run's task runner
-    (``submit_train`` as in ``loop.RoundOps``), decoded and checked like a round's uploads."""
-    from ..dispatch import collect
-    from ..worker import ClientJob
+def pilot_rows(sim, rounds: int, train_fn: Callable[[int, list[int], str], list] | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """One setting's paired pilot: features X, per-client gains, client ids, pilot rounds and the
+    pilot's simulated seconds. Every sampled client trains under both strategies from the same
+    master; the round's hybrid is a seeded half-and-half pick of the two. A client's label is
+    its own counterfactual in that round: the hybrid's aggregate with its QAT upload against the
+    same aggregate with its PTQ upload, each deployed and scored on the proxy split, QAT minus
+    PTQ accuracy (``server.swap_gains``). Both trainings are priced on the setting's clock one after the other (two rounds on
+    the same fleet), with the server's sensitivity measurements, gap, and the 1 + n aggregates
+    it scores. ``sim`` is consumed (its master advances)."""
+    from ..server import swap_gains
 
-    d = sim.dispatch
-    jobs = [ClientJob(rnd, c, sim.shards[c], d.client_spec(rnd, c, strategy)) for c in cids]
-    inputs = d.round_inputs()
-    results, bad = d.accept(collect([(ch, submit_train(inputs, ch)) for ch in d.chunks(jobs)], 0.0))
-    bad = {c: why for c, why in bad.items() if not why.startswith("norm")}   # bounded out, as in a round
-    if bad:   # the pilot compares whole rounds: a lost client would bias its gains, so it stops (one line)
-        from ..errors import TooFewClients
-
-        raise TooFewClients(f"SigAcc pilot round {rnd - 10_000}: client {next(iter(bad))} failed "
-                            f"({next(iter(bad.values()))}); the pilot needs every sampled client")
-    return results
-
-
-def pilot_gains(sim, rounds: int, train_fn: Callable[[int, list[int], str], list] | None = None
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict[str, float]], float]:
-    """Features X, signed gains, client ids and pilot rounds (the CV groups), one summary per
-    pilot round, and the pilot's simulated seconds. ``train_fn(rnd, cids, strategy)`` trains the
-    clients from the current master (default: one after the other here; a run passes its task
-    runner's). Every pilot round is priced on the run's clock like a round (its clients' work on
-    their devices, the server's aggregation, gap measurement and proxy scoring on its device),
-    without moving the run's own clock: the branches run one after the other on the same fleet."""
     train_fn = train_fn or (lambda r, cids, strategy: [train_here(sim, r, c, strategy) for c in cids])
-    srv, pricing = sim.server, sim.pricing
-    saved = (srv.global_state, srv.global_ranges, srv.global_steps, srv.gaps)
-    shards = sim.shard_features()
-    branch = {s: {"state": srv.global_state, "ranges": srv.global_ranges, "steps": srv.global_steps, "gaps": [],
-                  "sens": {}, "acc": []} for s in ("ptq", "qat")}
-    rows: list[tuple[int, list[int], np.ndarray, np.ndarray]] = []   # (round, cids, features, shares)
-    sim_s = 0.0
-    try:
-        for rnd in range(rounds):
-            cids = sim.dispatch.sample(10_000 + rnd)
-            for strategy, b in branch.items():
-                srv.global_state, srv.global_ranges, srv.global_steps, srv.gaps = (b["state"], b["ranges"], b["steps"],
-                                                                                   b["gaps"])
-                X = feature_rows(shards, cids, rnd / sim.cfg.rounds, sim.quant_gap, b["sens"])
-                res = train_fn(10_000 + rnd, cids, strategy)
-                n = np.array([r.n_samples for r in res], dtype=float)
-                rows.append((rnd, cids, X, n / n.mean()))
-                # the server measures the PTQ uploads' sensitivity, as in a run (priced like the gap:
-                # concurrent with the clients' training)
-                sens_s = srv.measure_sensitivities(res) if sim.server_measures_sensitivity else 0.0
-                b["sens"].update({r.cid: float(r.quant_loss) for r in res if r.quant_loss is not None})
-                srv.measure_gap()      # of the master this round started from, as in a run (appends to b["gaps"])
-                times = list(pricing.client_times(10_000 + rnd, res).values())
-                sim_s += pricing.clock.round_length(times, {"server": pricing.aggregation_s(res),
-                                                            "proxy": pricing.server.proxy_s()},
-                                                    pricing.server.gap_s() + sens_s)[0]
-                srv.aggregate_results(res)
-                b["state"], b["ranges"], b["steps"] = srv.global_state, srv.global_ranges, srv.global_steps
-                b["acc"].append(evaluate_global(srv.eval_model, srv.global_state, srv.global_ranges, srv.proxy.x,
-                                                srv.proxy.y, srv.global_steps)["acc_q"])
-    finally:
-        srv.global_state, srv.global_ranges, srv.global_steps, srv.gaps = saved
-    raw = np.array(branch["qat"]["acc"]) - np.array(branch["ptq"]["acc"])
-    smooth = np.array([raw[max(0, r - SMOOTH):r + SMOOTH + 1].mean() for r in range(rounds)])
-    X, gains, groups, point_ids = [], [], [], []
-    for rnd, cids, feats, share in rows:
-        X.extend(feats)
-        gains.extend(smooth[rnd] * share)
-        groups.extend(cids)
-        point_ids.extend([rnd] * len(cids))
-    log = [{"round": r, "progress": r / sim.cfg.rounds, "round_gain": float(smooth[r]), "raw_gain": float(raw[r])}
-           for r in range(rounds)]
-    return np.asarray(X), np.asarray(gains), np.asarray(groups), np.asarray(point_ids), log, sim_s
+    srv, pricing, cfg = sim.server, sim.pricing, sim.cfg
+    shards, setting = sim.shard_features(), setting_of(cfg)
+    rng = np.random.default_rng([cfg.seed, 71])
+    sens: dict[int, float] = {}
+    X, gains, groups, points, sim_s = [], [], [], [], 0.0
+    for rnd in range(rounds):
+        cids = sim.dispatch.sample(rnd)
+        rows = feature_rows(shards, cids, rnd / cfg.rounds, sim.quant_gap, sens, setting)
+        ptq, qat = train_fn(rnd, cids, "ptq"), train_fn(rnd, cids, "qat")
+        picks = rng.random(len(cids)) < 0.5
+        g = swap_gains(srv.eval_model, srv.global_state, srv.global_ranges, ptq, qat, picks, srv.proxy.x, srv.proxy.y)
+        X.extend(rows); gains.extend(g); groups.extend(cids); points.extend([rnd] * len(cids))
+        server_s = srv.measure_sensitivities(ptq) + srv.pricing.server.gap_s()
+        srv.measure_gap()                               # of the master this round started from
+        n_q = int(picks.sum())
+        server_s += (len(cids) + 1) * (pricing.server.aggregate_s(len(cids) - n_q, n_q, cfg.upload_bits, 0)
+                                       + pricing.server.proxy_s())
+        for i, res in enumerate((ptq, qat)):   # the server's scoring waits for the second set
+            times = list(pricing.client_times(rnd, res).values())
+            sim_s += pricing.clock.round_length(times, {"server": pricing.aggregation_s(res) + (server_s if i else 0.0)},
+                                                0.0)[0]
+        srv.aggregate_results([q if pick else p for p, q, pick in zip(ptq, qat, picks)])
+        sens = {r.cid: float(r.quant_loss) for r in ptq}       # seen by the next round
+    return np.asarray(X), np.asarray(gains), np.asarray(groups), np.asarray(points), sim_s
 
 
-# Fields that can change the gains. Only time-only fields (clock, execution, tracking, fault
-# handling, xi and the allocator's own knobs) are left out: a SigAcc model fitted under one value
-# of any of these is not reused under another. The fleet is kept, conservatively: in this
-# simulator it changes only time, but on real devices the hardware changes the numerics too.
-GAIN_FIELDS = ("dataset", "data_dir", "max_train_samples", "max_test_samples", "test_fraction", "server_calib_size",
-               "partition", "alpha", "classes_per_client", "min_shard_size", "model", "clients", "rounds", "fraction",
-               "local_epochs", "batch_size", "lr", "momentum", "weight_decay", "w_bits", "a_bits", "upload_bits",
-               "first_last_bits", "ptq_act_percentile", "calib_batches", "ema_momentum", "report_sensitivity",
-               "pilot_rounds", "seed", "fleet")
+# ---- the family: settings drawn from a grid ------------------------------------------------
+GRID_FIELDS = ("seed", "partition", "alpha", "classes_per_client", "clients", "fraction", "w_bits", "a_bits",
+               "first_last_bits", "lr", "local_epochs", "batch_size")
+# a run is covered when each of these lies within the family's range of it (partition: one of its
+# values); seeds are not: a new seed is the point of transfer
+COVERED_FIELDS = tuple(f for f in GRID_FIELDS if f != "seed") + ("upload_bits",)
 
 
-def significance_tags(cfg) -> dict[str, Any]:
-    """The setting a significance model is valid for (every tag must match before reuse): the
-    gain-relevant config fields and how its features and targets are made, so a model fitted
-    by other feature code is never reused."""
-    from .significance import FEATURES, GAP_WINDOW
+def parse_grid(text: str) -> dict[str, list[Any]]:
+    """``"seed=0,1;alpha=0.3,1.0"`` -> ``{"seed": [0, 1], "alpha": [0.3, 1.0]}`` (typed like the config)."""
+    from ..config import ExperimentConfig
+    from ..errors import ConfigError
 
-    return {**{k: getattr(cfg, k) for k in GAIN_FIELDS}, "features": ",".join(FEATURES),
-            "gap_window": GAP_WINDOW, "pilot_span": PILOT_SPAN, "pilot_smooth": SMOOTH}
+    types = {f: type(getattr(ExperimentConfig(), f)) for f in GRID_FIELDS}
+    grid: dict[str, list[Any]] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        key, _, values = part.partition("=")
+        key = key.strip()
+        if key not in types or not values.strip():
+            raise ConfigError(f"grid: {part!r} is not FIELD=V1,V2 with FIELD one of {', '.join(GRID_FIELDS)}")
+        try:
+            grid[key] = [types[key](v.strip()) for v in values.split(",") if v.strip()]
+        except ValueError as err:
+            raise ConfigError(f"grid: {key}: {err}") from None
+    return grid
 
 
-def setting_key(tags: dict[str, Any]) -> str:
-    """A short hash of a setting's tags: one registry tag to search versions by."""
-    import hashlib
+def draw_settings(base, grid: dict[str, list[Any]], n: int, seed: int = 0) -> list:
+    """``n`` distinct settings of ``base`` (a config) drawn from the grid's product, seeded; the
+    whole product when it has at most ``n``."""
+    keys = sorted(grid)
+    product = list(itertools.product(*(grid[k] for k in keys)))
+    rng = np.random.default_rng([seed, 29])
+    picks = product if len(product) <= n else [product[i] for i in sorted(rng.choice(len(product), n, replace=False))]
+    return [base.replace(**dict(zip(keys, p))) for p in picks]
 
-    text = ";".join(f"{k}={tags[k]}" for k in sorted(tags))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+@dataclass
+class Family:
+    """A family's fit data (plain arrays), its grid and what building it cost."""
+
+    dataset: str
+    model: str
+    settings: list[dict[str, Any]]             # each setting's covered fields and seed
+    X: list[list[float]]
+    gains: list[float]
+    groups: list[int]                          # client ids, unique across settings
+    points: list[int]                          # pilot round
+    setting_ids: list[int]
+    r2: dict[str, float] = field(default_factory=dict)
+    build: dict[str, Any] = field(default_factory=dict)   # sim_s / wall_s per setting and in all, command
+    features: str = ",".join(FEATURES)
+    seed: int = 0
+
+    def ranges(self) -> dict[str, Any]:
+        """Each covered field's range over the settings ([min, max], or the values of a categorical)."""
+        out: dict[str, Any] = {}
+        for f in COVERED_FIELDS:
+            vals = [s[f] for s in self.settings]
+            out[f] = sorted(set(vals)) if isinstance(vals[0], str) else [min(vals), max(vals)]
+        return out
+
+    def covers(self, cfg) -> tuple[bool, str]:
+        """Whether a run of ``cfg`` lies within this family, and why (the first field outside)."""
+        if (cfg.dataset, cfg.model) != (self.dataset, self.model):
+            return False, f"the family is {self.dataset}/{self.model}, the run {cfg.dataset}/{cfg.model}"
+        if self.features != ",".join(FEATURES):
+            return False, "the family was built with other features"
+        for f, r in self.ranges().items():
+            v = getattr(cfg, f)
+            if isinstance(r[0], str):
+                if v not in r:
+                    return False, f"{f}={v} is not among the family's {r}"
+            elif f == "alpha" and cfg.partition != "dirichlet" or f == "classes_per_client" and cfg.partition != "kclass":
+                continue                     # that partition's parameter does not apply to the run
+            elif not r[0] <= v <= r[1]:
+                return False, f"{f}={v} lies outside the family's range {r[0]}..{r[1]}"
+        return True, "every covered field lies within the family's grid"
+
+    def model_for_run(self) -> SignificanceModel:
+        """The family's regressor refitted on its rows (deterministic; no CV: its figures are
+        the build's)."""
+        m = SignificanceModel.fit(np.asarray(self.X), np.asarray(self.gains), self.seed, self.tags(), cv=False)
+        m.cv_r2, m.cv_r2_rounds, m.cv_r2_settings = (self.r2.get(k, float("nan")) for k in ("cv", "cv_rounds",
+                                                                                             "cv_settings"))
+        return m
+
+    def tags(self) -> dict[str, Any]:
+        return {"family": f"{self.dataset}/{self.model}", "n_settings": len(self.settings), "n_samples": len(self.gains),
+                "mean_gain": round(float(np.mean(self.gains)), 4), "features": self.features,
+                "gap_window": GAP_WINDOW, "grid": json.dumps(self.ranges()),
+                **{f"r2_{k}": round(v, 4) for k, v in self.r2.items()},
+                "build_sim_s": round(float(self.build.get("sim_s", 0.0)), 3),
+                "build_wall_s": round(float(self.build.get("wall_s", 0.0)), 1)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Family":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=None, separators=(",", ":")) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Family":
+        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-def fit_significance(sim, train_fn=None) -> SignificanceModel:
-    """A pilot for ``sim``'s setting and the regressor fitted on it. ``tags["fit_sim_s"]`` is its
-    price on the run's clock: the pilot's rounds plus the regressor's fits (the model and its two
-    5-fold cross-validations: 11 gradient-boosting fits, counted host work on the server)."""
+def family_path(dataset: str, model: str) -> Path:
+    return FAMILY_DIR / f"{dataset}-{model}.json"
+
+
+def shipped_family(dataset: str, model: str) -> Family | None:
+    path = family_path(dataset, model)
+    return Family.load(path) if path.is_file() else None
+
+
+def build_family(base, grid: dict[str, list[Any]], n_settings: int, command: str = "",
+                 on_setting: Callable[[int, Any, dict[str, Any]], None] | None = None,
+                 dataset=None) -> Family:
+    """Paired pilots over ``n_settings`` settings drawn from ``grid`` around ``base``, pooled; the
+    regressor's CV R² by client, by round and leave-one-setting-out. ``dataset``: a loaded
+    dataset to reuse (every setting reads the same one)."""
+    from ..hardware.server_work import gbr_fit_ops
+    from ..simulation import Simulation, load_data
+
+    dataset = dataset or load_data(base)
+    cfgs = draw_settings(base, grid, n_settings, base.seed)
+    X, gains, groups, points, sids, per = [], [], [], [], [], []
+    settings = []
+    t_all = time.perf_counter()
+    for i, cfg in enumerate(cfgs):
+        t0 = time.perf_counter()
+        sim = Simulation(cfg.replace(strategy="all-ptq", significance="none"), dataset=dataset)
+        sim.profile()
+        x, g, grp, pts, sim_s = pilot_rows(sim, pilot_length(cfg))
+        X.extend(x.tolist()); gains.extend(g.tolist()); points.extend(pts.tolist())
+        groups.extend((i * 100_000 + grp).tolist()); sids.extend([i] * len(g))
+        settings.append({f: getattr(cfg, f) for f in ("seed", *COVERED_FIELDS)})
+        per.append({"sim_s": sim_s, "wall_s": time.perf_counter() - t0, "rows": len(g),
+                    "mean_gain": float(np.mean(g))})
+        if on_setting:
+            on_setting(i, cfg, per[-1])
+    m = SignificanceModel.fit(np.asarray(X), np.asarray(gains), base.seed, groups=np.asarray(groups),
+                              points=np.asarray(points), settings=np.asarray(sids))
+    fit_s = Simulation(base.replace(strategy="all-ptq", significance="none"), dataset=dataset)
+    fit_s.profile()
+    folds = 5 + 5 + len(cfgs) + 1
+    fit_sim = fit_s.pricing.server.host_s(gbr_fit_ops(len(gains), len(FEATURES), fits=folds))
+    build = {"sim_s": sum(p["sim_s"] for p in per) + fit_sim, "wall_s": time.perf_counter() - t_all,
+             "fit_sim_s": fit_sim, "per_setting": per, "command": command,
+             "pilot_rounds": [pilot_length(c) for c in cfgs]}
+    return Family(base.dataset, base.model, settings, X, gains, groups, points, sids, m.r2, build, seed=base.seed)
+
+
+def family_for_run(sim, family: Family, source_detail: str) -> SignificanceModel:
+    """The family's model for ``sim``'s run: its rows refitted (priced as counted server work and
+    charged; the build is a one-off, reported beside it)."""
     from ..hardware.server_work import gbr_fit_ops
 
-    X, gains, groups, point_ids, log, sim_s = pilot_gains(sim, pilot_length(sim.cfg), train_fn)
-    model = SignificanceModel.fit(X, gains, sim.cfg.seed, significance_tags(sim.cfg), groups, point_ids)
-    sim_s += sim.pricing.server.host_s(gbr_fit_ops(len(gains), X.shape[1], fits=11))
-    model.tags.update({"n_samples": len(gains), "mean_gain": round(float(gains.mean()), 4),
-                       "fit_sim_s": round(sim_s, 6),
-                       "train_r2": round(model.train_r2, 4), "cv_r2": round(model.cv_r2, 4),
-                       "cv_r2_rounds": round(model.cv_r2_rounds, 4),
-                       "round_gains": ";".join(f"{p['round']}:{p['round_gain']:+.3f}" for p in log)})
+    t0 = time.perf_counter()
+    model = family.model_for_run()
+    sim_s = sim.pricing.server.host_s(gbr_fit_ops(len(family.gains), len(FEATURES)))
+    model.fit_info = FitInfo("family", sim_s, time.perf_counter() - t0, source_detail, 0,
+                             float(family.build.get("sim_s", 0.0)), float(family.build.get("wall_s", 0.0)),
+                             len(family.settings))
     return model
 
 
-def fit_for_run(sim, submit_train: Callable | None = None) -> SignificanceModel:
-    """A pilot for ``sim``'s setting, made for this run and charged to it (``fit_info``); the
-    run's state is untouched. ``submit_train`` as in ``loop.RoundOps``: the pilot's clients train
-    where the run's do (default: here, one after the other)."""
-    import time
+def find_family(cfg, registered: tuple[Family | None, str] | None = None) -> tuple[Family | None, str]:
+    """The family covering ``cfg``: ``registered`` (the registry's newest covering version, and
+    why, when a registry was searched), else the shipped one (``cfg.family_file`` replaces it);
+    with why it covers the run, or why none does."""
+    reasons = []
+    if registered is not None:
+        if registered[0] is not None:
+            return registered
+        reasons.append(registered[1])
+    if cfg.family_file:
+        family, source = Family.load(cfg.family_file), cfg.family_file
+    else:
+        family, source = shipped_family(cfg.dataset, cfg.model), f"the shipped {cfg.dataset}/{cfg.model} family"
+    if family is None:
+        reasons.append(f"no family ships for {cfg.dataset}/{cfg.model}")
+        return None, "; ".join(reasons)
+    ok, why = family.covers(cfg)
+    if ok:
+        return family, f"{source} ({len(family.settings)} settings): {why}"
+    reasons.append(f"{source}: {why}")
+    return None, "; ".join(reasons)
 
+
+def choose_significance(sim, registered: tuple[Family | None, str] | None = None) -> SignificanceModel | None:
+    """The run's SigAcc model, never a pilot: the covering family's (its refit charged), or None
+    (``significance: online``, or no family covers the run: the allocator decides from the
+    rounds). Either way ``sim.fit`` says where it came from and what it cost."""
     t0 = time.perf_counter()
     if sim.pricing.speed is None:
         sim.profile()
-    train_fn = None
-    if submit_train is not None:
-        train_fn = lambda rnd, cids, strategy: train_through(sim, submit_train, rnd, cids, strategy)  # noqa: E731
-    model = fit_significance(sim, train_fn)
-    model.fit_info = FitInfo("pilot", float(model.tags["fit_sim_s"]), time.perf_counter() - t0,
-                             f"pilot of this setting, {pilot_length(sim.cfg)} rounds per branch (all-PTQ, all-QAT)")
+    if sim.cfg.significance == "online":
+        family, why = None, "significance: online"
+    else:
+        family, why = find_family(sim.cfg, registered)
+    if family is None:
+        sim.fit = FitInfo("online", 0.0, time.perf_counter() - t0,
+                          f"no family ({why}): the server compares each round's QAT and PTQ partial aggregates")
+        return None
+    model = family_for_run(sim, family, why)
+    model.fit_info.wall_s = time.perf_counter() - t0
+    sim.set_significance(model)
     return model
+
+

@@ -11,10 +11,12 @@ Features (:data:`FEATURES`), computed by :func:`client_features` the same way at
   quantized accuracy of the master under server-side PTQ, measured on the server's proxy split
   ``server_calib``, never on the test split; the mean of the last ``GAP_WINDOW`` measurements);
 * the client's own reported sensitivity (the local accuracy its last PTQ round lost), where it
-  has reported one; otherwise the fleet's mean report, flagged as imputed.
+  has reported one; otherwise the fleet's mean report, flagged as imputed;
+* what distinguishes settings of one family (dataset + model): the weight, activation and
+  edge-layer bits, and the client's local steps x lr (epochs x batches of its shard x lr).
 
 :class:`SignificanceModel` is a scikit-learn regressor features -> gain, with its in-sample and
-cross-validated (GroupKFold by client) R².
+cross-validated R²: GroupKFold by client, by pilot round, and leave-one-setting-out.
 """
 from __future__ import annotations
 
@@ -24,7 +26,15 @@ from typing import Any
 import numpy as np
 
 FEATURES = ("log_size", "label_entropy", "js_divergence", "classes_present", "progress", "quant_gap",
-            "sensitivity", "has_sensitivity")
+            "sensitivity", "has_sensitivity", "w_bits", "a_bits", "edge_bits", "steps_lr")
+
+# the config fields a setting's features are made of (``setting_of``)
+SETTING_FIELDS = ("w_bits", "a_bits", "first_last_bits", "local_epochs", "batch_size", "lr")
+
+
+def setting_of(cfg) -> dict[str, float]:
+    """The fields of ``cfg`` that SigAcc's setting features are made of."""
+    return {k: float(getattr(cfg, k)) for k in SETTING_FIELDS}
 
 
 GAP_WINDOW = 3   # [design] the gap feature is the mean of the last 3 measured gaps (its trend, less noise)
@@ -70,20 +80,26 @@ def fleet_shard_features(global_labels: np.ndarray, shard_labels: list[np.ndarra
 
 
 def client_features(shard: np.ndarray, progress: float, quant_gap: float, sensitivity: float | None,
-                    fleet_sensitivity: float | None) -> np.ndarray:
-    """One row of :data:`FEATURES`: ``shard`` from :func:`shard_features`, then the run's state."""
+                    fleet_sensitivity: float | None, setting: dict[str, float]) -> np.ndarray:
+    """One row of :data:`FEATURES`: ``shard`` from :func:`shard_features`, the run's state, then
+    the setting's (``setting_of``)."""
     if sensitivity is None:
         sens, has = (fleet_sensitivity if fleet_sensitivity is not None else quant_gap), 0.0
     else:
         sens, has = sensitivity, 1.0
-    return np.concatenate([shard, [progress, quant_gap, sens, has]])
+    batches = np.ceil(np.exp(shard[0]) / setting["batch_size"] - 1e-9)
+    steps_lr = setting["local_epochs"] * batches * setting["lr"]
+    edge = setting["first_last_bits"] or setting["w_bits"]
+    return np.concatenate([shard, [progress, quant_gap, sens, has, setting["w_bits"], setting["a_bits"], edge,
+                                   steps_lr]])
 
 
 def feature_rows(shards: dict[int, np.ndarray], cids: list[int], progress: float, quant_gap: float,
-                 sensitivity: dict[int, float]) -> np.ndarray:
+                 sensitivity: dict[int, float], setting: dict[str, float]) -> np.ndarray:
     """Rows for ``cids`` at one point of a run (pilot and allocator call this same function)."""
     fleet = float(np.mean(list(sensitivity.values()))) if sensitivity else None
-    return np.stack([client_features(shards[c], progress, quant_gap, sensitivity.get(c), fleet) for c in cids])
+    return np.stack([client_features(shards[c], progress, quant_gap, sensitivity.get(c), fleet, setting)
+                     for c in cids])
 
 
 def cross_validated_r2(X: np.ndarray, gains: np.ndarray, groups: np.ndarray, seed: int, folds: int = 5) -> float:
@@ -118,28 +134,42 @@ class SignificanceModel:
     train_r2: float = float("nan")
     cv_r2: float = float("nan")          # GroupKFold by client
     cv_r2_rounds: float = float("nan")   # GroupKFold by pilot round (run states never seen)
+    cv_r2_settings: float = float("nan")  # leave-one-setting-out (settings never seen)
     fit_data: dict[str, Any] | None = None  # X, gains, groups, seed: refitting on them rebuilds this model exactly
     fit_info: Any = None                 # pilot.FitInfo: what obtaining this model cost a run
 
     @classmethod
     def fit(cls, X: np.ndarray, gains: np.ndarray, seed: int, tags: dict[str, Any] | None = None,
-            groups: np.ndarray | None = None, points: np.ndarray | None = None) -> "SignificanceModel":
-        """``groups``: each row's client; ``points``: each row's pilot round."""
+            groups: np.ndarray | None = None, points: np.ndarray | None = None,
+            settings: np.ndarray | None = None, cv: bool = True) -> "SignificanceModel":
+        """``groups``: each row's client; ``points``: each row's pilot round; ``settings``: each
+        row's setting (leave-one-setting-out CV). ``cv=False``: the regressor only (a run's
+        refit of shipped rows; the CV figures come with the rows)."""
         X, gains = np.asarray(X, dtype=float), np.asarray(gains, dtype=float)
         groups = np.arange(len(gains)) if groups is None else np.asarray(groups)
         points = np.zeros(len(gains), dtype=int) if points is None else np.asarray(points)
+        settings = np.zeros(len(gains), dtype=int) if settings is None else np.asarray(settings)
         reg = _regressor(seed).fit(X, gains)
         data = {"X": X.tolist(), "gains": gains.tolist(), "groups": groups.tolist(), "points": points.tolist(),
-                "seed": seed}
+                "settings": settings.tolist(), "seed": seed}
+        nan = float("nan")
+        if not cv:
+            return cls(reg, dict(tags or {}), float(reg.score(X, gains)), fit_data=data)
         return cls(reg, dict(tags or {}), float(reg.score(X, gains)), cross_validated_r2(X, gains, groups, seed),
-                   cross_validated_r2(X, gains, points, seed), data)
+                   cross_validated_r2(X, gains, points, seed),
+                   cross_validated_r2(X, gains, settings, seed, folds=len(np.unique(settings))) if len(
+                       np.unique(settings)) > 1 else nan, data)
+
+    @property
+    def r2(self) -> dict[str, float]:
+        return {"train": self.train_r2, "cv": self.cv_r2, "cv_rounds": self.cv_r2_rounds,
+                "cv_settings": self.cv_r2_settings}
 
     def to_state(self) -> dict[str, Any] | None:
         """Its fit data and fit quality (no pickles in checkpoints); None for a model loaded without them."""
         if self.fit_data is None:
             return None
-        return {"fit_data": self.fit_data, "tags": self.tags,
-                "r2": {"train": self.train_r2, "cv": self.cv_r2, "cv_rounds": self.cv_r2_rounds}}
+        return {"fit_data": self.fit_data, "tags": self.tags, "r2": self.r2}
 
     @classmethod
     def from_state(cls, d: dict[str, Any]) -> "SignificanceModel":
@@ -148,7 +178,7 @@ class SignificanceModel:
         f = d["fit_data"]
         reg = _regressor(f["seed"]).fit(np.asarray(f["X"], dtype=float), np.asarray(f["gains"], dtype=float))
         r2 = d["r2"]
-        return cls(reg, dict(d["tags"]), r2["train"], r2["cv"], r2["cv_rounds"], f)
+        return cls(reg, dict(d["tags"]), r2["train"], r2["cv"], r2["cv_rounds"], r2.get("cv_settings", float("nan")), f)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return np.asarray(self.regressor.predict(np.atleast_2d(X)), dtype=float)

@@ -20,6 +20,8 @@ by :class:`~fedhq_core.hardware.profile.TraceBook` like every client step kind:
   with MSE weight scales (the SigAcc pilot scores each branch's master every round).
 * ``s_sens``: :func:`fedhq_core.server.upload_quant_loss`, one PTQ upload's quantization
   sensitivity measured on the proxy split (what FedHQ's fine stage reads; a baseline never pays).
+* ``s_mse``: :func:`fedhq_core.server.master_mse_steps`, the master's MSE weight scales (a
+  hybrid round's deployed steps blend them in: ``server.blend_steps``).
 
 Work in numpy and scikit-learn (an upload's header checks, the FedHQ allocator, its cost-model
 refits, SigAcc fits) has no torch op to trace; it is *counted* (:class:`HostOps`: calls and the
@@ -39,7 +41,7 @@ from .catalog import LAMBDA_REF, DeviceClass
 
 ROBUST_KINDS = ("s_median2", "s_median3", "s_tmean2", "s_tmean3")
 AGG_KINDS = ("s_agg1", "s_agg2", "s_aggq", *ROBUST_KINDS, "s_norm")   # traced at the upload bits (like ``pack``)
-SERVER_KINDS = (*AGG_KINDS, "s_gap", "s_calib", "s_proxy", "s_sens")
+SERVER_KINDS = (*AGG_KINDS, "s_gap", "s_calib", "s_proxy", "s_sens", "s_mse")
 
 # [design] The host core of a datacenter node (the reference core of catalog.LAMBDA_REF, ~3.5 GHz
 # x86): 2 x 256-bit FMA units = 32 FP32 FLOP/cycle -> 112 GFLOP/s peak, for the elements numpy
@@ -92,7 +94,8 @@ def server_runner(model: nn.Module, kind: str, n: int, in_shape: tuple[int, ...]
     module docstring): ``n`` proxy samples, or ``bits`` for the aggregation kinds."""
     from ..client import ClientResult
     from ..quant import get_weight_steps, init_weight_steps, model_state, pack_update, quant_layers
-    from ..server import aggregate, calibrate_on_server, evaluate_global, proxy_gap, update_norm, upload_quant_loss
+    from ..server import (aggregate, calibrate_on_server, evaluate_global, master_mse_steps, proxy_gap, update_norm,
+                          upload_quant_loss)
 
     g = torch.Generator().manual_seed(seed)
     state = {k: v.detach().clone() for k, v in model_state(model).items()}
@@ -125,6 +128,8 @@ def server_runner(model: nn.Module, kind: str, n: int, in_shape: tuple[int, ...]
         y = torch.randint(0, num_classes, (max(1, n),), generator=g)
         if kind == "s_gap":
             fn = lambda: proxy_gap(model, state, x, y)  # noqa: E731
+        elif kind == "s_mse":
+            fn = lambda: master_mse_steps(model, state)  # noqa: E731
         elif kind == "s_calib":
             fn = lambda: calibrate_on_server(model, state, x)  # noqa: E731
         elif kind == "s_proxy":
@@ -177,9 +182,17 @@ class ServerPricing:
     def proxy_s(self) -> float:
         return self._t("s_proxy", self.n_proxy)
 
+    def mse_s(self) -> float:
+        return self._t("s_mse", 1)
+
     def sens_s(self) -> float:
         """One PTQ upload's sensitivity measurement (at the run's upload bits: traced at 8)."""
         return self._t("s_sens", self.n_proxy)
+
+    def partial_s(self, n_ptq: int, n_qat: int, bits: int) -> float:
+        """The round's QAT and PTQ partial aggregates of already decoded uploads, each deployed
+        and scored on the proxy split (``server.partial_gain``)."""
+        return self.aggregate_s(n_ptq, 0, bits, 0) + self.aggregate_s(0, n_qat, bits, 0) + 2 * self.proxy_s()
 
     def host_s(self, ops: HostOps) -> float:
         return host_seconds(ops, self.device)

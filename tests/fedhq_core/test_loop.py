@@ -41,13 +41,21 @@ def test_same_seed_same_clock_in_fresh_folders_on_a_loaded_host(tiny_cfg, tmp_pa
     """The clock prices from traces and catalog constants only, the server's work included: the
     same seeded fedhq run twice in fresh state folders (traces rebuilt), the second beside a
     CPU-bound process, allocates identically, ends with identical weights, and every round's
-    simulated times (and the pilot's charged time) are identical. Host time is a metric only."""
+    simulated times (and the family refit's charged time) are identical. Host time is a metric only."""
     import subprocess
     import sys
 
-    import fedhq_core.pricing as S
+    import numpy as np
 
-    cfg = tiny_cfg.replace(strategy="fedhq", rounds=3, adjust_every=1, pilot_rounds=1, jitter_sigma=0.3)
+    import fedhq_core.pricing as S
+    from fedhq_core.allocation.pilot import COVERED_FIELDS, Family
+    from fedhq_core.allocation.significance import FEATURES
+
+    rng = np.random.default_rng(0)
+    fam = Family("digits", "cnn", [{f: getattr(tiny_cfg, f) for f in ("seed", *COVERED_FIELDS)}], rng.random(
+        (40, len(FEATURES))).tolist(), rng.normal(0.05, 0.1, 40).tolist(), list(range(40)), [0] * 40, [0] * 40)
+    path = fam.save(tmp_path / "family.json")
+    cfg = tiny_cfg.replace(strategy="fedhq", rounds=3, adjust_every=1, jitter_sigma=0.3, family_file=str(path))
     sims = []
     for i in range(2):
         S._BOOKS.clear()
@@ -65,9 +73,9 @@ def test_same_seed_same_clock_in_fresh_folders_on_a_loaded_host(tiny_cfg, tmp_pa
     assert sim_times(a) == sim_times(b)
     assert all(r.server_s > 0 and r.extra["sim_alloc_s"] > 0 and "server_host_s" in r.extra for r in a.records)
     sa, sb = a.summary(), b.summary()
-    assert sa["fit_source"] == "pilot" and sa["fit_sim_s"] == sb["fit_sim_s"] > 0
+    assert sa["fit_source"] == "family" and sa["fit_sim_s"] == sb["fit_sim_s"] > 0
     assert sa["charged_total_sim_s"] == pytest.approx(sa["total_sim_s"] + sa["fit_sim_s"])
-    assert sa["wall_s"] >= sa["fit_wall_s"] > 0     # the pilot's wall time is on the run's bill too
+    assert sa["wall_s"] >= sa["fit_wall_s"] > 0     # the refit's wall time is on the run's bill too
     assert all(torch.equal(a.server.global_state[k], b.server.global_state[k]) for k in a.server.global_state)
 
 

@@ -71,9 +71,20 @@ def test_predicted_work_is_what_clients_report(tiny_cfg):
         assert predict_compute(sim.pricing.speed, dev, r.work) == pytest.approx(
             predict_compute(sim.pricing.speed, dev, sim.pricing.expected_work(1, strategy)))
     # a baseline never pays for FedHQ's feature: by default no PTQ client measures its sensitivity on
-    # the device; the server measures it from fedhq's uploads (priced as server work), for no baseline
-    for strategy, on_server in (("all-ptq", False), ("random-hybrid", False), ("fedhq", True), ("fedhq-coarse", False)):
+    # the device; the server measures it from fedhq's uploads (priced as server work) once fedhq
+    # has a family model to read it with, and for no baseline
+    import numpy as np
+
+    from fedhq_core.allocation import SignificanceModel
+    from fedhq_core.allocation.significance import FEATURES
+
+    rng = np.random.default_rng(0)
+    family = SignificanceModel.fit(rng.random((20, len(FEATURES))), rng.random(20), seed=0, cv=False)
+    for strategy, on_server in (("all-ptq", False), ("random-hybrid", False), ("fedhq", False), ("fedhq", True),
+                                ("fedhq-coarse", False)):
         s = Simulation(tiny_cfg.replace(strategy=strategy))
+        if on_server:
+            s.set_significance(family)
         s.profile()
         r = train_here(s, 0, 1, "ptq")
         assert r.work == s.pricing.expected_work(1, "ptq") and set(r.work) == {"fp32", "calib", "pack"} and r.quant_loss is None

@@ -14,7 +14,7 @@ def test_tune_models_and_promote(tmp_path, monkeypatch, capsys):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     out = tmp_path / "tune.json"
     rc = main(["tune", "--trials", "2", "--rounds", "2", "--clients", "6", "--local-epochs", "1", "--seed", "1",
-               "--tracking-uri", uri, "--set", "pilot_rounds=1", "--set", "profile_reps=1", "--json", str(out)])
+               "--tracking-uri", uri, "--set", "profile_reps=1", "--json", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["n_trials"] == 2 and res["pareto_front"]
@@ -22,7 +22,7 @@ def test_tune_models_and_promote(tmp_path, monkeypatch, capsys):
     assert res["plot"].endswith("pareto.png")
     # the study resumes by name
     rc = main(["tune", "--trials", "1", "--rounds", "2", "--clients", "6", "--local-epochs", "1", "--seed", "1",
-               "--tracking-uri", uri, "--set", "pilot_rounds=1", "--set", "profile_reps=1", "--json", str(out)])
+               "--tracking-uri", uri, "--set", "profile_reps=1", "--json", str(out)])
     assert json.loads(out.read_text())["n_trials"] == 3
 
     from mlflow import MlflowClient
@@ -33,12 +33,11 @@ def test_tune_models_and_promote(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["models", "--tracking-uri", uri]) == 0
     table = capsys.readouterr().out
-    assert "fedhq-global-model" in table and "fedhq-significance" in table
+    assert "fedhq-global-model" in table
 
-    # SigAcc is fitted once per setting: a study coming back to a setting (even in a later
-    # invocation) reuses its registered version instead of refitting
-    sig = client.search_model_versions("name='fedhq-significance'")
-    assert sig and len(sig) == len({v.tags["setting"] for v in sig})
+    # no trial runs a pilot: SigAcc comes from a covering family or the rounds themselves (6
+    # clients lie outside the shipped digits family: online), so the study fits nothing
+    assert client.search_model_versions("name='fedhq-significance'") == []
     newest = max(int(v.version) for v in client.search_model_versions("name='fedhq-global-model'"))
     assert main(["promote", "--tracking-uri", uri]) == 0           # first champion: the newest version
     assert str(client.get_model_version_by_alias("fedhq-global-model", "champion").version) == str(newest)

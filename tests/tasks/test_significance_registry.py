@@ -1,59 +1,62 @@
-"""SigAcc registry reuse: a version is reused only for exactly the setting it was fitted for,
-found by its tags (search_model_versions), not only through alias ``current``."""
+"""SigAcc families in the registry: a run reuses the newest registered family whose grid covers
+its setting (found by its ``family`` tag with search_model_versions), stored as data, never a
+pickle; a run outside every family's grid gets none."""
 from __future__ import annotations
 
 import numpy as np
 
-from fedhq_core.allocation import SignificanceModel
-from fedhq_core.allocation.pilot import GAIN_FIELDS, setting_key, significance_tags
+from fedhq_core.allocation.pilot import COVERED_FIELDS, Family, find_family
+from fedhq_core.allocation.significance import FEATURES
 from fedhq_core.config import ExperimentConfig
 
 
-def test_registry_reuse_matches_every_gain_field(tmp_path, monkeypatch):
+def _family(cfgs: list[ExperimentConfig], seed: int = 0) -> Family:
+    rng = np.random.default_rng(seed)
+    n = 12 * len(cfgs)
+    return Family("digits", "cnn", [{f: getattr(c, f) for f in ("seed", *COVERED_FIELDS)} for c in cfgs],
+                  rng.random((n, len(FEATURES))).tolist(), rng.normal(size=n).tolist(), list(range(n)),
+                  [i % 4 for i in range(n)], [i // 12 for i in range(n)], {"cv_settings": 0.1}, {"sim_s": 5.0})
+
+
+def test_registry_family_covers_by_grid_ranges(tmp_path, monkeypatch):
     from tasks.tracking import Tracker, TrackingSettings
 
     monkeypatch.chdir(tmp_path)
     tracker = Tracker(TrackingSettings.load(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"))
     name = tracker.settings.significance_model
-    rng = np.random.default_rng(0)
-    a, b = ExperimentConfig(), ExperimentConfig(lr=0.02)
-    assert setting_key(significance_tags(a)) != setting_key(significance_tags(b))
-    # time-only fields do not change the setting; seed, lr, the fleet and the data fields do
-    assert significance_tags(a) == significance_tags(a.replace(xi=0.7, jitter_sigma=0.3, throttle_prob=0.0))
-    assert {"seed", "lr", "local_epochs", "batch_size", "partition", "w_bits", "fleet"} <= set(GAIN_FIELDS)
-    for cfg in (a, b):   # b is fitted last: alias current points at it
-        tags = significance_tags(cfg)
-        model = SignificanceModel.fit(rng.random((20, 8)), rng.random(20), seed=0, tags=tags)
-        tracker.start("fit", tags, tags={"kind": "fit-significance"})
-        tracker.log_state(model.to_state(), "significance", name, {**tags, "setting": setting_key(tags),
-                                                                   "cv_r2": 0.5}, aliases=("current",))
+    base = ExperimentConfig()
+    narrow = _family([base.replace(lr=0.02), base.replace(lr=0.05)])
+    wide = _family([base.replace(lr=0.02, clients=10), base.replace(lr=0.1, clients=40)], seed=1)
+    for fam in (narrow, wide):   # wide is registered last: the newest
+        tracker.start("fit", {"grid": "x"}, tags={"kind": "fit-significance"})
+        tracker.log_state(fam.to_dict(), "significance", name, fam.tags(), aliases=("current",))
         tracker.end()
-    found, why = tracker.load_significance(significance_tags(a))
-    assert found is not None and why == "version 1" and found.cv_r2 == 0.5   # not current (2), yet found
-    found, _ = tracker.load_significance(significance_tags(b))
-    assert found is not None and found.tags["lr"] == "0.02"
-    found, why = tracker.load_significance(significance_tags(a.replace(seed=5)))
-    assert found is None and "no version" in why
-    # stored as data: the version holds state.json and no pickle; a version that is not data
-    # (a pickled model with matching tags) is passed over, never loaded
+    found, why = tracker.load_family(base.replace(seed=9, clients=25))   # a new seed and client count
+    assert found is not None and found.settings == wide.settings and "version 2" in why
+    found, why = tracker.load_family(base.replace(lr=0.05))
+    assert found is not None and "version 2" in why and "reused by 2" in why
+    found, why = tracker.load_family(base.replace(clients=25, lr=0.03, w_bits=8))
+    assert found is None and "w_bits=8" in why
+    # the registry's miss falls back to the shipped family, or says why there is none
+    fam, why = find_family(base.replace(dataset="digits", w_bits=8, a_bits=8), (None, "registry: none"))
+    assert "registry: none" in why or fam is not None
+    # stored as data: the version holds state.json and no pickle; a newer version that is not
+    # data (a pickled model with the family tag) is passed over, never loaded
     import os
+    import pickle
 
     from mlflow import MlflowClient
 
     client = MlflowClient(tracker.settings.tracking_uri)
     mv = client.get_model_version(name, "1")
-    files = [a.path for a in client.list_artifacts(mv.run_id, "significance")]
-    assert files == ["significance/state.json"]
-    import pickle
-
-    tags = significance_tags(a)
-    tracker.start("pickled", tags)
+    assert [a.path for a in client.list_artifacts(mv.run_id, "significance")] == ["significance/state.json"]
+    tracker.start("pickled", {})
     bad = tmp_path / "evil"
     bad.mkdir()
     (bad / "model.pkl").write_bytes(pickle.dumps({"x": 1}))
     tracker.client.log_artifacts(tracker.run_id, str(bad), "significance")
-    tracker.register(name, f"runs:/{tracker.run_id}/significance", {**tags, "setting": setting_key(tags)})
+    tracker.register(name, f"runs:/{tracker.run_id}/significance", wide.tags())
     tracker.end()
-    found, why = tracker.load_significance(tags)
-    assert found is not None and why == "version 1"   # the newer, pickled version 3 is skipped
+    found, why = tracker.load_family(base)
+    assert found is not None and "version 2" in why   # the newer, pickled version 3 is skipped
     assert os.path.exists(bad / "model.pkl")

@@ -1,14 +1,13 @@
-"""The FedHQ allocator: the coarse rule, the local search, signed gains, the fine stage end to end."""
+"""The FedHQ allocator: the coarse rule, the exact search, signed gains, families and online, end to end."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from fedhq_core.allocation import FedHQAllocator, SignificanceModel, allocate_coarse, local_search, objective
-from fedhq_core.allocation.fedhq import normalised_significance
-from fedhq_core.allocation.pilot import fit_for_run
-from fedhq_core.allocation.significance import client_features, minmax
+from fedhq_core.allocation import FedHQAllocator, SignificanceModel, allocate_coarse, best_deadline, objective
+from fedhq_core.allocation.pilot import build_family, choose_significance, parse_grid
+from fedhq_core.allocation.significance import client_features, minmax, setting_of
 from fedhq_core.simulation import Simulation
 
 
@@ -45,26 +44,19 @@ def test_above_line_gets_qat_below_gets_ptq():
     assert x.tolist() == [True, False]
 
 
-def test_local_search_ends_in_a_one_flip_optimum_within_the_band():
+def test_best_deadline_is_the_exact_minimum_of_j_and_fast_clients_go_first():
     rng = np.random.default_rng(0)
-    s, a = rng.random(12), rng.random(12)
-    tp = rng.uniform(1, 3, 12)
-    tq = tp * rng.uniform(1.0, 2.0, 12)
-    x0, _ = allocate_coarse(s, a, tp, tq, 0.3)
-    x = local_search(x0, s, a, tp, tq, 0.3, band=0.2)
-    margin = np.abs(0.7 * normalised_significance(a) - 0.3 * (1 - s))
-    assert np.all((x == x0) | (margin <= 0.2))
-    # no single flip of a client in the band lowers J (checked here by brute force)
-    j = objective(x, tp, tq, a, 0.3)
-    for i in np.flatnonzero(margin <= 0.2):
-        y = x.copy()
-        y[i] = ~y[i]
-        assert objective(y, tp, tq, a, 0.3) >= j - 1e-12
-    # with the whole fleet in the band, the greedy result is at most the brute-force optimum's J + its
-    # one-flip gap; on this instance it finds the optimum itself
-    full = local_search(x0, s, a, tp, tq, 0.3, band=10.0)
-    best = min(objective(np.array([(m >> k) & 1 for k in range(12)], bool), tp, tq, a, 0.3) for m in range(4096))
-    assert objective(full, tp, tq, a, 0.3) == pytest.approx(best)
+    for xi in (0.1, 0.3, 0.7):
+        a = rng.normal(0.05, 0.1, 12)
+        tp = rng.uniform(1, 3, 12)
+        tq = tp * rng.uniform(1.0, 2.0, 12)
+        x = best_deadline(a, tp, tq, xi)
+        best = min(objective(np.array([(m >> k) & 1 for k in range(12)], bool), tp, tq, a, xi) for m in range(4096))
+        assert objective(x, tp, tq, a, xi) == pytest.approx(best)
+        # the QAT set is every positive-gain client up to a deadline: faster QAT first
+        assert not x[a <= 0].any()
+        if x.any():
+            assert np.all(tq[(a > 0) & ~x] > tq[x].max())
 
 
 def test_signed_gains_negative_fleet_gets_ptq_positive_fleet_free_qat():
@@ -77,7 +69,7 @@ def test_signed_gains_negative_fleet_gets_ptq_positive_fleet_free_qat():
     for xi in (0.0, 0.2, 1.0):
         x, free = allocate_coarse(s, -rng.uniform(0.01, 0.2, 16), tp, tq, xi)
         assert not x.any() and not free.any()
-        assert not local_search(x, s, -np.ones(16), tp, tq, xi, band=10.0).any()
+        assert not best_deadline(-np.ones(16), tp, tq, xi).any()
     gains = rng.uniform(0.01, 0.2, 16)
     x, free = allocate_coarse(s, gains, tp, tq, 1.0)
     assert free.tolist() == (tq <= tp.max()).tolist() and free.sum() >= 10 and np.array_equal(x, free)
@@ -90,7 +82,8 @@ def test_signed_gains_negative_fleet_gets_ptq_positive_fleet_free_qat():
 
 def test_allocator_follows_the_sign_of_the_fitted_gain(tiny_cfg):
     """A SigAcc model fitted on synthetic rows (gain = gap - 0.1) sends a fleet to PTQ while the
-    server's measured gap is small and to QAT once it is large; the scatter marks the excluded."""
+    server's measured gap is small (but for one probe, so the online comparison keeps coming) and
+    to QAT once it is large; the scatter marks the excluded."""
     sim = Simulation(tiny_cfg.replace(strategy="fedhq"))
     sim.profile()
     rng = np.random.default_rng(0)
@@ -98,36 +91,47 @@ def test_allocator_follows_the_sign_of_the_fitted_gain(tiny_cfg):
     rows, gains = [], []
     for gap in np.linspace(0, 0.4, 9):
         for c in range(sim.n_clients):
-            rows.append(client_features(shards[c], rng.random(), gap, None, None))
+            rows.append(client_features(shards[c], rng.random(), gap, None, None, setting_of(sim.cfg)))
             gains.append(gap - 0.1)
     sim.set_significance(SignificanceModel.fit(np.array(rows), np.array(gains), seed=0))
     sampled = list(range(sim.n_clients))
     sim.server.gaps = [0.0]
     low = sim.allocator.allocate(0, sampled, sim)
-    assert set(low.strategies.values()) == {"ptq"} and low.info["n_sign_ptq"] == len(sampled)
+    n_qat = sum(v == "qat" for v in low.strategies.values())
+    assert low.info["n_sign_ptq"] == len(sampled) and n_qat == low.info["n_probe"] <= 1   # PTQ, but a free probe
     assert all(g <= 0 for g in low.info["scatter"]["gain"])
     sim.server.gaps = [0.4, 0.4, 0.4]
     high = sim.allocator.allocate(1, sampled, sim)
     assert high.info["n_sign_ptq"] == 0 and high.info["n_free_qat"] >= 1 and "qat" in high.strategies.values()
 
 
-def test_fedhq_allocator_end_to_end(tiny_cfg):
-    cfg = tiny_cfg.replace(strategy="fedhq", rounds=4, adjust_every=2, pilot_rounds=2)
+def test_a_family_fitted_elsewhere_drives_a_run_without_a_pilot(tiny_cfg, tmp_path):
+    """A family of two settings (seeds 0 and 1, lr 0.02 and 0.1) covers a run with seed 7 and lr
+    0.05: the run refits its rows (deterministic, charged as counted server work), trains no
+    pilot, and logs its estimate every round."""
+    base = tiny_cfg.replace(rounds=2, pilot_rounds=2)
+    fam = build_family(base, parse_grid("seed=0,1;lr=0.02,0.1"), 2, "test")
+    # per-client labels: one per sampled client and pilot round, from paired trainings
+    assert len(fam.gains) == 2 * 2 * 3 and len(set(fam.setting_ids)) == 2 and np.isfinite(fam.gains).all()
+    assert set(fam.r2) == {"train", "cv", "cv_rounds", "cv_settings"} and fam.build["sim_s"] > 0
+    path = fam.save(tmp_path / "fam.json")
+    cfg = tiny_cfg.replace(strategy="fedhq", rounds=4, adjust_every=2, seed=7, lr=0.05, family_file=str(path))
+    assert fam.covers(cfg)[0] and not fam.covers(cfg.replace(lr=0.2))[0]
     sim = Simulation(cfg)
-    sim.profile()
-    before = {k: v.clone() for k, v in sim.server.global_state.items()}
-    sig = fit_for_run(sim)
-    # the pilot ran two branches of 2 rounds on 3 sampled clients and left the run untouched
-    assert sig.tags["n_samples"] == 2 * 2 * 3 and len(sig.tags["round_gains"].split(";")) == 2
-    assert all(torch.equal(before[k], sim.server.global_state[k]) for k in before) and sim.server.global_steps is None
-    assert np.isfinite(sig.train_r2) and sig.cv_r2 <= 1.0
+    trained = []
+    import fedhq_core.allocation.pilot as P
+
+    orig = P.train_here
+    P.train_here = lambda *a: trained.append(a) or orig(*a)
+    try:
+        sig = choose_significance(sim)
+    finally:
+        P.train_here = orig
+    assert not trained and sim.fit.source == "family" and 0 < sim.fit.sim_s < 0.01 and sim.fit.build_settings == 2
     # a checkpoint rebuilds the same model and keeps the R² figures it measured
     again = SignificanceModel.from_state(sig.to_state())
     X = np.asarray(sig.fit_data["X"])
-    assert np.array_equal(again.predict(X), sig.predict(X))
-    assert (again.train_r2, again.tags) == (sig.train_r2, sig.tags)
-    assert np.array_equal([again.cv_r2, again.cv_r2_rounds], [sig.cv_r2, sig.cv_r2_rounds], equal_nan=True)
-    sim.set_significance(sig)
+    assert np.array_equal(again.predict(X), sig.predict(X)) and again.cv_r2_settings == sig.cv_r2_settings
     from fedhq_core.loop import run
 
     run(cfg, sim=sim)
@@ -135,12 +139,35 @@ def test_fedhq_allocator_end_to_end(tiny_cfg):
     assert isinstance(alloc, FedHQAllocator)
     assert [r["version"] for r in alloc.refits] == [1, 2]
     assert all("cost_model_mape" in r.extra for r in sim.records)
-    # refits after rounds 1 and 3: rounds 0-1 allocate with no cost model, rounds 2-3 with version 1
     assert [r.extra["cost_model_version"] for r in sim.records] == [0, 0, 1, 1]
-    assert all(r.alloc_s >= 0 for r in sim.records)
-    # the gain estimate follows the run: logged per round with the gap it was computed from
-    assert [r.round for r in sim.records if "gain_mean" in r.extra and "quant_gap" in r.extra] == [0, 1, 2, 3]
-    assert all("quant_gap_measured" in r.extra for r in sim.records)
+    # the estimate follows the run: logged per round with the gap, the family's level and, once
+    # the server has compared a round's partial aggregates (seen one round late), the online one
+    assert all("family_gain" in r.extra and "quant_gap" in r.extra for r in sim.records)
+    assert [r.extra["online_n"] for r in sim.records][:2] == [0, 0]
+    s = sim.summary()
+    assert s["fit_source"] == "family" and s["charged_total_sim_s"] == pytest.approx(s["total_sim_s"] + sim.fit.sim_s)
+
+
+def test_online_mode_decides_from_the_partial_aggregates(tiny_cfg):
+    """No family covers the run: no model, no pilot; the server compares each round's QAT and
+    PTQ partial aggregates (priced, on its proxy split) and the allocation follows their trend;
+    a round with no positive gain keeps a probe on its fastest free client."""
+    cfg = tiny_cfg.replace(strategy="fedhq", rounds=5, significance="online", fraction=1.0)
+    sim = Simulation(cfg)
+    from fedhq_core.loop import run
+
+    run(cfg, sim=sim)
+    assert sim.fit.source == "online" and sim.allocator.significance is None
+    assert len(sim.server.partials) == cfg.rounds - 1           # none after the last round
+    measured = [g for g in sim.server.partials if g is not None]
+    assert measured and all(np.isfinite(measured))
+    assert [r.extra["online_n"] for r in sim.records] == [0, 0] + [len([g for g in sim.server.partials[:i]
+                                                                        if g is not None]) for i in range(1, 4)]
+    assert all((r.n_qat >= 1) == (r.extra["gain_positive_share"] > 0 or r.extra["n_probe"] == 1) for r in sim.records)
+    # a baseline never pays for the comparison
+    base = Simulation(cfg.replace(strategy="all-ptq"))
+    run(base.cfg, sim=base)
+    assert base.server.partials == []
 
 
 def test_significance_none_skips_the_fit(tiny_cfg):
@@ -149,23 +176,3 @@ def test_significance_none_skips_the_fit(tiny_cfg):
     sim.profile()
     alloc = sim.allocator.allocate(0, [0, 1, 2], sim)
     assert alloc.info["scatter"]["a_hat"] == [0.5, 0.5, 0.5]  # no information either way
-
-
-def test_a_failed_pilot_client_stops_the_run_in_one_line(tiny_cfg):
-    """The pilot compares whole rounds: a client that fails stops it with TooFewClients (the CLI's
-    one line, exit 1), not a RuntimeError traceback."""
-    from concurrent.futures import Future
-
-    from fedhq_core.errors import TooFewClients
-    from fedhq_core.worker import Upload
-
-    sim = Simulation(tiny_cfg.replace(strategy="fedhq", pilot_rounds=1))
-    sim.profile()
-
-    def submit(inputs, jobs):
-        f = Future()
-        f.set_result([Upload(j.cid, None, "RuntimeError: boom") for j in jobs])
-        return f
-
-    with pytest.raises(TooFewClients, match=r"SigAcc pilot round 0: client \d+ failed \(raised: RuntimeError: boom\)"):
-        fit_for_run(sim, submit)
