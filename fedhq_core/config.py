@@ -84,7 +84,7 @@ class ExperimentConfig:
     xi: float = 0.5                  # [design] equal weight on relative round time and relative accuracy gain (J)
     qat_share: float = -1.0          # random-hybrid: QAT share; <0 = take fedhq's when known, else 0.5
     adjust_every: int = 3            # [design] fine-grained adjustment period (rounds)
-    max_stretch: float = 1.05        # [design] fedhq: QAT may stretch a round to at most this x its PTQ deadline
+    max_stretch: float = 1.0         # [design] fedhq: QAT may stretch a round to at most this x its PTQ deadline (1: free QAT only)
     pilot_rounds: int = 0            # [design] fit-significance: paired pilot rounds per setting; 0 = the setting's run
     significance: str = "auto"       # auto | online | none : a covering family's model else online; online only; skip
     family_file: str | None = None   # a SigAcc family JSON instead of the shipped one (fit-significance --out)

@@ -135,6 +135,8 @@ def summarize(per_seed: dict[int, dict[str, dict[str, Any]]], target: float | No
         entry["curve_uncharged"] = per_seed[seeds[0]][name]["curve_uncharged"]
         entry["fit_source"] = per_seed[seeds[0]][name]["fit_source"]
         entry["fit_detail"] = per_seed[seeds[0]][name]["fit_detail"]
+        for k in ("family_build_sim_s", "family_build_wall_s", "family_settings"):   # a one-off, not charged
+            entry[k] = per_seed[seeds[0]][name].get(k, 0)
         entry["run_id"] = per_seed[seeds[0]][name].get("run_id")
         strategies[name] = entry
     out: dict[str, Any] = {"strategies": strategies, "target": mean_std(per_seed[s][names[0]]["target"]

@@ -151,7 +151,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         tta = "not reached" if dom["tta_vs_best"] is None else f"{dom['tta_vs_best']:.2f}x"
         unc = dom["uncharged"]
         unc_tta = "not reached" if unc["tta_vs_best"] is None else f"{unc['tta_vs_best']:.2f}x"
-        print("TTA_sim_s and total_sim_s above are charged: a SigAcc pilot made for a run is on its clock "
+        print("TTA_sim_s and total_sim_s above are charged: what obtaining SigAcc cost a run (a family refit) is on its clock "
               f"(uncharged: TTA vs faster pure {unc_tta}, sim time vs all-ptq {unc['sim_vs_all_ptq']:.2f}x)")
         print(f"dominance, charged (means over seeds): tail acc vs better pure {100 * dom['acc_vs_best']:+.1f} points "
               f"(bar >= -1), TTA vs faster pure {tta} (bar <= 1.05x), sim time vs all-ptq "

@@ -33,3 +33,26 @@ def test_ranges_are_averaged_by_shard_size():
     r = average_ranges([_result(0, torch.zeros(2, 3), 3, {"l": (0.0, 4.0)}),
                         _result(1, torch.zeros(2, 3), 1, {"l": (-4.0, 8.0)})])
     assert r == {"l": pytest.approx((-1.0, 5.0))}
+
+
+def test_a_hybrid_round_blends_the_steps_and_a_probe_is_measured_not_aggregated(tiny_cfg):
+    """A hybrid round deploys the data-weighted mean of the QAT clients' learned steps and the new
+    master's MSE scales (all-QAT: its learned steps); the round's partial comparison is measured
+    and priced; a probe's upload is in the comparison but not in the master."""
+    from fedhq_core.server import blend_steps, master_mse_steps
+
+    sim = Simulation(tiny_cfg.replace(strategy="fedhq", significance="online"))
+    sim.profile()
+    start = {k: v.clone() for k, v in sim.server.global_state.items()}
+    ptq, qat = train_here(sim, 0, 0, "ptq"), train_here(sim, 0, 1, "qat")
+    learned = {k: torch.from_numpy(v) for k, v in qat.payload.weight_steps.items()}
+    master = fedavg(start, [ptq, qat])
+    blended = blend_steps(sim.server.eval_model, master, learned, [ptq, qat])
+    mse = master_mse_steps(sim.server.eval_model, master)
+    w = qat.n_samples / (qat.n_samples + ptq.n_samples)
+    assert all(torch.allclose(blended[k], w * learned[k] + (1 - w) * mse[k]) for k in learned)
+    assert blend_steps(sim.server.eval_model, master, learned, [qat]) is learned
+    priced = sim.server.aggregate([ptq, qat], False, False, measure_partial=8, probes=frozenset({1}))
+    assert sim.server.partials and -1 <= sim.server.partials[-1] <= 1 and sim.server.carried_s > 0
+    assert all(torch.equal(sim.server.global_state[k], fedavg(start, [ptq])[k]) for k in start)
+    assert sim.server.global_steps is None and priced == pytest.approx(sim.pricing.aggregation_s([ptq]))

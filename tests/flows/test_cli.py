@@ -33,9 +33,15 @@ def _cli(*args, cwd=None):
     (["--resume", "latest", "--no-tracking"], "--no-tracking"),      # refused with --resume, never ignored
     (["--resume", "latest", "--download"], "--download"),
     (["--tracking-uri", "http://user:hunter2@127.0.0.1:9/"], "tracking_uri"),   # nothing listens: one line
+    (["--set", "family_file=/no/such/family.json"], "family_file"),
+    (["--set", "significance=refit"], "significance"),
+    (["fit-significance", "--grid", "seed=0,1;colour=red", "--no-tracking"], "grid"),
+    (["fit-significance", "--grid", "lr=fast", "--no-tracking"], "grid"),
+    (["fit-significance", "--settings", "0", "--no-tracking"], "settings"),
 ])
 def test_bad_input_is_one_line_exit_2(args, field):
-    p = _cli("run", *args)
+    cmd = args.pop(0) if args[0] == "fit-significance" else "run"
+    p = _cli(cmd, *args)
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and field in lines[0] and "Traceback" not in p.stderr
@@ -128,13 +134,13 @@ def test_run_through_prefect_and_mlflow(tmp_path, monkeypatch):
 
     client = MlflowClient(uri)
     run = client.get_run(res["run_id"])
-    assert run.data.params["strategy"] == "all-qat"
+    assert run.data.params["strategy"] == "fedhq"            # the default job is the project's method
     hist = client.get_metric_history(res["run_id"], "acc_q")
     assert [m.step for m in hist] == [0, 1]
     for metric in ("acc_fp32", "sim_time_s", "wall_s", "upload_bytes", "n_qat", "loss_q"):
         assert client.get_metric_history(res["run_id"], metric)
     mv = client.get_model_version_by_alias("fedhq-global-model", "latest")
-    assert mv.run_id == res["run_id"] and mv.tags["strategy"] == "all-qat"
+    assert mv.run_id == res["run_id"] and mv.tags["strategy"] == "fedhq"
 
     # the Prefect UI shows the run's summary table and links to the MLflow run and model version
     from prefect.client.orchestration import get_client
@@ -142,7 +148,7 @@ def test_run_through_prefect_and_mlflow(tmp_path, monkeypatch):
 
     from flows import api_settings
 
-    keys = ["fedhq-all-qat-digits-summary", "fedhq-all-qat-digits-mlflow-run", "fedhq-all-qat-digits-model"]
+    keys = ["fedhq-fedhq-digits-summary", "fedhq-fedhq-digits-mlflow-run", "fedhq-fedhq-digits-model"]
     with api_settings(), get_client(sync_client=True) as prefect:
         arts = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)), sort="CREATED_DESC")
     newest = {}
