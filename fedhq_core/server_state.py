@@ -86,13 +86,12 @@ class ServerState:
 
     # --- aggregation --------------------------------------------------------------------------
     def aggregate(self, results: list[ClientResult], measure_gap: bool, measure_sensitivity: bool,
-                  norm_checks: int = 0, measure_partial: int = 0, probes: frozenset[int] = frozenset()) -> float:
+                  norm_checks: int = 0, measure_partial: int = 0) -> float:
         """FedAvg into the master; returns the server's priced seconds after the uploads. The gap
         of the master the clients started from is measured first (``gap_s``, priced, concurrent
         with their training on the clock); the uploads' sensitivities while the next round trains
-        (``carried_s``). ``probes``: clients whose uploads are measured (the partial comparison)
-        but not aggregated. This host's time for all of it is kept in ``host_s`` (a metric, never
-        on the clock)."""
+        (``carried_s``). This host's time for all of it is kept in ``host_s`` (a metric, never on
+        the clock)."""
         assert self.pricing.server is not None, "profile() first"
         t0 = time.perf_counter()
         self.gap_s, self.carried_s = self.carried_s, 0.0
@@ -105,11 +104,10 @@ class ServerState:
             self.carried_s = self.measure_sensitivities(results)
         if measure_partial:
             self.carried_s += self.measure_partial(results, measure_partial)
-        voters = [r for r in results if r.cid not in probes] or results
         with span("aggregate"):
-            self.aggregate_results(voters)
+            self.aggregate_results(results)
         self.host_s = time.perf_counter() - t0
-        return self.pricing.aggregation_s(voters, norm_checks)
+        return self.pricing.aggregation_s(results, norm_checks)
 
     def aggregate_results(self, results: list[ClientResult]) -> None:
         """FedAvg of the master, the clients' averaged ranges and deployed weight steps (the QAT

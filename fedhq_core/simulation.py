@@ -203,13 +203,11 @@ class Simulation:
         return any(r["round"] == rnd - 1 for r in self.allocator.refits)
 
     def aggregate(self, results: list[ClientResult]) -> float:
-        """FedAvg into the master (``ServerState.aggregate``); the priced seconds after the uploads.
-        The allocation's probes (``info["probes"]``) are measured, not aggregated."""
+        """FedAvg into the master (``ServerState.aggregate``); the priced seconds after the uploads."""
         more = self.rnd + 1 < self.cfg.rounds     # a measurement only a later round can use
         return self.server.aggregate(results, self.capabilities.reads_gap, self.server_measures_sensitivity and more,
                                      self.dispatch.norm_checks,
-                                     self.cfg.upload_bits if self.capabilities.reads_partials and more else 0,
-                                     frozenset(self.last_allocation_info.get("probes", ())))
+                                     self.cfg.upload_bits if self.capabilities.reads_partials and more else 0)
 
     def evaluate(self) -> dict[str, float]:
         return self.server.evaluate()

@@ -103,7 +103,8 @@ def cmd_fit_significance(args: argparse.Namespace) -> int:
         res = fit_significance_flow(cfg.public_dict(), args.grid, args.settings, args.out)
     from flows.significance import SIG_FIGURES
 
-    print(format_table(["key", "value"], [[k, res[k]] for k in SIG_FIGURES if k in res]))
+    print(format_table(["key", "value"], [[k, res[k]] for k in SIG_FIGURES if k in res and k != "grid"]))
+    print(f"grid ranges (a run inside them reuses this family): {res['grid']}")
     return 0
 
 

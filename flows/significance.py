@@ -45,7 +45,8 @@ def fit_significance_flow(config: dict[str, Any], grid: str = "", settings: int 
     cfg = from_mapping(config)
     set_torch_threads(cfg)
     grid_d = parse_grid(grid) if grid else {}
-    command = f"fedhq fit-significance --config <{cfg.dataset}/{cfg.model}> --grid '{grid}' --settings {settings}"
+    command = f"fedhq fit-significance --grid '{grid}' --settings {settings}  # around {cfg.dataset}/{cfg.model}: " + \
+        " ".join(f"{k}={v}" for k, v in sorted(cfg.public_dict().items()) if k in ("rounds", "pilot_rounds", "data_dir"))
 
     def report(i, c, p):
         print(f"fedhq fit-significance: setting {i + 1}/{settings} ({', '.join(f'{k}={getattr(c, k)}' for k in grid_d)})"

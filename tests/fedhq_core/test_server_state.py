@@ -35,10 +35,10 @@ def test_ranges_are_averaged_by_shard_size():
     assert r == {"l": pytest.approx((-1.0, 5.0))}
 
 
-def test_a_hybrid_round_blends_the_steps_and_a_probe_is_measured_not_aggregated(tiny_cfg):
+def test_a_hybrid_round_blends_the_steps_and_measures_its_partial_aggregates(tiny_cfg):
     """A hybrid round deploys the data-weighted mean of the QAT clients' learned steps and the new
     master's MSE scales (all-QAT: its learned steps); the round's partial comparison is measured
-    and priced; a probe's upload is in the comparison but not in the master."""
+    and priced while the next round trains (``carried_s``)."""
     from fedhq_core.server import blend_steps, master_mse_steps
 
     sim = Simulation(tiny_cfg.replace(strategy="fedhq", significance="online"))
@@ -52,7 +52,9 @@ def test_a_hybrid_round_blends_the_steps_and_a_probe_is_measured_not_aggregated(
     w = qat.n_samples / (qat.n_samples + ptq.n_samples)
     assert all(torch.allclose(blended[k], w * learned[k] + (1 - w) * mse[k]) for k in learned)
     assert blend_steps(sim.server.eval_model, master, learned, [qat]) is learned
-    priced = sim.server.aggregate([ptq, qat], False, False, measure_partial=8, probes=frozenset({1}))
-    assert sim.server.partials and -1 <= sim.server.partials[-1] <= 1 and sim.server.carried_s > 0
-    assert all(torch.equal(sim.server.global_state[k], fedavg(start, [ptq])[k]) for k in start)
-    assert sim.server.global_steps is None and priced == pytest.approx(sim.pricing.aggregation_s([ptq]))
+    priced = sim.server.aggregate([ptq, qat], False, False, measure_partial=8)
+    assert sim.server.partials and -1 <= sim.server.partials[-1] <= 1
+    assert sim.server.carried_s == pytest.approx(sim.pricing.server.partial_s(1, 1, 8)) and sim.server.carried_s > 0
+    assert all(torch.equal(sim.server.global_state[k], master[k]) for k in start)
+    assert all(torch.allclose(sim.server.global_steps[k], blended[k]) for k in learned)
+    assert priced == pytest.approx(sim.pricing.aggregation_s([ptq, qat])) and priced > sim.pricing.aggregation_s([ptq])
