@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -169,8 +170,6 @@ def partial_gain(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[
     partial averages more updates than the other) aggregated apart from the same master, each
     deployed (:func:`deployed_acc`) and scored on the proxy split: QAT minus PTQ accuracy. None
     when the round had not both strategies."""
-    import numpy as np
-
     sides = {s: sorted((r for r in results if r.strategy == s), key=lambda r: r.cid) for s in ("qat", "ptq")}
     k = min(len(v) for v in sides.values())
     if k == 0:

@@ -270,10 +270,8 @@ def build_family(base, grid: dict[str, list[Any]], n_settings: int, command: str
             on_setting(i, cfg, per[-1])
     m = SignificanceModel.fit(np.asarray(X), np.asarray(gains), base.seed, groups=np.asarray(groups),
                               points=np.asarray(points), settings=np.asarray(sids))
-    fit_s = Simulation(base.replace(strategy="all-ptq", significance="none"), dataset=dataset)
-    fit_s.profile()
-    folds = 5 + 5 + len(cfgs) + 1
-    fit_sim = fit_s.pricing.server.host_s(gbr_fit_ops(len(gains), len(FEATURES), fits=folds))
+    folds = 5 + 5 + len(cfgs) + 1      # the model and its three cross-validations, on the same server
+    fit_sim = sim.pricing.server.host_s(gbr_fit_ops(len(gains), len(FEATURES), fits=folds))
     build = {"sim_s": sum(p["sim_s"] for p in per) + fit_sim, "wall_s": time.perf_counter() - t_all,
              "fit_sim_s": fit_sim, "per_setting": per, "command": command,
              "pilot_rounds": [pilot_length(c) for c in cfgs]}

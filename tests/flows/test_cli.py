@@ -40,7 +40,7 @@ def _cli(*args, cwd=None):
     (["fit-significance", "--settings", "0", "--no-tracking"], "settings"),
 ])
 def test_bad_input_is_one_line_exit_2(args, field):
-    cmd = args.pop(0) if args[0] == "fit-significance" else "run"
+    cmd, args = (args[0], args[1:]) if args[0] == "fit-significance" else ("run", args)
     p = _cli(cmd, *args)
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
