@@ -102,8 +102,9 @@ def test_faulty_run_stays_finite_and_close_to_clean(tiny_cfg):
     reasons = {why.split(":")[0] for why in rejected} - {"norm"}
     assert len(rejected) >= 6 and reasons <= {"raised", "nonfinite", "shape", "dtype", "size"} and len(reasons) >= 3
     # the default norm bound may also turn away an honest outlier (a false positive, see
-    # docs/operations.md), never more than a few
-    assert sum(why.startswith("norm") for why in rejected) <= 2
+    # docs/operations.md): at most one update in 20 (measured: 2 of 60)
+    updates = sum(len(r.strategies) + len(r.rejected) for r in faulty.records)
+    assert sum(why.startswith("norm") for why in rejected) <= updates // 20
     assert all(bool(torch.isfinite(v).all()) for v in faulty.server.global_state.values() if v.is_floating_point())
     assert clean.records[-1].acc_q > 0.9
     assert faulty.records[-1].acc_q == pytest.approx(clean.records[-1].acc_q, abs=0.05)
