@@ -24,7 +24,8 @@ from flows.runners import set_torch_threads  # noqa: E402
 def obtain_significance(sim: Simulation, tracker=None):
     """The run's SigAcc model (``allocation.pilot.choose_significance``; the registry is searched
     first when tracking is on), set on ``sim``; None when it decides online. Says which and why."""
-    model = choose_significance(sim, tracker.load_family(sim.cfg) if tracker else None)
+    search = tracker is not None and sim.cfg.significance == "auto"   # online: no version is used, none counted
+    model = choose_significance(sim, tracker.load_family(sim.cfg) if search else None)
     f = sim.fit
     if model is None:
         print(f"fedhq: SigAcc online: {f.detail}", file=sys.stderr)

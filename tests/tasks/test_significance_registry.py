@@ -37,6 +37,16 @@ def test_registry_family_covers_by_grid_ranges(tmp_path, monkeypatch):
     assert found is not None and "version 2" in why and "reused by 2" in why
     found, why = tracker.load_family(base.replace(clients=25, lr=0.03, w_bits=8))
     assert found is None and "w_bits=8" in why
+    # significance: online uses no version, so none is searched for nor counted
+    from fedhq_core.simulation import Simulation
+    from flows.significance import obtain_significance
+
+    from mlflow import MlflowClient as _Client
+
+    before = _Client(tracker.settings.tracking_uri).get_model_version(name, "2").tags["runs_reused"]
+    online = Simulation(base.replace(strategy="fedhq", significance="online", clients=25, tracking=False))
+    assert obtain_significance(online, tracker) is None and online.fit.source == "online"
+    assert _Client(tracker.settings.tracking_uri).get_model_version(name, "2").tags["runs_reused"] == before
     # the registry's miss falls back to the shipped family, or says why there is none
     fam, why = find_family(base.replace(dataset="digits", w_bits=8, a_bits=8), (None, "registry: none"))
     assert "registry: none" in why or fam is not None
