@@ -164,23 +164,23 @@ def deployed_acc(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[
 
 
 def partial_gain(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[str, tuple[float, float]] | None,
-                 results: Sequence[ClientResult], x: torch.Tensor, y: torch.Tensor) -> float | None:
+                 results: Sequence[ClientResult], x: torch.Tensor, y: torch.Tensor) -> tuple[float | None, int]:
     """The round's online SigAcc signal: ``k`` of its QAT uploads and ``k`` of its PTQ uploads
     (``k`` the smaller count; the larger side drawn seeded by the round's clients, so neither
     partial averages more updates than the other) aggregated apart from the same master, each
-    deployed (:func:`deployed_acc`) and scored on the proxy split: QAT minus PTQ accuracy. None
-    when the round had not both strategies."""
+    deployed (:func:`deployed_acc`) and scored on the proxy split: QAT minus PTQ accuracy (None
+    when the round had not both strategies), and ``k``."""
     sides = {s: sorted((r for r in results if r.strategy == s), key=lambda r: r.cid) for s in ("qat", "ptq")}
     k = min(len(v) for v in sides.values())
     if k == 0:
-        return None
+        return None, 0
     pick = np.random.default_rng(sorted(r.cid for r in results))
     acc = {}
     for strategy, sub in sides.items():
         if len(sub) > k:
             sub = [sub[i] for i in sorted(pick.choice(len(sub), k, replace=False))]
         acc[strategy] = deployed_acc(model, state, ranges, sub, x, y)
-    return acc["qat"] - acc["ptq"]
+    return acc["qat"] - acc["ptq"], k
 
 
 def swap_gains(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[str, tuple[float, float]] | None,

@@ -77,12 +77,10 @@ class ServerState:
         aggregated apart from the master they started from, scored on the proxy split), appended
         to ``partials`` (None for a round without both strategies); returns its priced seconds."""
         assert self.pricing.server is not None, "profile() first"
-        self.partials.append(partial_gain(self.eval_model, self.global_state, self.global_ranges, results,
-                                          self.proxy.x, self.proxy.y))
-        if self.partials[-1] is None:
-            return 0.0
-        k = min(sum(r.strategy == "qat" for r in results), sum(r.strategy == "ptq" for r in results))
-        return self.pricing.server.partial_s(k, k, bits)
+        gain, k = partial_gain(self.eval_model, self.global_state, self.global_ranges, results, self.proxy.x,
+                               self.proxy.y)
+        self.partials.append(gain)
+        return self.pricing.server.partial_s(k, k, bits) if k else 0.0
 
     # --- aggregation --------------------------------------------------------------------------
     def aggregate(self, results: list[ClientResult], measure_gap: bool, measure_sensitivity: bool,
