@@ -108,9 +108,12 @@ def pilot_rows(sim, rounds: int, train_fn: Callable[[int, list[int], str], list]
         X.extend(rows); gains.extend(g); groups.extend(cids); points.extend([rnd] * len(cids))
         server_s = srv.measure_sensitivities(ptq) + srv.pricing.server.gap_s()
         srv.measure_gap()                               # of the master this round started from
-        n_q = int(picks.sum())
-        server_s += (len(cids) + 1) * (pricing.server.aggregate_s(len(cids) - n_q, n_q, cfg.upload_bits, 0)
-                                       + pricing.server.proxy_s())
+        n, n_q = len(cids), int(picks.sum())
+        # each of the 1 + n hybrids is aggregated, scored and, where it mixes both strategies, its
+        # steps blended (server.blend_steps)
+        qat_counts = [n_q] + [n_q - 1 if p else n_q + 1 for p in picks]
+        server_s += (n + 1) * (pricing.server.aggregate_s(n - n_q, n_q, cfg.upload_bits, 0) + pricing.server.proxy_s())
+        server_s += sum(0 < q < n for q in qat_counts) * pricing.server.mse_s()
         for i, res in enumerate((ptq, qat)):   # the server's scoring waits for the second set
             times = list(pricing.client_times(rnd, res).values())
             sim_s += pricing.clock.round_length(times, {"server": pricing.aggregation_s(res) + (server_s if i else 0.0)},
