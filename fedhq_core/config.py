@@ -20,10 +20,11 @@ import yaml
 
 
 from .errors import ConfigError
+from .plugins import is_spec
 
 
-DATASETS = ("digits", "cifar10-folder", "cifar10", "cifar100", "svhn")
-MODELS = ("cnn", "resnet18")
+DATASETS = ("digits", "cifar10-folder", "image-folder", "cifar10", "cifar100", "svhn")  # or package.module:loader
+MODELS = ("cnn", "resnet18")  # or package.module:factory (any nn.Module)
 PARTITIONS = ("iid", "dirichlet", "kclass")
 UPLOAD_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)  # 2..8: bit-packed integers; 16/32: float16/float32
 FAULT_KINDS = ("raise", "stall", "nan", "inf", "shape", "dtype", "size", "scale", "signflip")
@@ -159,7 +160,7 @@ _IMAGE_DEFAULTS = {"max_train_samples": 10000, "max_test_samples": 2000, "batch_
                    "local_epochs": 1, "min_shard_size": 32}
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {},
-    "cifar10-folder": _IMAGE_DEFAULTS, "cifar10": _IMAGE_DEFAULTS, "cifar100": _IMAGE_DEFAULTS,
+    "cifar10-folder": _IMAGE_DEFAULTS, "image-folder": _IMAGE_DEFAULTS, "cifar10": _IMAGE_DEFAULTS, "cifar100": _IMAGE_DEFAULTS,
     "svhn": _IMAGE_DEFAULTS,
 }
 
@@ -226,8 +227,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
 def _validate_run(cfg: ExperimentConfig) -> None:
     """Data, model, training, quantization and strategy fields."""
 
-    _check(cfg.dataset in DATASETS, "dataset", f"unknown dataset {cfg.dataset!r} (choose from {', '.join(DATASETS)})")
-    _check(cfg.model in MODELS, "model", f"unknown model {cfg.model!r} (choose from {', '.join(MODELS)})")
+    _check(cfg.dataset in DATASETS or is_spec(cfg.dataset), "dataset",
+           f"unknown dataset {cfg.dataset!r} (choose from {', '.join(DATASETS)}, or package.module:loader)")
+    _check(cfg.model in MODELS or is_spec(cfg.model), "model",
+           f"unknown model {cfg.model!r} (choose from {', '.join(MODELS)}, or package.module:factory)")
     _check(cfg.partition in PARTITIONS, "partition", f"unknown partition {cfg.partition!r} (choose from {', '.join(PARTITIONS)})")
     _check(cfg.strategy in STRATEGIES, "strategy", f"unknown strategy {cfg.strategy!r} (choose from {', '.join(STRATEGIES)})")
     for name in ("w_bits", "a_bits"):
@@ -317,6 +320,9 @@ def _validate_execution(cfg: ExperimentConfig) -> None:
         _check(Path(cfg.family_file).is_file(), "family_file", f"file not found: {cfg.family_file}")
     if cfg.dataset == "digits":
         pass
+    elif is_spec(cfg.dataset):   # the user's loader reads what it likes; a data_dir is passed if given
+        if cfg.data_dir is not None:
+            _check(Path(cfg.data_dir).exists(), "data_dir", f"not found: {cfg.data_dir}")
     else:
         _check(cfg.data_dir is not None, "data_dir", f"dataset {cfg.dataset!r} needs --data-dir")
         if not cfg.download:

@@ -92,6 +92,7 @@ class Simulation:
         self.device = resolve_device(cfg.device)
         ds = dataset or load_data(cfg)
         self.dataset_name, self.num_classes, self.in_shape = ds.name, ds.num_classes, ds.in_shape
+        self.input_norm = {"mean": list(ds.mean), "std": list(ds.std), "classes": list(ds.classes)}
         self.server_calib, self.global_labels, self.shards = split_clients(cfg, ds)
         self.n_clients, self.rounds, self.proxy_size = cfg.clients, cfg.rounds, len(self.server_calib)
         self.fleet = Fleet.build(cfg.clients, cfg.fleet, cfg.throttle_prob, cfg.throttle_factor,
@@ -271,7 +272,8 @@ class Simulation:
         c = self.cfg
         return self.server.deployed_bundle({"model": c.model, "in_shape": list(self.in_shape),
                                             "num_classes": self.num_classes, "w_bits": c.w_bits, "a_bits": c.a_bits,
-                                            "first_last_bits": c.first_last_bits, "dataset": self.dataset_name})
+                                            "first_last_bits": c.first_last_bits, "dataset": self.dataset_name,
+                                            **self.input_norm})
 
     # --- checkpoints and summary ------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -121,6 +121,24 @@ def _add_mlops_commands(sub) -> None:
     pr.add_argument("--version", type=int, help="candidate version (default: newest)")
     pr.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow tracking URI (default from mlflow.yaml)")
     pr.set_defaults(func=cmd_promote)
+    ex = sub.add_parser("export", help="a registered run's deployed quantized model as ONNX (QDQ), checked in "
+                                       "onnxruntime and registered with the onnx flavour (exit 1 if the check misses)")
+    ex.add_argument("source", help="run id, model version (N, models:/NAME/N, models:/NAME@ALIAS) or runs:/RUN/model")
+    ex.add_argument("--format", default="onnx", help="onnx (the only format)")
+    ex.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
+    ex.add_argument("--no-check", dest="check", action="store_false",
+                    help="skip the onnxruntime check on the run's test split")
+    ex.add_argument("--no-register", dest="register", action="store_false",
+                    help="write the file only; register nothing in MLflow")
+    ex.add_argument("--json", metavar="FILE", help="write the export report and check as JSON")
+    ex.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow tracking URI (default from mlflow.yaml)")
+    ex.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from flows.export import cmd_export   # onnx and onnxruntime load only for this command
+
+    return cmd_export(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -290,7 +290,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     settings, client = _registry_client(args)
     from tasks.registry import COLUMNS, list_versions
 
-    names = [args.name] if args.name else [settings.registered_model, settings.cost_model, settings.significance_model]
+    names = [args.name] if args.name else [settings.registered_model, f"{settings.registered_model}-onnx",
+                                           settings.cost_model, settings.significance_model]
     rows = list_versions(client, names)
     if not rows:
         print("no registered versions yet (run `fedhq run` first)")

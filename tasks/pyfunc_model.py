@@ -30,24 +30,21 @@ def save_bundle(bundle: dict[str, Any], directory: str) -> dict[str, str]:
     return files
 
 
-def load_bundle(weights: str, meta: str) -> torch.nn.Module:
-    """Rebuild the deployed model (deploy mode) from saved artifacts."""
-    from fedhq_core.models import build_model
-    from fedhq_core.quant import configure_observers, load_model_state, prepare_deploy, prepare_model
-
+def read_bundle(weights: str, meta: str) -> dict[str, Any]:
+    """The saved artifacts back as a bundle (``meta``, ``state``, ``steps``, ``ranges``)."""
     with open(meta) as f:
         m = json.load(f)
     t = load_file(weights)
-    state = {k[6:]: v for k, v in t.items() if k.startswith("state.")}
-    steps = {k[6:]: v for k, v in t.items() if k.startswith("steps.")}
-    ranges = {k[7:]: (float(v[0]), float(v[1])) for k, v in t.items() if k.startswith("ranges.")}
-    model = build_model(m["model"], tuple(m["in_shape"]), m["num_classes"])
-    prepare_model(model, m["w_bits"], m["a_bits"], m["first_last_bits"])
-    configure_observers(model, 0.9, 99.99)
-    load_model_state(model, state)
-    prepare_deploy(model, ranges or None, steps or None)
-    model.eval()
-    return model
+    return {"meta": m, "state": {k[6:]: v for k, v in t.items() if k.startswith("state.")},
+            "steps": {k[6:]: v for k, v in t.items() if k.startswith("steps.")},
+            "ranges": {k[7:]: (float(v[0]), float(v[1])) for k, v in t.items() if k.startswith("ranges.")}}
+
+
+def load_bundle(weights: str, meta: str) -> torch.nn.Module:
+    """Rebuild the deployed model (deploy mode) from saved artifacts."""
+    from fedhq_core.quant.export import deployed_model
+
+    return deployed_model(read_bundle(weights, meta))
 
 
 class GlobalModel(mlflow.pyfunc.PythonModel):

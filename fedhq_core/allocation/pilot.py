@@ -237,7 +237,7 @@ class Family:
 
 
 def family_path(dataset: str, model: str) -> Path:
-    return FAMILY_DIR / f"{dataset}-{model}.json"
+    return FAMILY_DIR / f"{dataset}-{model}.json".replace(":", "-").replace("/", "-")
 
 
 def shipped_family(dataset: str, model: str) -> Family | None:

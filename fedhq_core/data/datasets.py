@@ -1,5 +1,7 @@
-"""Datasets as in-memory tensors: the embedded digits, CIFAR-10 image folders, and the original
-CIFAR-10 / CIFAR-100 / SVHN release formats read through torchvision from a local directory.
+"""Datasets as in-memory tensors: the embedded digits, CIFAR-10 image folders, any image folder
+(``image-folder``), arrays from the user's own loader (``package.module:loader``), and the
+original CIFAR-10 / CIFAR-100 / SVHN release formats read through torchvision from a local
+directory. Every reader ends in :func:`standardized`, which checks shapes and classes.
 
 Nothing is downloaded unless ``download=True`` is passed explicitly (``--download``). Decoded
 image folders are cached as ``.npz`` under ``<state_dir>/cache`` so a second run does not decode
@@ -7,6 +9,7 @@ image folders are cached as ``.npz`` under ``<state_dir>/cache`` so a second run
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import pickle
@@ -42,14 +45,18 @@ class Dataset:
     train: Split
     test: Split
     num_classes: int
+    mean: tuple[float, ...] = ()      # per channel: what a deployed model's inputs are standardised with
+    std: tuple[float, ...] = ()
+    classes: tuple[str, ...] = ()     # class names by label
 
     @property
     def in_shape(self) -> tuple[int, int, int]:
         return tuple(self.train.x.shape[1:])  # type: ignore[return-value]
 
 
-def _normalize(train_u8: np.ndarray, test_u8: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8/float NHWC or NCHW arrays -> float32 NCHW, standardised with train statistics."""
+def _normalize(train_u8: np.ndarray, test_u8: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, list[float], list[float]]:
+    """uint8/float NCHW arrays -> float32 NCHW, standardised per channel with train statistics
+    (which are returned too: a deployed model's inputs need the same)."""
     # one float32 copy each, standardised in place (no full-size temporaries: the peak memory of
     # a run is its data load)
     tr = torch.tensor(np.ascontiguousarray(train_u8), dtype=torch.float32)
@@ -57,7 +64,42 @@ def _normalize(train_u8: np.ndarray, test_u8: np.ndarray) -> tuple[torch.Tensor,
     dims = (0, 2, 3)
     mean = tr.mean(dim=dims, keepdim=True)
     std = tr.std(dim=dims, keepdim=True).clamp_min(1e-6)
-    return tr.sub_(mean).div_(std), te.sub_(mean).div_(std)
+    return tr.sub_(mean).div_(std), te.sub_(mean).div_(std), mean.flatten().tolist(), std.flatten().tolist()
+
+
+def standardized(name: str, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray,
+                 classes: list[str] | None = None, source: str | None = None) -> Dataset:
+    """A :class:`Dataset` from raw arrays: images (N, C, H, W) or (N, H, W), integer labels 0..K-1.
+    Checked here, for every reader, with one-line errors naming ``source``: equal image and label
+    counts, the same image shape in train and test, at least two classes."""
+    src = source or name
+    xs = []
+    for split, x, y in (("train", xtr, ytr), ("test", xte, yte)):
+        x, y = np.asarray(x), np.asarray(y)
+        if x.ndim == 3:
+            x = x[:, None]
+        if x.ndim != 4:
+            raise DataError(f"{src}: {split} images must be (N, C, H, W) or (N, H, W), got shape {x.shape}")
+        if y.ndim != 1 or len(y) != len(x):
+            raise DataError(f"{src}: {split} has {len(x)} images but labels of shape {y.shape}")
+        if len(x) == 0:
+            raise DataError(f"{src}: the {split} split is empty")
+        if not (np.issubdtype(y.dtype, np.integer) and y.min() >= 0):
+            raise DataError(f"{src}: {split} labels must be integers >= 0 (got {y.dtype}, min {y.min()})")
+        xs.append((x, y.astype(np.int64)))
+    (xtr, ytr), (xte, yte) = xs
+    if xtr.shape[1:] != xte.shape[1:]:
+        raise DataError(f"{src}: train images are {xtr.shape[1:]} but test images {xte.shape[1:]} (mismatched shapes)")
+    k = int(max(ytr.max(), yte.max())) + 1
+    if classes is not None:
+        if len(classes) < k:
+            raise DataError(f"{src}: labels reach {k - 1} but only {len(classes)} class names")
+        k = len(classes)
+    if len(np.unique(ytr)) < 2:
+        raise DataError(f"{src}: fewer than two classes in the train split ({len(np.unique(ytr))})")
+    tr, te, mean, std = _normalize(xtr, xte)
+    return Dataset(name, Split(tr, torch.as_tensor(ytr)), Split(te, torch.as_tensor(yte)), k, tuple(mean),
+                   tuple(std), tuple(classes) if classes is not None else tuple(str(i) for i in range(k)))
 
 
 def _digits(test_fraction: float, seed: int) -> Dataset:
@@ -68,20 +110,34 @@ def _digits(test_fraction: float, seed: int) -> Dataset:
     x = d.images.astype(np.float32)[:, None, :, :]  # (N, 1, 8, 8), values 0..16
     y = d.target.astype(np.int64)
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
-    tr, te = _normalize(xtr, xte)
-    return Dataset("digits", Split(tr, torch.as_tensor(ytr)), Split(te, torch.as_tensor(yte)), 10)
+    return standardized("digits", xtr, ytr, xte, yte, [str(i) for i in range(10)])
 
 
 # --- CIFAR-10 as image folders ----------------------------------------------------------
 
-def _decode(paths: list[str]) -> np.ndarray:
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+
+
+def _decode(paths: list[str], size: tuple[int, int] | None = (32, 32), mode: str = "RGB") -> np.ndarray:
+    """Images as (N, H, W, C) uint8. ``size`` resizes every image; None keeps the first image's
+    size and refuses any other (one line naming the file)."""
     from PIL import Image
 
-    out = np.empty((len(paths), 32, 32, 3), dtype=np.uint8)
+    out: np.ndarray | None = None
     for i, p in enumerate(paths):
         with Image.open(p) as im:
-            arr = np.asarray(im.convert("RGB").resize((32, 32)) if im.size != (32, 32) else im.convert("RGB"))
+            im = im.convert(mode)
+            if size is not None and im.size != size:
+                im = im.resize(size)
+            arr = np.asarray(im)
+        arr = arr[:, :, None] if arr.ndim == 2 else arr
+        if out is None:
+            out = np.empty((len(paths), *arr.shape), dtype=np.uint8)
+        elif arr.shape != out.shape[1:]:
+            raise DataError(f"{p}: image is {arr.shape[1]}x{arr.shape[0]} but {paths[0]} is "
+                            f"{out.shape[2]}x{out.shape[1]} (mismatched shapes)")
         out[i] = arr
+    assert out is not None
     return out
 
 
@@ -89,22 +145,24 @@ def _scan_folder(root: Path, per_class: int = 0) -> tuple[list[str], list[int], 
     if not root.is_dir():
         raise DataError(f"{root}: image folder not found")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    if not classes:
-        raise DataError(f"{root}: no class sub-folders found")
+    if len(classes) < 2:
+        raise DataError(f"{root}: fewer than two class sub-folders ({len(classes)})")
     paths, labels = [], []
     for ci, c in enumerate(classes):
-        files = sorted(f for f in os.listdir(root / c) if f.lower().endswith((".jpg", ".jpeg", ".png")))
+        files = sorted(f for f in os.listdir(root / c) if f.lower().endswith(IMAGE_EXTS))
+        if not files:
+            raise DataError(f"{root / c}: empty class folder (no {'/'.join(IMAGE_EXTS)} files)")
         files = files[:per_class] if per_class > 0 else files
         paths += [str(root / c / f) for f in files]
         labels += [ci] * len(files)
-    if not paths:
-        raise DataError(f"{root}: no images found")
     return paths, labels, classes
 
 
-def _load_folder_split(root: Path, cache_dir: Path, per_class: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _load_folder_split(root: Path, cache_dir: Path, per_class: int = 0, size: tuple[int, int] | None = (32, 32),
+                       mode: str = "RGB") -> tuple[np.ndarray, np.ndarray, list[str]]:
     paths, labels, classes = _scan_folder(root, per_class)
-    key = hashlib.sha1(("|".join([str(root.resolve()), str(len(paths)), paths[0], paths[-1]])).encode()).hexdigest()[:16]
+    key = hashlib.sha1(("|".join([str(root.resolve()), str(len(paths)), paths[0], paths[-1], str(size), mode])
+                        ).encode()).hexdigest()[:16]
     cache = cache_dir / f"imagefolder-{key}.npz"
     if cache.is_file():
         with np.load(cache) as z:
@@ -113,9 +171,12 @@ def _load_folder_split(root: Path, cache_dir: Path, per_class: int = 0) -> tuple
     chunks = [paths[i:i + 2000] for i in range(0, len(paths), 2000)]
     if workers > 1 and len(chunks) > 1:
         with ProcessPoolExecutor(workers) as ex:
-            x = np.concatenate(list(ex.map(_decode, chunks)))
+            parts = list(ex.map(_decode, chunks, [size] * len(chunks), [mode] * len(chunks)))
     else:
-        x = np.concatenate([_decode(c) for c in chunks])
+        parts = [_decode(c, size, mode) for c in chunks]
+    if len({p.shape[1:] for p in parts}) > 1:
+        raise DataError(f"{root}: images of different sizes (mismatched shapes)")
+    x = np.concatenate(parts)
     y = np.asarray(labels, dtype=np.int64)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(cache.stem + ".tmp.npz")
@@ -124,13 +185,49 @@ def _load_folder_split(root: Path, cache_dir: Path, per_class: int = 0) -> tuple
     return x, y, classes
 
 
+def _image_folder(data_dir: Path, cache_dir: Path, per_class: int = 0) -> Dataset:
+    """Any ``train/<class>/``, ``test/<class>/`` folder: images at their own size (all alike),
+    grayscale when the first image is, RGB otherwise; labels are the sorted class names."""
+    from PIL import Image
+
+    first = _scan_folder(data_dir / "train", 1)[0][0]
+    with Image.open(first) as im:
+        mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
+    xtr, ytr, classes = _load_folder_split(data_dir / "train", cache_dir, per_class, None, mode)
+    xte, yte, classes_te = _load_folder_split(data_dir / "test", cache_dir, per_class, None, mode)
+    if classes != classes_te:
+        raise DataError(f"{data_dir}: train and test class folders differ")
+    return standardized("image-folder", xtr.transpose(0, 3, 1, 2), ytr, xte.transpose(0, 3, 1, 2), yte, classes,
+                        str(data_dir))
+
+
+def _plugin_dataset(spec: str, data_dir: str | None, seed: int) -> Dataset:
+    """``package.module:loader``: the user's function returns ``(x_train, y_train, x_test,
+    y_test)`` or a dict with those keys and optionally ``classes``; it is passed ``data_dir`` and
+    ``seed`` if its signature names them."""
+    from ..plugins import call_with, load_object
+
+    out = call_with(load_object(spec, "dataset"), "dataset", data_dir=data_dir, seed=seed)
+    classes = None
+    if isinstance(out, dict):
+        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in out]
+        if missing:
+            raise DataError(f"{spec}: the loader's dict has no {', '.join(missing)}")
+        classes = out.get("classes")
+        out = (out["x_train"], out["y_train"], out["x_test"], out["y_test"])
+    if not (isinstance(out, (tuple, list)) and len(out) == 4):
+        raise DataError(f"{spec}: a loader returns (x_train, y_train, x_test, y_test) or a dict of them")
+    arrays = [a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a) for a in out]
+    return standardized(spec, *arrays, [str(c) for c in classes] if classes is not None else None, f"dataset: {spec}")
+
+
 def _cifar_folder(data_dir: Path, cache_dir: Path, per_class: int = 0) -> Dataset:
     xtr, ytr, classes = _load_folder_split(data_dir / "train", cache_dir, per_class)
     xte, yte, classes_te = _load_folder_split(data_dir / "test", cache_dir, per_class)
     if classes != classes_te:
         raise DataError(f"{data_dir}: train and test class folders differ")
-    tr, te = _normalize(xtr.transpose(0, 3, 1, 2), xte.transpose(0, 3, 1, 2))
-    return Dataset("cifar10-folder", Split(tr, torch.as_tensor(ytr)), Split(te, torch.as_tensor(yte)), len(classes))
+    return standardized("cifar10-folder", xtr.transpose(0, 3, 1, 2), ytr, xte.transpose(0, 3, 1, 2), yte, classes,
+                        str(data_dir))
 
 
 # --- original release formats through torchvision -------------------------------------
@@ -216,9 +313,8 @@ def _torchvision_sets(name: str, data_dir: Path, download: bool):
             ncls = 10
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
         raise DataError(f"{data_dir}: {name} files not found or unreadable ({err}); pass --download to fetch them") from None
-    trn, ten = _normalize(xtr, xte)
-    return Dataset(name, Split(trn, torch.as_tensor(ytr, dtype=torch.long)),
-                   Split(ten, torch.as_tensor(yte, dtype=torch.long)), ncls)
+    return standardized(name, xtr, np.asarray(ytr, dtype=np.int64), xte, np.asarray(yte, dtype=np.int64),
+                        [str(i) for i in range(ncls)], str(data_dir))
 
 
 def _subsample(split: Split, n: int, rng: np.random.Generator) -> Split:
@@ -234,6 +330,8 @@ def load_dataset(name: str, data_dir: str | None = None, *, download: bool = Fal
     first N files of each class folder (image folders only; for quick tests)."""
     if name == "digits":
         ds = _digits(test_fraction, seed)
+    elif ":" in name:
+        ds = _plugin_dataset(name, data_dir, seed)
     else:
         if data_dir is None:
             raise DataError(f"data_dir: dataset {name!r} needs --data-dir")
@@ -242,9 +340,11 @@ def load_dataset(name: str, data_dir: str | None = None, *, download: bool = Fal
             raise DataError(f"{root}: data directory not found")
         if name == "cifar10-folder":
             ds = _cifar_folder(root, Path(cache_dir), per_class)
+        elif name == "image-folder":
+            ds = _image_folder(root, Path(cache_dir), per_class)
         elif name in ("cifar10", "cifar100", "svhn"):
             ds = _torchvision_sets(name, root, download)
         else:
             raise DataError(f"dataset: unknown dataset {name!r}")
     rng = np.random.default_rng(seed + 7919)
-    return Dataset(ds.name, _subsample(ds.train, max_train, rng), _subsample(ds.test, max_test, rng), ds.num_classes)
+    return dataclasses.replace(ds, train=_subsample(ds.train, max_train, rng), test=_subsample(ds.test, max_test, rng))

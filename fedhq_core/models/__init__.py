@@ -1,4 +1,5 @@
-"""Models: a small CNN (default) and ResNet-18 adapted to 32x32 inputs."""
+"""Models: a small CNN (default), ResNet-18 adapted to 32x32 inputs, and the user's own
+(``package.module:factory``)."""
 from __future__ import annotations
 
 import torch
@@ -39,4 +40,21 @@ def build_model(name: str, in_shape: tuple[int, int, int], num_classes: int) -> 
         return SmallCNN(c, num_classes, h)
     if name == "resnet18":
         return resnet18_cifar(c, num_classes)
+    if ":" in name:
+        return plugin_model(name, in_shape, num_classes)
     raise ValueError(f"model: unknown model {name!r}")
+
+
+def plugin_model(spec: str, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """``package.module:factory``: the user's factory, passed ``in_shape`` (C, H, W) and
+    ``num_classes`` if its signature names them, must return an ``nn.Module`` with at least one
+    Conv2d or Linear layer (every one is quantized, the first/last-layer rule included)."""
+    from ..errors import ConfigError
+    from ..plugins import call_with, load_object
+
+    model = call_with(load_object(spec, "model"), "model", in_shape=tuple(in_shape), num_classes=num_classes)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model: {spec} returned a {type(model).__name__}, not a torch.nn.Module")
+    if not any(type(m) in (nn.Conv2d, nn.Linear) for m in model.modules()):
+        raise ConfigError(f"model: {spec} has no Conv2d or Linear layer to quantize")
+    return model
