@@ -21,17 +21,17 @@ def _images(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     for i, label in enumerate(y):
         k = rng.integers(0, 12)
         if label == 0:
-            x[i, k, :] += 1.0
+            x[i, k, :] += 2.0
         elif label == 1:
-            x[i, :, k] += 1.0
+            x[i, :, k] += 2.0
         else:
-            x[i, idx, (idx + k) % 12] += 1.0
+            x[i, idx, (idx + k) % 12] += 2.0
     return x, y.astype(np.int64)
 
 
 def load(seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
-    x_train, y_train = _images(1200, rng)
+    x_train, y_train = _images(2400, rng)
     x_test, y_test = _images(300, rng)
     return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test, "classes": list(CLASSES)}
 

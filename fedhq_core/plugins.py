@@ -63,3 +63,19 @@ def call_with(fn: Callable[..., Any], field: str, **offered: Any) -> Any:
     except Exception as err:  # noqa: BLE001 - the user's code; its error is reported, not hidden
         first = str(err).splitlines()[0] if str(err) else ""
         raise ConfigError(f"{field}: {getattr(fn, '__qualname__', fn)} raised {type(err).__name__}: {first}") from None
+
+
+def source_digest(spec: str) -> str:
+    """A digest of the source file of ``spec``'s module ('' when it has none): caches keyed by a
+    plug-in's name (the op traces) go stale when its code changes."""
+    import hashlib
+
+    if not is_spec(spec):
+        return ""
+    load_object(spec, "model")   # imported (a no-op when it already is)
+    module = sys.modules.get(spec.split(":")[0])
+    path = getattr(module, "__file__", None)
+    try:
+        return hashlib.sha256(open(path, "rb").read()).hexdigest()[:16] if path else ""
+    except OSError:
+        return ""

@@ -22,6 +22,7 @@ from .hardware.clock import ClientTime
 from .hardware.server_work import ServerPricing
 from .hardware.speed_model import load_profile
 from .quant.payload import packed_layout
+from .plugins import source_digest
 from .worker import ModelSpec
 
 _BOOKS: dict[ModelSpec, TraceBook] = {}
@@ -48,7 +49,7 @@ def trace_book(spec: ModelSpec, state_dir: str) -> TraceBook:
     with _BOOKS_LOCK:
         if spec not in _BOOKS:
             _BOOKS[spec] = TraceBook(lambda: spec.build(torch.device("cpu")), tuple(spec.in_shape), spec.num_classes,
-                                     Path(state_dir) / "cache", repr(spec))
+                                     Path(state_dir) / "cache", repr(spec) + source_digest(spec.model))
         return _BOOKS[spec]
 
 

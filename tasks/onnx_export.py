@@ -91,12 +91,15 @@ def export_bundle(bundle: dict[str, Any], out: str | Path, run_id: str | None = 
     return ExportReport(str(out), size, fp32_size, size / fp32_size, q.n_quantized, q.n_act_quantized, q.opset, meta)
 
 
-def onnx_logits(path: str | Path, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """The file's outputs in onnxruntime (CPU) for inputs ``x`` (N, C, H, W)."""
+def onnx_logits(path: str | Path, x: np.ndarray, batch_size: int = 1024, optimize: bool = True) -> np.ndarray:
+    """The file's outputs in onnxruntime (CPU) for inputs ``x`` (N, C, H, W): with its default
+    graph optimizations (what a deployment runs), or with none (``optimize=False``)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -106,13 +109,20 @@ def onnx_logits(path: str | Path, x: np.ndarray, batch_size: int = 1024) -> np.n
 def verify(path: str | Path, x: np.ndarray, y: np.ndarray, run_acc_q: float | None,
            reference_pred: np.ndarray | None) -> dict[str, Any]:
     """onnxruntime's top-1 accuracy on ``x``, ``y`` against the run's ``final_acc_q`` and its
-    agreement with ``reference_pred``; ``ok`` when both meet the targets above."""
-    pred = onnx_logits(path, x).argmax(1)
-    acc = float(np.mean(pred == np.asarray(y)))
-    out: dict[str, Any] = {"n": int(len(y)), "onnxruntime_acc": acc, "run_final_acc_q": run_acc_q,
-                           "acc_diff_points": None if run_acc_q is None else (acc - run_acc_q) * 100,
-                           "agreement": None if reference_pred is None else
-                           float(np.mean(pred == np.asarray(reference_pred).reshape(-1)))}
+    agreement with ``reference_pred``; ``ok`` when both meet the targets above. Judged on the
+    default session; the same figures with graph optimizations off are reported beside them
+    (``*_unoptimized``): onnxruntime's rewrites (Q/DQ propagation, fusions) change float
+    rounding, so they tell the export's own error from the runtime's."""
+    y = np.asarray(y)
+    ref = None if reference_pred is None else np.asarray(reference_pred).reshape(-1)
+    out: dict[str, Any] = {"n": int(len(y)), "run_final_acc_q": run_acc_q}
+    for suffix, optimize in (("", True), ("_unoptimized", False)):
+        pred = onnx_logits(path, x, optimize=optimize).argmax(1)
+        acc = float(np.mean(pred == y))
+        out[f"onnxruntime_acc{suffix}"] = acc
+        out[f"acc_diff_points{suffix}"] = None if run_acc_q is None else (acc - run_acc_q) * 100
+        out[f"agreement{suffix}"] = None if ref is None else float(np.mean(pred == ref))
+    acc = out["onnxruntime_acc"]
     out["acc_ok"] = run_acc_q is None or abs(acc - run_acc_q) <= ACC_TOLERANCE + 1e-9
     out["agreement_ok"] = out["agreement"] is None or out["agreement"] >= MIN_AGREEMENT
     out["ok"] = bool(out["acc_ok"] and out["agreement_ok"])

@@ -7,6 +7,7 @@ artifacts under ``./mlartifacts``).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -159,6 +160,16 @@ def _without_type_hint_notice(show: Any) -> Any:
         if "Add type hints to the `predict` method" not in str(message):
             show(message, category, filename, lineno, file, line)
     return filtered
+
+
+@contextlib.contextmanager
+def without_type_hint_notice():
+    """``predict()`` takes any array-like on purpose; MLflow's hint about type hints is noise here.
+    MLflow warns when the PythonModel class is defined, under a "once" filter of its own that
+    overrides ours, so the hint is dropped where warnings are shown."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _without_type_hint_notice(warnings.showwarning)
+        yield
 
 
 class Tracker:
@@ -320,11 +331,7 @@ class Tracker:
     def register_global_model(self, bundle: dict[str, Any], tags: dict[str, Any]) -> str:
         """Log the deployed model as a pyfunc model plus its int form, register it, tag it."""
         entry = str(Path(__file__).with_name("pyfunc_entry.py"))
-        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-            # predict() takes any array-like on purpose; MLflow's hint about type hints is noise
-            # here. MLflow warns when the PythonModel class is defined, under a "once" filter of
-            # its own that overrides ours, so the hint is dropped where warnings are shown.
-            warnings.showwarning = _without_type_hint_notice(warnings.showwarning)
+        with tempfile.TemporaryDirectory() as tmp, without_type_hint_notice():
             from tasks.pyfunc_model import save_bundle
 
             files = save_bundle(bundle, tmp)

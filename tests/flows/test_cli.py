@@ -167,3 +167,26 @@ def test_run_through_prefect_and_mlflow(tmp_path, monkeypatch):
     pred = model.predict(ds.test.x[:200].numpy())
     acc = float(np.mean(pred == ds.test.y[:200].numpy()))
     assert abs(acc - res["final_acc_q"]) < 0.1
+
+    # fedhq export: the registered pyfunc version as ONNX, checked in onnxruntime, registered beside it
+    import mlflow.onnx
+    import onnx
+
+    onnx_path, report = tmp_path / "model.onnx", tmp_path / "export.json"
+    assert main(["export", str(mv.version), "--out", str(onnx_path), "--tracking-uri", uri, "--json", str(report)]) == 0
+    rep = json.loads(report.read_text())
+    onnx.checker.check_model(onnx.load(str(onnx_path)), full_check=True)
+    check = rep["check"]
+    assert check["n"] == len(ds.test) and abs(check["onnxruntime_acc"] - res["final_acc_q"]) <= 0.001
+    assert check["agreement"] >= 0.995 and check["ok"]
+    assert rep["onnx_bytes"] < 0.4 * rep["fp32_onnx_bytes"]
+    props = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    assert props["mlflow_run_id"] == res["run_id"] and props["w_bits"] == str(res["config"]["w_bits"])
+    omv = client.get_model_version("fedhq-global-model-onnx", rep["onnx_version"])
+    assert omv.run_id == res["run_id"] and omv.tags["pyfunc_version"] == str(mv.version)
+    assert omv.tags["check"] == "met"
+    onnx_model = mlflow.onnx.load_model(f"models:/fedhq-global-model-onnx/{rep['onnx_version']}")
+    assert {i.data_type for i in onnx_model.graph.initializer if "weight_int" in i.name} == {onnx.TensorProto.INT8}
+    # a source that does not exist is one line, exit 2
+    assert main(["export", "999", "--out", str(tmp_path / "x.onnx"), "--tracking-uri", uri]) == 2
+    assert main(["export", "not-a-source", "--out", str(tmp_path / "x.onnx"), "--tracking-uri", uri]) == 2
