@@ -75,7 +75,8 @@ def cmd_run(args: argparse.Namespace) -> int:
               + (f"  (serve the UI with: mlflow ui --backend-store-uri {summary['tracking_uri']})" if local else ""))
     if summary.get("model_version"):
         print(f"registered model: {summary['registered_model']} version {summary['model_version']} "
-              f"(mlflow.pyfunc.load_model(\"models:/{summary['registered_model']}/{summary['model_version']}\"))")
+              f"(mlflow.pyfunc.load_model(\"models:/{summary['registered_model']}/{summary['model_version']}\")); "
+              f"as ONNX: fedhq export {summary['model_version']} --out model.onnx")
     if summary.get("tracking_pending"):
         print(f"MLflow: unsent calls wait in {summary['tracking_pending']}; send them with: fedhq upload "
               f"{Path(summary['tracking_pending']).parent}")

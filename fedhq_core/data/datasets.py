@@ -212,11 +212,11 @@ def _plugin_dataset(spec: str, data_dir: str | None, seed: int) -> Dataset:
     if isinstance(out, dict):
         missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in out]
         if missing:
-            raise DataError(f"{spec}: the loader's dict has no {', '.join(missing)}")
+            raise DataError(f"dataset: {spec}: the loader's dict has no {', '.join(missing)}")
         classes = out.get("classes")
         out = (out["x_train"], out["y_train"], out["x_test"], out["y_test"])
     if not (isinstance(out, (tuple, list)) and len(out) == 4):
-        raise DataError(f"{spec}: a loader returns (x_train, y_train, x_test, y_test) or a dict of them")
+        raise DataError(f"dataset: {spec}: a loader returns (x_train, y_train, x_test, y_test) or a dict of them")
     arrays = [a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a) for a in out]
     return standardized(spec, *arrays, [str(c) for c in classes] if classes is not None else None, f"dataset: {spec}")
 
