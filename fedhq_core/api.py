@@ -9,8 +9,9 @@
 
 The config is what ``fedhq run --config`` reads, as a dict, a YAML path or an
 :class:`ExperimentConfig`; keyword overrides win. It is validated the same way (a
-:class:`ConfigError` names the field). Clients train on threads, as in ``fedhq run --no-prefect``;
-nothing is tracked, and checkpoints are written only when ``checkpoints=True``.
+:class:`ConfigError` names the field). Clients train on threads in the plain-Python round loop
+(:func:`fedhq_core.loop.run`); nothing is tracked, and checkpoints are written only when
+``checkpoints=True``.
 """
 from __future__ import annotations
 

@@ -13,9 +13,10 @@ import inspect
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 SPEC = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 
@@ -58,7 +59,7 @@ def call_with(fn: Callable[..., Any], field: str, **offered: Any) -> Any:
     kwargs = offered if takes_all else {k: v for k, v in offered.items() if k in params}
     try:
         return fn(**kwargs)
-    except ConfigError:
+    except (ConfigError, DataError):
         raise
     except Exception as err:  # noqa: BLE001 - the user's code; its error is reported, not hidden
         first = str(err).splitlines()[0] if str(err) else ""
@@ -76,6 +77,6 @@ def source_digest(spec: str) -> str:
     module = sys.modules.get(spec.split(":")[0])
     path = getattr(module, "__file__", None)
     try:
-        return hashlib.sha256(open(path, "rb").read()).hexdigest()[:16] if path else ""
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else ""
     except OSError:
         return ""

@@ -62,12 +62,13 @@ def _download(uri: str, tracking_uri: str, dst: str) -> Path:
 
 
 def _test_split(config: dict[str, Any]):
-    from fedhq_core.config import ExperimentConfig, validate
+    """The run's test split, from its data fields only (a run's other settings, e.g. a family
+    file since moved, do not matter here); a missing data folder is a one-line DataError."""
+    from fedhq_core.config import ExperimentConfig
     from fedhq_core.simulation import data_key
 
     fields = set(ExperimentConfig.__dataclass_fields__)
-    cfg = validate(ExperimentConfig(**{k: v for k, v in config.items() if k in fields}))
-    return data_key(cfg).load().test
+    return data_key(ExperimentConfig(**{k: v for k, v in config.items() if k in fields})).load().test
 
 
 def cmd_export(args: argparse.Namespace) -> int:
