@@ -67,7 +67,18 @@ def aggregate(global_state: dict[str, torch.Tensor], global_ranges: dict[str, tu
     steps (None without QAT). The clock prices exactly this function from its trace
     (``hardware.server_work``)."""
     master = fedavg(global_state, results) if method == "fedavg" else robust_average(global_state, results, method, trim)
-    return master, average_ranges(results, global_ranges), average_steps(results)
+    return nonnegative_variances(master), average_ranges(results, global_ranges), average_steps(results)
+
+
+def nonnegative_variances(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BatchNorm running variances (``*running_var``) clamped at 0, in place. They are >= 0 by
+    definition, but an average of stochastically rounded deltas can push a small one below zero,
+    and every later forward pass through that layer is then NaN (seen on ResNet-18 after two
+    rounds at 8-bit uploads)."""
+    for k, v in state.items():
+        if k.endswith("running_var"):
+            v.clamp_(min=0.0)
+    return state
 
 
 def average_ranges(results: Iterable[ClientResult],

@@ -58,3 +58,20 @@ def test_a_hybrid_round_blends_the_steps_and_measures_its_partial_aggregates(tin
     assert all(torch.equal(sim.server.global_state[k], master[k]) for k in start)
     assert all(torch.allclose(sim.server.global_steps[k], blended[k]) for k in learned)
     assert priced == pytest.approx(sim.pricing.aggregation_s([ptq, qat])) and priced > sim.pricing.aggregation_s([ptq])
+
+
+def test_aggregation_keeps_batchnorm_variances_nonnegative():
+    """A quantized update can take a small running variance below zero; the master never keeps it."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from fedhq_core.quant import pack_update
+    from fedhq_core.server import aggregate
+
+    state = {"bn.running_var": torch.tensor([1e-4, 2.0]), "bn.running_mean": torch.tensor([0.0, 0.0])}
+    local = {"bn.running_var": torch.tensor([1e-4 - 0.5, 1.5]), "bn.running_mean": torch.tensor([-0.5, 0.5])}
+    payload = pack_update(local, state, 32, torch.Generator().manual_seed(0))
+    master, _, _ = aggregate(state, None, [SimpleNamespace(cid=0, n_samples=10, payload=payload)])
+    assert torch.equal(master["bn.running_var"], torch.tensor([0.0, 1.5]))
+    assert torch.equal(master["bn.running_mean"], torch.tensor([-0.5, 0.5]))   # means may be negative
