@@ -15,9 +15,9 @@ Serializing it to an ``.onnx`` file and running it in onnxruntime live outside t
 (``tasks.onnx_export``), so ``fedhq_core`` keeps to torch, numpy and scikit-learn.
 ``quantized=False`` writes the same network in FP32 (float weights, no Q/DQ): the size reference.
 
-Weight codes are computed with the same :func:`quantize` the deployed fake-quant forward uses,
-so the integers are the ones the torch model rounds to; activations quantize with ONNX's
-round-half-to-even, as ``torch.round`` does.
+Weight codes are :func:`~fedhq_core.quant.modules.weight_codes`, the integers the deployed
+fake-quant forward rounds to (the registered int form stores the same); activations quantize
+with ONNX's round-half-to-even, as ``torch.round`` does.
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import ConfigError
-from .fake_quant import act_qrange, act_scale_zp, quantize, weight_qrange
-from .modules import QUANT_LAYERS, quant_layers
+from .fake_quant import act_qrange, act_scale_zp
+from .modules import QUANT_LAYERS, quant_layers, weight_codes
 
 
 @dataclass
@@ -110,11 +110,9 @@ class _Builder:
         w = m.weight.detach().float()
         if not (self.quantized and m.qmode == "deploy"):
             return self.const(f"{hint}.weight", w.cpu().numpy())
-        qmin, qmax = weight_qrange(m.wq.bits)
-        step = m.wq.step.detach().abs().clamp_min(1e-8).float()
-        codes = quantize(w, step.view(-1, *([1] * (w.dim() - 1))), 0.0, qmin, qmax)
+        codes, step = weight_codes(m)
         q = self.const(f"{hint}.weight_int", codes.cpu().numpy(), np.int8)
-        s = self.const(f"{hint}.weight_scale", step.cpu().numpy())
+        s = self.const(f"{hint}.weight_scale", step.float().cpu().numpy())
         z = self.const(f"{hint}.weight_zero_point", np.zeros(step.numel()), np.int8)
         self.n_w += 1
         return self.add("DequantizeLinear", [q, s, z], f"{hint}.weight_dq", axis=0)

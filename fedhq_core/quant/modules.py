@@ -274,14 +274,21 @@ def prepare_deploy(model: nn.Module, ranges: dict[str, tuple[float, float]] | No
     set_mode(model, "deploy")
 
 
+def weight_codes(m: _QuantMixin) -> tuple[torch.Tensor, torch.Tensor]:
+    """A quantizable layer's weights as int8 codes and their per-output-channel steps: the integers
+    its deploy forward rounds to (the int form and the ONNX export both store these)."""
+    qmin, qmax = weight_qrange(m.wq.bits)
+    step = m.wq.step.detach().abs().clamp_min(1e-8)
+    w = m.weight.detach()  # type: ignore[attr-defined]
+    return quantize(w, step.view(-1, *([1] * (w.dim() - 1))), 0.0, qmin, qmax).to(torch.int8), step
+
+
 def integer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """Deployable int form of a deploy-prepared model: int8 weight tensors, scales and act ranges."""
     out: dict[str, torch.Tensor] = {}
     for n, m in quant_layers(model):
-        qmin, qmax = weight_qrange(m.wq.bits)
-        step = m.wq.step.detach().abs().clamp_min(1e-8)
-        out[f"{n}.weight_int"] = quantize(m.weight.detach(), step.view(-1, *([1] * (m.weight.dim() - 1))), 0.0,
-                                          qmin, qmax).to(torch.int8)
+        codes, step = weight_codes(m)
+        out[f"{n}.weight_int"] = codes
         out[f"{n}.weight_scale"] = step.clone()
         if m.bias is not None:
             out[f"{n}.bias"] = m.bias.detach().clone()
