@@ -124,10 +124,13 @@ def worker_lost(err: BaseException) -> bool:
     """True when a task failed because the worker process running it died (Dask gave up on it
     after rescheduling it ``distributed.scheduler.allowed-failures`` times, or lost the
     connection, or its inputs were scattered data that died with it: Dask cancels the task for
-    "lost dependencies"), not because the client's code raised."""
+    "lost dependencies" if it was submitted after, and as "already forgotten" if it was waiting
+    on them: the scheduler forgets the dependants of data it cannot recompute), not because the
+    client's code raised. The run never cancels a task itself, so neither reason has another cause."""
     names = {type(e).__name__ for e in (err, err.__cause__, err.__context__) if e is not None}
     text = str(err).lower()
-    return bool(names & {"KilledWorker", "CommClosedError"}) or "lost dependencies" in text or (
+    cancelled = any(r in text for r in ("lost dependencies", "already forgotten"))
+    return bool(names & {"KilledWorker", "CommClosedError"}) or cancelled or (
         "worker" in text and any(w in text for w in ("died", "lost", "killed", "closed")))
 
 
