@@ -193,12 +193,18 @@ def _image_folder(data_dir: Path, cache_dir: Path, per_class: int = 0) -> Datase
     first = _scan_folder(data_dir / "train", 1)[0][0]
     with Image.open(first) as im:
         mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
-    xtr, ytr, classes = _load_folder_split(data_dir / "train", cache_dir, per_class, None, mode)
-    xte, yte, classes_te = _load_folder_split(data_dir / "test", cache_dir, per_class, None, mode)
+    return _folder_dataset("image-folder", data_dir, cache_dir, per_class, None, mode)
+
+
+def _folder_dataset(name: str, data_dir: Path, cache_dir: Path, per_class: int, size: tuple[int, int] | None,
+                    mode: str) -> Dataset:
+    """``train/`` and ``test/`` class folders with the same class names, read as ``size`` (None:
+    the images' own) in ``mode``."""
+    xtr, ytr, classes = _load_folder_split(data_dir / "train", cache_dir, per_class, size, mode)
+    xte, yte, classes_te = _load_folder_split(data_dir / "test", cache_dir, per_class, size, mode)
     if classes != classes_te:
         raise DataError(f"{data_dir}: train and test class folders differ")
-    return standardized("image-folder", xtr.transpose(0, 3, 1, 2), ytr, xte.transpose(0, 3, 1, 2), yte, classes,
-                        str(data_dir))
+    return standardized(name, xtr.transpose(0, 3, 1, 2), ytr, xte.transpose(0, 3, 1, 2), yte, classes, str(data_dir))
 
 
 def _plugin_dataset(spec: str, data_dir: str | None, seed: int) -> Dataset:
@@ -222,12 +228,7 @@ def _plugin_dataset(spec: str, data_dir: str | None, seed: int) -> Dataset:
 
 
 def _cifar_folder(data_dir: Path, cache_dir: Path, per_class: int = 0) -> Dataset:
-    xtr, ytr, classes = _load_folder_split(data_dir / "train", cache_dir, per_class)
-    xte, yte, classes_te = _load_folder_split(data_dir / "test", cache_dir, per_class)
-    if classes != classes_te:
-        raise DataError(f"{data_dir}: train and test class folders differ")
-    return standardized("cifar10-folder", xtr.transpose(0, 3, 1, 2), ytr, xte.transpose(0, 3, 1, 2), yte, classes,
-                        str(data_dir))
+    return _folder_dataset("cifar10-folder", data_dir, cache_dir, per_class, (32, 32), "RGB")
 
 
 # --- original release formats through torchvision -------------------------------------

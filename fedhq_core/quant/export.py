@@ -270,13 +270,13 @@ class _Names(dict):
 def deployed_model(bundle: dict[str, Any]) -> nn.Module:
     """The deployed model of a :meth:`Simulation.deployed_bundle` (``meta``, ``state``, ``steps``,
     ``ranges``), rebuilt in deploy mode on the CPU."""
-    from ..models import build_model
-    from .modules import configure_observers, load_model_state, prepare_deploy, prepare_model
+    from ..worker import ModelSpec
+    from .modules import load_model_state, prepare_deploy
 
     m = bundle["meta"]
-    model = build_model(m["model"], tuple(m["in_shape"]), m["num_classes"])
-    prepare_model(model, m["w_bits"], m["a_bits"], m["first_last_bits"])
-    configure_observers(model, 0.9, 99.99)
+    # the observers' settings do not matter in deploy mode (the ranges are loaded)
+    model = ModelSpec(m["model"], tuple(m["in_shape"]), m["num_classes"], m["w_bits"], m["a_bits"],
+                      m["first_last_bits"], 0.9, 99.99).build(torch.device("cpu"))
     load_model_state(model, {k: v.detach().cpu() for k, v in bundle["state"].items()})
     prepare_deploy(model, bundle.get("ranges") or None,
                    {k: v.detach().cpu() for k, v in bundle["steps"].items()} if bundle.get("steps") else None)
