@@ -131,6 +131,13 @@ def _add_mlops_commands(sub) -> None:
     ex.add_argument("--no-register", dest="register", action="store_false",
                     help="write the file only; register nothing in MLflow")
     ex.add_argument("--json", metavar="FILE", help="write the export report and check as JSON")
+    ex.add_argument("--weights", default="auto", help="auto: codes of layers at <= 4 bits stored as int4 (opset 21) "
+                    "where onnxruntime runs them on integer kernels, else int8; int8: always int8 containers "
+                    "(opset 17, for older runtimes)")
+    ex.add_argument("--threads", type=int, default=None,
+                    help="onnxruntime intra-op threads for the latency figures (default: every core)")
+    ex.add_argument("--no-latency", dest="latency", action="store_false",
+                    help="skip the latency and throughput figures (about 4 s)")
     ex.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow tracking URI (default from mlflow.yaml)")
     ex.set_defaults(func=_cmd_export)
 

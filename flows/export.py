@@ -20,6 +20,7 @@ from typing import Any
 from fedhq_core.errors import ConfigError
 
 FORMATS = ("onnx",)
+WEIGHTS = ("auto", "int8")
 
 
 def resolve_source(source: str, registered_model: str, client: Any) -> tuple[str, str, str | None]:
@@ -74,6 +75,10 @@ def _test_split(config: dict[str, Any]):
 def cmd_export(args: argparse.Namespace) -> int:
     if args.format not in FORMATS:
         raise ConfigError(f"format: {args.format!r} is not supported (choose from {', '.join(FORMATS)})")
+    if args.weights not in WEIGHTS:
+        raise ConfigError(f"weights: {args.weights!r} is not a weight storage (choose from {', '.join(WEIGHTS)})")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"threads: must be at least 1, got {args.threads}")
     out = Path(args.out)
     if out.is_dir():
         raise ConfigError(f"out: {out} is a directory; name the .onnx file")
@@ -95,11 +100,25 @@ def cmd_export(args: argparse.Namespace) -> int:
         local = _download(model_uri, settings.tracking_uri, os.path.join(tmp, "model"))
         bundle = read_bundle(str(local / "artifacts" / "weights.safetensors"), str(local / "artifacts" / "meta.json"))
         summary = json.loads(_download(f"runs:/{run_id}/summary.json", settings.tracking_uri, tmp).read_text())
-    report = export_bundle(bundle, out, run_id)
+    report = export_bundle(bundle, out, run_id, weights=args.weights, measure_latency=args.latency,
+                           threads=args.threads)
     print(f"exported {model_uri} (run {run_id}) -> {out}: {report.onnx_bytes / 1e3:.1f} kB against "
-          f"{report.fp32_onnx_bytes / 1e3:.1f} kB in FP32 ({report.size_ratio:.3f}x); "
-          f"{report.quantized_layers} layers with integer weights, {report.quantized_inputs} quantized inputs; "
-          f"onnx.checker passed")
+          f"{report.fp32_onnx_bytes / 1e3:.1f} kB in FP32 ({report.size_ratio:.3f}x, weights in "
+          f"{report.weight_storage}, opset {report.opset}); {report.quantized_layers} layers with integer weights, "
+          f"{report.quantized_inputs} quantized inputs, {report.bn_folded} BatchNorms folded; onnx.checker passed")
+    if report.storage_note:
+        print(report.storage_note)
+    print(f"onnxruntime's optimized graph: {report.integer_ops} integer kernels for {report.quantized_layers} "
+          f"quantized layers, {report.float_compute_ops} float convolutions/products ("
+          + ", ".join(f"{k} {v}" for k, v in report.op_histogram.items()) + ")")
+    lat = report.latency
+    if lat:
+        ms, ips = lat["latency_ms"], lat["throughput_ips"]
+        print(f"onnxruntime {lat['onnxruntime']}, {lat['threads']} threads: batch 1 {ms['int']['b1']:.3f} ms against "
+              f"{ms['fp32']['b1']:.3f} ms in FP32 ({lat['speedup_b1']:.2f}x); batch 64 {ips['int']['b64']:,.0f} "
+              f"images/s against {ips['fp32']['b64']:,.0f} ({lat['speedup_b64']:.2f}x)")
+        if lat.get("speed_note"):
+            print(lat["speed_note"])
     result: dict[str, Any] = {"source": model_uri, "run_id": run_id, "model_version": version, **report.to_dict()}
     if args.check:
         test = _test_split(summary["config"])
@@ -111,7 +130,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         verdict = "met" if check["ok"] else "MISSED"
         print(f"onnxruntime on the run's test split ({check['n']} images): top-1 {check['onnxruntime_acc'] * 100:.2f}% "
               f"against the run's final_acc_q {check['run_final_acc_q'] * 100:.2f}% "
-              f"({check['acc_diff_points']:+.2f} points; target within 0.1); agreement with the pyfunc "
+              f"({check['acc_diff_points']:+.2f} points; target within {check['acc_rule']}); agreement with the pyfunc "
               f"{check['agreement'] * 100:.2f}% (target >= 99.5%): {verdict}; with onnxruntime's graph "
               f"optimizations off: {check['onnxruntime_acc_unoptimized'] * 100:.2f}%, agreement "
               f"{check['agreement_unoptimized'] * 100:.2f}%")
@@ -144,9 +163,12 @@ def register_onnx(client: Any, settings: Any, run_id: str, path: Path, pyfunc_ve
     check = result.get("check") or {}
     tags = {"pyfunc_version": pyfunc_version or "", "onnx_bytes": result["onnx_bytes"],
             "fp32_onnx_bytes": result["fp32_onnx_bytes"], "size_ratio": round(result["size_ratio"], 4),
+            "weight_storage": result["weight_storage"], "integer_ops": result["integer_ops"],
+            "quantized_layers": result["quantized_layers"],
             **{k: result["metadata"][k] for k in ("w_bits", "a_bits", "dataset", "model")}}
     if check:
         tags.update(onnxruntime_acc=round(check["onnxruntime_acc"], 5), agreement=round(check["agreement"], 5),
+                    acc_rule=check["acc_rule"],
                     check="met" if check["ok"] else "missed")
     tracker = Tracker(settings)
     return name, tracker.register(name, f"runs:/{run_id}/onnx-model", tags, run_id=run_id)

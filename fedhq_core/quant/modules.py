@@ -135,14 +135,23 @@ class _QuantMixin:
         self.aq = ActQuantizer(a_bits)
 
 
+    def _bias(self) -> torch.Tensor | None:
+        """The bias the forward adds: in deploy mode with a deployed input range, on the integer
+        accumulator's grid (:func:`bias_codes`), as an integer kernel adds it."""
+        if self.bias is None or self.qmode != "deploy" or not self.aq.ready:  # type: ignore[attr-defined]
+            return self.bias  # type: ignore[attr-defined]
+        codes, scale = bias_codes(self)
+        return codes.float() * scale
+
+
 class QConv2d(_QuantMixin, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return self._conv_forward(self.aq(x, self.qmode), self.wq(self.weight, self.qmode), self.bias)
+        return self._conv_forward(self.aq(x, self.qmode), self.wq(self.weight, self.qmode), self._bias())
 
 
 class QLinear(_QuantMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return F.linear(self.aq(x, self.qmode), self.wq(self.weight, self.qmode), self.bias)
+        return F.linear(self.aq(x, self.qmode), self.wq(self.weight, self.qmode), self._bias())
 
 
 QUANT_LAYERS = (QConv2d, QLinear)
@@ -281,6 +290,19 @@ def weight_codes(m: _QuantMixin) -> tuple[torch.Tensor, torch.Tensor]:
     step = m.wq.step.detach().abs().clamp_min(1e-8)
     w = m.weight.detach()  # type: ignore[attr-defined]
     return quantize(w, step.view(-1, *([1] * (w.dim() - 1))), 0.0, qmin, qmax).to(torch.int8), step
+
+
+def bias_codes(m: _QuantMixin, bias: torch.Tensor | None = None,
+               w_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A deployed layer's bias as int32 codes at the accumulator's per-channel scale
+    ``s_x * s_w``, the form an integer kernel (onnxruntime's QLinearConv/QGemm) adds: ``bias``
+    (default: the layer's own) rounded half to even, in float32. ``w_scale`` replaces the
+    layer's step (a BatchNorm folded into it scales the step)."""
+    s_x, _ = act_scale_zp(m.aq.lo, m.aq.hi, m.aq.bits)
+    step = m.wq.step.detach().abs().clamp_min(1e-8) if w_scale is None else w_scale
+    scale = s_x.float() * step.float()
+    b = (m.bias if bias is None else bias).detach().float()  # type: ignore[attr-defined]
+    return torch.round(b / scale).clamp(-2 ** 31, 2 ** 31 - 256).to(torch.int32), scale
 
 
 def integer_weights(model: nn.Module) -> dict[str, torch.Tensor]:

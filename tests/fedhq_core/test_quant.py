@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from fedhq_core.quant import (LSQWeight, STEActivation, act_qrange, act_scale_zp, dequantize, get_act_ranges,
+from fedhq_core.quant import (LSQWeight, STEActivation, act_qrange, act_scale_zp, bias_codes, dequantize, get_act_ranges,
                               integer_weights, mse_weight_scale, pack_update, prepare_deploy, prepare_model, quantize,
-                              set_mode, unpack_update, weight_qrange)
+                              quant_layers, set_mode, unpack_update, weight_qrange)
 from fedhq_core.quant.payload import pack_bits, unpack_bits
 
 
@@ -46,6 +46,15 @@ def test_qat_layer_forward_equals_deployed_layer_on_same_weights_and_ranges():
     net(x)
     ranges = get_act_ranges(net)
     prepare_deploy(net, ranges)
+    # deploy adds the bias on the integer accumulator's grid (s_x * s_w), as an integer kernel does:
+    # at most half a grid step from the float bias, and exactly codes * scale
+    for _, m in quant_layers(net):
+        codes, scale = bias_codes(m)
+        assert torch.equal(m._bias(), codes.float() * scale)
+        assert (m._bias() - m.bias).abs().le(scale / 2 + 1e-7).all() and not torch.equal(m._bias(), m.bias)
+    with torch.no_grad():                 # biases on their grid: QAT's forward and deploy's are one
+        for _, m in quant_layers(net):
+            m.bias.copy_(m._bias())
     deployed = net(x)
     set_mode(net, "qat")
     net.eval()  # no EMA update: same ranges

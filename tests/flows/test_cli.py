@@ -115,7 +115,7 @@ def test_yaml_errors_name_the_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_through_prefect_and_mlflow(tmp_path, monkeypatch):
+def test_run_through_prefect_and_mlflow(tmp_path, monkeypatch, capsys):
     from flows.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -186,7 +186,31 @@ def test_run_through_prefect_and_mlflow(tmp_path, monkeypatch):
     assert omv.run_id == res["run_id"] and omv.tags["pyfunc_version"] == str(mv.version)
     assert omv.tags["check"] == "met"
     onnx_model = mlflow.onnx.load_model(f"models:/fedhq-global-model-onnx/{rep['onnx_version']}")
-    assert {i.data_type for i in onnx_model.graph.initializer if "weight_int" in i.name} == {onnx.TensorProto.INT8}
+    # 4-bit codes as int4 (opset 21), the 8-bit edge layers as uint8 + 128; every layer on an integer kernel
+    assert rep["weight_storage"] == "int4" and rep["opset"] == 21 and rep["storage_note"] is None
+    assert {i.data_type for i in onnx_model.graph.initializer if i.name.endswith(".w_int")} == {onnx.TensorProto.INT4}
+    assert rep["integer_ops"] >= rep["quantized_layers"] == 4 and rep["float_compute_ops"] == 0
+    assert rep["op_histogram"]["QLinearConv"] == 2 and rep["op_histogram"]["QGemm"] == 2
+    assert check["acc_rule"].startswith("two images of 360")
+    lat = rep["latency_ms"]
+    assert set(lat) == {"fp32", "int"} and all(set(v) == {"b1", "b64"} for v in lat.values())
+    assert rep["throughput_ips"]["int"]["b64"] > 0 and rep["threads"] >= 1
+    assert omv.tags["weight_storage"] == "int4" and omv.tags["integer_ops"] == str(rep["integer_ops"])
     # a source that does not exist is one line, exit 2
+    capsys.readouterr()
     assert main(["export", "999", "--out", str(tmp_path / "x.onnx"), "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "999" in err[0] and "Traceback" not in err[0]
     assert main(["export", "not-a-source", "--out", str(tmp_path / "x.onnx"), "--tracking-uri", uri]) == 2
+    assert main(["export", "1", "--weights", "int2", "--out", str(tmp_path / "x.onnx"), "--tracking-uri", uri]) == 2
+    # a registered model with an operation ONNX has no mapping for: one line naming it, exit 2, no file
+    rc = main(["run", "--model", "tests.tasks.onnx_models:build", "--rounds", "1", "--clients", "2",
+               "--fraction", "1", "--local-epochs", "1", "--tracking-uri", uri, "--set", "profile_reps=1",
+               "--json", str(tmp_path / "sorts.json"), "--no-progress"])
+    assert rc == 0
+    sorts = client.get_latest_versions("fedhq-global-model")[0].version
+    capsys.readouterr()
+    assert main(["export", str(sorts), "--out", str(tmp_path / "sorts.onnx"), "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sort" in err[0] and "no ONNX mapping" in err[0]
+    assert not (tmp_path / "sorts.onnx").exists()
