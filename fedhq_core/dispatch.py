@@ -120,18 +120,31 @@ class Dispatch:
         return kept, rejected
 
 
+def _distributed_names(err: BaseException) -> set[str]:
+    """The names of ``err``'s classes that Dask's ``distributed`` defines (read from the classes'
+    modules, so ``fedhq_core`` needs no import of it)."""
+    return {c.__name__ for c in type(err).__mro__ if c.__module__.split(".")[0] == "distributed"}
+
+
 def worker_lost(err: BaseException) -> bool:
-    """True when a task failed because the worker process running it died (Dask gave up on it
-    after rescheduling it ``distributed.scheduler.allowed-failures`` times, or lost the
-    connection, or its inputs were scattered data that died with it: Dask cancels the task for
-    "lost dependencies" if it was submitted after, and as "already forgotten" if it was waiting
-    on them: the scheduler forgets the dependants of data it cannot recompute), not because the
-    client's code raised. The run never cancels a task itself, so neither reason has another cause."""
-    names = {type(e).__name__ for e in (err, err.__cause__, err.__context__) if e is not None}
-    text = str(err).lower()
-    cancelled = any(r in text for r in ("lost dependencies", "already forgotten"))
-    return bool(names & {"KilledWorker", "CommClosedError"}) or cancelled or (
-        "worker" in text and any(w in text for w in ("died", "lost", "killed", "closed")))
+    """True when a task failed because the worker process running it died, not because the
+    client's code raised: Dask gave up on it after rescheduling it
+    ``distributed.scheduler.allowed-failures`` times (``KilledWorker``), lost the connection
+    (``CommClosedError``), or cancelled it because its inputs were scattered data that died with
+    the worker (``FutureCancelledError``, reason "lost dependencies" if it was submitted after,
+    "already forgotten" if it was waiting on them: the scheduler forgets the dependants of data it
+    cannot recompute; the run never cancels a task itself, so neither reason has another cause).
+    Judged by the exception classes ``distributed`` defines, on ``err`` and what caused it, never
+    by message text: a client's own error that mentions a worker is ``raised``."""
+    for e in (err, err.__cause__, err.__context__):
+        if e is None:
+            continue
+        names = _distributed_names(e)
+        if names & {"KilledWorker", "CommClosedError"}:
+            return True
+        if "FutureCancelledError" in names and getattr(e, "reason", None) in ("lost dependencies", "already forgotten"):
+            return True
+    return False
 
 
 def collect(futures: list[tuple[list[ClientJob], Any]], timeout_s: float) -> list[Upload]:

@@ -21,7 +21,7 @@ from .hardware import DEVICES, Fleet, RooflineModel, SimulatedClock, TraceBook, 
 from .hardware.clock import ClientTime
 from .hardware.server_work import ServerPricing
 from .hardware.speed_model import load_profile
-from .quant.payload import packed_layout
+from .quant.payload import packed_layout, tensor_bits
 from .plugins import source_digest
 from .worker import ModelSpec
 
@@ -37,9 +37,9 @@ def _batches(n: int, b: int) -> list[int]:
 def upload_size(state: dict[str, torch.Tensor], bits: int) -> int:
     """Exact byte size of a payload of ``state``'s shape at ``bits`` (see quant.payload)."""
     total = 0
-    for v in state.values():
+    for k, v in state.items():
         if v.is_floating_point():
-            data, scales = packed_layout(tuple(v.shape), bits)
+            data, scales = packed_layout(tuple(v.shape), tensor_bits(k, bits))
             total += data + 4 * scales
     return total
 
@@ -130,8 +130,12 @@ class FleetPricing:
         assert self.server is not None, "profile() first"
         cfg = self.cfg
         n_qat = sum(bool(r.payload.weight_steps) for r in results)
-        bits = (32 if cfg.strategy == "fp32" else int(min(8, max(2, round(cfg.fedfq_avg_bits))))
-                if cfg.strategy == "fedfq" else cfg.upload_bits)
+        if cfg.strategy == "fp32":          # fp32 clients upload 32-bit updates (dispatch.client_spec)
+            bits = 32
+        elif cfg.strategy == "fedfq":       # priced at the average of its per-client bits
+            bits = int(min(8, max(2, round(cfg.fedfq_avg_bits))))
+        else:
+            bits = cfg.upload_bits
         blend = self.server.mse_s() if 0 < n_qat < len(results) else 0.0   # server.blend_steps
         return blend + self.server.aggregate_s(len(results) - n_qat, n_qat, bits,
                                                sum(r.upload_bytes for r in results), cfg.aggregation, norm_checks)

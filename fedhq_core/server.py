@@ -70,14 +70,17 @@ def aggregate(global_state: dict[str, torch.Tensor], global_ranges: dict[str, tu
     return nonnegative_variances(master), average_ranges(results, global_ranges), average_steps(results)
 
 
+VAR_FLOOR = 1e-5   # BatchNorm's default eps: a variance never ends below it
+
+
 def nonnegative_variances(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """BatchNorm running variances (``*running_var``) clamped at 0, in place. They are >= 0 by
-    definition, but an average of stochastically rounded deltas can push a small one below zero,
-    and every later forward pass through that layer is then NaN (seen on ResNet-18 after two
-    rounds at 8-bit uploads)."""
+    """BatchNorm running variances (``*running_var``) clamped at ``VAR_FLOOR``, in place. They
+    travel at full precision (``payload.tensor_bits``), so an average of them is one; the floor
+    guards what a robust rule or a float rounding could still leave: a variance clamped at
+    exactly 0 would scale its channel by 1/sqrt(eps), ~316 at eps 1e-5."""
     for k, v in state.items():
         if k.endswith("running_var"):
-            v.clamp_(min=0.0)
+            v.clamp_(min=VAR_FLOOR)
     return state
 
 

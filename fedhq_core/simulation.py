@@ -64,7 +64,9 @@ def split_clients(cfg: ExperimentConfig, ds: Dataset) -> tuple[Split, np.ndarray
                         classes_per_client=cfg.classes_per_client, min_size=cfg.min_shard_size)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    key = data_key(cfg)
+    # the key ``ds`` was loaded with, not the run's: a benchmark loads its data once, with the
+    # base seed, for every seed's runs, and a worker must reload that same split
+    key = ds.source if ds.source is not None else data_key(cfg)
     return server_calib, labels, [ShardRef(key, pool[np.asarray(i, dtype=np.int64)], ds.train) for i in idx]
 
 

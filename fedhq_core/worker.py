@@ -130,9 +130,11 @@ class DataKey:
     def load(self):
         from .data import load_dataset
 
-        return load_dataset(self.dataset, self.data_dir, download=self.download, seed=self.seed,
-                            test_fraction=self.test_fraction, max_train=self.max_train, max_test=self.max_test,
-                            cache_dir=self.cache_dir)
+        ds = load_dataset(self.dataset, self.data_dir, download=self.download, seed=self.seed,
+                          test_fraction=self.test_fraction, max_train=self.max_train, max_test=self.max_test,
+                          cache_dir=self.cache_dir)
+        ds.source = self
+        return ds
 
 
 _TRAIN: dict[DataKey, Any] = {}

@@ -17,14 +17,13 @@ configure_prefect_env()
 
 import torch  # noqa: E402
 from prefect import flow  # noqa: E402
-from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from fedhq_core.config import ExperimentConfig, from_mapping  # noqa: E402
 from fedhq_core.metrics import accuracy_at, mean_std, speedup, time_to_accuracy  # noqa: E402
 from fedhq_core.simulation import Simulation, cpu_model, load_data  # noqa: E402
 from tasks import training as T  # noqa: E402
 
-from flows.runners import set_torch_threads  # noqa: E402
+from flows.runners import set_torch_threads, task_runner_for  # noqa: E402
 from flows.significance import obtain_significance  # noqa: E402
 from flows.train import execute_run  # noqa: E402
 from tasks.run_tracking import tracker_for  # noqa: E402
@@ -237,8 +236,10 @@ def publish_bench(out: dict[str, Any], dataset: str, state_dir: str, seeds: list
 
 def run_bench(cfg: ExperimentConfig, strategies: list[str], seeds: list[int], target: float | None,
               progress: bool = False) -> dict[str, Any]:
-    workers = set_torch_threads(cfg)
-    f = bench_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))
+    set_torch_threads(cfg)
+    # the runner the config asks for, as `fedhq run` uses it: threads, or Dask (--dask-local N,
+    # --dask-address) where each client trains on a worker that reloads the split from its key
+    f = bench_flow.with_options(task_runner=task_runner_for(cfg))
     return f(cfg.public_dict(), strategies, seeds, target, progress)
 
 

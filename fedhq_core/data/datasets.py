@@ -14,8 +14,9 @@ import hashlib
 import os
 import pickle
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,6 +49,9 @@ class Dataset:
     mean: tuple[float, ...] = ()      # per channel: what a deployed model's inputs are standardised with
     std: tuple[float, ...] = ()
     classes: tuple[str, ...] = ()     # class names by label
+    # the key it was loaded with (``worker.DataKey``): what a Dask worker reloads the train split
+    # from, so a client's shard indices point at the same images there
+    source: Any = field(default=None, compare=False, repr=False)
 
     @property
     def in_shape(self) -> tuple[int, int, int]:

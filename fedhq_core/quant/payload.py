@@ -151,14 +151,26 @@ _SHIFTS8 = torch.arange(7, -1, -1, dtype=torch.uint8)
 _PLANE_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.float32)
 
 
+FULL_PRECISION = ("running_mean", "running_var")   # BatchNorm statistics: a few floats a channel
+
+
+def tensor_bits(name: str, bits: int) -> int:
+    """The bits a state tensor travels at: ``bits``, but BatchNorm statistics at 32. A variance
+    sent as a stochastically rounded 8-bit delta can average below zero (seen on ResNet-18), and a
+    clamp to 0 then scales that channel by 1/sqrt(eps); at full precision an average of
+    variances stays one. They are two values a channel, next to the channel's weights."""
+    return 32 if name.endswith(FULL_PRECISION) else bits
+
+
 def pack_update(local: dict[str, torch.Tensor], global_: dict[str, torch.Tensor], bits: int | dict[str, int],
                 gen: torch.Generator | None = None, act_ranges: dict[str, tuple[float, float]] | None = None,
                 n_samples: int = 0, weight_steps: dict[str, torch.Tensor] | None = None) -> Payload:
-    """Quantize ``local - global`` for every floating tensor. ``bits`` may be per tensor (fedfq)."""
+    """Quantize ``local - global`` for every floating tensor (at :func:`tensor_bits`). ``bits`` may
+    be per tensor (fedfq)."""
     deltas: dict[int, dict[str, torch.Tensor]] = {}   # by upload bits (per tensor under fedfq)
     for k, v in local.items():
         if v.is_floating_point():
-            b = bits[k] if isinstance(bits, dict) else bits
+            b = tensor_bits(k, bits[k] if isinstance(bits, dict) else bits)
             deltas.setdefault(b, {})[k] = v.detach().cpu() - global_[k].detach().cpu()
     packed = {k: p for b, group in deltas.items() for k, p in quantize_tensors(group, b, gen).items()}
     tensors = {k: packed[k] for k in local if k in packed}

@@ -133,3 +133,21 @@ def test_original_svhn_format(tmp_path):
     ds = load_dataset("svhn", str(tmp_path))
     assert ds.train.x.shape == (9, 3, 32, 32) and len(ds.test) == 5
     assert int(ds.train.y.max()) <= 9 and int(ds.train.y.min()) >= 0
+
+
+def test_shards_point_a_worker_at_the_images_the_run_trains_on():
+    """A benchmark loads its data once (the base seed) and runs every seed on it: each shard's key
+    is the key that data was loaded with, so a Dask worker that reloads the split from the key
+    reads the same images as the run's own process (the digits split depends on the seed: with
+    the run's seed in the key, a worker read other images)."""
+    from fedhq_core.config import ExperimentConfig
+    from fedhq_core.simulation import Simulation, load_data
+
+    base = ExperimentConfig(clients=6, tracking=False)
+    ds = load_data(base)                                   # seed 0's split
+    sim = Simulation(base.replace(seed=1), dataset=ds)    # a later seed of the same bench
+    reloaded = sim.shards[0].key.load().train             # what a worker reads
+    for ref in sim.shards:
+        assert torch.equal(reloaded.x[ref.idx], ds.train.x[ref.idx])
+        assert torch.equal(reloaded.y[ref.idx], ds.train.y[ref.idx])
+    assert not torch.equal(load_data(base.replace(seed=1)).train.x, ds.train.x)   # seeds split differently

@@ -20,7 +20,11 @@ def test_custom_model_run_quantizes_prices_and_trains(tiny_cfg):
     assert [n for n, _ in layers] == ["stem", "block.conv1", "block.conv2", "head"]
     assert [m.wq.bits for _, m in layers] == [8, 4, 4, 8]           # the first/last-layer rule
     summary = sim.summary()
-    assert summary["total_sim_s"] > 0 and 0.0 <= summary["final_acc_q"] <= 1.0
+    rounds = summary["rounds"]
+    # it trained: the clients' loss falls and the deployed network ends above chance (3 standard
+    # errors of a chance classifier on 360 images; 0.17 here after 2 rounds of a small ResNet)
+    assert summary["total_sim_s"] > 0 and rounds[-1]["train_loss"] < rounds[0]["train_loss"]
+    assert summary["final_acc_q"] > 0.1 + 3 * (0.09 / 360) ** 0.5
     # the trace-based clock priced the custom network: its QAT step costs more than its FP32 step
     book = sim.pricing.trace_book()
     qat, fp32 = book.get("qat", 32).totals(), book.get("fp32", 32).totals()

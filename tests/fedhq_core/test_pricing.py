@@ -32,9 +32,15 @@ def test_server_work_is_priced_from_its_trace(tiny_cfg):
     sim.profile()
     srv, book = sim.pricing.server, sim.pricing.trace_book()
     d = srv.device
-    header = lambda n, b: srv.host_s(HostOps(n * (2 + 5 * srv.n_tensors + srv.n_layers), b))  # noqa: E731
-    assert srv.aggregate_s(2, 0, 8, 100) == pytest.approx(price_trace(book.get("s_agg2", 8), d) + header(2, 100))
-    assert srv.aggregate_s(1, 1, 8, 100) == pytest.approx(price_trace(book.get("s_aggq", 8), d) + header(2, 100))
+    two = price_trace(book.get("s_agg2", 8), d)       # the traced aggregation of two uploads
+    host = srv.aggregate_s(2, 0, 8, 0) - two          # what is left is the host's header checks
+    assert host > 0 and host < two
+    # the same two uploads with steps to average (a QAT upload) cost its traced function instead
+    assert srv.aggregate_s(1, 1, 8, 0) - srv.aggregate_s(2, 0, 8, 0) == pytest.approx(
+        price_trace(book.get("s_aggq", 8), d) - two)
+    # checking 100 more bytes costs 100 elements at the host's price, whatever the count
+    assert srv.aggregate_s(2, 0, 8, 1100) - srv.aggregate_s(2, 0, 8, 1000) == pytest.approx(
+        srv.host_s(HostOps(0, 1100)) - srv.host_s(HostOps(0, 1000)))
     per_upload = srv.aggregate_s(3, 0, 8, 0) - srv.aggregate_s(2, 0, 8, 0)
     assert per_upload > 0 and srv.aggregate_s(6, 0, 8, 0) == pytest.approx(srv.aggregate_s(2, 0, 8, 0) + 4 * per_upload)
     assert "dequantize" not in " ".join(book.get("s_agg1", 8).names)   # aten ops, the decoding's included
@@ -95,3 +101,21 @@ def test_predicted_work_is_what_clients_report(tiny_cfg):
     r = train_here(loud, 0, 1, "ptq")
     assert not loud.server_measures_sensitivity and r.quant_loss is not None and r.work == loud.pricing.expected_work(1, "ptq")
     assert r.work["calib"] == r.work["fwd"] and len(r.work["calib"]) == 1 and r.work["calib"][0] <= len(sim.shards[1])
+
+
+@pytest.mark.parametrize("strategy, bits", [("fp32", 32), ("all-ptq", 8), ("fedfq", 4)])
+def test_aggregation_is_priced_at_the_bits_the_strategy_uploads(tiny_cfg, strategy, bits):
+    """fp32 clients upload 32-bit updates (client.py), fedfq its average bits, the others
+    ``upload_bits``: the server's decoding is priced at those. (A review read the nested
+    conditional as ``(32 if fp32 else f) if fedfq else u``; Python reads it as ``32 if fp32 else
+    (f if fedfq else u)``, which this pins; it is now an if/elif.)"""
+    from types import SimpleNamespace
+
+    sim = Simulation(tiny_cfg.replace(strategy=strategy, fedfq_avg_bits=4.0))
+    sim.profile()
+    seen: list[int] = []
+    real = sim.pricing.server.aggregate_s
+    sim.pricing.server.aggregate_s = lambda n_plain, n_qat, b, *a: seen.append(b) or real(n_plain, n_qat, b, *a)
+    results = [SimpleNamespace(payload=SimpleNamespace(weight_steps={}), upload_bytes=100)] * 2
+    priced = sim.pricing.aggregation_s(results)
+    assert seen == [bits] and priced == pytest.approx(real(2, 0, bits, 200, tiny_cfg.aggregation, 0))

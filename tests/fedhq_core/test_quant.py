@@ -133,3 +133,44 @@ def test_batched_mse_search_equals_a_sequential_scan():
                 better = err < best_err
                 best_err, best = torch.where(better, err, best_err), torch.where(better, s[:, 0], best)
         torch.testing.assert_close(mse_weight_scale(w, bits), best)
+
+
+def test_batchnorm_statistics_travel_at_full_precision():
+    """BatchNorm means and variances go at 32 bits (``tensor_bits``), the weights at the upload
+    bits (even where fedfq gives per-tensor bits): a variance comes back to float32's rounding, so
+    an average of uploads stays a variance; the priced upload size counts them at 32 bits too."""
+    from fedhq_core.pricing import upload_size
+    from fedhq_core.quant import tensor_bits
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    glob = {k: v.clone() for k, v in net.state_dict().items()}
+    local = {k: v.clone() for k, v in glob.items()}
+    local["0.weight"] += 0.01 * torch.randn_like(local["0.weight"])
+    local["1.running_var"] = torch.rand(8) * 1e-3          # small variances, far below the weights' scale
+    local["1.running_mean"] = torch.randn(8)
+    p = pack_update(local, glob, 8, torch.Generator().manual_seed(0))
+    assert p.tensors["0.weight"].bits == 8 and p.tensors["1.running_var"].bits == 32
+    assert tensor_bits("layer1.0.bn1.running_mean", 4) == 32 and tensor_bits("fc.weight", 4) == 4
+    back = unpack_update(p)        # a float32 delta: exact to float32's rounding around the global value
+    assert torch.allclose(glob["1.running_var"] + back["1.running_var"], local["1.running_var"], rtol=0, atol=1e-7)
+    at8 = unpack_update(pack_update(local, glob, {k: 8 for k in local}, torch.Generator().manual_seed(0)))
+    assert p.tensors["1.running_var"].bits == 32 and torch.equal(at8["1.running_var"], back["1.running_var"])
+    assert upload_size(glob, 8) == sum(t.nbytes for t in p.tensors.values())
+
+
+def test_resnet18_aggregates_batchnorm_variances_as_variances(tiny_cfg):
+    """Two rounds of ResNet-18 (20 BatchNorms): every averaged running variance is at least the
+    floor and none was clamped (at full precision an average of variances is one), and the
+    deployed model's outputs are finite. Before, 8-bit stochastically rounded deltas averaged one
+    below zero here, the clamp at 0 scaled its channel by ~316 (1/sqrt(eps))."""
+    from fedhq_core import run
+    from fedhq_core.server import VAR_FLOOR
+
+    sim = run(tiny_cfg.replace(model="resnet18", rounds=2, strategy="all-ptq", max_train_samples=240))
+    variances = {k: v for k, v in sim.server.global_state.items() if k.endswith("running_var")}
+    assert len(variances) == 20
+    assert all(torch.isfinite(v).all() and (v > VAR_FLOOR).all() for v in variances.values())
+    with torch.no_grad():
+        out = sim.server.eval_model(sim.server.test.x[:64])
+    assert torch.isfinite(out).all()

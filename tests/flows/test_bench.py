@@ -1,4 +1,6 @@
-"""`fedhq bench` end to end on a tiny digits config: the JSON schema (outcomes are not asserted)."""
+"""`fedhq bench` end to end on a tiny digits config: the JSON schema, and the outcomes that hold
+whatever the host (simulated times are deterministic): QAT costs all-qat more simulated time than
+PTQ costs all-ptq, QAT shares are what each strategy assigns, the verdicts agree with their figures."""
 from __future__ import annotations
 
 import json
@@ -32,7 +34,8 @@ def test_bench_writes_the_documented_schema(tmp_path, monkeypatch):
     # fedhq refits the shipped digits family (it covers 10 clients): charged to its runs; no
     # pilot; the family's one-off build is reported beside it; the pure strategies fit nothing
     fedhq = res["strategies"]["fedhq"]
-    assert fedhq["fit_source"] == "family" and 0 < fedhq["fit_sim_s"] < 0.01 and fedhq["fit_wall_s"] > 0
+    # (no upper bound on the refit's price: what a host fit costs is priced, not pinned here)
+    assert fedhq["fit_source"] == "family" and fedhq["fit_sim_s"] > 0 and fedhq["fit_wall_s"] > 0
     assert fedhq["family_build_sim_s"] > 10 * fedhq["fit_sim_s"] and fedhq["family_settings"] >= 2
     assert fedhq["charged_total_sim_s"] == pytest.approx(fedhq["total_sim_s"] + fedhq["fit_sim_s"])
     # (the curve is the first seed's)
@@ -43,6 +46,18 @@ def test_bench_writes_the_documented_schema(tmp_path, monkeypatch):
     assert res["dominance"]["sim_vs_all_ptq"] == pytest.approx(
         fedhq["charged_total_sim_s"] / res["strategies"]["all-ptq"]["charged_total_sim_s"], rel=0.05)
     assert set(res["speedup_tta_vs"]) == {"all-qat", "all-ptq"}
+    # outcomes, per seed: same clients and shards, so QAT's slower steps cost all-qat more time
+    for seed in ("0", "1"):
+        runs = res["per_seed"][seed]
+        assert runs["all-qat"]["total_sim_s"] > 1.2 * runs["all-ptq"]["total_sim_s"]
+        assert runs["all-qat"]["qat_share"] == 1.0 and runs["all-ptq"]["qat_share"] == 0.0
+        assert 0.0 <= runs["fedhq"]["qat_share"] <= 1.0
+        chance = 0.1 + 3 * (0.1 * 0.9 / 360) ** 0.5        # 3 standard errors above chance on 360 images
+        for name in ("fedhq", "all-qat", "all-ptq"):
+            assert runs[name]["tail_acc_q"] > chance
+    dom = res["dominance"]
+    assert dom["met"]["sim_vs_all_ptq"] == (dom["sim_vs_all_ptq"] <= 1.10)
+    assert dom["met"]["acc_vs_best"] == (dom["acc_vs_best"] >= -0.01)
     assert {"cpu", "cores", "torch", "device"} <= set(res["host"])
     for png in res["plots"].values():
         assert png.endswith(".png")

@@ -38,7 +38,7 @@ def test_dask_local_cluster_equals_thread_runner(tiny_cfg, monkeypatch, kill_aft
             pid = sorted(FlowRunContext.get().task_runner.client.run(os.getpid).values())[0]
 
             def later():
-                time.sleep(0.3)              # its first task is running
+                time.sleep(kill_after_s)     # 0.0: while the inputs scatter; 0.3: its first task runs
                 psutil.Process(pid).kill()
                 killed.append(pid)
             threading.Thread(target=later, daemon=True).start()
@@ -56,6 +56,10 @@ def test_dask_local_cluster_equals_thread_runner(tiny_cfg, monkeypatch, kill_aft
     a, _ = read_state(threads["checkpoint"])
     b, _ = read_state(on_dask["checkpoint"])
     assert a.keys() == b.keys()
+    # rounds 0 and 1 trained before the kill: the same clients, strategies and accuracies, always
+    for t, d in zip(threads["rounds"][:2], on_dask["rounds"][:2]):
+        assert t["strategies"] == d["strategies"] and not d["rejected"]
+        assert d["acc_q"] == pytest.approx(t["acc_q"], abs=1e-6) and d["acc_fp32"] == pytest.approx(t["acc_fp32"], abs=1e-6)
     if on_dask["rejected"]["total"] == 0:          # Dask ran the killed worker's clients again
         for k in a:
             if k.startswith("global/"):
@@ -82,3 +86,28 @@ def test_worker_device_spreads_local_workers_over_gpus(monkeypatch):
     assert [str(worker_device("auto", s)) for s in (0, 1, 2, None)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:0"]
     assert str(worker_device("cpu", 1)) == "cpu"
 
+
+
+@pytest.mark.slow
+def test_bench_on_dask_equals_the_thread_runner_per_seed(tmp_path, monkeypatch):
+    """`fedhq bench --dask-local 1` over two seeds: each seed's accuracies equal the thread
+    runner's. The bench loads its data once (the base seed); a worker reloads the train split
+    from the shards' key, which is the key that data was loaded with (with the run's seed in it,
+    seed 1's worker trained on another split, its test images included: 0.706 against 0.375).
+    Like with like: one client at a time with the same intra-op threads (torch's thread count
+    changes float sums; at 1 thread against 2, seed 0 ended 2 images apart)."""
+    import json
+
+    from flows.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    out = {}
+    for name, extra in (("threads", []), ("dask", ["--dask-local", "1"])):
+        out[name] = tmp_path / f"{name}.json"
+        assert main(["bench", "--rounds", "2", "--clients", "8", "--local-epochs", "1", "--no-progress",
+                     "--strategies", "fedhq", "--seeds", "0,1", "--no-tracking", "--set", "profile_reps=1",
+                     "--set", "max_concurrency=1", "--json", str(out[name]), *extra]) == 0
+    threads, dask = (json.loads(out[n].read_text())["per_seed"] for n in ("threads", "dask"))
+    for seed in ("0", "1"):
+        for metric in ("final_acc_q", "tail_acc_q", "final_acc_fp32", "total_sim_s"):
+            assert dask[seed]["fedhq"][metric] == threads[seed]["fedhq"][metric], (seed, metric)

@@ -49,7 +49,10 @@ def test_registry_family_covers_by_grid_ranges(tmp_path, monkeypatch):
     assert _Client(tracker.settings.tracking_uri).get_model_version(name, "2").tags["runs_reused"] == before
     # the registry's miss falls back to the shipped family, or says why there is none
     fam, why = find_family(base.replace(dataset="digits", w_bits=8, a_bits=8), (None, "registry: none"))
-    assert "registry: none" in why or fam is not None
+    assert fam is not None and len(fam.settings) == 16 and why.startswith("the shipped digits/cnn family")
+    fam, why = find_family(base.replace(dataset="digits", clients=500), (None, "registry: none"))
+    assert fam is None and why == ("registry: none; the shipped digits/cnn family: clients=500 lies outside "
+                                   "the family's range 10..30")
     # stored as data: the version holds state.json and no pickle; a newer version that is not
     # data (a pickled model with the family tag) is passed over, never loaded
     import os

@@ -127,7 +127,7 @@ def test_a_family_fitted_elsewhere_drives_a_run_without_a_pilot(tiny_cfg, tmp_pa
         sig = choose_significance(sim)
     finally:
         P.train_here = orig
-    assert not trained and sim.fit.source == "family" and 0 < sim.fit.sim_s < 0.01 and sim.fit.build_settings == 2
+    assert not trained and sim.fit.source == "family" and sim.fit.sim_s > 0 and sim.fit.build_settings == 2
     # a checkpoint rebuilds the same model and keeps the R² figures it measured
     again = SignificanceModel.from_state(sig.to_state())
     X = np.asarray(sig.fit_data["X"])
