@@ -5,8 +5,8 @@ validated once, at the edge, by :func:`load_config`; every error names the offen
 and is raised as :class:`ConfigError`, which the CLI turns into a one-line message and exit
 code 2. Inner code trusts the object it is given.
 
-Every constant marked [design] in ``shared/docs/method.md`` is a field here, so a user who has
-the paper's exact values can set them.
+Every constant marked [design] (the project's own choices, listed in ``docs/design.md`` under
+"Design choices") is a field here, so a user who has the paper's exact values can set them.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ DATASETS = ("digits", "cifar10-folder", "image-folder", "cifar10", "cifar100", "
 MODELS = ("cnn", "resnet18")  # or package.module:factory (any nn.Module)
 PARTITIONS = ("iid", "dirichlet", "kclass")
 UPLOAD_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)  # 2..8: bit-packed integers; 16/32: float16/float32
-FAULT_KINDS = ("raise", "stall", "nan", "inf", "shape", "dtype", "size", "scale", "signflip")
+FAULT_KINDS = ("raise", "stall", "nan", "inf", "shape", "dtype", "size", "scale", "signflip", "ranges", "steps")
 AGGREGATIONS = ("fedavg", "trimmed-mean", "median")
 STRATEGIES = ("fp32", "all-ptq", "all-qat", "random-hybrid", "fedhq", "fedhq-coarse", "fedfq")
 
@@ -120,7 +120,11 @@ class ExperimentConfig:
     task_retry_delay_s: float = 0.0
     max_upload_factor: float = 2.0   # an upload over this x the FP32 model's size is rejected
     norm_bound: float = 3.0          # [design] an update whose L2 norm is over this x the round's median is rejected
-                                     # (reason "norm"; 0 = off; needs 3 or more uploads)
+                                     # (reason "norm"; 0 = off; needs 3 or more uploads); activation ranges, QAT steps
+                                     # and BatchNorm statistics beyond this x the round's median (or the server's last
+                                     # value) are left out of their aggregate
+    share_label_histograms: bool = True   # each client sends its label histogram once (priced), for SigAcc's shard
+                                          # features; false: the allocator reads only the sample counts uploads carry
     aggregation: str = "fedavg"      # fedavg | trimmed-mean | median (coordinate-wise, robust to poisoned updates)
     trim_fraction: float = 0.2       # [design] trimmed-mean: share of the uploads cut at each end, per coordinate
     fault_rate: float = 0.0          # fault injection: share of client tasks that misbehave
@@ -298,6 +302,8 @@ def _validate_execution(cfg: ExperimentConfig) -> None:
     _check(cfg.task_retry_delay_s >= 0, "task_retry_delay_s", "must be >= 0")
     _check(cfg.max_upload_factor >= 1, "max_upload_factor", "must be >= 1")
     _check(cfg.norm_bound == 0 or cfg.norm_bound >= 1, "norm_bound", "must be 0 (off) or >= 1")
+    _check(isinstance(cfg.share_label_histograms, bool), "share_label_histograms",
+           f"must be true or false, got {cfg.share_label_histograms!r}")
     _check(cfg.aggregation in AGGREGATIONS, "aggregation",
            f"unknown aggregation {cfg.aggregation!r} (choose from {', '.join(AGGREGATIONS)})")
     _check(0 <= cfg.trim_fraction < 0.5, "trim_fraction", "must be in [0, 0.5)")

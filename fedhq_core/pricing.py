@@ -34,6 +34,9 @@ def _batches(n: int, b: int) -> list[int]:
     return [b] * (n // b) + ([n % b] if n % b else [])
 
 
+HISTOGRAM_HEADER_BYTES = 64   # a label histogram's wire header (magic, client id, class count)
+
+
 def upload_size(state: dict[str, torch.Tensor], bits: int) -> int:
     """Exact byte size of a payload of ``state``'s shape at ``bits`` (see quant.payload)."""
     total = 0
@@ -119,14 +122,26 @@ class FleetPricing:
                 out[s].append(predict_compute(self.speed, dev, self.expected_work(c, s)) + upload)
         return {k: np.asarray(v) for k, v in out.items()}
 
+    def label_histograms_s(self, num_classes: int) -> tuple[float, int]:
+        """Every client sends its label histogram once (``num_classes`` int32 counts and a wire
+        header), all at once: the slowest uplink's time, then the server's counted host work
+        turning them into shard features. Returns (simulated seconds, bytes sent in all)."""
+        from .allocation.significance import histogram_ops
+
+        assert self.server is not None, "profile() first"
+        nbytes = 4 * num_classes + HISTOGRAM_HEADER_BYTES
+        send = max(nbytes * 8.0 / d.uplink_bps for d in self.fleet.devices)
+        return send + self.server.host_s(histogram_ops(len(self.fleet.devices), num_classes)), nbytes * len(self.fleet.devices)
+
     def client_times(self, rnd: int, results: list[ClientResult]) -> dict[int, ClientTime]:
         """What each client's reported work took on its simulated device this round."""
         assert self.clock is not None, "profile() first"
         return {r.cid: self.clock.client_time(rnd, r.cid, r.work, r.upload_bytes) for r in results}
 
-    def aggregation_s(self, results: list[ClientResult], norm_checks: int = 0) -> float:
+    def aggregation_s(self, results: list[ClientResult], norm_checks: int = 0, step_search: bool = False) -> float:
         """Priced seconds of decoding and aggregating ``results`` on the server's device, after
-        ``norm_checks`` update norms."""
+        ``norm_checks`` update norms; ``step_search``: QAT steps were bounded against the MSE steps
+        of the master, searched for it (``ServerState.step_reference``)."""
         assert self.server is not None, "profile() first"
         cfg = self.cfg
         n_qat = sum(bool(r.payload.weight_steps) for r in results)
@@ -137,5 +152,7 @@ class FleetPricing:
         else:
             bits = cfg.upload_bits
         blend = self.server.mse_s() if 0 < n_qat < len(results) else 0.0   # server.blend_steps
+        if step_search and n_qat:
+            blend += self.server.mse_s()
         return blend + self.server.aggregate_s(len(results) - n_qat, n_qat, bits,
                                                sum(r.upload_bytes for r in results), cfg.aggregation, norm_checks)

@@ -2,9 +2,12 @@
 activation ranges, and evaluation of the FP32 master and of the deployed quantized model.
 
 The deployed model is the master quantized at w_bits/a_bits: MSE-optimal per-channel weight
-scales computed from the master itself and the clients' averaged activation ranges, so the
-server needs no data. Only the fp32 baseline, whose clients send no ranges, is calibrated on a
-small server split (:func:`calibrate_on_server`).
+scales computed from the master itself (or the QAT clients' learned steps) and the clients'
+activation ranges, so deploying needs no data. The server does hold data: a proxy split of
+``server_calib_size`` training images (at most a tenth of the training set: 143 on digits, 256 on
+CIFAR-10's 10k), held out of every client's shard. The fp32 baseline, whose clients send no
+ranges, is calibrated on it (:func:`calibrate_on_server`), and fedhq's measurements (the gap,
+sensitivities, partial aggregates) are scored on it.
 """
 from __future__ import annotations
 
@@ -19,37 +22,94 @@ from .client import ClientResult
 from .phases import span
 from .quant import (get_act_ranges, get_weight_steps, init_weight_steps, load_model_state, prepare_deploy,
                     reset_act_ranges, set_mode, unpack_update)
+from .quant.payload import dequantize_tensor
 
 
-def fedavg(global_state: dict[str, torch.Tensor], results: Sequence[ClientResult]) -> dict[str, torch.Tensor]:
-    """Master += sum_m (|D_m| / sum |D|) * dequantized update_m (floating tensors only)."""
+STATS = ("running_mean", "running_var")   # BatchNorm statistics (uploaded at full precision)
+
+
+def bound_keep(sizes: torch.Tensor, bound: float, two_sided: bool, ref: float | None = None) -> torch.Tensor:
+    """Which of a round's values (one per upload, of one layer) to keep: those whose ``sizes``
+    lie within ``bound`` x a centre, and, ``two_sided``, at least the centre over ``bound``. The
+    centre is the round's median where there are three values or more and it agrees with
+    ``ref`` (the server's own value of the last round) within ``bound``; otherwise ``ref``: a
+    lone upload, or a round whose majority is poisoned, cannot move it. Everything is kept with
+    ``bound`` 0, or with neither a median nor a reference to go by. Torch ops throughout, so the
+    aggregation's trace prices it."""
+    keep_all = torch.ones(len(sizes), dtype=torch.bool)
+    med = sizes.median()
+    if bound <= 0:
+        return keep_all
+    centre = med if len(sizes) >= 3 and bool(med > 0) else None
+    if ref is not None and ref > 0 and (centre is None or not ref / bound <= float(centre) <= ref * bound):
+        centre = torch.tensor(ref, dtype=sizes.dtype)
+    if centre is None:
+        return keep_all
+    keep = sizes <= bound * centre
+    if two_sided:
+        keep &= sizes >= centre / bound
+    return keep
+
+
+def combine(values: torch.Tensor, weights: torch.Tensor, method: str, trim: float) -> torch.Tensor:
+    """One value from a stack (uploads first): the ``weights``-weighted mean (``fedavg``), or the
+    unweighted coordinate-wise ``median`` or ``trimmed-mean``."""
+    if method == "median":
+        return values.median(dim=0).values
+    if method == "trimmed-mean":
+        cut = int(trim * len(values))
+        return values.sort(dim=0).values[cut:len(values) - cut].mean(dim=0)
+    w = weights.to(values.dtype).view(-1, *([1] * (values.dim() - 1)))
+    return (w * values).sum(dim=0) / w.sum()
+
+
+def stats_keep(results: Sequence[ClientResult], bound: float) -> dict[str, set[int]]:
+    """For each BatchNorm statistic, the clients whose delta's norm is within ``bound`` x the
+    round's median (a poisoned mean or variance passes the update norm when the weights are
+    honest). Only these 32-bit tensors are decoded for it."""
+    keys = [k for k in (results[0].payload.tensors if results else {}) if k.endswith(STATS)]
+    out = {}
+    for k in keys:
+        norms = torch.stack([dequantize_tensor(r.payload.tensors[k]).double().norm() for r in results])
+        keep = bound_keep(norms, bound, two_sided=False)
+        out[k] = {r.cid for r, kept in zip(results, keep.tolist()) if kept}
+    return out
+
+
+def fedavg(global_state: dict[str, torch.Tensor], results: Sequence[ClientResult],
+           bound: float = 0.0) -> dict[str, torch.Tensor]:
+    """Master += sum_m (|D_m| / sum |D|) * dequantized update_m (floating tensors only); a
+    BatchNorm statistic averages only the uploads within ``bound`` (:func:`stats_keep`)."""
     if not results:
         return global_state
+    keep = stats_keep(results, bound)
     total = float(sum(r.n_samples for r in results))
+    kept_total = {k: float(sum(r.n_samples for r in results if r.cid in cids)) for k, cids in keep.items()}
     new = {k: v.clone() for k, v in global_state.items()}
     for r in sorted(results, key=lambda r: r.cid):  # fixed order: same sums on any runner
-        w = r.n_samples / total
         for k, delta in unpack_update(r.payload).items():
+            if k in keep and r.cid not in keep[k]:
+                continue
+            w = r.n_samples / (kept_total[k] if k in keep else total)
             new[k].add_(delta.to(new[k].device, new[k].dtype), alpha=w)
     return new
 
 
 def robust_average(global_state: dict[str, torch.Tensor], results: Sequence[ClientResult], method: str,
-                   trim: float = 0.2) -> dict[str, torch.Tensor]:
+                   trim: float = 0.2, bound: float = 0.0) -> dict[str, torch.Tensor]:
     """Master += the coordinate-wise ``median`` or ``trimmed-mean`` (``trim`` of the uploads cut at
     each end of every coordinate) of the dequantized updates, unweighted: a poisoned update moves a
-    coordinate only as far as the honest ones around it allow (Yin et al., ICML 2018)."""
+    coordinate only as far as the honest ones around it allow (Yin et al., ICML 2018). A
+    BatchNorm statistic takes only the uploads within ``bound`` (:func:`stats_keep`)."""
     if not results:
         return global_state
-    deltas = [unpack_update(r.payload) for r in sorted(results, key=lambda r: r.cid)]
+    ordered = sorted(results, key=lambda r: r.cid)
+    keep = stats_keep(ordered, bound)
+    deltas = [unpack_update(r.payload) for r in ordered]
     new = {k: v.clone() for k, v in global_state.items()}
     for k in deltas[0]:
-        stack = torch.stack([d[k] for d in deltas])
-        if method == "median":
-            agg = stack.median(dim=0).values
-        else:
-            cut = int(trim * len(deltas))
-            agg = stack.sort(dim=0).values[cut:len(deltas) - cut].mean(dim=0)
+        rows = [d[k] for r, d in zip(ordered, deltas) if k not in keep or r.cid in keep[k]]
+        agg = combine(torch.stack(rows), torch.ones(len(rows)), method, trim)
         new[k].add_(agg.to(new[k].device, new[k].dtype))
     return new
 
@@ -60,14 +120,22 @@ def update_norm(result: ClientResult) -> float:
 
 
 def aggregate(global_state: dict[str, torch.Tensor], global_ranges: dict[str, tuple[float, float]] | None,
-              results: Sequence[ClientResult], method: str = "fedavg", trim: float = 0.2,
+              results: Sequence[ClientResult], method: str = "fedavg", trim: float = 0.2, bound: float = 0.0,
+              ref_steps: dict[str, torch.Tensor] | None = None,
               ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[float, float]] | None, dict[str, torch.Tensor] | None]:
     """One round of the server's aggregation: the master (FedAvg, or a robust ``method``), the
-    averaged activation ranges (kept when no client sent any) and the QAT clients' averaged weight
-    steps (None without QAT). The clock prices exactly this function from its trace
+    clients' activation ranges (kept when no client sent any) and the QAT clients' weight steps
+    (None without QAT). Everything a client uploads goes through the same rule: the weights, the
+    BatchNorm statistics, the ranges and the steps are each combined by ``method``, after the
+    values beyond ``bound`` (:func:`bound_keep`) are left out: BatchNorm statistics against the
+    round's median, ranges against the round's median and ``global_ranges``, steps against the
+    round's median and ``ref_steps`` (the steps the server deployed last); whole updates by their
+    norm in ``dispatch``. The clock prices exactly this function from its trace
     (``hardware.server_work``)."""
-    master = fedavg(global_state, results) if method == "fedavg" else robust_average(global_state, results, method, trim)
-    return nonnegative_variances(master), average_ranges(results, global_ranges), average_steps(results)
+    master = (fedavg(global_state, results, bound) if method == "fedavg"
+              else robust_average(global_state, results, method, trim, bound))
+    return (nonnegative_variances(master), average_ranges(results, global_ranges, method, trim, bound),
+            average_steps(results, method, trim, bound, ref_steps))
 
 
 VAR_FLOOR = 1e-5   # BatchNorm's default eps: a variance never ends below it
@@ -84,32 +152,55 @@ def nonnegative_variances(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return state
 
 
-def average_ranges(results: Iterable[ClientResult],
-                   previous: dict[str, tuple[float, float]] | None = None) -> dict[str, tuple[float, float]] | None:
-    """Sample-weighted mean of the uploaded activation ranges; keeps ``previous`` if none came."""
-    acc: dict[str, list[float]] = {}
+def average_ranges(results: Iterable[ClientResult], previous: dict[str, tuple[float, float]] | None = None,
+                   method: str = "fedavg", trim: float = 0.2, bound: float = 0.0,
+                   ) -> dict[str, tuple[float, float]] | None:
+    """The uploaded activation ranges, per layer: those whose width lies within ``bound`` of the
+    round's median and ``previous`` width (:func:`bound_keep`, either way: a range scaled up or
+    down breaks the deployed layer alike), combined by ``method`` (sample-weighted mean for
+    ``fedavg``); ``previous`` if none came, or (per layer) if none was kept."""
+    by_layer: dict[str, list[tuple[float, float, int]]] = {}
     for r in results:
         for k, (lo, hi) in r.payload.act_ranges.items():
-            a = acc.setdefault(k, [0.0, 0.0, 0.0])
-            a[0] += r.n_samples * lo
-            a[1] += r.n_samples * hi
-            a[2] += r.n_samples
-    if not acc:
+            by_layer.setdefault(k, []).append((lo, hi, r.n_samples))
+    if not by_layer:
         return previous
-    return {k: (lo / n, hi / n) for k, (lo, hi, n) in acc.items()}
-
-
-def average_steps(results: Iterable[ClientResult]) -> dict[str, torch.Tensor] | None:
-    """Sample-weighted mean of the QAT clients' learned weight steps (None when no QAT client)."""
-    acc: dict[str, torch.Tensor] = {}
-    n_tot = 0
-    for r in results:
-        if not r.payload.weight_steps:
+    out = {}
+    for k, rows in by_layer.items():
+        t = torch.tensor(rows, dtype=torch.float64)
+        ref = previous[k][1] - previous[k][0] if previous and k in previous else None
+        keep = bound_keep(t[:, 1] - t[:, 0], bound, True, ref)
+        if not bool(keep.any()) and previous and k in previous:
+            out[k] = previous[k]
             continue
-        n_tot += r.n_samples
-        for k, v in r.payload.weight_steps.items():
-            acc[k] = acc.get(k, 0) + r.n_samples * torch.from_numpy(v)
-    return {k: v / n_tot for k, v in acc.items()} if acc else None
+        keep = keep if bool(keep.any()) else torch.ones_like(keep)
+        lo, hi = combine(t[keep, :2], t[keep, 2], method, trim).tolist()
+        out[k] = (lo, hi)
+    return out
+
+
+def average_steps(results: Iterable[ClientResult], method: str = "fedavg", trim: float = 0.2,
+                  bound: float = 0.0, reference: dict[str, torch.Tensor] | None = None,
+                  ) -> dict[str, torch.Tensor] | None:
+    """The QAT clients' learned weight steps, per layer: those whose norm lies within ``bound`` of
+    the round's median and of ``reference`` (:func:`bound_keep`, either way), combined by
+    ``method`` (sample-weighted mean for ``fedavg``); the reference's where none was kept; None
+    when no client trained with QAT."""
+    qat = [r for r in results if r.payload.weight_steps]
+    if not qat:
+        return None
+    weights = torch.tensor([float(r.n_samples) for r in qat], dtype=torch.float64)
+    out = {}
+    for k in qat[0].payload.weight_steps:
+        stack = torch.stack([torch.from_numpy(r.payload.weight_steps[k]).double() for r in qat])
+        ref = float(reference[k].double().norm()) if reference and k in reference else None
+        keep = bound_keep(stack.flatten(1).norm(dim=1), bound, True, ref)
+        if not bool(keep.any()) and reference and k in reference:
+            out[k] = reference[k].detach().float().clone()
+            continue
+        keep = keep if bool(keep.any()) else torch.ones_like(keep)
+        out[k] = combine(stack[keep], weights[keep], method, trim).float()
+    return out
 
 
 def master_mse_steps(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -21,7 +21,8 @@ from .data import Split
 from .phases import span
 from .pricing import FleetPricing
 from .quant import integer_weights, load_model_state, model_state, prepare_deploy, set_mode
-from .server import aggregate, blend_steps, calibrate_on_server, evaluate_global, partial_gain, proxy_gap, upload_quant_loss
+from .server import (aggregate, blend_steps, calibrate_on_server, evaluate_global, master_mse_steps, partial_gain,
+                     proxy_gap, upload_quant_loss)
 
 
 @contextlib.contextmanager
@@ -41,9 +42,9 @@ class ServerState:
     how the master is formed (``server.aggregate``)."""
 
     def __init__(self, eval_model: nn.Module, proxy: Split, test: Split, pricing: FleetPricing, calibrates: bool,
-                 aggregation: str = "fedavg", trim: float = 0.2):
+                 aggregation: str = "fedavg", trim: float = 0.2, bound: float = 0.0):
         self.eval_model, self.proxy, self.test, self.pricing = eval_model, proxy, test, pricing
-        self.calibrates, self.aggregation, self.trim = calibrates, aggregation, trim
+        self.calibrates, self.aggregation, self.trim, self.bound = calibrates, aggregation, trim, bound
         self.global_state = {k: v.detach().clone() for k, v in model_state(eval_model).items()}
         self.global_ranges: dict[str, tuple[float, float]] | None = None
         self.global_steps: dict[str, torch.Tensor] | None = None
@@ -102,18 +103,28 @@ class ServerState:
             self.carried_s = self.measure_sensitivities(results)
         if measure_partial:
             self.carried_s += self.measure_partial(results, measure_partial)
+        step_search = self.bound > 0 and not self.global_steps    # step_reference searches MSE steps
         with span("aggregate"):
             self.aggregate_results(results)
         self.host_s = time.perf_counter() - t0
-        return self.pricing.aggregation_s(results, norm_checks)
+        return self.pricing.aggregation_s(results, norm_checks, step_search)
 
     def aggregate_results(self, results: list[ClientResult]) -> None:
         """FedAvg of the master, the clients' averaged ranges and deployed weight steps (the QAT
         clients' learned ones, blended in a hybrid round: ``server.blend_steps``)."""
         # QAT clients' learned weight steps (None in a round without QAT: MSE scales then)
-        self.global_state, self.global_ranges, learned = aggregate(self.global_state, self.global_ranges, results,
-                                                                   self.aggregation, self.trim)
+        self.global_state, self.global_ranges, learned = aggregate(
+            self.global_state, self.global_ranges, results, self.aggregation, self.trim, self.bound,
+            self.step_reference(results))
         self.global_steps = blend_steps(self.eval_model, self.global_state, learned, results)
+
+    def step_reference(self, results: list[ClientResult]) -> dict[str, torch.Tensor] | None:
+        """What the QAT uploads' steps are bounded against: the steps the server deployed last
+        (learned ones), or, before any QAT round, the MSE-optimal steps of the master the clients
+        started from (what a PTQ deployment of it uses; priced: ``FleetPricing.aggregation_s``)."""
+        if not self.bound or not any(r.payload.weight_steps for r in results):
+            return None
+        return self.global_steps or master_mse_steps(self.eval_model, self.global_state)
 
     # --- deployment and evaluation ------------------------------------------------------------
     def deploy_ranges(self) -> dict[str, tuple[float, float]]:

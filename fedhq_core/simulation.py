@@ -110,10 +110,13 @@ class Simulation:
                                     lambda: bool(self.server.global_steps), on_device)
         self.server = ServerState(self.new_model(), self.server_calib, ds.test, self.pricing,
                                   calibrates=cfg.strategy in ("fp32", "fedfq"), aggregation=cfg.aggregation,
-                                  trim=cfg.trim_fraction)
+                                  trim=cfg.trim_fraction, bound=cfg.norm_bound)
         self.dispatch = Dispatch(cfg, self.shards, self.server, self.model_spec, on_device)
         self.fit = FitInfo()         # what obtaining SigAcc cost this run (see allocation.pilot)
         self._shard_features: dict[int, np.ndarray] | None = None
+        self.label_hist_s: float | None = None    # the clients' label histograms: simulated seconds, once sent
+        self.label_hist_bytes = 0
+        self.seen_samples: dict[int, int] = {}    # the sample count each client's uploads carried
         self.records: list[RoundRecord] = []
         self.last_allocation_info: dict[str, Any] = {}
         self.rnd = 0
@@ -144,12 +147,21 @@ class Simulation:
         return self.pricing.predicted_times(cids)
 
     def shard_features(self) -> dict[int, np.ndarray]:
-        """SigAcc's shard features of every client (computed once)."""
-        from .allocation.significance import fleet_shard_features
+        """SigAcc's shard features of every client. With ``share_label_histograms`` each client
+        sends its label histogram once, the first time an allocator reads them (charged on the
+        clock then: ``FleetPricing.label_histograms_s``); without, they come from the sample
+        counts the uploads carried (``significance.measured_shard_features``)."""
+        from .allocation.significance import fleet_shard_features, measured_shard_features
 
+        if not self.cfg.share_label_histograms:
+            return measured_shard_features(self.seen_samples, self.n_clients, self.num_classes)
         if self._shard_features is None:
             self._shard_features = fleet_shard_features(self.global_labels, [s.y.numpy() for s in self.shards],
                                                         self.num_classes)
+        clock = self.pricing.clock
+        if self.label_hist_s is None and clock is not None:
+            self.label_hist_s, self.label_hist_bytes = self.pricing.label_histograms_s(self.num_classes)
+            clock.now_s += self.label_hist_s
         return self._shard_features
 
     @property
@@ -207,6 +219,7 @@ class Simulation:
 
     def aggregate(self, results: list[ClientResult]) -> float:
         """FedAvg into the master (``ServerState.aggregate``); the priced seconds after the uploads."""
+        self.seen_samples.update({r.cid: r.n_samples for r in results})
         more = self.rnd + 1 < self.cfg.rounds     # a measurement only a later round can use
         return self.server.aggregate(results, self.capabilities.reads_gap, self.server_measures_sensitivity and more,
                                      self.dispatch.norm_checks,
@@ -294,6 +307,8 @@ class Simulation:
                 "significance": sig.to_state() if sig is not None else None,
                 "upload_bytes_total": self.upload_bytes_total, "fit": dict(vars(self.fit)),
                 "norm_ref": self.dispatch.norm_ref,
+                "label_hist": {"sim_s": self.label_hist_s, "bytes": self.label_hist_bytes},
+                "seen_samples": {str(c): n for c, n in self.seen_samples.items()},
                 "wall_elapsed_s": time.perf_counter() - self.wall_start}
         return tensors, meta
 
@@ -315,6 +330,9 @@ class Simulation:
         self.upload_bytes_total = int(meta["upload_bytes_total"])
         self.fit = FitInfo(**meta["fit"]) if meta.get("fit") else self.fit
         self.dispatch.norm_ref = float(meta.get("norm_ref", 0.0))
+        hist = meta.get("label_hist") or {}
+        self.label_hist_s, self.label_hist_bytes = hist.get("sim_s"), int(hist.get("bytes", 0))
+        self.seen_samples = {int(c): int(n) for c, n in (meta.get("seen_samples") or {}).items()}
         self.wall_start = time.perf_counter() - float(meta["wall_elapsed_s"])
         torch.set_rng_state(tensors["rng/torch"])
 
@@ -345,6 +363,9 @@ class Simulation:
             **self.fit.to_dict(),
             "wall_s": time.perf_counter() - self.wall_start + self.fit.charged_wall_s,
             "upload_bytes": self.upload_bytes_total,
+            # what the clients' label histograms cost (on the clock: in total_sim_s), and what they sent
+            "label_hist_sim_s": self.label_hist_s or 0.0,
+            "label_hist_bytes": self.label_hist_bytes,
             **records_summary(self.records),
             "speed_model": speed.summary() if speed else None,
             "significance": self.significance_summary(),

@@ -232,6 +232,8 @@ def draw_fault(seed: int, rnd: int, cid: int, attempt: int, rate: float, kinds: 
 
 
 POISON_FACTORS = {"scale": 100.0, "signflip": -4.0}   # poisoned updates: the honest update times this
+POISON_SIDE = 1e6   # ``ranges`` / ``steps``: finite activation ranges / QAT weight steps times this
+CORRUPTIONS = ("nan", "inf", "shape", "dtype", "size", *POISON_FACTORS, "ranges", "steps")   # made on the wire
 
 
 def corrupt(wire: dict, kind: str) -> dict:
@@ -263,6 +265,10 @@ def corrupt(wire: dict, kind: str) -> dict:
                 wire["data"][t] = torch.frombuffer(bytearray(vals.numpy().tobytes()), dtype=torch.uint8)
             else:
                 wire["scale"][t] = wire["scale"][t] * factor
+    elif kind == "ranges":         # finite, well-formed, and a deployed layer quantized to noise
+        meta["act_ranges"] = {k: [lo * POISON_SIDE, hi * POISON_SIDE] for k, (lo, hi) in meta["act_ranges"].items()}
+    elif kind == "steps":          # a QAT client's learned steps (a PTQ client sends none to poison)
+        wire["steps"] = {k: v * POISON_SIDE for k, v in wire["steps"].items()}
     wire["meta"] = json.dumps(meta)
     return wire
 
@@ -281,7 +287,7 @@ def run_job(inputs: RoundInputs, job: ClientJob, device: torch.device) -> Upload
                                   job.spec, inputs.global_steps, warm)
         with span("pack (wire)", job.rnd):
             wire = to_wire(result)
-        if job.fault in ("nan", "inf", "shape", "dtype", "size", "scale", "signflip"):
+        if job.fault in CORRUPTIONS:
             wire = corrupt(wire, job.fault)
         with span("pack (wire)", job.rnd):
             data = save_wire(wire)

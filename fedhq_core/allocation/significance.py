@@ -1,6 +1,6 @@
 """Data-distribution-related accuracy analysis: SigAcc_m, the *signed* gain in deployed accuracy
 when client m trains with QAT instead of PTQ. It can be negative: QAT slows convergence, and
-where PTQ is nearly lossless that costs more than QAT wins back (method.md section 4).
+where PTQ is nearly lossless that costs more than QAT wins back (docs/design.md, the allocator).
 
 Features (:data:`FEATURES`), computed by :func:`client_features` the same way at fitting time
 (pilot runs, ``allocation.pilot``) and at run time (the allocator):
@@ -74,9 +74,30 @@ def shard_features(labels: np.ndarray, global_hist: np.ndarray) -> np.ndarray:
 
 def fleet_shard_features(global_labels: np.ndarray, shard_labels: list[np.ndarray],
                          num_classes: int) -> dict[int, np.ndarray]:
-    """:func:`shard_features` of every client (by id) against the pool's label distribution."""
+    """:func:`shard_features` of every client (by id) against the pool's label distribution: what
+    the server computes from the label histograms the clients send (``share_label_histograms``)."""
     hist = label_histogram(global_labels, num_classes)
     return {c: shard_features(labels, hist) for c, labels in enumerate(shard_labels)}
+
+
+def measured_shard_features(seen_samples: dict[int, int], n_clients: int, num_classes: int) -> dict[int, np.ndarray]:
+    """The shard features without label histograms: the sample count each upload carries (it
+    weights FedAvg, so the server has it anyway; the median of those seen for a client not yet
+    sampled), and the label composition taken as the pool's (entropy log C, divergence 0, every
+    class present): the SigAcc model then tells clients apart by size alone."""
+    sizes = list(seen_samples.values())
+    typical = float(np.median(sizes)) if sizes else 1.0
+    return {c: np.array([np.log(max(seen_samples.get(c, typical), 1)), np.log(num_classes), 0.0, float(num_classes)])
+            for c in range(n_clients)}
+
+
+def histogram_ops(n_clients: int, num_classes: int) -> Any:
+    """The server's counted work turning ``n_clients`` label histograms into shard features
+    (:func:`fleet_shard_features`: a normalisation, an entropy and a divergence a client, some
+    ten numpy calls over ``num_classes`` values each)."""
+    from ..hardware.server_work import HostOps
+
+    return HostOps(10 * n_clients, 10 * n_clients * num_classes)
 
 
 def client_features(shard: np.ndarray, progress: float, quant_gap: float, sensitivity: float | None,

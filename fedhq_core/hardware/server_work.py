@@ -112,11 +112,12 @@ def server_runner(model: nn.Module, kind: str, n: int, in_shape: tuple[int, ...]
 
         results = [upload(0, False)] + ([upload(1, False)] if kind == "s_agg2" else
                                         [upload(1, True)] if kind == "s_aggq" else [])
-        fn: Callable[[], object] = lambda: aggregate(state, None, results)  # noqa: E731
+        # with the default bound (the median checks run under three uploads too, only excluding nothing)
+        fn: Callable[[], object] = lambda: aggregate(state, None, results, bound=3.0)  # noqa: E731
         if kind in ROBUST_KINDS:
             method = "median" if "median" in kind else "trimmed-mean"
             results = [upload(i, False) for i in range(int(kind[-1]))]
-            fn = lambda: aggregate(state, None, results, method)  # noqa: E731
+            fn = lambda: aggregate(state, None, results, method, bound=3.0)  # noqa: E731
         elif kind == "s_norm":
             fn = lambda: update_norm(results[0])  # noqa: E731
         if kind == "s_sens":

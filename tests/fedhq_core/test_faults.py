@@ -233,3 +233,87 @@ def test_robust_aggregation_ignores_an_outlier_coordinate():
     assert float(avg[0]) > 10                                   # FedAvg follows the poisoned client
     assert torch.allclose(med, torch.tensor([1.0, 0.9, 1.0, 1.0]))
     assert torch.allclose(trim, torch.tensor([1.0333, 0.9, 0.9667, 0.9667]), atol=1e-3)
+
+
+def _poison_upload(cid: int, n: int, ranges: dict, steps: dict | None = None, local: dict | None = None, glob: dict | None = None):
+    from types import SimpleNamespace
+
+    from fedhq_core.quant import pack_update
+
+    glob = glob or {"bn.running_mean": torch.zeros(2)}
+    payload = pack_update(local or glob, glob, 8, torch.Generator().manual_seed(cid), ranges, n_samples=n,
+                          weight_steps=steps)
+    return SimpleNamespace(cid=cid, n_samples=n, payload=payload)
+
+
+@pytest.mark.parametrize("method", ["fedavg", "trimmed-mean", "median"])
+def test_a_poisoned_range_or_step_is_left_out_of_every_rule(method):
+    """Three honest uploads and one whose activation range and QAT steps are scaled by 1e6 (finite,
+    well formed): with the default bound the poisoned values are left out of the round's ranges
+    and steps under every rule; without it, FedAvg takes them (the deployed layer quantized to
+    noise)."""
+    import numpy as np
+
+    from fedhq_core.server import aggregate
+
+    honest = [(0.0, 1.0), (0.0, 1.2), (0.0, 0.8)]
+    ups = [_poison_upload(c, 10 * (c + 1), {"fc": r}, {"fc": torch.full((4,), 0.1 * (c + 1))})
+           for c, r in enumerate(honest)]
+    ups.append(_poison_upload(3, 40, {"fc": (0.0, 1e6)}, {"fc": torch.full((4,), 1e5)}))
+    state = {"bn.running_mean": torch.zeros(2)}
+    _, ranges, steps = aggregate(state, None, ups, method, bound=3.0)
+    lo, hi = ranges["fc"]
+    assert lo == 0.0 and 0.8 <= hi <= 1.2
+    assert float(steps["fc"].max()) <= 0.3 + 1e-6
+    if method == "fedavg":                                      # the honest uploads' sample-weighted mean
+        assert hi == pytest.approx((10 * 1.0 + 20 * 1.2 + 30 * 0.8) / 60)
+        assert steps["fc"][0].item() == pytest.approx((10 * 0.1 + 20 * 0.2 + 30 * 0.3) / 60)
+    _, ranges, steps = aggregate(state, None, ups, "fedavg", bound=0.0)   # undefended
+    assert ranges["fc"][1] > 1e5 and float(steps["fc"].max()) > 1e4
+
+
+def test_a_poisoned_batchnorm_statistic_is_left_out():
+    """A BatchNorm mean pushed far off by one client (its weights honest, so the update norm may
+    pass) is averaged without it; a scaled-down range counts as poisoned too (two-sided)."""
+    from fedhq_core.server import aggregate
+
+    glob = {"bn.running_mean": torch.zeros(3), "bn.running_var": torch.ones(3)}
+    ups = [_poison_upload(c, 10, {"fc": (0.0, 1.0)}, None, {"bn.running_mean": torch.full((3,), 0.1 * (c + 1)),
+                                                      "bn.running_var": torch.ones(3)}, glob) for c in range(3)]
+    ups.append(_poison_upload(3, 10, {"fc": (0.0, 1e-7)}, None, {"bn.running_mean": torch.full((3,), 1e4),
+                                                          "bn.running_var": torch.ones(3)}, glob))
+    for method in ("fedavg", "median"):
+        master, ranges, _ = aggregate(glob, None, ups, method, bound=3.0)
+        assert master["bn.running_mean"].abs().max() < 0.31 and ranges["fc"][1] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("kind", ["ranges", "steps"])
+def test_poisoned_ranges_and_steps_cost_little_at_defaults(tiny_cfg, kind):
+    """30% of the client tasks send activation ranges or QAT steps scaled by 1e6 (finite, so every
+    wire check passes): with the default settings the deployed accuracy stays within 3 points
+    of the clean run with the same seed."""
+    from fedhq_core import run
+
+    cfg = tiny_cfg.replace(strategy="all-qat", clients=10, fraction=0.6, rounds=4)
+    clean = run(cfg).summary()
+    faulty = run(cfg.replace(fault_rate=0.3, fault_kinds=[kind])).summary()
+    assert faulty["rejected"]["total"] == 0                 # nothing on the wire gives them away
+    assert faulty["final_acc_q"] >= clean["final_acc_q"] - 0.03, (clean["final_acc_q"], faulty["final_acc_q"])
+
+
+def test_a_lone_or_majority_poison_cannot_move_the_reference():
+    """One QAT upload in the round, poisoned: there is no median to speak of, so its steps are
+    judged against the steps the server deployed last (and the range against the last range):
+    left out, the reference stays. Three of five poisoned: the round's median is poisoned and
+    disagrees with the reference, so the reference is the centre and the honest two are kept."""
+    from fedhq_core.server import aggregate
+
+    state = {"bn.running_mean": torch.zeros(2)}
+    ref = {"fc": torch.full((4,), 0.1)}
+    lone = [_poison_upload(0, 10, {"fc": (0.0, 1e6)}, {"fc": torch.full((4,), 1e5)})]
+    _, ranges, steps = aggregate(state, {"fc": (0.0, 1.0)}, lone, bound=3.0, ref_steps=ref)
+    assert ranges["fc"] == (0.0, 1.0) and torch.equal(steps["fc"], ref["fc"])
+    honest = [_poison_upload(c, 10, {"fc": (0.0, 1.1)}, {"fc": torch.full((4,), 0.12)}) for c in range(2)]
+    bad = [_poison_upload(c, 10, {"fc": (0.0, 1e6)}, {"fc": torch.full((4,), 1e5)}) for c in range(2, 5)]
+    _, ranges, steps = aggregate(state, {"fc": (0.0, 1.0)}, honest + bad, bound=3.0, ref_steps=ref)
+    assert ranges["fc"][1] == pytest.approx(1.1) and steps["fc"][0].item() == pytest.approx(0.12)

@@ -57,21 +57,26 @@ def test_a_hybrid_round_blends_the_steps_and_measures_its_partial_aggregates(tin
     assert sim.server.carried_s == pytest.approx(sim.pricing.server.partial_s(1, 1, 8)) and sim.server.carried_s > 0
     assert all(torch.equal(sim.server.global_state[k], master[k]) for k in start)
     assert all(torch.allclose(sim.server.global_steps[k], blended[k]) for k in learned)
-    assert priced == pytest.approx(sim.pricing.aggregation_s([ptq, qat])) and priced > sim.pricing.aggregation_s([ptq])
+    assert priced > sim.pricing.aggregation_s([ptq])
+    # the first QAT round has no deployed steps: its steps are bounded against the master's MSE
+    # steps, searched for it and priced as one more MSE search
+    assert priced == pytest.approx(sim.pricing.aggregation_s([ptq, qat], 0, True))
+    assert priced - sim.pricing.aggregation_s([ptq, qat]) == pytest.approx(sim.pricing.server.mse_s())
 
 
 def test_aggregation_keeps_batchnorm_variances_nonnegative():
-    """A quantized update can take a small running variance below zero; the master never keeps it."""
+    """An update can take a small running variance below zero (a robust rule or a float rounding
+    can, even at full precision); the master floors it at eps, not at 0 (1/sqrt(eps) at 0)."""
     from types import SimpleNamespace
 
     import torch
 
     from fedhq_core.quant import pack_update
-    from fedhq_core.server import aggregate
+    from fedhq_core.server import VAR_FLOOR, aggregate
 
     state = {"bn.running_var": torch.tensor([1e-4, 2.0]), "bn.running_mean": torch.tensor([0.0, 0.0])}
     local = {"bn.running_var": torch.tensor([1e-4 - 0.5, 1.5]), "bn.running_mean": torch.tensor([-0.5, 0.5])}
     payload = pack_update(local, state, 32, torch.Generator().manual_seed(0))
     master, _, _ = aggregate(state, None, [SimpleNamespace(cid=0, n_samples=10, payload=payload)])
-    assert torch.equal(master["bn.running_var"], torch.tensor([0.0, 1.5]))
+    assert torch.equal(master["bn.running_var"], torch.tensor([VAR_FLOOR, 1.5])) and VAR_FLOOR == 1e-5
     assert torch.equal(master["bn.running_mean"], torch.tensor([-0.5, 0.5]))   # means may be negative

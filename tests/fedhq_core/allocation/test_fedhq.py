@@ -178,3 +178,41 @@ def test_significance_none_skips_the_fit(tiny_cfg):
     sim.profile()
     alloc = sim.allocator.allocate(0, [0, 1, 2], sim)
     assert alloc.info["scatter"]["a_hat"] == [0.5, 0.5, 0.5]  # no information either way
+
+
+def test_label_histograms_are_paid_for_once_by_whoever_reads_them(tiny_cfg):
+    """fedhq's SigAcc reads every client's label histogram: the clients send them once, before
+    the first allocation, and the clock charges the slowest uplink plus the server's host work
+    (round 0 ends that much later). A pure strategy reads none and pays nothing. A resumed run
+    does not pay again. With ``share_label_histograms: false`` nothing is sent: the shard features
+    come from the sample counts the uploads carried, the composition taken as the pool's."""
+    from fedhq_core.loop import run
+    from fedhq_core.simulation import Simulation
+
+    cfg = tiny_cfg.replace(strategy="fedhq", clients=10, rounds=2, batch_size=16)   # the shipped digits family covers it
+    sim = Simulation(cfg)
+    run(cfg, sim=sim)
+    s = sim.summary()
+    hist_s, nbytes = sim.pricing.label_histograms_s(sim.num_classes)
+    assert s["label_hist_sim_s"] == pytest.approx(hist_s) and hist_s > 0
+    assert s["label_hist_bytes"] == nbytes == 10 * (4 * 10 + 64)
+    r0 = s["rounds"][0]
+    assert r0["sim_time_s"] == pytest.approx(hist_s + r0["sim_round_s"])
+    again = Simulation(cfg)
+    again.load_state_dict(*sim.state_dict())
+    now = again.pricing.clock.now_s
+    again.shard_features()
+    assert again.pricing.clock.now_s == now and again.label_hist_s == pytest.approx(hist_s)
+
+    pure = Simulation(cfg.replace(strategy="all-ptq"))
+    run(pure.cfg, sim=pure)
+    assert pure.summary()["label_hist_sim_s"] == 0 and pure.label_hist_bytes == 0
+
+    private = Simulation(cfg.replace(share_label_histograms=False))
+    run(private.cfg, sim=private)
+    p = private.summary()
+    assert p["label_hist_sim_s"] == 0 and p["label_hist_bytes"] == 0
+    feats = private.shard_features()
+    seen = private.seen_samples
+    assert seen and all(feats[c][0] == pytest.approx(np.log(n)) for c, n in seen.items())
+    assert all(f[1] == pytest.approx(np.log(10)) and f[2] == 0 and f[3] == 10 for f in feats.values())

@@ -1,0 +1,116 @@
+"""The docs' headline tables, rendered from the JSONs behind them.
+
+Each table is a list of rows, and each row is rendered from one committed JSON. ``tests/test_docs.py``
+requires every rendered row to stand verbatim in its document, so a figure that drifts from its
+JSON (a number typed by hand, a JSON rerun without the docs) fails ``make test``::
+
+    python -m flows.doc_tables            # print every table, to paste into the docs after a rerun
+
+The transfer table adds what a mean hides: in how many seeds every part of the bar was met.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+
+# the README's and results.md's transfer table: (label, bench JSON)
+TRANSFER = (
+    ("`configs/digits.yaml` (w2a2, 30 rounds)", "transfer-digits.json"),
+    ("`configs/digits-ptq-early.yaml` (w2a4, edges 8-bit)", "transfer-digits-ptq-early.json"),
+    ("default digits (w4a8, 15 rounds)", "transfer-digits-default.json"),
+    ("digits w3a3, α 0.7, 25 clients, lr 0.07", "transfer-digits-w3a3.json"),
+    ("`configs/cifar10-cnn.yaml` (w2a8, 12 rounds)", "transfer-cifar10-cnn.json"),
+)
+TRANSFER_HEADER = ("| setting | seeds | tail: all-ptq, all-qat | fedhq tail (− better) | TTA / faster pure | "
+                   "sim / all-ptq | QAT share | bar (means) | bar per seed |\n|---|---|---|---|---|---|---|---|---|")
+BAR = {"acc_vs_best": -0.01, "tta_vs_best": 1.05, "sim_vs_all_ptq": 1.10}
+
+# deploy.md's export figures: (label, export JSON)
+EXPORTS = (
+    ("digits, `make run` defaults, 15 rounds", "export-digits.json"),
+    ("CIFAR-10 folder, cnn, 10 rounds", "export-cifar10-cnn.json"),
+    ("same, `--a-bits 4` (Clip to 0..15)", "export-cifar10-cnn-w4a4.json"),
+)
+EXPORT_HEADER = ("| run | w/a (edge) | ONNX / FP32 | integer kernels / quantized layers | onnxruntime top-1 "
+                 "(run's `final_acc_q`) | agreement with pyfunc | rule |\n|---|---|---|---|---|---|---|")
+SPEED = (
+    ("w4a8", "export-cifar10-cnn.json"),
+    ("w4a8", "export-cifar10-cnn-1thread.json"),
+    ("w4a4", "export-cifar10-cnn-w4a4.json"),
+    ("digits w4a8", "export-digits.json"),
+)
+SPEED_HEADER = ("| setting | threads | batch 1: int / FP32 | batch 64: int / FP32 (images/s) | speed-up at 64 |\n"
+                "|---|---|---|---|---|")
+
+# operations.md's poisoning tables
+POISONING = ("poisoning-digits.json", "poisoning-cifar10-4rounds.json")
+
+
+def load(name: str) -> dict[str, Any]:
+    return json.loads((RESULTS / name).read_text())
+
+
+def seed_met(d: dict[str, float | None]) -> bool:
+    """The bar, on one seed's figures."""
+    tta = d.get("tta_vs_best")
+    return (d["acc_vs_best"] >= BAR["acc_vs_best"] and tta is not None and tta <= BAR["tta_vs_best"]
+            and d["sim_vs_all_ptq"] <= BAR["sim_vs_all_ptq"])
+
+
+def transfer_row(label: str, d: dict[str, Any]) -> str:
+    s, dom = d["strategies"], d["dominance"]
+    ptq, qat, fedhq = (s[n]["tail_acc_q"] for n in ("all-ptq", "all-qat", "fedhq"))
+    missed = [k for k, v in dom["met"].items() if not v]
+    per = dom["per_seed"]
+    met = [seed for seed in sorted(per, key=int) if seed_met(per[seed])]
+    tta = "never" if dom["tta_vs_best"] is None else f"{dom['tta_vs_best']:.2f}×"
+    return (f"| {label} | {', '.join(map(str, d['seeds']))} | {100 * ptq:.1f}%, {100 * qat:.1f}% | "
+            f"{100 * fedhq:.1f}% ({100 * dom['acc_vs_best']:+.1f}) | {tta} | {dom['sim_vs_all_ptq']:.2f}× | "
+            f"{s['fedhq']['qat_share']:.2f} | {'**met**' if not missed else 'missed: ' + ', '.join(missed)} | "
+            f"{len(met)} of {len(per)} |")
+
+
+def export_row(label: str, d: dict[str, Any]) -> str:
+    m, c = d["metadata"], d["check"]
+    ops = d["op_histogram"]
+    kernels = ", ".join(f"{ops[k]} {k}" for k in ("QLinearConv", "QGemm") if ops.get(k))
+    return (f"| {label} | {m['w_bits']}/{m['a_bits']} ({m['first_last_bits']}) | {d['onnx_bytes'] / 1e3:,.1f} / "
+            f"{d['fp32_onnx_bytes'] / 1e3:,.1f} kB (**{d['size_ratio']:.3f}×**) | {d['integer_ops']} / "
+            f"{d['quantized_layers']} ({kernels}) | {100 * c['onnxruntime_acc']:.2f}% "
+            f"({100 * c['run_final_acc_q']:.2f}%) | {100 * c['agreement']:.2f}% ({c['n']:,} images) | {c['acc_rule']} |")
+
+
+def speed_row(label: str, d: dict[str, Any]) -> str:
+    ms, ips = d["latency_ms"], d["throughput_ips"]
+    return (f"| {label} | {d['threads']} | {ms['int']['b1']:.3f} / {ms['fp32']['b1']:.3f} ms | "
+            f"{ips['int']['b64']:,.0f} / {ips['fp32']['b64']:,.0f} | {d['speedup_b64']:.2f}× |")
+
+
+def tables() -> dict[str, list[str]]:
+    """Every headline table's lines, by the document they stand in."""
+    from flows.poisoning import table as poisoning_table
+
+    transfer = [TRANSFER_HEADER] + [transfer_row(label, load(f)) for label, f in TRANSFER]
+    return {
+        "README.md": transfer,
+        "docs/results.md": transfer,
+        "docs/deploy.md": ([EXPORT_HEADER] + [export_row(label, load(f)) for label, f in EXPORTS]
+                           + [SPEED_HEADER] + [speed_row(label, load(f)) for label, f in SPEED]),
+        "docs/operations.md": [line for f in POISONING for line in poisoning_table(load(f)["rows"])],
+    }
+
+
+def main() -> int:
+    for doc, lines in tables().items():
+        print(f"<!-- {doc} -->")
+        print("\n".join(lines), end="\n\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
