@@ -140,8 +140,9 @@ class FleetPricing:
 
     def aggregation_s(self, results: list[ClientResult], norm_checks: int = 0, step_search: bool = False) -> float:
         """Priced seconds of decoding and aggregating ``results`` on the server's device, after
-        ``norm_checks`` update norms; ``step_search``: QAT steps were bounded against the MSE steps
-        of the master, searched for it (``ServerState.step_reference``)."""
+        ``norm_checks`` update norms; ``step_search``: QAT steps were bounded against the new
+        master's MSE steps (no steps deployed yet), searched for it: the blend's own search in a
+        hybrid round, one more in an all-QAT round (``ServerState.aggregate_results``)."""
         assert self.server is not None, "profile() first"
         cfg = self.cfg
         n_qat = sum(bool(r.payload.weight_steps) for r in results)
@@ -152,7 +153,7 @@ class FleetPricing:
         else:
             bits = cfg.upload_bits
         blend = self.server.mse_s() if 0 < n_qat < len(results) else 0.0   # server.blend_steps
-        if step_search and n_qat:
+        if step_search and n_qat == len(results) > 0:
             blend += self.server.mse_s()
         return blend + self.server.aggregate_s(len(results) - n_qat, n_qat, bits,
                                                sum(r.upload_bytes for r in results), cfg.aggregation, norm_checks)

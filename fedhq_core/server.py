@@ -11,7 +11,7 @@ sensitivities, partial aggregates) are scored on it.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -121,7 +121,7 @@ def update_norm(result: ClientResult) -> float:
 
 def aggregate(global_state: dict[str, torch.Tensor], global_ranges: dict[str, tuple[float, float]] | None,
               results: Sequence[ClientResult], method: str = "fedavg", trim: float = 0.2, bound: float = 0.0,
-              ref_steps: dict[str, torch.Tensor] | None = None,
+              ref_steps: dict[str, torch.Tensor] | Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
               ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[float, float]] | None, dict[str, torch.Tensor] | None]:
     """One round of the server's aggregation: the master (FedAvg, or a robust ``method``), the
     clients' activation ranges (kept when no client sent any) and the QAT clients' weight steps
@@ -129,13 +129,14 @@ def aggregate(global_state: dict[str, torch.Tensor], global_ranges: dict[str, tu
     BatchNorm statistics, the ranges and the steps are each combined by ``method``, after the
     values beyond ``bound`` (:func:`bound_keep`) are left out: BatchNorm statistics against the
     round's median, ranges against the round's median and ``global_ranges``, steps against the
-    round's median and ``ref_steps`` (the steps the server deployed last); whole updates by their
-    norm in ``dispatch``. The clock prices exactly this function from its trace
+    round's median and ``ref_steps`` (the steps the server deployed last, or a function of the new
+    master that gives them); whole updates by their norm in ``dispatch``. The clock prices exactly this function from its trace
     (``hardware.server_work``)."""
     master = (fedavg(global_state, results, bound) if method == "fedavg"
               else robust_average(global_state, results, method, trim, bound))
+    ref = ref_steps(master) if callable(ref_steps) else ref_steps
     return (nonnegative_variances(master), average_ranges(results, global_ranges, method, trim, bound),
-            average_steps(results, method, trim, bound, ref_steps))
+            average_steps(results, method, trim, bound, ref))
 
 
 VAR_FLOOR = 1e-5   # BatchNorm's default eps: a variance never ends below it
@@ -211,16 +212,18 @@ def master_mse_steps(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[s
 
 
 def blend_steps(model: nn.Module, master: dict[str, torch.Tensor], learned: dict[str, torch.Tensor] | None,
-                results: Sequence[ClientResult]) -> dict[str, torch.Tensor] | None:
+                results: Sequence[ClientResult], mse: dict[str, torch.Tensor] | None = None,
+                ) -> dict[str, torch.Tensor] | None:
     """The deployed weight steps of a round: the QAT clients' averaged learned steps where every
     upload was QAT; in a hybrid round the data-weighted mean of those and the new master's MSE
     scales (the PTQ clients' share: their weights never trained against the learned steps, and
-    one QAT client's steps would otherwise deploy a mostly-PTQ model)."""
+    one QAT client's steps would otherwise deploy a mostly-PTQ model). ``mse``: the master's
+    MSE-optimal steps where the caller has searched them already."""
     n_all = sum(r.n_samples for r in results)
     n_qat = sum(r.n_samples for r in results if r.payload.weight_steps)
     if learned is None or n_qat >= n_all:
         return learned
-    mse = master_mse_steps(model, master)
+    mse = mse if mse is not None else master_mse_steps(model, master)
     return {k: (n_qat * v + (n_all - n_qat) * mse[k].to(v.dtype)) / n_all for k, v in learned.items()}
 
 

@@ -103,7 +103,7 @@ class ServerState:
             self.carried_s = self.measure_sensitivities(results)
         if measure_partial:
             self.carried_s += self.measure_partial(results, measure_partial)
-        step_search = self.bound > 0 and not self.global_steps    # step_reference searches MSE steps
+        step_search = self.bound > 0 and not self.global_steps    # the steps bound searches the MSE steps
         with span("aggregate"):
             self.aggregate_results(results)
         self.host_s = time.perf_counter() - t0
@@ -113,18 +113,22 @@ class ServerState:
         """FedAvg of the master, the clients' averaged ranges and deployed weight steps (the QAT
         clients' learned ones, blended in a hybrid round: ``server.blend_steps``)."""
         # QAT clients' learned weight steps (None in a round without QAT: MSE scales then)
+        searched: dict[str, dict[str, torch.Tensor]] = {}
+
+        def reference(master: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            """What the QAT uploads' steps are bounded against: the steps the server deployed last
+            (learned ones), or else the new master's MSE-optimal steps: the search a hybrid
+            round's blend needs anyway, done once for both (priced: ``FleetPricing.aggregation_s``)."""
+            if self.global_steps:
+                return self.global_steps
+            searched["mse"] = master_mse_steps(self.eval_model, master)
+            return searched["mse"]
+
+        qat = self.bound > 0 and any(r.payload.weight_steps for r in results)
         self.global_state, self.global_ranges, learned = aggregate(
             self.global_state, self.global_ranges, results, self.aggregation, self.trim, self.bound,
-            self.step_reference(results))
-        self.global_steps = blend_steps(self.eval_model, self.global_state, learned, results)
-
-    def step_reference(self, results: list[ClientResult]) -> dict[str, torch.Tensor] | None:
-        """What the QAT uploads' steps are bounded against: the steps the server deployed last
-        (learned ones), or, before any QAT round, the MSE-optimal steps of the master the clients
-        started from (what a PTQ deployment of it uses; priced: ``FleetPricing.aggregation_s``)."""
-        if not self.bound or not any(r.payload.weight_steps for r in results):
-            return None
-        return self.global_steps or master_mse_steps(self.eval_model, self.global_state)
+            reference if qat else None)
+        self.global_steps = blend_steps(self.eval_model, self.global_state, learned, results, searched.get("mse"))
 
     # --- deployment and evaluation ------------------------------------------------------------
     def deploy_ranges(self) -> dict[str, tuple[float, float]]:

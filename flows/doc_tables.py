@@ -47,6 +47,17 @@ SPEED = (
 SPEED_HEADER = ("| setting | threads | batch 1: int / FP32 | batch 64: int / FP32 (images/s) | speed-up at 64 |\n"
                 "|---|---|---|---|---|")
 
+# results.md's label-histogram table: (label, transfer JSON with histograms, fedhq JSON without)
+HISTOGRAMS = tuple((label, f, f.replace("transfer-", "hist-")) for label, f in TRANSFER)
+HIST_HEADER = ("| setting | seeds | fedhq tail: with histograms, without | without − with, per seed | "
+               "charged sim: with, without |\n|---|---|---|---|---|")
+
+# results.md's paper comparison: the paper's figures beside ours, (label, transfer JSON)
+PAPER = (("here: `configs/cifar10-cnn.yaml`", "transfer-cifar10-cnn.json"),
+         ("here: `configs/digits.yaml`", "transfer-digits.json"))
+PAPER_HEADER = ("| | paper: ResNet-18, ξ 0.2, A6000 GPUs, CIFAR-10 | " + " | ".join(label for label, _ in PAPER)
+                + " |\n|---|---|" + "---|" * len(PAPER))
+
 # operations.md's poisoning tables
 POISONING = ("poisoning-digits.json", "poisoning-cifar10-4rounds.json")
 
@@ -91,14 +102,60 @@ def speed_row(label: str, d: dict[str, Any]) -> str:
             f"{ips['int']['b64']:,.0f} / {ips['fp32']['b64']:,.0f} | {d['speedup_b64']:.2f}× |")
 
 
+def hist_row(label: str, with_: dict[str, Any], without: dict[str, Any]) -> str:
+    """fedhq with and without the clients' label histograms, on the same seeds."""
+    a, b = with_["per_seed"], without["per_seed"]
+    seeds = sorted(b, key=int)
+    diffs = ", ".join(f"{100 * (b[s]['fedhq']['tail_acc_q'] - a[s]['fedhq']['tail_acc_q']):+.1f}" for s in seeds)
+    w, wo = with_["strategies"]["fedhq"], without["strategies"]["fedhq"]
+    return (f"| {label} | {', '.join(seeds)} | {100 * w['tail_acc_q']:.1f}%, {100 * wo['tail_acc_q']:.1f}% | "
+            f"{diffs} | {w['charged_total_sim_s']:.2f} s, {wo['charged_total_sim_s']:.2f} s |")
+
+
+def paper_rows() -> list[str]:
+    """The paper's headline figures beside the same figures of our transfer benches (means over
+    their seeds; the table above has them per seed)."""
+    ds = [load(f) for _, f in PAPER]
+
+    def cells(fmt) -> str:
+        return " | ".join(fmt(d) for d in ds)
+
+    def tta(d: dict[str, Any]) -> str:
+        v = d["speedup_tta_vs"].get("all-qat")
+        return "never reached" if v is None else f"{v:.2f}×"
+    return [
+        PAPER_HEADER,
+        "| hybrid's tail accuracy − all-PTQ's (points) | up to +11.15 | " + cells(
+            lambda d: f"{100 * (d['strategies']['fedhq']['tail_acc_q'] - d['strategies']['all-ptq']['tail_acc_q']):+.1f}") + " |",
+        "| hybrid's tail accuracy − all-QAT's (points) | – | " + cells(
+            lambda d: f"{100 * (d['strategies']['fedhq']['tail_acc_q'] - d['strategies']['all-qat']['tail_acc_q']):+.1f}") + " |",
+        "| hybrid's TTA speed-up over all-QAT | up to 2.47× | " + cells(tta) + " |",
+        "| hybrid's time / all-PTQ's | – | " + cells(lambda d: f"{d['dominance']['sim_vs_all_ptq']:.2f}×") + " |",
+        "| hybrid's deployed accuracy (tail) | 67.78% (221.0 min) | " + cells(
+            lambda d: f"{100 * d['strategies']['fedhq']['tail_acc_q']:.1f}% ({d['strategies']['fedhq']['charged_total_sim_s']:.1f} simulated s)") + " |",
+    ]
+
+
+def families_line() -> str:
+    """The README's sentence on what the shipped families cost to build, from the benches that
+    reused them."""
+    parts = []
+    for name, f in (("digits", "transfer-digits.json"), ("CIFAR-10", "transfer-cifar10-cnn.json")):
+        e = load(f)["strategies"]["fedhq"]
+        parts.append(f"{name} {e['family_settings']} settings, built once in {e['family_build_sim_s']:.1f} simulated s "
+                     f"({e['family_build_wall_s']:.0f} s wall)")
+    return "The families: " + "; ".join(parts) + "."
+
+
 def tables() -> dict[str, list[str]]:
     """Every headline table's lines, by the document they stand in."""
     from flows.poisoning import table as poisoning_table
 
     transfer = [TRANSFER_HEADER] + [transfer_row(label, load(f)) for label, f in TRANSFER]
     return {
-        "README.md": transfer,
-        "docs/results.md": transfer,
+        "README.md": transfer + [families_line()],
+        "docs/results.md": (transfer + [HIST_HEADER] + [hist_row(label, load(f), load(g)) for label, f, g in HISTOGRAMS]
+                            + paper_rows()),
         "docs/deploy.md": ([EXPORT_HEADER] + [export_row(label, load(f)) for label, f in EXPORTS]
                            + [SPEED_HEADER] + [speed_row(label, load(f)) for label, f in SPEED]),
         "docs/operations.md": [line for f in POISONING for line in poisoning_table(load(f)["rows"])],

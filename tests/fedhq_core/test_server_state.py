@@ -58,10 +58,12 @@ def test_a_hybrid_round_blends_the_steps_and_measures_its_partial_aggregates(tin
     assert all(torch.equal(sim.server.global_state[k], master[k]) for k in start)
     assert all(torch.allclose(sim.server.global_steps[k], blended[k]) for k in learned)
     assert priced > sim.pricing.aggregation_s([ptq])
-    # the first QAT round has no deployed steps: its steps are bounded against the master's MSE
-    # steps, searched for it and priced as one more MSE search
+    # the first QAT round has no deployed steps: its steps are bounded against the new master's
+    # MSE steps, the very search its blend needs (priced once); an all-QAT round pays one more
     assert priced == pytest.approx(sim.pricing.aggregation_s([ptq, qat], 0, True))
-    assert priced - sim.pricing.aggregation_s([ptq, qat]) == pytest.approx(sim.pricing.server.mse_s())
+    assert priced == pytest.approx(sim.pricing.aggregation_s([ptq, qat]))
+    assert sim.pricing.aggregation_s([qat], 0, True) - sim.pricing.aggregation_s([qat]) == pytest.approx(
+        sim.pricing.server.mse_s())
 
 
 def test_aggregation_keeps_batchnorm_variances_nonnegative():
