@@ -130,8 +130,8 @@ def aggregate(global_state: dict[str, torch.Tensor], global_ranges: dict[str, tu
     values beyond ``bound`` (:func:`bound_keep`) are left out: BatchNorm statistics against the
     round's median, ranges against the round's median and ``global_ranges``, steps against the
     round's median and ``ref_steps`` (the steps the server deployed last, or a function of the new
-    master that gives them); whole updates by their norm in ``dispatch``. The clock prices exactly this function from its trace
-    (``hardware.server_work``)."""
+    master that gives them); whole updates by their norm in ``dispatch``. The clock prices exactly
+    this function from its trace (``hardware.server_work``)."""
     master = (fedavg(global_state, results, bound) if method == "fedavg"
               else robust_average(global_state, results, method, trim, bound))
     ref = ref_steps(master) if callable(ref_steps) else ref_steps
