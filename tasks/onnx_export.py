@@ -227,26 +227,29 @@ def export_bundle(bundle: dict[str, Any], out: str | Path, run_id: str | None = 
     model = deployed_model(bundle)
     shape = tuple(bundle["meta"]["in_shape"])
     meta = metadata_of(bundle, run_id)
-    q = deploy_graph(model, shape, quantized=True)
+    # a graph without a layer at <= 4 bits is the int8 one whatever ``int4`` says
+    q = deploy_graph(model, shape, quantized=True, int4=weights == "auto")
     proto = to_onnx(q, meta)
-    ops = optimized_ops(proto)
     note = None
-    if weights == "auto":
-        q4 = deploy_graph(model, shape, quantized=True, int4=True)
-        if q4.int4:
-            try:
-                ops4 = optimized_ops(to_onnx(q4, meta))
-            except Exception as err:  # noqa: BLE001 - onnxruntime raises its own kinds on load
-                note = (f"int4 weights: onnxruntime {ort.__version__} does not load them "
-                        f"({str(err).splitlines()[0][:200]}); stored in int8 containers")
-            else:
-                if kernel_counts(ops4)[0] < kernel_counts(ops)[0]:
-                    refused = sorted(set(ops4) & FLOAT_KERNELS)
-                    note = (f"int4 weights: onnxruntime {ort.__version__} runs {kernel_counts(ops4)[0]} layers on "
-                            f"integer kernels with them against {kernel_counts(ops)[0]} with int8 "
-                            f"({', '.join(refused)} left in float); stored in int8 containers")
-                else:
-                    q, proto, ops = q4, to_onnx(q4, meta), ops4
+    if not q.int4:
+        ops = optimized_ops(proto)
+    else:   # kept only where onnxruntime loads it and runs as many layers on integer kernels as with int8
+        q8 = deploy_graph(model, shape, quantized=True)
+        proto8 = to_onnx(q8, meta)
+        ops8 = optimized_ops(proto8)
+        try:
+            ops = optimized_ops(proto)
+        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own kinds on load
+            note = (f"int4 weights: onnxruntime {ort.__version__} does not load them "
+                    f"({str(err).splitlines()[0][:200]}); stored in int8 containers")
+        else:
+            n4, n8 = kernel_counts(ops)[0], kernel_counts(ops8)[0]
+            if n4 < n8:
+                note = (f"int4 weights: onnxruntime {ort.__version__} runs {n4} layers on integer kernels with "
+                        f"them against {n8} with int8 ({', '.join(sorted(set(ops) & FLOAT_KERNELS))} left in "
+                        f"float); stored in int8 containers")
+        if note:
+            q, proto, ops = q8, proto8, ops8
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(proto, str(out))

@@ -134,7 +134,6 @@ class _QuantMixin:
         self.wq = WeightQuantizer(self.weight.shape[0], w_bits)  # type: ignore[attr-defined]
         self.aq = ActQuantizer(a_bits)
 
-
     def _bias(self) -> torch.Tensor | None:
         """The bias the forward adds: in deploy mode with a deployed input range, on the integer
         accumulator's grid (:func:`bias_codes`), as an integer kernel adds it."""
