@@ -103,15 +103,15 @@ class ServerState:
             self.carried_s = self.measure_sensitivities(results)
         if measure_partial:
             self.carried_s += self.measure_partial(results, measure_partial)
-        step_search = self.bound > 0 and not self.global_steps    # the steps bound searches the MSE steps
         with span("aggregate"):
-            self.aggregate_results(results)
+            searched = self.aggregate_results(results)
         self.host_s = time.perf_counter() - t0
-        return self.pricing.aggregation_s(results, norm_checks, step_search)
+        return self.pricing.aggregation_s(results, norm_checks, searched)
 
-    def aggregate_results(self, results: list[ClientResult]) -> None:
+    def aggregate_results(self, results: list[ClientResult]) -> bool:
         """FedAvg of the master, the clients' averaged ranges and deployed weight steps (the QAT
-        clients' learned ones, blended in a hybrid round: ``server.blend_steps``)."""
+        clients' learned ones, blended in a hybrid round: ``server.blend_steps``). True when the
+        steps bound searched the new master's MSE steps (``FleetPricing.aggregation_s`` prices it)."""
         # QAT clients' learned weight steps (None in a round without QAT: MSE scales then)
         searched: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -129,6 +129,7 @@ class ServerState:
             self.global_state, self.global_ranges, results, self.aggregation, self.trim, self.bound,
             reference if qat else None)
         self.global_steps = blend_steps(self.eval_model, self.global_state, learned, results, searched.get("mse"))
+        return "mse" in searched
 
     # --- deployment and evaluation ------------------------------------------------------------
     def deploy_ranges(self) -> dict[str, tuple[float, float]]:

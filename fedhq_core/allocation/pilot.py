@@ -118,7 +118,8 @@ def pilot_rows(sim, rounds: int, train_fn: Callable[[int, list[int], str], list]
             times = list(pricing.client_times(rnd, res).values())
             sim_s += pricing.clock.round_length(times, {"server": pricing.aggregation_s(res) + (server_s if i else 0.0)},
                                                 0.0)[0]
-        srv.aggregate_results([q if pick else p for p, q, pick in zip(ptq, qat, picks)])
+        if srv.aggregate_results([q if pick else p for p, q, pick in zip(ptq, qat, picks)]) and n_q == n:
+            sim_s += pricing.server.mse_s()     # the steps bound's search, on no blend's bill
         sens = {r.cid: float(r.quant_loss) for r in ptq}       # seen by the next round
     return np.asarray(X), np.asarray(gains), np.asarray(groups), np.asarray(points), sim_s
 

@@ -82,3 +82,19 @@ def test_aggregation_keeps_batchnorm_variances_nonnegative():
     master, _, _ = aggregate(state, None, [SimpleNamespace(cid=0, n_samples=10, payload=payload)])
     assert torch.equal(master["bn.running_var"], torch.tensor([VAR_FLOOR, 1.5])) and VAR_FLOOR == 1e-5
     assert torch.equal(master["bn.running_mean"], torch.tensor([-0.5, 0.5]))   # means may be negative
+
+
+def test_aggregation_reports_the_step_search_it_ran(tiny_cfg):
+    """The steps bound searches the new master's MSE steps only where no steps were deployed yet
+    and a QAT upload came: ``aggregate_results`` says so, and the callers bill it (a run through
+    ``aggregation_s``; the family pilot for an all-QAT pick, which no blend pays for)."""
+    sim = Simulation(tiny_cfg.replace(strategy="fedhq", significance="online"))
+    sim.profile()
+    ptq, qat = train_here(sim, 0, 0, "ptq"), train_here(sim, 0, 1, "qat")
+    assert not sim.server.aggregate_results([ptq])          # no QAT upload: nothing to bound
+    assert sim.server.aggregate_results([qat])              # QAT, nothing deployed yet: searched
+    assert sim.server.global_steps
+    assert not sim.server.aggregate_results([qat])          # bounded against the deployed steps
+    unbounded = Simulation(tiny_cfg.replace(strategy="fedhq", significance="online", norm_bound=0))
+    unbounded.profile()
+    assert not unbounded.server.aggregate_results([qat])
