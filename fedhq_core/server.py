@@ -63,10 +63,25 @@ def combine(values: torch.Tensor, weights: torch.Tensor, method: str, trim: floa
     return (w * values).sum(dim=0) / w.sum()
 
 
+def bounded_combine(values: torch.Tensor, weights: torch.Tensor, sizes: torch.Tensor, method: str, trim: float,
+                    bound: float, reference: torch.Tensor | None = None, ref_size: float | None = None) -> torch.Tensor:
+    """One layer's value of a round: the uploads' ``values`` whose ``sizes`` lie within ``bound``
+    either way (:func:`bound_keep`, centred with ``ref_size``), combined by ``method``;
+    ``reference`` (the server's own value) where none is kept, or all of them without one."""
+    keep = bound_keep(sizes, bound, True, ref_size)
+    if not bool(keep.any()):
+        if reference is not None:
+            return reference
+        keep = torch.ones_like(keep)
+    return combine(values[keep], weights[keep], method, trim)
+
+
 def stats_keep(results: Sequence[ClientResult], bound: float) -> dict[str, set[int]]:
     """For each BatchNorm statistic, the clients whose delta's norm is within ``bound`` x the
     round's median (a poisoned mean or variance passes the update norm when the weights are
     honest). Only these 32-bit tensors are decoded for it."""
+    if bound <= 0:
+        return {}                        # nothing to leave out: every upload averages
     keys = [k for k in (results[0].payload.tensors if results else {}) if k.endswith(STATS)]
     out = {}
     for k in keys:
@@ -169,13 +184,9 @@ def average_ranges(results: Iterable[ClientResult], previous: dict[str, tuple[fl
     out = {}
     for k, rows in by_layer.items():
         t = torch.tensor(rows, dtype=torch.float64)
-        ref = previous[k][1] - previous[k][0] if previous and k in previous else None
-        keep = bound_keep(t[:, 1] - t[:, 0], bound, True, ref)
-        if not bool(keep.any()) and previous and k in previous:
-            out[k] = previous[k]
-            continue
-        keep = keep if bool(keep.any()) else torch.ones_like(keep)
-        lo, hi = combine(t[keep, :2], t[keep, 2], method, trim).tolist()
+        ref = torch.tensor(previous[k], dtype=torch.float64) if previous and k in previous else None
+        lo, hi = bounded_combine(t[:, :2], t[:, 2], t[:, 1] - t[:, 0], method, trim, bound, ref,
+                                 None if ref is None else float(ref[1] - ref[0])).tolist()
         out[k] = (lo, hi)
     return out
 
@@ -194,13 +205,9 @@ def average_steps(results: Iterable[ClientResult], method: str = "fedavg", trim:
     out = {}
     for k in qat[0].payload.weight_steps:
         stack = torch.stack([torch.from_numpy(r.payload.weight_steps[k]).double() for r in qat])
-        ref = float(reference[k].double().norm()) if reference and k in reference else None
-        keep = bound_keep(stack.flatten(1).norm(dim=1), bound, True, ref)
-        if not bool(keep.any()) and reference and k in reference:
-            out[k] = reference[k].detach().float().clone()
-            continue
-        keep = keep if bool(keep.any()) else torch.ones_like(keep)
-        out[k] = combine(stack[keep], weights[keep], method, trim).float()
+        ref = reference[k].detach().double() if reference and k in reference else None
+        out[k] = bounded_combine(stack, weights, stack.flatten(1).norm(dim=1), method, trim, bound, ref,
+                                 None if ref is None else float(ref.norm())).float()
     return out
 
 
