@@ -28,6 +28,9 @@ def set_torch_threads(cfg: ExperimentConfig) -> int:
     return workers
 
 
+SCATTER_TIMEOUT_S = 30.0   # a round's inputs reach every worker in well under a second here
+
+
 def train_submitter(cfg: ExperimentConfig, sent: dict[int, int] | None = None,
                     sim: Simulation | None = None) -> Callable[[Any, list], Any]:
     """``submit(inputs, jobs)``: one train-clients task on the flow's task runner (rounds and
@@ -58,13 +61,15 @@ def train_submitter(cfg: ExperimentConfig, sent: dict[int, int] | None = None,
 
     def scatter(inputs, attempts: int = 3):
         """The round's inputs on every worker. A worker that dies while they are being sent
-        closes its connection: the scatter goes again to the workers still there (and a
-        restarted one), and only a cluster that keeps failing stops the run."""
+        closes its connection, or leaves the broadcast waiting on it for good (seen when a worker
+        is killed as the scatter starts): a scatter that fails so, or outlasts ``SCATTER_TIMEOUT_S``,
+        goes again to the workers still there (and a restarted one), and only a cluster that
+        keeps failing stops the run."""
         for attempt in range(attempts):
             try:
-                return client.scatter(inputs, broadcast=True, hash=False)
+                return client.scatter(inputs, broadcast=True, hash=False, timeout=SCATTER_TIMEOUT_S)
             except Exception as err:  # noqa: BLE001 - only a lost worker is retried
-                if attempt == attempts - 1 or not worker_lost(err):
+                if attempt == attempts - 1 or not (worker_lost(err) or isinstance(err, TimeoutError)):
                     raise
                 time.sleep(0.5 * (attempt + 1))
 
