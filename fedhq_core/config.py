@@ -29,6 +29,7 @@ PARTITIONS = ("iid", "dirichlet", "kclass")
 UPLOAD_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)  # 2..8: bit-packed integers; 16/32: float16/float32
 FAULT_KINDS = ("raise", "stall", "nan", "inf", "shape", "dtype", "size", "scale", "signflip", "ranges", "steps")
 AGGREGATIONS = ("fedavg", "trimmed-mean", "median")
+LR_SCHEDULES = ("constant", "cosine")
 STRATEGIES = ("fp32", "all-ptq", "all-qat", "random-hybrid", "fedhq", "fedhq-coarse", "fedfq")
 
 # Default fleet: device class -> share of clients. Names index hardware.catalog.DEVICES.
@@ -57,6 +58,9 @@ class ExperimentConfig:
     max_test_samples: int = 0
     test_fraction: float = 0.2       # digits only: held-out share
     server_calib_size: int = 256     # server proxy split: fp32 calibration, SigAcc pilot scores, fedhq's gap
+    val_fraction: float = 0.1        # the experimenter's validation split: this share of the training images, held out
+                                     # from the clients and the server's proxy; every selection (tune, promote, study
+                                     # targets) reads it, the test split is only reported; 0 = none
     partition: str = "dirichlet"
     alpha: float = 0.5               # Dirichlet concentration
     classes_per_client: int = 2      # for partition=kclass
@@ -69,6 +73,9 @@ class ExperimentConfig:
     local_epochs: int = 2
     batch_size: int = 16
     lr: float = 0.05
+    lr_schedule: str = "constant"    # constant | cosine: the clients' lr decays over the rounds to lr x lr_final
+    lr_final: float = 0.0            # cosine: the floor's lr as a share of lr
+    lr_hold: float = 0.0             # cosine: this share of the last rounds stays at the floor (the decay ends before)
     momentum: float = 0.9
     weight_decay: float = 0.0
     # --- quantization -------------------------------------------------------------------
@@ -110,6 +117,9 @@ class ExperimentConfig:
     clients_per_task: int = 0        # clients trained by one task; 0 = auto (one task per worker), 1 = per client
     server_tasks: bool = False       # allocate/aggregate/evaluate as Prefect tasks too (else plain calls in the flow)
     eval_every: int = 1
+    eval_tail: int = 0               # also evaluate every round of the last N rounds (a run's tail, read densely)
+    test_every: int = 0              # the test split only every N rounds (a multiple of eval_every; and in the tail);
+                                     # the rounds between evaluate the validation split alone; 0 = at every evaluation
     dask_address: str | None = None  # tcp://host:8786: train clients on this Dask cluster (prefect-dask)
     dask_local: int = 0              # >0: start a LocalCluster of this many worker processes
     # --- failure handling -----------------------------------------------------------------
@@ -150,6 +160,18 @@ class ExperimentConfig:
         takes its credentials from ``MLFLOW_TRACKING_URI`` again (``tasks.tracking``)."""
         return {**self.to_dict(), "tracking_uri": redact_uri(self.tracking_uri),
                 "dask_address": redact_uri(self.dask_address)}
+
+    def round_lr(self, rnd: int) -> float:
+        """The clients' learning rate in round ``rnd`` (0-based): ``lr``, or with ``cosine`` the
+        half-cosine from ``lr`` in the first round to the floor ``lr x lr_final``, reached in the
+        last round or, with ``lr_hold``, that share of the rounds before the end and held."""
+        import math
+
+        span = max(1, round(self.rounds * (1 - self.lr_hold)) - 1)   # rounds from lr to the floor
+        if self.lr_schedule == "constant" or self.rounds == 1:
+            return self.lr
+        floor = self.lr * self.lr_final
+        return floor + 0.5 * (self.lr - floor) * (1 + math.cos(math.pi * min(rnd, span) / span))
 
     def replace(self, **changes: Any) -> "ExperimentConfig":
         return validate(dataclasses.replace(self, **changes))
@@ -247,6 +269,11 @@ def _validate_run(cfg: ExperimentConfig) -> None:
     _check(cfg.local_epochs >= 1, "local_epochs", f"must be >= 1, got {cfg.local_epochs}")
     _check(cfg.batch_size >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}")
     _check(cfg.lr > 0, "lr", "must be > 0")
+    _check(cfg.lr_schedule in LR_SCHEDULES, "lr_schedule",
+           f"unknown schedule {cfg.lr_schedule!r} (choose from {', '.join(LR_SCHEDULES)})")
+    _check(0 <= cfg.lr_final <= 1, "lr_final", "must be in [0, 1]")
+    _check(0 <= cfg.lr_hold < 1, "lr_hold", "must be in [0, 1)")
+    _check(0 <= cfg.val_fraction < 0.5, "val_fraction", "must be in [0, 0.5)")
     _check(0 <= cfg.momentum < 1, "momentum", "must be in [0, 1)")
     _check(cfg.alpha > 0, "alpha", f"must be > 0, got {cfg.alpha}")
     _check(cfg.classes_per_client >= 1, "classes_per_client", "must be >= 1")
@@ -289,6 +316,10 @@ def _validate_execution(cfg: ExperimentConfig) -> None:
     _check(cfg.max_concurrency >= 0, "max_concurrency", "must be >= 0")
     _check(cfg.clients_per_task >= 0, "clients_per_task", "must be >= 0")
     _check(cfg.eval_every >= 1, "eval_every", "must be >= 1")
+    _check(cfg.eval_tail >= 0, "eval_tail", "must be >= 0")
+    _check(cfg.test_every >= 0 and cfg.test_every % cfg.eval_every == 0, "test_every",
+           f"must be 0 or a multiple of eval_every ({cfg.eval_every})")
+    _check(cfg.test_every == 0 or cfg.val_fraction > 0, "test_every", "needs a validation split (val_fraction > 0)")
     _check(cfg.dask_local >= 0, "dask_local", "must be >= 0")
     _check(not (cfg.dask_local and cfg.dask_address), "dask_address", "give either dask_address or dask_local, not both")
     _check(cfg.dask_address is None or "://" in cfg.dask_address, "dask_address",

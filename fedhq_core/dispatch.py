@@ -47,7 +47,7 @@ class Dispatch:
         fedfq = (cfg.fedfq_avg_bits, cfg.fedfq_iters) if upload_bits == "fedfq" else None
         if upload_bits is None or fedfq:
             upload_bits = 32 if strategy == "fp32" and not fedfq else cfg.upload_bits
-        return TrainSpec(strategy, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay,
+        return TrainSpec(strategy, cfg.local_epochs, cfg.batch_size, cfg.round_lr(rnd), cfg.momentum, cfg.weight_decay,
                          upload_bits, cfg.calib_batches, self.on_device_sensitivity,
                          seed=int(np.random.default_rng([cfg.seed, 53, rnd, cid]).integers(2**62)), fedfq=fedfq,
                          step_lr_scale=cfg.qat_step_lr_scale)

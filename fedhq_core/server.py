@@ -11,7 +11,7 @@ sensitivities, partial aggregates) are scored on it.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -330,8 +330,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 def evaluate_global(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[str, tuple[float, float]] | None,
-                    x: torch.Tensor, y: torch.Tensor, steps: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
-    """FP32 master and deployed (quantized) accuracy/loss on a test split."""
+                    x: torch.Tensor, y: torch.Tensor, steps: dict[str, torch.Tensor] | None = None,
+                    val: Any = None) -> dict[str, float]:
+    """FP32 master and deployed (quantized) accuracy/loss on a test split; with ``val`` (a
+    split), the deployed model's accuracy/loss there too (``val_acc_q``, ``val_loss_q``)."""
     with span("evaluate fp32"):
         load_model_state(model, state)
         set_mode(model, "fp")
@@ -339,5 +341,19 @@ def evaluate_global(model: nn.Module, state: dict[str, torch.Tensor], ranges: di
     with span("evaluate quantized"):
         prepare_deploy(model, ranges, steps)
         acc_q, loss_q = evaluate(model, x, y)
+        out = {"acc_fp32": acc_fp, "loss_fp32": loss_fp, "acc_q": acc_q, "loss_q": loss_q}
+        if val is not None:
+            out["val_acc_q"], out["val_loss_q"] = evaluate(model, val.x, val.y)
     set_mode(model, "fp")
-    return {"acc_fp32": acc_fp, "loss_fp32": loss_fp, "acc_q": acc_q, "loss_q": loss_q}
+    return out
+
+
+def evaluate_deployed(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[str, tuple[float, float]] | None,
+                      val: Any, steps: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """The deployed (quantized) model's accuracy/loss on the validation split alone."""
+    with span("evaluate quantized (validation)"):
+        load_model_state(model, state)
+        prepare_deploy(model, ranges, steps)
+        acc, loss = evaluate(model, val.x, val.y)
+    set_mode(model, "fp")
+    return {"val_acc_q": acc, "val_loss_q": loss}

@@ -4,7 +4,8 @@ measurements on its proxy split, deployment and evaluation.
 
 The proxy split (``server_calib``) is the server's own small slice of the training data: it
 calibrates the fp32/fedfq deployment and, for FedHQ's allocator only, measures the master's
-quantization gap and each PTQ upload's sensitivity. The test split is only ever evaluated.
+quantization gap and each PTQ upload's sensitivity. The test split is only ever evaluated; selections read the experimenter's validation split,
+which is neither the proxy nor any client's.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from .data import Split
 from .phases import span
 from .pricing import FleetPricing
 from .quant import integer_weights, load_model_state, model_state, prepare_deploy, set_mode
-from .server import (aggregate, blend_steps, calibrate_on_server, evaluate_global, master_mse_steps, partial_gain,
+from .server import (aggregate, blend_steps, calibrate_on_server, evaluate_deployed, evaluate_global, master_mse_steps, partial_gain,
                      proxy_gap, upload_quant_loss)
 
 
@@ -42,8 +43,9 @@ class ServerState:
     how the master is formed (``server.aggregate``)."""
 
     def __init__(self, eval_model: nn.Module, proxy: Split, test: Split, pricing: FleetPricing, calibrates: bool,
-                 aggregation: str = "fedavg", trim: float = 0.2, bound: float = 0.0):
+                 aggregation: str = "fedavg", trim: float = 0.2, bound: float = 0.0, val: Split | None = None):
         self.eval_model, self.proxy, self.test, self.pricing = eval_model, proxy, test, pricing
+        self.val = val               # the experimenter's validation split: what selections read (not priced)
         self.calibrates, self.aggregation, self.trim, self.bound = calibrates, aggregation, trim, bound
         self.global_state = {k: v.detach().clone() for k, v in model_state(eval_model).items()}
         self.global_ranges: dict[str, tuple[float, float]] | None = None
@@ -140,10 +142,16 @@ class ServerState:
                 return calibrate_on_server(self.eval_model, self.global_state, self.proxy.x)
         return self.global_ranges
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, test: bool = True) -> dict[str, float]:
+        """The deployed model on the test split (reported; with ``test``) and, with a validation
+        split, its quantized accuracy and loss there (``val_acc_q``, ``val_loss_q``: what
+        selections read). The experimenter's measurement, not the system's: no clock prices it."""
         with all_cores():  # no client trains during evaluation: give it every core
-            return evaluate_global(self.eval_model, self.global_state, self.deploy_ranges(), self.test.x,
-                                   self.test.y, self.global_steps)
+            if test or self.val is None:
+                return evaluate_global(self.eval_model, self.global_state, self.deploy_ranges(), self.test.x,
+                                       self.test.y, self.global_steps, self.val)
+            return evaluate_deployed(self.eval_model, self.global_state, self.deploy_ranges(), self.val,
+                                     self.global_steps)
 
     def deployed_bundle(self, meta: dict[str, Any]) -> dict[str, Any]:
         """Everything needed to rebuild the deployed quantized model, plus its int form."""

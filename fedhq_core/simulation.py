@@ -50,14 +50,17 @@ def load_data(cfg: ExperimentConfig) -> Dataset:
     return data_key(cfg).load()
 
 
-def split_clients(cfg: ExperimentConfig, ds: Dataset) -> tuple[Split, np.ndarray, list[ShardRef]]:
+def split_clients(cfg: ExperimentConfig, ds: Dataset) -> tuple[Split, np.ndarray, list[ShardRef], Split | None]:
     """Seeded split of the train set: (server calibration split, labels of the client pool,
-    client shards as indices into ``ds.train``)."""
+    client shards as indices into ``ds.train``, the experimenter's validation split or None).
+    The three parts are disjoint: no client trains on the proxy or the validation images."""
     rng = np.random.default_rng([cfg.seed, 31])
     perm = rng.permutation(len(ds.train))
     n_cal = min(cfg.server_calib_size, max(1, len(ds.train) // 10))
+    n_val = int(round(cfg.val_fraction * len(ds.train)))
     server_calib = ds.train.subset(np.sort(perm[:n_cal]))
-    pool = np.sort(perm[n_cal:])
+    val = ds.train.subset(np.sort(perm[n_cal:n_cal + n_val])) if n_val else None
+    pool = np.sort(perm[n_cal + n_val:])
     labels = ds.train.y.numpy()[pool]
     try:
         idx = partition(labels, cfg.clients, cfg.partition, rng, alpha=cfg.alpha,
@@ -67,7 +70,7 @@ def split_clients(cfg: ExperimentConfig, ds: Dataset) -> tuple[Split, np.ndarray
     # the key ``ds`` was loaded with, not the run's: a benchmark loads its data once, with the
     # base seed, for every seed's runs, and a worker must reload that same split
     key = ds.source if ds.source is not None else data_key(cfg)
-    return server_calib, labels, [ShardRef(key, pool[np.asarray(i, dtype=np.int64)], ds.train) for i in idx]
+    return server_calib, labels, [ShardRef(key, pool[np.asarray(i, dtype=np.int64)], ds.train) for i in idx], val
 
 
 def cpu_model() -> str:
@@ -95,7 +98,7 @@ class Simulation:
         ds = dataset or load_data(cfg)
         self.dataset_name, self.num_classes, self.in_shape = ds.name, ds.num_classes, ds.in_shape
         self.input_norm = {"mean": list(ds.mean), "std": list(ds.std), "classes": list(ds.classes)}
-        self.server_calib, self.global_labels, self.shards = split_clients(cfg, ds)
+        self.server_calib, self.global_labels, self.shards, val = split_clients(cfg, ds)
         self.n_clients, self.rounds, self.proxy_size = cfg.clients, cfg.rounds, len(self.server_calib)
         self.fleet = Fleet.build(cfg.clients, cfg.fleet, cfg.throttle_prob, cfg.throttle_factor,
                                  cfg.jitter_sigma, cfg.seed)
@@ -110,7 +113,7 @@ class Simulation:
                                     lambda: bool(self.server.global_steps), on_device)
         self.server = ServerState(self.new_model(), self.server_calib, ds.test, self.pricing,
                                   calibrates=cfg.strategy in ("fp32", "fedfq"), aggregation=cfg.aggregation,
-                                  trim=cfg.trim_fraction, bound=cfg.norm_bound)
+                                  trim=cfg.trim_fraction, bound=cfg.norm_bound, val=val)
         self.dispatch = Dispatch(cfg, self.shards, self.server, self.model_spec, on_device)
         self.fit = FitInfo()         # what obtaining SigAcc cost this run (see allocation.pilot)
         self._shard_features: dict[int, np.ndarray] | None = None
@@ -226,10 +229,19 @@ class Simulation:
                                      self.cfg.upload_bits if self.capabilities.reads_partials and more else 0)
 
     def evaluate(self) -> dict[str, float]:
-        return self.server.evaluate()
+        """The deployed model on the test split when it is due (``should_test``), and on the
+        validation split; while the round runs, ``self.rnd`` is its index."""
+        return self.server.evaluate(test=self.should_test(self.rnd))
+
+    def _due(self, rnd: int, every: int) -> bool:
+        c = self.cfg
+        return (rnd + 1) % every == 0 or rnd + 1 == c.rounds or rnd >= c.rounds - c.eval_tail
 
     def should_eval(self, rnd: int) -> bool:
-        return (rnd + 1) % self.cfg.eval_every == 0 or rnd + 1 == self.cfg.rounds
+        return self._due(rnd, self.cfg.eval_every)
+
+    def should_test(self, rnd: int) -> bool:
+        return self._due(rnd, self.cfg.test_every or self.cfg.eval_every)
 
     def fail_attempt(self, rnd: int, results: list[ClientResult]) -> float:
         """A round attempt with too few accepted updates: the global model stays as it is, but the
@@ -243,9 +255,12 @@ class Simulation:
         clock, server = self.pricing.clock, self.pricing.server
         assert clock is not None and server is not None
         times = self.pricing.client_times(rnd, results)
-        metrics = metrics if metrics is not None else (
-            {k: self.records[-1].__dict__[k] for k in ("acc_q", "acc_fp32", "loss_q", "loss_fp32")}
-            if self.records else {"acc_q": 0.0, "acc_fp32": 0.0, "loss_q": float("nan"), "loss_fp32": float("nan")})
+        # a round without an evaluation (or with the validation split's alone) carries the last figures
+        fresh = metrics or {}
+        carried = ({**{k: v for k, v in self.records[-1].extra.items() if k.startswith("val_")},
+                    **{k: self.records[-1].__dict__[k] for k in ("acc_q", "acc_fp32", "loss_q", "loss_fp32")}}
+                   if self.records else {"acc_q": 0.0, "acc_fp32": 0.0, "loss_q": float("nan"), "loss_fp32": float("nan")})
+        metrics = {**carried, **fresh}
         t0 = time.perf_counter()
         observed = self.allocator.observe(RoundFeedback(rnd, results, times, metrics), self) or {}
         alloc_s += time.perf_counter() - t0
@@ -271,6 +286,9 @@ class Simulation:
             extra["quant_gap_measured"] = self.server.gaps[-1]
         if failed_s:
             extra["sim_failed_s"] = failed_s
+        extra.update({k: v for k, v in metrics.items() if k.startswith("val_")})   # the validation split's
+        extra["evaluated"] = "acc_q" in fresh             # false: the test figures are the last evaluation's
+        extra["val_evaluated"] = "val_acc_q" in fresh     # false: the validation figures are carried
         rec = RoundRecord(rnd, metrics["acc_q"], metrics["acc_fp32"], metrics["loss_q"], metrics["loss_fp32"],
                           float(np.mean([r.train_loss for r in results])) if results else float("nan"),
                           round_s, clock.now_s, time.perf_counter() - self.wall_start, up,
@@ -357,6 +375,7 @@ class Simulation:
             "config": self.cfg.public_dict(),
             "rounds": [record_dict(r) for r in self.records],
             "final_acc_q": last.acc_q if last else None,
+            "final_acc_q_val": last.extra.get("val_acc_q") if last else None,   # what selections read
             "final_acc_fp32": last.acc_fp32 if last else None,
             "total_sim_s": total,
             "charged_total_sim_s": total + self.fit.charged_sim_s,

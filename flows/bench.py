@@ -60,11 +60,20 @@ def add_curves(res: dict[str, Any]) -> dict[str, Any]:
 TAIL = 3   # evaluations averaged into tail_acc_q: one evaluation is noisy
 
 
-def tail_accuracy(res: dict[str, Any], eval_every: int) -> float:
-    """Mean quantized accuracy of a run's last ``TAIL`` evaluations (rounds that evaluated)."""
+def evaluated_rounds(res: dict[str, Any], flag: str = "evaluated") -> list[dict[str, Any]]:
+    """The round records of a run whose model was evaluated on the test split (``flag``
+    ``val_evaluated``: on the validation split); the others carry the last figures forward."""
     rounds = res["rounds"]
-    evaluated = [r["acc_q"] for r in rounds if (r["round"] + 1) % eval_every == 0 or r is rounds[-1]]
-    return float(sum(evaluated[-TAIL:]) / len(evaluated[-TAIL:]))
+    return [r for r in rounds if r.get("extra", {}).get(flag, True) or r is rounds[-1]]
+
+
+def tail_accuracy(res: dict[str, Any], n: int = TAIL, key: str = "acc_q") -> float:
+    """Mean quantized accuracy of a run's last ``n`` evaluations (``key``: ``acc_q`` on the test
+    split, ``val_acc_q`` on the validation split)."""
+    val = key.startswith("val_")
+    evaluated = [r["extra"][key] if val else r[key] for r in evaluated_rounds(res, "val_evaluated" if val
+                                                                               else "evaluated")][-n:]
+    return float(sum(evaluated) / len(evaluated))
 
 
 PURE = ("all-ptq", "all-qat")
@@ -192,7 +201,7 @@ def bench_flow(config: dict[str, Any], strategies: list[str], seeds: list[int], 
             print(f"fedhq bench: seed {seed} {name}", file=sys.stderr, flush=True)
             res = execute_run(cfg, speed=speed, sim=sim, parent_run_id=parent, progress=progress)
             add_curves(res)
-            res["tail_acc_q"] = tail_accuracy(res, cfg.eval_every)
+            res["tail_acc_q"] = tail_accuracy(res)
             per_seed[seed][name] = res
     out = summarize(per_seed, target)
     sigs = {str(s): runs["fedhq"].get("significance") for s, runs in per_seed.items() if "fedhq" in runs}

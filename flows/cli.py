@@ -14,7 +14,7 @@ from fedhq_core.config import MODELS
 from fedhq_core.errors import CheckpointError, ConfigError, DataError, TooFewClients
 from flows.cli_options import EXIT_USAGE, UsageError, _Parser, add_config_flags
 from flows.commands import (_csv, cmd_bench, cmd_bench_overhead, cmd_bench_scale, cmd_devices, cmd_fit_significance,
-                            cmd_models, cmd_promote, cmd_run, cmd_serve, cmd_tune, cmd_upload)
+                            cmd_models, cmd_promote, cmd_run, cmd_serve, cmd_study, cmd_tune, cmd_upload)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +53,21 @@ def _add_run_commands(sub) -> None:
     b.add_argument("--json", metavar="FILE", help="write the results (schema in README)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.set_defaults(func=cmd_bench)
+    st = sub.add_parser("study", help="a protocol of settings x strategies x seeds: paired runs, cached (a rerun or a "
+                                      "restart after a kill reuses every finished run), 95%% intervals, validation "
+                                      "split; JSON, table and plots")
+    add_config_flags(st)
+    st.add_argument("--protocol", metavar="FILE.yaml", help="the study: name, base (config keys), settings (each a "
+                                                            "name and the keys it changes), strategies, seeds, "
+                                                            "criteria, central (see configs/study-cifar10.yaml)")
+    st.add_argument("--settings", dest="only", type=_csv(str), help="run only these settings of the protocol")
+    st.add_argument("--strategies", type=_csv(str), help="comma-separated (default: the protocol's, else "
+                                                         "fedhq,all-ptq,all-qat)")
+    st.add_argument("--seeds", type=_csv(int), help="comma-separated seeds (default: the protocol's, else the config's)")
+    st.add_argument("--name", help="the study's name: its cache folder and MLflow run (default: the protocol's)")
+    st.add_argument("--json", metavar="FILE", help="write the results (schema in README)")
+    st.add_argument("--no-progress", action="store_true", help="no per-run progress bars")
+    st.set_defaults(func=cmd_study)
 
 
 def _add_benchmarks(sub) -> None:

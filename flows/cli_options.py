@@ -67,7 +67,10 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
                    help="set any config key, e.g. --set jitter_sigma=0.3 (repeatable)")
 
 
-def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+def flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The config keys the command line sets (flags and ``--set``), unvalidated."""
+    import yaml
+
     overrides: dict[str, Any] = {key: getattr(args, key) for _, key, _, _ in CONFIG_FLAGS}
     overrides["download"] = args.download
     overrides["tracking"] = args.tracking
@@ -75,9 +78,12 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         if "=" not in item:
             raise ConfigError(f"--set: expected KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
-        import yaml
         overrides[k.strip()] = yaml.safe_load(v)
-    cfg = load_config(args.config, overrides)
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    cfg = load_config(args.config, flag_values(args))
     export_credentials(cfg.tracking_uri)
     return cfg
 

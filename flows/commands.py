@@ -164,6 +164,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from fedhq_core.config import read_yaml
+    from flows.cli_options import flag_values
+
+    flags = {k: v for k, v in flag_values(args).items() if v is not None}
+    if args.config:
+        flags = {**read_yaml(args.config), **flags}
+    from flows.study import load_protocol, paired_table, run_study, study_table
+
+    proto = load_protocol(args.protocol, flags, args.strategies, args.seeds, args.only, args.name)
+    export_credentials(proto.configs()[0][1].tracking_uri)
+    start_api_server()
+    with api_settings():
+        out = run_study(proto, progress=not args.no_progress)
+    print(f"study {out['study']!r}: {out['runs_ran']} runs ran, {out['runs_cached']} reused from the cache; "
+          f"wall {out['wall_s']:.0f} s; validation split {out['validation']['size']} images")
+    print(format_table(*study_table(out)))
+    print("\npaired differences (fedhq minus baseline, per seed; mean and 95% t-interval over seeds):")
+    print(format_table(*paired_table(out)))
+    for s in out["settings"]:
+        crit = s["criteria"]
+        print(f"{s['name']}: criteria " + ("met" if crit["met"] else "MISSED: " + "; ".join(crit["misses"])))
+        if s.get("bar"):
+            per = s["bar"]["per_seed"]
+            print(f"{s['name']}: bar per seed (acc vs better pure, TTA vs faster pure, sim vs all-ptq): " + ", ".join(
+                f"seed {k}: {100 * v['acc_vs_best']:+.1f} pts, "
+                + ("not reached" if v["tta_vs_best"] is None else f"{v['tta_vs_best']:.2f}x")
+                + f", {v['sim_vs_all_ptq']:.2f}x" for k, v in per.items())
+                + ("; met in every seed" if s["bar"]["met_every_seed"] else "; MISSED"))
+    print("plots: " + ", ".join(out["plots"].values()))
+    if args.json:
+        write_json(args.json, out)
+    return 0
+
+
 def cmd_bench_overhead(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     from flows.overhead import breakdown_table, measure
@@ -320,13 +355,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     with api_settings():
         out = run_tune(cfg, args.study, args.trials, args.timeout, args.n_jobs, args.storage, args.tune_epochs)
-    keys = ["trial", "xi", "w_bits", "a_bits"] + (["local_epochs"] if args.tune_epochs else []) + ["acc_q", "sim_s"]
+    keys = ["trial", "xi", "w_bits", "a_bits"] + (["local_epochs"] if args.tune_epochs else []) + ["val_acc_q", "sim_s", "test_acc_q"]
     print(f"Pareto front of study {out['study']!r} ({out['n_trials']} trials):")
     print(format_table(keys, [[round(r[k], 4) if isinstance(r[k], float) else r[k] for k in keys]
                               for r in out["pareto_front"]]))
     c = out["chosen"]
     print(f"chosen: trial {c['trial']} (xi={c['xi']:.3f}, w{c['w_bits']}a{c['a_bits']}), "
-          f"acc_q {c['acc_q']:.4f}, sim {c['sim_s']:.2f} s" +
+          f"validation acc_q {c['val_acc_q']:.4f}, sim {c['sim_s']:.2f} s (test acc_q, reported only: "
+          f"{c['test_acc_q'] if c['test_acc_q'] is None else round(c['test_acc_q'], 4)})" +
           (f"; registered as version {out['model_version']}" if out.get("model_version") else ""))
     if args.json:
         write_json(args.json, out)

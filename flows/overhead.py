@@ -53,7 +53,7 @@ def bare_loop(cfg_dict: dict[str, Any], out_path: str) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))   # as flows.runners.set_torch_threads
     with span("data load"):
         ds = load_data(cfg)
-        _, _, shards = split_clients(cfg, ds)  # the same client split as the flow
+        _, _, shards, _ = split_clients(cfg, ds)  # the same client split as the flow
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, ds.in_shape, ds.num_classes)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}

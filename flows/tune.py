@@ -1,5 +1,6 @@
 """``fedhq tune``: an Optuna study of xi and the bit-widths (optionally local epochs), multi-objective:
-maximise the deployed model's quantized accuracy, minimise simulated time.
+maximise the deployed model's quantized accuracy on the validation split (the test split is only
+reported, as ``test_acc_q``), minimise simulated time.
 
 The study lives in an RDB storage (default ``sqlite:///<state_dir>/optuna.db``; any SQLAlchemy
 URL via ``--storage``) and resumes by name. Each trial is an MLflow run nested under the study's
@@ -23,6 +24,7 @@ import optuna  # noqa: E402
 from prefect import flow  # noqa: E402
 
 from fedhq_core.config import ExperimentConfig, from_mapping  # noqa: E402
+from fedhq_core.errors import ConfigError  # noqa: E402
 from fedhq_core.simulation import Simulation, load_data  # noqa: E402
 from tasks import training as T  # noqa: E402
 
@@ -54,17 +56,22 @@ def pareto_plot(study: optuna.Study, front: list[optuna.trial.FrozenTrial], chos
     ax.scatter([chosen.values[1]], [chosen.values[0] * 100], s=160, facecolors="none", edgecolors="k",
                label="chosen")
     ax.set_xlabel("simulated time (s)")
-    ax.set_ylabel("deployed quantized test accuracy (%)")
+    ax.set_ylabel("deployed quantized validation accuracy (%)")
     ax.set_title(f"study {study.study_name}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return save_figure(fig, path)
 
 
+OBJECTIVE = "val_acc_q"   # (maximise) the deployed model's accuracy on the validation split; (minimise) sim time
+
+
 @flow(name="fedhq-tune", persist_result=False)
 def tune_flow(config: dict[str, Any], study_name: str, trials: int, timeout: float | None = None, n_jobs: int = 1,
               storage: str | None = None, tune_epochs: bool = False) -> dict[str, Any]:
     base = from_mapping({**config, "strategy": "fedhq"})
+    if base.val_fraction <= 0:
+        raise ConfigError("val_fraction: tune selects on the validation split; it must be > 0")
     set_torch_threads(base)
     storage = storage or f"sqlite:///{os.path.abspath(os.path.join(base.state_dir, 'optuna.db'))}"
     os.makedirs(base.state_dir, exist_ok=True)
@@ -72,6 +79,10 @@ def tune_flow(config: dict[str, Any], study_name: str, trials: int, timeout: flo
     study = optuna.create_study(study_name=study_name, storage=storage, load_if_exists=True,
                                 directions=["maximize", "minimize"],
                                 sampler=optuna.samplers.NSGAIISampler(seed=base.seed))
+    if study.trials and study.user_attrs.get("objective") != OBJECTIVE:
+        raise ConfigError(f"study: {study_name!r} in {storage} was scored on the test split by an older build; "
+                          "give a new --study name")
+    study.set_user_attr("objective", OBJECTIVE)
     tracker = tracker_for(base)
     parent = tracker.start(f"tune-{study_name}", {**base.public_dict(), "study": study_name, "storage": storage,
                                                  "trials": trials}, tags={"kind": "tune"}) if tracker else None
@@ -95,7 +106,9 @@ def tune_flow(config: dict[str, Any], study_name: str, trials: int, timeout: flo
         trial.set_user_attr("run_id", res["run_id"])
         with lock:
             bundles[trial.number] = (sim.deployed_bundle(), model_tags(sim, res))
-        return res["final_acc_q"], res["total_sim_s"]
+        # the objective reads the validation split (never the test split, which is only reported)
+        trial.set_user_attr("test_acc_q", res["final_acc_q"])
+        return res["final_acc_q_val"], res["total_sim_s"]
 
     main_ctx = contextvars.copy_context()  # trials on Optuna's threads still see the flow's context
     study.optimize(lambda t: main_ctx.copy().run(objective, t), n_trials=trials, timeout=timeout, n_jobs=n_jobs,
@@ -115,9 +128,11 @@ def finish_study(study: optuna.Study, storage: str, base: ExperimentConfig, trac
     chosen = choose(front)
     out: dict[str, Any] = {
         "study": study_name, "storage": storage, "n_trials": len(study.trials),
-        "pareto_front": [{"trial": t.number, **t.params, "acc_q": t.values[0], "sim_s": t.values[1],
-                          "run_id": t.user_attrs.get("run_id")} for t in sorted(front, key=lambda t: t.values[1])],
-        "chosen": {"trial": chosen.number, **chosen.params, "acc_q": chosen.values[0], "sim_s": chosen.values[1]},
+        "pareto_front": [{"trial": t.number, **t.params, "val_acc_q": t.values[0], "sim_s": t.values[1],
+                          "test_acc_q": t.user_attrs.get("test_acc_q"), "run_id": t.user_attrs.get("run_id")}
+                         for t in sorted(front, key=lambda t: t.values[1])],
+        "chosen": {"trial": chosen.number, **chosen.params, "val_acc_q": chosen.values[0], "sim_s": chosen.values[1],
+                   "test_acc_q": chosen.user_attrs.get("test_acc_q")},
     }
     plot = pareto_plot(study, front, chosen, os.path.join(base.state_dir, "plots", f"tune-{study_name}",
                                                           "pareto.png"))

@@ -107,3 +107,45 @@ def tta_bars(tta: dict[str, float | None], path: str) -> str:
     ax.set_ylabel("simulated time to target accuracy (s)")
     ax.tick_params(axis="x", rotation=30)
     return save_figure(fig, path)
+
+
+def accuracy_bands(curves: dict[str, list[list[list[float]]]], path: str, title: str = "") -> str:
+    """Deployed test accuracy against simulated time, per strategy: the mean over seeds on a
+    common time grid (each seed's curve held between its evaluations) with the range as a band."""
+    fig, ax = plt.subplots(figsize=(6.6, 4.4), dpi=110)
+    for name, runs in curves.items():
+        runs = [r for r in runs if r]
+        if not runs:
+            continue
+        end = min(r[-1][0] for r in runs)
+        grid = np.linspace(min(r[0][0] for r in runs), end, 200)
+        ys = np.array([np.interp(grid, [t for t, _ in r], [a for _, a in r]) for r in runs]) * 100
+        line, = ax.plot(grid, ys.mean(0), label=f"{name} (n={len(runs)})", lw=2.4 if name == "fedhq" else 1.4)
+        ax.fill_between(grid, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("simulated time (s), fit charged")
+    ax.set_ylabel("deployed quantized test accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def paired_differences(paired: dict[str, dict[str, Any]], path: str, title: str = "") -> str:
+    """fedhq minus each baseline in tail accuracy (points): each seed a dot, the mean with its 95%
+    t-interval as an error bar, and zero and -1 point marked."""
+    names = list(paired)
+    fig, ax = plt.subplots(figsize=(6.6, 0.5 + 0.55 * len(names)), dpi=110)
+    for i, n in enumerate(names):
+        e = paired[n]
+        ax.scatter([100 * v for v in e["acc_per_seed"]], [i] * len(e["acc_per_seed"]), color="gray", s=14, zorder=2)
+        ci = e["acc_ci95"]
+        err = None if ci is None else [[100 * (e["acc_mean"] - ci[0])], [100 * (ci[1] - e["acc_mean"])]]
+        ax.errorbar([100 * e["acc_mean"]], [i], xerr=err, fmt="o", color="tab:green", capsize=4, zorder=3)
+    ax.axvline(0, color="k", lw=1)
+    ax.axvline(-1, color="tab:red", lw=1, ls=":", label="-1 point")
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlabel("tail accuracy difference (points); dots: seeds; bar: 95% t-interval")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)

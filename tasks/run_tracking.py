@@ -59,7 +59,9 @@ def model_tags(sim: Any, summary: dict[str, Any]) -> dict[str, Any]:
     return {"strategy": cfg.strategy, "xi": cfg.xi, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
             "dataset": sim.dataset_name, "model": cfg.model, "final_acc_q": round(summary["final_acc_q"], 5),
             "final_acc_fp32": round(summary["final_acc_fp32"], 5), "total_sim_s": round(summary["total_sim_s"], 3),
-            "seed": cfg.seed}
+            "seed": cfg.seed,
+            # what promote compares: the validation split's accuracy ("" without one: not comparable)
+            "final_acc_q_val": "" if summary.get("final_acc_q_val") is None else round(summary["final_acc_q_val"], 5)}
 
 
 def log_checkpoint(tracker, cfg: ExperimentConfig):
@@ -135,8 +137,9 @@ def finish_tracking(tracker, sim: Any, summary: dict[str, Any], register: bool) 
                              "round": refit["round"], "n_samples": refit["n_samples"],
                              "run_version": refit["version"]}, aliases=("current",))
     rej = summary["rejected"]
-    tracker.log_metrics({k: summary[k] for k in ("final_acc_q", "final_acc_fp32", "total_sim_s", "charged_total_sim_s",
-                                                 "fit_sim_s", "fit_wall_s", "alloc_overhead_s")}
+    tracker.log_metrics({k: summary[k] for k in ("final_acc_q", "final_acc_q_val", "final_acc_fp32", "total_sim_s",
+                                                 "charged_total_sim_s", "fit_sim_s", "fit_wall_s", "alloc_overhead_s")
+                         if summary.get(k) is not None}
                         | {"total_upload_bytes": summary["upload_bytes"], "total_rejected": rej["total"]},
                         step=cfg.rounds)
     tracker.set_tags({"fedhq.rejected": f"{rej['total']} rejected ({format_reasons(rej['by_reason'])})"})

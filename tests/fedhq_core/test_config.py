@@ -25,6 +25,9 @@ def test_defaults_are_valid():
     ({"dataset": "cifar10-folder", "data_dir": "/no/such/dir"}, "data_dir"),
     ({"fleet": {"abacus": 1.0}}, "fleet"),
     ({"xi": 2}, "xi"),
+    ({"lr_schedule": "step"}, "lr_schedule"),
+    ({"val_fraction": 0.6}, "val_fraction"),
+    ({"eval_every": 2, "test_every": 3}, "test_every"),
 ])
 def test_bad_values_name_the_field(values, field):
     with pytest.raises(ConfigError) as err:
@@ -66,3 +69,14 @@ def test_credentials_are_redacted_from_uris():
     assert redact_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db" and redact_uri(None) is None
     public = ExperimentConfig(tracking_uri="http://me:hunter2@h/", dask_address="tcp://u:p@h:8786").public_dict()
     assert "hunter2" not in str(public) and ":p@" not in str(public)
+
+
+def test_cosine_schedule_runs_from_lr_to_its_floor():
+    cfg = ExperimentConfig(rounds=5, lr=0.1, lr_schedule="cosine", lr_final=0.1)
+    lrs = [cfg.round_lr(r) for r in range(5)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[-1] == pytest.approx(0.01) and lrs[2] == pytest.approx(0.055)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert ExperimentConfig(rounds=5, lr=0.1).round_lr(4) == 0.1        # constant by default
+    held = ExperimentConfig(rounds=10, lr=0.1, lr_schedule="cosine", lr_final=0.1, lr_hold=0.2)
+    assert [held.round_lr(r) for r in (0, 7, 8, 9)] == pytest.approx([0.1, 0.01, 0.01, 0.01])
+    assert held.round_lr(6) > 0.01

@@ -151,3 +151,28 @@ def test_shards_point_a_worker_at_the_images_the_run_trains_on():
         assert torch.equal(reloaded.x[ref.idx], ds.train.x[ref.idx])
         assert torch.equal(reloaded.y[ref.idx], ds.train.y[ref.idx])
     assert not torch.equal(load_data(base.replace(seed=1)).train.x, ds.train.x)   # seeds split differently
+
+
+def test_validation_split_is_held_out_from_clients_and_proxy():
+    """The experimenter's validation split, the server's proxy split and the clients' shards are
+    disjoint, and together are the training images; the same seed draws the same split."""
+    import numpy as np
+
+    from fedhq_core.config import ExperimentConfig
+    from fedhq_core.simulation import load_data, split_clients
+
+    import dataclasses
+
+    cfg = ExperimentConfig(clients=6, tracking=False, val_fraction=0.1)
+    ds = load_data(cfg)
+    x = ds.train.x.clone()
+    x[:, 0, 0, 0] = torch.arange(len(x), dtype=x.dtype)           # each image tagged with its index
+    ds = dataclasses.replace(ds, train=dataclasses.replace(ds.train, x=x))
+    tags = lambda split: set(split.x[:, 0, 0, 0].long().tolist())   # noqa: E731
+    proxy, _, shards, val = split_clients(cfg, ds)
+    assert len(val) == round(0.1 * len(ds.train))
+    pool = set(np.concatenate([s.idx for s in shards]).tolist())
+    assert not tags(val) & tags(proxy) and not tags(val) & pool and not tags(proxy) & pool
+    assert len(pool) + len(val) + len(proxy) == len(ds.train)
+    assert tags(split_clients(cfg, ds)[3]) == tags(val)
+    assert split_clients(cfg.replace(val_fraction=0.0), ds)[3] is None

@@ -100,7 +100,7 @@ def test_dominance_compares_tails_with_the_better_pure_strategy():
                     "all-ptq": _run([0.5, 0.7, 0.90, 0.80, 0.85], 1.0),     # better pure tail: 0.85
                     "all-qat": _run([0.1, 0.3, 0.50, 0.70, 0.90], 1.2)}}    # its last evaluation is higher
     for r in per_seed[0].values():
-        r["tail_acc_q"] = tail_accuracy(r, eval_every=1)
+        r["tail_acc_q"] = tail_accuracy(r)
     assert per_seed[0]["all-ptq"]["tail_acc_q"] == pytest.approx(0.85)
     out = summarize(per_seed, None)
     dom = out["dominance"]
@@ -112,10 +112,13 @@ def test_dominance_compares_tails_with_the_better_pure_strategy():
     assert dom["uncharged"] == pytest.approx({"tta_vs_best": 4.0 / 3.0, "sim_vs_all_ptq": 1.0})
     # a pilot made for fedhq's run (2 simulated s) is on its bill: its curve, TTA and time shift
     per_seed[0]["fedhq"] = _run([0.2, 0.6, 0.80, 0.90, 0.86], 1.0, fit_s=2.0)
-    per_seed[0]["fedhq"]["tail_acc_q"] = tail_accuracy(per_seed[0]["fedhq"], eval_every=1)
+    per_seed[0]["fedhq"]["tail_acc_q"] = tail_accuracy(per_seed[0]["fedhq"])
     dom = summarize(per_seed, None)["dominance"]
     assert dom["tta_vs_best"] == pytest.approx(6.0 / 3.0) and dom["sim_vs_all_ptq"] == pytest.approx(7.0 / 5.0)
     assert dom["uncharged"] == pytest.approx({"tta_vs_best": 4.0 / 3.0, "sim_vs_all_ptq": 1.0})
     assert dom["met"]["sim_vs_all_ptq"] is False
     # evaluations every 2 rounds: the tail takes evaluated rounds only (1, 3 and the last)
-    assert tail_accuracy(_run([0.0, 0.3, 0.0, 0.6, 0.9], 1.0), eval_every=2) == pytest.approx(0.6)
+    run = _run([0.0, 0.3, 0.0, 0.6, 0.9], 1.0)
+    for r in run["rounds"]:
+        r["extra"] = {"evaluated": r["round"] % 2 == 1}
+    assert tail_accuracy(run) == pytest.approx(0.6)

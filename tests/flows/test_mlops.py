@@ -18,7 +18,13 @@ def test_tune_models_and_promote(tmp_path, monkeypatch, capsys):
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["n_trials"] == 2 and res["pareto_front"]
-    assert {"xi", "w_bits", "a_bits", "acc_q", "sim_s"} <= set(res["chosen"])
+    assert {"xi", "w_bits", "a_bits", "val_acc_q", "sim_s", "test_acc_q"} <= set(res["chosen"])
+    # Optuna's objective is each trial run's validation accuracy, never its test accuracy
+    from mlflow import MlflowClient
+
+    for t in res["pareto_front"]:
+        m = MlflowClient(uri).get_run(t["run_id"]).data.metrics
+        assert t["val_acc_q"] == pytest.approx(m["final_acc_q_val"]) and t["test_acc_q"] == pytest.approx(m["final_acc_q"])
     assert res["plot"].endswith("pareto.png")
     # the study resumes by name
     rc = main(["tune", "--trials", "1", "--rounds", "2", "--clients", "6", "--local-epochs", "1", "--seed", "1",
@@ -74,3 +80,47 @@ def test_serve_without_server_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     assert main(["serve"]) == 2
     assert "PREFECT_API_URL" in capsys.readouterr().err
+
+
+class _Version:
+    def __init__(self, version, **tags):
+        self.version, self.tags = str(version), {k: str(v) for k, v in tags.items()}
+
+
+class _Registry:
+    """An MlflowClient's registry calls that promote makes, in memory."""
+
+    def __init__(self, versions):
+        self.versions, self.alias = versions, None
+
+    def search_model_versions(self, _):
+        return self.versions
+
+    def get_model_version_by_alias(self, name, alias):
+        from mlflow.exceptions import MlflowException
+
+        if self.alias is None:
+            raise MlflowException("no alias")
+        return next(v for v in self.versions if v.version == self.alias)
+
+    def set_registered_model_alias(self, name, alias, version):
+        self.alias = str(version)
+
+
+def test_promotion_reads_the_validation_split_never_the_test_split():
+    from tasks.registry import promote
+
+    same = {"dataset": "digits", "w_bits": 4, "a_bits": 8}
+    reg = _Registry([_Version(1, final_acc_q=0.70, final_acc_q_val=0.90, **same)])
+    assert promote(reg, "m")[0] and reg.alias == "1"
+    # version 2 is better on the test split and worse on validation: not promoted
+    reg.versions.append(_Version(2, final_acc_q=0.99, final_acc_q_val=0.85, **same))
+    moved, text = promote(reg, "m")
+    assert not moved and reg.alias == "1" and "validation acc_q 0.8500" in text
+    # version 3 is worse on the test split and better on validation: promoted
+    reg.versions.append(_Version(3, final_acc_q=0.10, final_acc_q_val=0.95, **same))
+    assert promote(reg, "m")[0] and reg.alias == "3"
+    # a version trained without a validation split is not comparable
+    reg.versions.append(_Version(4, final_acc_q=1.0, final_acc_q_val="", **same))
+    moved, text = promote(reg, "m")
+    assert not moved and reg.alias == "3" and "no validation accuracy" in text

@@ -1,0 +1,471 @@
+"""``fedhq study``: a protocol of settings x strategies x seeds, paired, cached, with intervals.
+
+* **Paired.** Per seed, every strategy of a setting gets the same shards, validation split,
+  device assignment and initial weights (all are drawn from the run's seed), and the data are
+  loaded once per setting.
+* **Cached.** Every finished (setting, strategy, seed) run is written atomically to
+  ``<state_dir>/study/<study>/<setting>/<strategy>-seed<seed>.json`` with a digest of its config
+  and of the code that computes a run (``RUN_CODE``). A study run again, or after a kill -9,
+  reuses every finished run whose digest matches and starts only what is missing; a run written
+  by another version of the code or another config is never reused (one line says so).
+* **Statistics** (``run_figures``, ``paired``): the tail is the mean of the last ``TAIL``
+  evaluations; the TTA target is 95% of the better pure strategy's *validation* tail, per seed,
+  and a run's TTA is the first simulated time (fit charged) at which the running mean over 3
+  evaluations of its validation accuracy reaches it; paired differences fedhq - baseline per
+  seed, with the mean and a 95% t-interval over seeds, and a verdict.
+* **Criteria** (``criteria``): the fp32 reference's gain over the last 20% of rounds (plateau)
+  and every run's spread over its last 10 evaluations (stability), each against its bound.
+
+The test split is only reported; selections (the TTA target) read the validation split.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flows import configure_prefect_env
+
+configure_prefect_env()
+
+import numpy as np  # noqa: E402
+from prefect import flow  # noqa: E402
+
+from fedhq_core.config import STRATEGIES, ExperimentConfig, from_mapping, read_yaml  # noqa: E402
+from fedhq_core.errors import ConfigError  # noqa: E402
+from fedhq_core.metrics import accuracy_at, running_mean, t_interval, time_to_accuracy, verdict  # noqa: E402
+from fedhq_core.records import write_json  # noqa: E402
+from fedhq_core.simulation import Simulation, data_key  # noqa: E402
+from tasks import training as T  # noqa: E402
+
+from flows.bench import PURE, dominance, evaluated_rounds, host_info, ordered, tail_accuracy  # noqa: E402
+from flows.runners import set_torch_threads, task_runner_for  # noqa: E402
+from flows.significance import obtain_significance  # noqa: E402
+from flows.train import execute_run  # noqa: E402
+from tasks.run_tracking import tracker_for  # noqa: E402
+
+TAIL = 5                  # evaluations averaged into a run's tail accuracy
+RUNNING = 3               # evaluations in the running mean that decides a TTA crossing
+TARGET_SHARE = 0.95       # TTA target: this share of the better pure strategy's validation tail
+PROTOCOL_KEYS = ("name", "base", "settings", "strategies", "seeds", "criteria", "central")
+CRITERIA = {"plateau_share": 0.2, "plateau_points": 1.0, "stability_window": 10, "stability_points": 1.0}
+# the code that computes a run's figures: a change to any of it makes every cached run stale
+RUN_CODE = ("fedhq_core", "tasks/training.py", "flows/train.py", "flows/significance.py", "flows/runners.py")
+# config keys that change where or how visibly a run executes, not what it computes
+NOT_RESULTS = ("tracking", "tracking_uri", "experiment", "registered_model", "state_dir", "checkpoint",
+               "checkpoint_keep", "checkpoint_log_every", "max_concurrency", "clients_per_task", "server_tasks",
+               "dask_address", "dask_local", "download")
+
+
+@dataclass
+class Protocol:
+    """What a study runs: ``settings`` (each a name and the config fields it changes from
+    ``base``) x ``strategies`` x ``seeds``."""
+
+    name: str
+    base: dict[str, Any]
+    settings: list[dict[str, Any]]
+    strategies: list[str]
+    seeds: list[int]
+    criteria: dict[str, float] = field(default_factory=lambda: dict(CRITERIA))
+    central: bool = False           # also train each setting's network centrally (seed of the first run)
+
+    def configs(self) -> list[tuple[str, ExperimentConfig]]:
+        """Every setting's validated config (a bad field raises ConfigError naming it)."""
+        out = []
+        for s in self.settings:
+            fields = {k: v for k, v in s.items() if k != "name"}
+            out.append((s["name"], from_mapping({**self.base, **fields}, source=f"setting {s['name']!r}")))
+        return out
+
+
+def load_protocol(path: str | None, flags: dict[str, Any], strategies: list[str] | None, seeds: list[int] | None,
+                  only: list[str] | None = None, name: str | None = None) -> Protocol:
+    """A protocol YAML (or none: one setting, the flags' config) with the command line's config
+    flags over its ``base``, and ``--strategies``/``--seeds``/``--settings`` over its lists.
+    Everything is validated before any run starts."""
+    raw: dict[str, Any] = read_yaml(path) if path else {}
+    unknown = [k for k in raw if k not in PROTOCOL_KEYS]
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key in {path} (a protocol has {', '.join(PROTOCOL_KEYS)})")
+    base = dict(raw.get("base") or {})
+    if not isinstance(base, dict):
+        raise ConfigError(f"base: expected a mapping of config keys in {path}")
+    base.update(flags)
+    settings = raw.get("settings") or [{"name": "default"}]
+    if not isinstance(settings, list) or not all(isinstance(s, dict) and s.get("name") for s in settings):
+        raise ConfigError(f"settings: expected a list of mappings, each with a name, in {path}")
+    names = [str(s["name"]) for s in settings]
+    if len(set(names)) != len(names):
+        raise ConfigError("settings: two settings share a name")
+    if only:
+        missing = [n for n in only if n not in names]
+        if missing:
+            raise ConfigError(f"settings: no setting {missing[0]!r} (the protocol has {', '.join(names)})")
+        settings = [s for s in settings if s["name"] in only]
+    strategies = strategies or list(raw.get("strategies") or ["fedhq", "all-ptq", "all-qat"])
+    for s in strategies:
+        if s not in STRATEGIES:
+            raise ConfigError(f"strategies: unknown strategy {s!r} (choose from {', '.join(STRATEGIES)})")
+    try:
+        seeds = seeds or [int(s) for s in (raw.get("seeds") or [base.get("seed", 0)])]
+    except (TypeError, ValueError):
+        raise ConfigError(f"seeds: expected integers, got {raw.get('seeds')!r}") from None
+    criteria = dict(CRITERIA)
+    for k, v in (raw.get("criteria") or {}).items():
+        if k not in CRITERIA:
+            raise ConfigError(f"criteria: unknown key {k!r} (choose from {', '.join(CRITERIA)})")
+        try:
+            criteria[k] = float(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"criteria: {k} must be a number, got {v!r}") from None
+    proto = Protocol(name or str(raw.get("name") or "study"), base, [dict(s, name=str(s["name"])) for s in settings],
+                     list(strategies), list(seeds), criteria, bool(raw.get("central", False)))
+    for _, cfg in proto.configs():     # every setting validates now, before a run starts
+        if cfg.val_fraction <= 0:
+            raise ConfigError("val_fraction: a study selects on the validation split; it must be > 0")
+    return proto
+
+
+# --- the cache ----------------------------------------------------------------------------------
+def code_digest(root: Path | None = None) -> str:
+    """sha256 over the source of the code that computes a run (``RUN_CODE``) and torch's version."""
+    import torch
+
+    root = root or Path(__file__).resolve().parent.parent
+    h = hashlib.sha256(torch.__version__.encode())
+    for part in RUN_CODE:
+        p = root / part
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".py", ".json")) if p.is_dir() else [p]
+        for f in files:
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def run_digest(cfg: ExperimentConfig, code: str) -> str:
+    keep = {k: v for k, v in cfg.public_dict().items() if k not in NOT_RESULTS}
+    return hashlib.sha256(json.dumps([keep, code], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class RunCache:
+    """One JSON file per finished run; written atomically, so a kill leaves whole files only."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def path(self, setting: str, strategy: str, seed: int) -> Path:
+        return self.root / setting / f"{strategy}-seed{seed}.json"
+
+    def get(self, setting: str, strategy: str, seed: int, digest: str) -> dict[str, Any] | None:
+        p = self.path(setting, strategy, seed)
+        if not p.is_file():
+            return None
+        try:
+            entry = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            print(f"fedhq study: {p}: unreadable cache entry; running again", file=sys.stderr)
+            return None
+        if entry.get("digest") != digest:
+            print(f"fedhq study: {p}: written by another version of the code or another config "
+                  f"(digest {entry.get('digest')} != {digest}); running again", file=sys.stderr)
+            return None
+        return entry["run"]
+
+    def put(self, setting: str, strategy: str, seed: int, digest: str, run: dict[str, Any]) -> None:
+        write_json(self.path(setting, strategy, seed), {"digest": digest, "run": run})
+
+
+# --- one run's figures --------------------------------------------------------------------------
+RUN_KEEP = ("final_acc_q", "final_acc_q_val", "final_acc_fp32", "total_sim_s", "charged_total_sim_s", "fit_sim_s",
+            "fit_charged_sim_s", "fit_source", "wall_s", "upload_bytes", "qat_share", "alloc_overhead_s",
+            "sim_breakdown_s", "label_hist_sim_s", "run_id", "significance")
+
+
+def run_record(res: dict[str, Any], strategy: str, seed: int) -> dict[str, Any]:
+    """What the study keeps of a run: its figures and its evaluated curves (test and validation
+    accuracy against simulated time, the fit charged), and the round-level numbers needed for
+    the criteria."""
+    shift = res.get("fit_charged_sim_s", 0.0)
+    ev = evaluated_rounds(res)
+    out = {"strategy": strategy, "seed": seed, **{k: res.get(k) for k in RUN_KEEP}}
+    out["curve"] = [[r["sim_time_s"] + shift, r["acc_q"]] for r in ev]
+    out["curve_val"] = [[r["sim_time_s"] + shift, r["extra"]["val_acc_q"]] for r in evaluated_rounds(res, "val_evaluated")]
+    out["curve_fp32"] = [[r["round"], r["acc_fp32"]] for r in ev]
+    out["rounds"] = len(res["rounds"])
+    out["tail_acc_q"] = tail_accuracy(res, TAIL)
+    out["tail_acc_q_val"] = tail_accuracy(res, TAIL, "val_acc_q")
+    out["tail_acc_fp32"] = tail_accuracy(res, TAIL, "acc_fp32")
+    out["fit_sim_s"] = res.get("fit_sim_s", 0.0)
+    out["total_sim_s"] = res["charged_total_sim_s"]          # fit charged, as fedhq bench charges it
+    out["uncharged_total_sim_s"] = res["total_sim_s"]
+    return out
+
+
+def stability(run: dict[str, Any], window: int) -> float:
+    """Standard deviation (points) of the deployed test accuracy over the last ``window`` evaluations."""
+    accs = [a for _, a in run["curve"]][-window:]
+    return float(np.std(accs) * 100)
+
+
+def plateau_gain(run: dict[str, Any], share: float) -> float:
+    """Points of FP32 accuracy gained in the last ``share`` of rounds: the mean of the last 3
+    evaluations minus the mean of the 3 evaluations up to round (1 - share) x rounds."""
+    cut = (1 - share) * run["rounds"]
+    before = [a for r, a in run["curve_fp32"] if r + 1 <= cut][-RUNNING:]
+    end = [a for _, a in run["curve_fp32"]][-RUNNING:]
+    return float((np.mean(end) - np.mean(before)) * 100) if before else float("nan")
+
+
+def attach_targets(runs: dict[str, dict[str, Any]]) -> None:
+    """Per seed: the TTA target from the pure strategies' validation tails, each run's TTA on its
+    running-mean validation curve, and its accuracy at each pure strategy's total time."""
+    pure = [runs[n]["tail_acc_q_val"] for n in PURE if n in runs] or [r["tail_acc_q_val"] for r in runs.values()]
+    target = TARGET_SHARE * max(pure)
+    for r in runs.values():
+        r["target_val"] = target
+        r["tta_sim_s"] = time_to_accuracy(running_mean(r["curve_val"], RUNNING), target)
+        r["tta_uncharged_sim_s"] = None if r["tta_sim_s"] is None else r["tta_sim_s"] - r.get("fit_charged_sim_s", 0.0)
+        smooth = running_mean(r["curve"], RUNNING)
+        r["acc_at"] = {n: accuracy_at(smooth, runs[n]["total_sim_s"]) for n in PURE if n in runs}
+
+
+def paired(by_seed: dict[int, dict[str, dict[str, Any]]], strategies: list[str]) -> dict[str, Any]:
+    """fedhq minus each baseline, per seed: tail accuracy (test), TTA ratio, accuracy at each
+    pure strategy's total time; mean, 95% t-interval over seeds and a verdict."""
+    out: dict[str, Any] = {}
+    seeds = sorted(by_seed)
+    if "fedhq" not in strategies:
+        return out
+    for base in [s for s in strategies if s != "fedhq"]:
+        acc = [by_seed[s]["fedhq"]["tail_acc_q"] - by_seed[s][base]["tail_acc_q"] for s in seeds]
+        ratio = [None if by_seed[s]["fedhq"]["tta_sim_s"] is None or not by_seed[s][base]["tta_sim_s"]
+                 else by_seed[s]["fedhq"]["tta_sim_s"] / by_seed[s][base]["tta_sim_s"] for s in seeds]
+        m, ci = t_interval(acc)
+        rm, rci = t_interval(ratio)
+        entry = {"acc_per_seed": acc, "acc_mean": m, "acc_ci95": ci, "verdict": verdict(ci),
+                 "tta_ratio_per_seed": ratio, "tta_ratio_mean": rm, "tta_ratio_ci95": rci,
+                 "tta_verdict": "equal" if rci is None else "better" if rci[1] < 1 else "worse" if rci[0] > 1
+                 else "equal", "tta_reached": f"{sum(r is not None for r in ratio)}/{len(seeds)}"}
+        for p in PURE:
+            if p in by_seed[seeds[0]]:
+                d = [by_seed[s]["fedhq"]["acc_at"][p] - by_seed[s][base]["acc_at"][p] for s in seeds]
+                em, eci = t_interval(d)
+                entry[f"acc_at_{p}_time"] = {"per_seed": d, "mean": em, "ci95": eci, "verdict": verdict(eci)}
+        out[f"fedhq-vs-{base}"] = entry
+    if set(PURE) <= set(by_seed[seeds[0]]):   # against the better pure strategy of each seed
+        best = [by_seed[s]["fedhq"]["tail_acc_q"] - max(by_seed[s][p]["tail_acc_q"] for p in PURE) for s in seeds]
+        m, ci = t_interval(best)
+        out["fedhq-vs-better-pure"] = {"acc_per_seed": best, "acc_mean": m, "acc_ci95": ci, "verdict": verdict(ci)}
+    return out
+
+
+def criteria(runs: list[dict[str, Any]], crit: dict[str, float]) -> dict[str, Any]:
+    """Stability of every run and the fp32 reference's plateau, each against its bound; misses named."""
+    stab = {f"{r['strategy']}/seed{r['seed']}": stability(r, int(crit["stability_window"])) for r in runs}
+    plat = {f"fp32/seed{r['seed']}": plateau_gain(r, crit["plateau_share"]) for r in runs if r["strategy"] == "fp32"}
+    misses = [f"{k}: spread {v:.2f} points over the last {int(crit['stability_window'])} evaluations "
+              f"(bound {crit['stability_points']:g})" for k, v in stab.items() if not v <= crit["stability_points"]]
+    misses += [f"{k}: gained {v:.2f} points in the last {crit['plateau_share']:.0%} of rounds "
+               f"(bound {crit['plateau_points']:g}: not at a plateau)" for k, v in plat.items()
+               if not v < crit["plateau_points"]]
+    return {"stability_points": stab, "plateau_gain_points": plat, "bounds": dict(crit),
+            "met": not misses and bool(plat or not any(r["strategy"] == "fp32" for r in runs)), "misses": misses}
+
+
+def summarize_setting(name: str, cfg: ExperimentConfig, by_seed: dict[int, dict[str, dict[str, Any]]],
+                      strategies: list[str], crit: dict[str, float]) -> dict[str, Any]:
+    for runs in by_seed.values():
+        attach_targets(runs)
+    runs = [by_seed[s][n] for s in sorted(by_seed) for n in strategies]
+    out = {"name": name, "config": cfg.public_dict(), "runs": runs, "paired": paired(by_seed, strategies),
+           "criteria": criteria(runs, crit)}
+    if "fedhq" in strategies and set(PURE) <= set(strategies):
+        out["bar"] = dominance({s: {n: {**r, "charged_total_sim_s": r["total_sim_s"],
+                                        "total_sim_s": r["uncharged_total_sim_s"]} for n, r in by_seed[s].items()}
+                                for s in by_seed})
+        lo = (out["paired"]["fedhq-vs-better-pure"]["acc_ci95"] or [None])[0]
+        out["bar"]["interval_vs_better_pure_lo"] = lo
+        out["bar"]["met"]["interval_lo_ge_-1.5"] = lo is not None and lo >= -0.015
+        per = out["bar"]["per_seed"]
+        out["bar"]["met_every_seed"] = all(v["acc_vs_best"] >= -0.01 and v["tta_vs_best"] is not None
+                                           and v["tta_vs_best"] <= 1.05 and v["sim_vs_all_ptq"] <= 1.10
+                                           for v in per.values())
+    return out
+
+
+# --- the flow -----------------------------------------------------------------------------------
+class Progress:
+    """Runs done and remaining, and an estimate of the time left from the wall time of the runs
+    that ran (a cached run's recorded wall time stands in until one has)."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.ran, self.cached, self.t0 = total, 0, 0, 0, time.perf_counter()
+        self.walls: dict[str, list[float]] = {}
+
+    def step(self, what: str, strategy: str, wall_s: float, cached: bool) -> str:
+        self.done += 1
+        self.cached += cached
+        self.ran += not cached
+        self.walls.setdefault(strategy, []).append(wall_s)
+        per = float(np.mean([w for ws in self.walls.values() for w in ws]))
+        left = (self.total - self.done) * per
+        return (f"fedhq study: [{self.done}/{self.total}] {what}: {'cached' if cached else f'ran in {wall_s:.0f} s'}; "
+                f"{self.total - self.done} to go, about {left / 60:.0f} min left")
+
+
+@flow(name="fedhq-study", persist_result=False)
+def study_flow(proto_dict: dict[str, Any], progress: bool = False) -> dict[str, Any]:
+    proto = Protocol(**proto_dict)
+    t0 = time.perf_counter()
+    settings = proto.configs()
+    base0 = settings[0][1]
+    set_torch_threads(base0)
+    code = code_digest()
+    cache = RunCache(Path(base0.state_dir) / "study" / proto.name)
+    tracker = tracker_for(base0)
+    parent = tracker.start(f"study-{proto.name}", {"protocol": json.dumps(proto_dict, default=str)[:5000]},
+                           tags={"kind": "study"}) if tracker else None
+    bar = Progress(len(settings) * len(proto.strategies) * len(proto.seeds))
+    out_settings, device = [], "cpu"
+    loaded: dict[Any, Any] = {}
+    for name, cfg in settings:
+        key = data_key(cfg)
+        ds = loaded.get(key) or key.load()
+        loaded = {key: ds}               # one setting's images in memory at a time
+        speed = None
+        by_seed: dict[int, dict[str, dict[str, Any]]] = {}
+        for seed in proto.seeds:
+            by_seed[seed] = {}
+            for strategy in ordered(proto.strategies):
+                rcfg = cfg.replace(strategy=strategy, seed=seed)
+                if strategy == "random-hybrid" and rcfg.qat_share < 0 and "fedhq" in by_seed[seed]:
+                    rcfg = rcfg.replace(qat_share=by_seed[seed]["fedhq"]["qat_share"])
+                digest = run_digest(rcfg, code)
+                what = f"{name} {strategy} seed {seed}"
+                run = cache.get(name, strategy, seed, digest)
+                cached = run is not None
+                if run is None:
+                    print(f"fedhq study: {what}: running", file=sys.stderr, flush=True)
+                    sim = Simulation(rcfg, dataset=ds)
+                    device = str(sim.device.type)
+                    speed = speed or T.profile_hardware(sim, None)
+                    if sim.needs_significance():
+                        sim.profile(speed)
+                        obtain_significance(sim, tracker_for(rcfg))
+                    res = execute_run(rcfg, speed=speed, sim=sim, parent_run_id=parent, progress=progress,
+                                      register=False, run_name=f"{proto.name}-{name}-{strategy}-s{seed}")
+                    run = run_record(res, strategy, seed)
+                    run["digest"] = digest
+                    cache.put(name, strategy, seed, digest, run)
+                by_seed[seed][strategy] = run
+                print(bar.step(what, strategy, run["wall_s"], cached), file=sys.stderr, flush=True)
+        entry = summarize_setting(name, cfg, by_seed, proto.strategies, proto.criteria)
+        if proto.central:
+            from fedhq_core.central import train_central
+
+            entry["central"] = central_reference(cache, name, cfg.replace(strategy="fp32", seed=proto.seeds[0]), ds,
+                                                 code, train_central)
+        out_settings.append(entry)
+    n_val = int(round(base0.val_fraction * len(loaded[next(iter(loaded))].train))) if loaded else 0
+    out = {"study": proto.name, "protocol": proto_dict, "code_digest": code,
+           "validation": {"split": "val_fraction of the training images, held out from the clients and the server's "
+                                   "proxy, drawn per seed; selections (TTA targets) read it, the test split is only "
+                                   "reported", "fraction": base0.val_fraction, "size": n_val},
+           "statistics": {"tail": f"mean of the last {TAIL} evaluations",
+                          "tta": f"first simulated time (fit charged) at which the running mean of {RUNNING} "
+                                 f"evaluations of validation accuracy reaches {TARGET_SHARE:.0%} of the better pure "
+                                 "strategy's validation tail (per seed)",
+                          "paired": "fedhq minus baseline per seed; mean and 95% Student-t interval over seeds; "
+                                    "better / worse when the interval excludes 0, else equal",
+                          "equal_time": f"running mean of {RUNNING} evaluations of test accuracy at the pure "
+                                        "strategy's total simulated time"},
+           "settings": out_settings, "strategies": proto.strategies, "seeds": proto.seeds,
+           "runs_ran": bar.ran, "runs_cached": bar.cached, "wall_s": time.perf_counter() - t0,
+           "runs_wall_s": float(sum(r["wall_s"] for s in out_settings for r in s["runs"])),
+           "host": host_info(device)}
+    out["plots"] = study_plots(out, Path(base0.state_dir) / "plots" / f"study-{proto.name}")
+    if tracker and parent:
+        tracker.run_id = parent
+        for p in out["plots"].values():
+            tracker.log_artifact(p, "plots")
+        tracker.log_dict(out, "study.json")
+        tracker.end()
+    return out
+
+
+def central_reference(cache: RunCache, setting: str, cfg: ExperimentConfig, ds: Any, code: str,
+                      train_central: Any) -> dict[str, Any]:
+    """The network trained centrally on the pooled client images for the fp32 run's sample-steps
+    (cached like a run)."""
+    digest = run_digest(cfg, code + "central")
+    hit = cache.get(setting, "central", cfg.seed, digest)
+    if hit is None:
+        print(f"fedhq study: {setting} central reference: training", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        hit = train_central(cfg, ds)
+        hit["wall_s"] = time.perf_counter() - t0
+        cache.put(setting, "central", cfg.seed, digest, hit)
+    return hit
+
+
+def study_plots(out: dict[str, Any], folder: Path) -> dict[str, str]:
+    from tasks.plots import paired_differences, accuracy_bands
+
+    plots = {}
+    for s in out["settings"]:
+        curves: dict[str, list[list[list[float]]]] = {}
+        for r in s["runs"]:
+            curves.setdefault(r["strategy"], []).append(r["curve"])
+        plots[f"{s['name']}/accuracy_vs_time"] = accuracy_bands(curves, str(folder / s["name"] / "accuracy_vs_time.png"),
+                                                                f"{s['name']}: mean and range over seeds")
+        if s["paired"]:
+            plots[f"{s['name']}/paired"] = paired_differences(s["paired"], str(folder / s["name"] / "paired.png"),
+                                                              f"{s['name']}: fedhq minus baseline, per seed")
+    return plots
+
+
+def run_study(proto: Protocol, progress: bool = False) -> dict[str, Any]:
+    base0 = proto.configs()[0][1]
+    set_torch_threads(base0)
+    f = study_flow.with_options(task_runner=task_runner_for(base0))
+    return f(proto.__dict__, progress)
+
+
+def study_table(out: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Per setting and strategy: means over seeds with the spread (min..max) where it matters."""
+    headers = ["setting", "strategy", "tail_acc_q", "range", "tail_val", "tta_sim_s", "total_sim_s", "qat_share",
+               "stab_pts", "wall_s"]
+    rows = []
+    for s in out["settings"]:
+        stab = s["criteria"]["stability_points"]
+        for name in out["strategies"]:
+            runs = [r for r in s["runs"] if r["strategy"] == name]
+            tail = [r["tail_acc_q"] for r in runs]
+            tta = [r["tta_sim_s"] for r in runs]
+            rows.append([s["name"], name, round(float(np.mean(tail)), 4), f"{min(tail):.3f}..{max(tail):.3f}",
+                         round(float(np.mean([r["tail_acc_q_val"] for r in runs])), 4),
+                         "-" if None in tta else round(float(np.mean(tta)), 2),
+                         round(float(np.mean([r["total_sim_s"] for r in runs])), 2),
+                         round(float(np.mean([r["qat_share"] for r in runs])), 2),
+                         round(max(stab[f"{name}/seed{r['seed']}"] for r in runs), 2),
+                         round(float(np.mean([r["wall_s"] for r in runs])), 1)])
+    return headers, rows
+
+
+def paired_table(out: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    headers = ["setting", "comparison", "acc_pts_mean", "acc_ci95", "verdict", "tta_ratio", "tta_ci95", "tta_verdict"]
+    rows = []
+    pts = lambda v: "-" if v is None else round(100 * v, 2)   # noqa: E731
+    ci = lambda c, k=100: "-" if c is None else f"[{k * c[0]:+.2f}, {k * c[1]:+.2f}]"   # noqa: E731
+    for s in out["settings"]:
+        for comp, e in s["paired"].items():
+            rows.append([s["name"], comp, pts(e["acc_mean"]), ci(e["acc_ci95"]), e["verdict"],
+                         "-" if e.get("tta_ratio_mean") is None else round(e["tta_ratio_mean"], 3),
+                         ci(e.get("tta_ratio_ci95"), 1), e.get("tta_verdict", "-")])
+    return headers, rows

@@ -1,0 +1,198 @@
+"""fedhq study: a paired digits smoke study, its cache (reuse, stale code, a kill -9 mid-study),
+its statistics on hand-made numbers, and bad input refused before any run starts."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = ["study", "--dataset", "digits", "--seeds", "0,1", "--strategies", "fedhq,all-ptq,all-qat", "--rounds", "3",
+         "--clients", "8", "--local-epochs", "1", "--no-tracking", "--no-progress", "--set", "profile_reps=1"]
+
+
+@pytest.mark.slow
+def test_smoke_study_is_paired_cached_and_reused(tmp_path, capsys):
+    from flows.cli import main
+
+    state, out = str(tmp_path / "st"), tmp_path / "study.json"
+    assert main(SMOKE + ["--state-dir", state, "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["runs_ran"] == 6 and res["runs_cached"] == 0
+    assert res["validation"]["size"] == round(0.1 * 1437) and res["wall_s"] > 0 and res["host"]["cores"]
+    (s,) = res["settings"]
+    assert s["name"] == "default" and s["config"]["rounds"] == 3
+    assert {(r["strategy"], r["seed"]) for r in s["runs"]} == {(n, k) for n in ("fedhq", "all-ptq", "all-qat")
+                                                                for k in (0, 1)}
+    for r in s["runs"]:
+        assert {"tail_acc_q", "tail_acc_q_val", "tta_sim_s", "total_sim_s", "fit_sim_s", "qat_share", "curve"} <= set(r)
+        assert len(r["curve"]) == 3 and len(r["curve_val"]) == 3
+        assert r["tail_acc_q"] == pytest.approx(sum(a for _, a in r["curve"]) / 3)
+    # paired by seed: every strategy of a seed started from the same weights on the same shards,
+    # so the first round's uploads differ only by strategy; the seeds' runs differ
+    p = s["paired"]["fedhq-vs-all-ptq"]
+    by = {(r["strategy"], r["seed"]): r for r in s["runs"]}
+    assert p["acc_per_seed"] == pytest.approx([by["fedhq", k]["tail_acc_q"] - by["all-ptq", k]["tail_acc_q"]
+                                               for k in (0, 1)])
+    assert p["verdict"] in ("better", "equal", "worse") and len(p["acc_ci95"]) == 2
+    assert p["acc_ci95"][0] <= p["acc_mean"] <= p["acc_ci95"][1]
+    assert "fedhq-vs-better-pure" in s["paired"] and "per_seed" in s["bar"]
+    assert all(Path(f).is_file() for f in res["plots"].values())
+    # run again: every run comes from the cache, and the figures are the same
+    capsys.readouterr()
+    assert main(SMOKE + ["--state-dir", state, "--json", str(out)]) == 0
+    again = json.loads(out.read_text())
+    assert again["runs_ran"] == 0 and again["runs_cached"] == 6
+    assert again["settings"][0]["paired"] == s["paired"]
+    assert "0 runs ran, 6 reused" in capsys.readouterr().out
+
+
+def test_cache_refuses_another_code_version_or_config(tmp_path, capsys):
+    from fedhq_core.config import ExperimentConfig
+    from flows.study import RunCache, code_digest, run_digest
+
+    cache = RunCache(tmp_path)
+    cfg = ExperimentConfig(tracking=False)
+    d = run_digest(cfg, code_digest())
+    cache.put("s", "fedhq", 0, d, {"x": 1})
+    assert cache.get("s", "fedhq", 0, d) == {"x": 1}
+    # where or how visibly a run executes is not part of its result; what it computes is
+    assert run_digest(cfg.replace(state_dir="elsewhere", tracking=True), code_digest()) == d
+    assert run_digest(cfg.replace(lr=0.01), code_digest()) != d
+    assert cache.get("s", "fedhq", 0, run_digest(cfg, "other-code")) is None
+    assert "another version of the code or another config" in capsys.readouterr().err
+    # the code digest reads the source of the run's code: a changed file changes it
+    root = tmp_path / "src"
+    (root / "fedhq_core").mkdir(parents=True)
+    for part in ("tasks/training.py", "flows/train.py", "flows/significance.py", "flows/runners.py"):
+        (root / part).parent.mkdir(parents=True, exist_ok=True)
+        (root / part).write_text("x = 1\n")
+    (root / "fedhq_core" / "a.py").write_text("a = 1\n")
+    before = code_digest(root)
+    (root / "fedhq_core" / "a.py").write_text("a = 2\n")
+    assert code_digest(root) != before
+
+
+@pytest.mark.slow
+def test_a_killed_study_finishes_without_rerunning_finished_runs(tmp_path):
+    """kill -9 once the first run is cached; the same command then reuses it and runs the rest."""
+    state, out = tmp_path / "st", tmp_path / "study.json"
+    args = [sys.executable, "-m", "flows.cli"] + SMOKE[:4] + ["0", "--strategies", "all-ptq,all-qat", "--rounds", "3",
+                                                              "--clients", "8", "--local-epochs", "1", "--no-tracking",
+                                                              "--no-progress", "--set", "profile_reps=1",
+                                                              "--state-dir", str(state), "--json", str(out)]
+    first = state / "study" / "study" / "default" / "all-qat-seed0.json"
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.time() + 240
+    while not first.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert first.is_file(), "the first run never finished"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    stamp = first.stat().st_mtime_ns
+    p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["runs_cached"] >= 1 and res["runs_ran"] + res["runs_cached"] == 2
+    assert first.stat().st_mtime_ns == stamp                  # the finished run was not run again
+    assert "all-qat seed 0: cached" in p.stderr
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--seeds", "0,x"], "--seeds"),
+    (["--strategies", "fedhq,nope"], "strategies: unknown strategy 'nope'"),
+    (["--dataset", "cifar10-folder", "--data-dir", "/no/such/folder"], "data_dir"),
+    (["--set", "val_fraction=0"], "val_fraction"),
+])
+def test_bad_input_is_one_line_exit_2_and_starts_nothing(tmp_path, capsys, args, field):
+    from flows.cli import main
+
+    assert main(["study", "--no-tracking", "--state-dir", str(tmp_path / "st")] + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and field in err and "Traceback" not in err
+    assert not (tmp_path / "st" / "study").exists()
+
+
+def test_protocol_fields_are_checked_by_name(tmp_path, capsys):
+    from flows.cli import main
+
+    bad = {"unknown-setting-field": "settings:\n  - {name: a, alpah: 0.5}\n",
+           "unknown-key": "name: x\nsetings: []\n",
+           "seeds": "seeds: [0, one]\n",
+           "no-setting": "settings:\n  - {name: a}\n"}
+    expect = {"unknown-setting-field": "alpah: unknown key in setting 'a'", "unknown-key": "setings: unknown key",
+              "seeds": "seeds: expected integers", "no-setting": "settings: no setting 'b'"}
+    for name, text in bad.items():
+        f = tmp_path / f"{name}.yaml"
+        f.write_text(text)
+        extra = ["--settings", "b"] if name == "no-setting" else []
+        assert main(["study", "--protocol", str(f), "--no-tracking", "--state-dir", str(tmp_path / "st")] + extra) == 2
+        err = capsys.readouterr().err
+        assert expect[name] in err, err
+    # the shipped protocol parses, and every setting validates (its data folder is checked too)
+    from flows.study import load_protocol
+
+    if (ROOT.parent / "shared" / "data" / "cifar10").is_dir():
+        proto = load_protocol(str(ROOT / "configs" / "study-cifar10.yaml"), {}, None, None)
+        assert len(proto.seeds) >= 3 and {"fedhq", "all-ptq", "all-qat", "random-hybrid", "fp32"} <= set(proto.strategies)
+        assert {c.alpha for _, c in proto.configs()} >= {0.5, 0.1}
+
+
+def test_statistics_on_known_numbers():
+    from flows.study import attach_targets, paired, plateau_gain, stability
+
+    def run(strategy, seed, val, test, total):
+        curve = [[float(i + 1), a] for i, a in enumerate(test)]
+        return {"strategy": strategy, "seed": seed, "curve": curve, "curve_val": [[float(i + 1), a] for i, a in
+                                                                                  enumerate(val)],
+                "tail_acc_q": sum(test[-2:]) / 2, "tail_acc_q_val": sum(val[-2:]) / 2, "total_sim_s": total,
+                "fit_charged_sim_s": 0.0, "curve_fp32": [[i, a] for i, a in enumerate(test)], "rounds": len(test)}
+
+    by_seed = {}
+    for seed, shift in ((0, 0.0), (1, 0.02), (2, 0.04)):
+        by_seed[seed] = {"fedhq": run("fedhq", seed, [0.5, 0.8, 0.9, 0.9], [0.5 + shift, 0.8, 0.9, 0.92], 4.0),
+                         "all-ptq": run("all-ptq", seed, [0.5, 0.7, 0.8, 0.8], [0.5, 0.7, 0.8, 0.8 + shift], 4.0),
+                         "all-qat": run("all-qat", seed, [0.3, 0.5, 0.9, 0.9], [0.3, 0.5, 0.7, 0.9], 8.0)}
+        attach_targets(by_seed[seed])
+    r = by_seed[0]["fedhq"]
+    assert r["target_val"] == pytest.approx(0.95 * 0.9)          # the better pure validation tail
+    # running mean of 3 validation evaluations: (0.8 + 0.9 + 0.9) / 3 = 0.867 >= 0.855 at t = 4
+    assert r["tta_sim_s"] == pytest.approx(4.0)
+    assert by_seed[0]["all-ptq"]["tta_sim_s"] is None
+    p = paired(by_seed, ["fedhq", "all-ptq", "all-qat"])
+    e = p["fedhq-vs-all-ptq"]
+    diffs = [0.91 - 0.80, 0.91 - 0.81, 0.91 - 0.82]
+    assert e["acc_per_seed"] == pytest.approx(diffs)
+    import numpy as np
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, 2) * np.std(diffs, ddof=1) / np.sqrt(3)
+    assert e["acc_ci95"] == pytest.approx([np.mean(diffs) - half, np.mean(diffs) + half], abs=1e-4)
+    assert e["verdict"] == "better"
+    assert p["fedhq-vs-all-qat"]["acc_ci95"] is not None
+    # stability: the spread of the last evaluations; plateau: the last 20% of rounds against before
+    assert stability(r, 2) == pytest.approx(np.std([0.9, 0.92]) * 100)
+    flat = {"strategy": "fp32", "rounds": 10, "curve_fp32": [[i, 0.5 + 0.05 * min(i, 6)] for i in range(10)]}
+    assert plateau_gain(flat, 0.2) == pytest.approx(100 * (0.8 - (0.75 + 0.8 + 0.8) / 3))
+
+
+def test_t_quantiles_match_scipy():
+    from scipy import stats
+
+    from fedhq_core.metrics import running_mean, t975, t_interval, verdict
+
+    for df in (1, 2, 4, 9, 29, 30, 31, 60, 200):
+        assert t975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3)
+    assert t_interval([0.1]) == (0.1, None) and t_interval([]) == (None, None)
+    assert verdict([-0.1, 0.2]) == "equal" and verdict([0.01, 0.2]) == "better" and verdict([-0.3, -0.1]) == "worse"
+    smooth = running_mean([[1, 0.0], [2, 0.3], [3, 0.6], [4, 0.9]], 3)
+    assert [t for t, _ in smooth] == [1, 2, 3, 4] and [a for _, a in smooth] == pytest.approx([0.0, 0.15, 0.3, 0.6])
