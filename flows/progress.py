@@ -6,8 +6,8 @@ from typing import Any
 
 
 class ProgressObserver:
-    """A tqdm bar on stderr: one step a round, with the deployed accuracy, simulated time, QAT
-    clients and rejected updates of the round."""
+    """A tqdm bar on stderr: one step a round, with the deployed accuracy (test, when the round
+    evaluated it; validation), simulated time, QAT clients and rejected updates of the round."""
 
     phase = "tracking"
 
@@ -18,7 +18,10 @@ class ProgressObserver:
                         leave=True)
 
     def on_round(self, sim: Any, rec: Any) -> None:
-        self.bar.set_postfix(acc_q=f"{rec.acc_q:.3f}", sim_s=f"{rec.sim_time_s:.1f}", qat=rec.n_qat,
+        shown = {"acc_q": f"{rec.acc_q:.3f}"} if rec.extra.get("evaluated", True) else {}   # not a carried figure
+        if "val_acc_q" in rec.extra:
+            shown["val_acc_q"] = f"{rec.extra['val_acc_q']:.3f}"
+        self.bar.set_postfix(**shown, sim_s=f"{rec.sim_time_s:.1f}", qat=rec.n_qat,
                              **({"rejected": len(rec.rejected)} if rec.rejected else {}))
         self.bar.update(1)
 
