@@ -28,7 +28,14 @@ from .quant.modules import is_quant_state_key
 from .quant import (Payload, get_act_ranges, get_weight_steps, load_model_state, model_state,
                     pack_update, prepare_deploy, reset_act_ranges, set_act_ranges, set_mode, set_weight_steps)
 
-CLIENT_STRATEGIES = ("fp32", "ptq", "qat")
+class Mode:
+    """A client's mode for one round, as an allocator assigns it: train in FP32 (and send a float32
+    update), train in FP32 then quantize on the device (PTQ), or train through fake quantization
+    (QAT). Plain strings on the wire and in the records."""
+
+    FP32, PTQ, QAT = "fp32", "ptq", "qat"
+    ALL = (FP32, PTQ, QAT)
+
 
 
 @dataclass
@@ -168,7 +175,7 @@ def train_client(model: nn.Module, cid: int, x: torch.Tensor, y: torch.Tensor, g
     """Run one client's local round on ``model`` (re-used; its weights are overwritten).
     ``warm_steps``: the MSE-optimal weight steps of ``global_state`` when the caller already has
     them (the same for every client of a round); the client is billed for the search either way."""
-    if spec.strategy not in CLIENT_STRATEGIES:
+    if spec.strategy not in Mode.ALL:
         raise ValueError(f"strategy: unknown client strategy {spec.strategy!r}")
     t0 = time.perf_counter()
     device = next(model.parameters()).device
@@ -180,7 +187,7 @@ def train_client(model: nn.Module, cid: int, x: torch.Tensor, y: torch.Tensor, g
     work: dict[str, list[int]] = {}
 
     steps = None
-    if spec.strategy == "qat":
+    if spec.strategy == Mode.QAT:
         if not global_steps:
             work["wsearch"] = [0]                    # LSQ warm start: MSE scales of the global weights
         set_weight_steps(model, global_steps or warm_steps or {})
@@ -196,7 +203,7 @@ def train_client(model: nn.Module, cid: int, x: torch.Tensor, y: torch.Tensor, g
         set_mode(model, "fp")
         work["fp32"], loss = _sgd_epochs(model, x, y, spec, gen)
         ranges = {}
-        if spec.strategy == "ptq":
+        if spec.strategy == Mode.PTQ:
             # calib_batches x batch_size samples, never beyond the shard, in ONE forward pass: a
             # forward-only pass keeps no activations for a backward, so it fits where a training
             # step of batch_size does, and one pass issues a quarter of the ops of four
@@ -206,7 +213,7 @@ def train_client(model: nn.Module, cid: int, x: torch.Tensor, y: torch.Tensor, g
     set_mode(model, "fp")
     local = {k: v.detach() for k, v in model_state(model).items()}
     if spec.fedfq is not None:
-        from .allocation.fedfq import fedfq_bits
+        from .quant.bit_allocation import fedfq_bits
 
         deltas = {k: local[k].cpu() - global_state[k].cpu() for k in local if local[k].is_floating_point()}
         spec.upload_bits = fedfq_bits(deltas, spec.fedfq[0], spec.fedfq[1], spec.seed)

@@ -21,6 +21,7 @@ import yaml
 
 from .errors import ConfigError
 from .plugins import is_spec
+from .strategies import NAMES as STRATEGY_NAMES
 
 
 DATASETS = ("digits", "cifar10-folder", "image-folder", "cifar10", "cifar100", "svhn")  # or package.module:loader
@@ -30,7 +31,7 @@ UPLOAD_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)  # 2..8: bit-packed integers; 16/32:
 FAULT_KINDS = ("raise", "stall", "nan", "inf", "shape", "dtype", "size", "scale", "signflip", "ranges", "steps")
 AGGREGATIONS = ("fedavg", "trimmed-mean", "median")
 LR_SCHEDULES = ("constant", "cosine")
-STRATEGIES = ("fp32", "all-ptq", "all-qat", "random-hybrid", "fedhq", "fedhq-coarse", "fedfq")
+STRATEGIES = STRATEGY_NAMES      # fedhq_core.strategies: one registry line per strategy
 
 # Default fleet: device class -> share of clients. Names index hardware.catalog.DEVICES.
 DEFAULT_FLEET = {

@@ -11,13 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from .allocation import Allocation
-from .client import ClientResult, TrainSpec
+from .allocation import Allocation, UplinkSearch
+from .client import ClientResult, Mode, TrainSpec
 from .config import ExperimentConfig
 from .server import update_norm
 from .server_state import ServerState
 from .wire import RejectedUpdate, decode_upload
-from .worker import ClientJob, ModelSpec, RoundInputs, ShardRef, Upload, draw_fault, expected_upload_limit
+from .models.spec import ModelSpec
+from .worker import ClientJob, RoundInputs, ShardRef, Upload, draw_fault, expected_upload_limit
 
 DASK_TASKS = 16
 
@@ -42,11 +43,15 @@ class Dispatch:
         k = max(1, int(round(self.cfg.fraction * self.cfg.clients)))
         return sorted(rng.choice(self.cfg.clients, size=k, replace=False).tolist())
 
-    def client_spec(self, rnd: int, cid: int, strategy: str, upload_bits: Any = None) -> TrainSpec:
+    def client_spec(self, rnd: int, cid: int, strategy: str, upload_bits: int | UplinkSearch | None = None
+                    ) -> TrainSpec:
+        """A client's job: its mode, this round's lr, and its uplink: the allocation's width for it,
+        or a search of its own (``UplinkSearch``), else float32 for an FP32 client and
+        ``upload_bits`` otherwise."""
         cfg = self.cfg
-        fedfq = (cfg.fedfq_avg_bits, cfg.fedfq_iters) if upload_bits == "fedfq" else None
+        fedfq = (upload_bits.avg_bits, upload_bits.iters) if isinstance(upload_bits, UplinkSearch) else None
         if upload_bits is None or fedfq:
-            upload_bits = 32 if strategy == "fp32" and not fedfq else cfg.upload_bits
+            upload_bits = 32 if strategy == Mode.FP32 and not fedfq else cfg.upload_bits
         return TrainSpec(strategy, cfg.local_epochs, cfg.batch_size, cfg.round_lr(rnd), cfg.momentum, cfg.weight_decay,
                          upload_bits, cfg.calib_batches, self.on_device_sensitivity,
                          seed=int(np.random.default_rng([cfg.seed, 53, rnd, cid]).integers(2**62)), fedfq=fedfq,

@@ -123,20 +123,35 @@ class CallbackObserver:
         self.callback(rec)
 
 
+def prepare(sim: Simulation, speed: Any = None, *, resume: bool = False,
+            profile: Callable[[Simulation, Any], Any] | None = None,
+            obtain: Callable[[Simulation], Any] | None = None) -> Simulation:
+    """A run's set-up before its first round, for :func:`run` and the Prefect flow alike: start the
+    simulated clock (``profile(sim, speed)``, default ``sim.profile``; the flow passes its task),
+    obtain SigAcc where the allocator wants one (``obtain(sim)``, default a covering family's or
+    online, never a pilot: its cost goes on the run's bill), then start the run's wall clock (the
+    fit's wall time is added once, in ``summary``). A resumed run keeps its clock and wall time."""
+    from .allocation.pilot import choose_significance
+
+    if not resume:
+        with span("profile (task)"):
+            (profile or (lambda s, sp: s.profile(sp)))(sim, speed)
+    if sim.needs_significance():
+        (obtain or choose_significance)(sim)
+    if not resume:
+        sim.wall_start = time.perf_counter()
+    return sim
+
+
 def run(cfg: ExperimentConfig, on_round: Callable[[RoundRecord], None] | None = None,
         sim: Simulation | None = None, checkpoints: Any = None) -> Simulation:
     """Plain-Python run (no Prefect, no MLflow), clients trained concurrently on threads.
-    ``checkpoints``: a :class:`~fedhq_core.checkpoint.Checkpoints` (saved after every round)."""
-    from .allocation.pilot import choose_significance
-
+    ``checkpoints``: a :class:`~fedhq_core.checkpoint.Checkpoints` (saved after every round).
+    A ``sim`` already profiled (restored from a checkpoint) continues as it is."""
     sim = sim or Simulation(cfg)
-    if sim.pricing.speed is None:
-        sim.profile()
+    prepare(sim, resume=sim.pricing.speed is not None)
     with ThreadPoolExecutor(default_concurrency(cfg)) as pool:
         ops = RoundOps(submit_train=lambda inputs, jobs: pool.submit(run_jobs, inputs, jobs))
-        if sim.needs_significance():
-            choose_significance(sim)               # a family's (shipped), or online: never a pilot
-            sim.wall_start = time.perf_counter()   # the fit's wall time is added once, in summary()
         observers = ([checkpoints] if checkpoints is not None else []) + (
             [CallbackObserver(on_round)] if on_round else [])
         return run_rounds(sim, ops, observers)

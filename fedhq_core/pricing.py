@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .client import ClientResult, calib_size
+from .client import ClientResult, Mode, calib_size
 from .config import ExperimentConfig
 from .hardware import DEVICES, Fleet, RooflineModel, SimulatedClock, TraceBook, predict_compute
 from .hardware.clock import ClientTime
@@ -23,7 +23,7 @@ from .hardware.server_work import ServerPricing
 from .hardware.speed_model import load_profile
 from .quant.payload import packed_layout, tensor_bits
 from .plugins import source_digest
-from .worker import ModelSpec
+from .models.spec import ModelSpec
 
 _BOOKS: dict[ModelSpec, TraceBook] = {}
 _BOOKS_LOCK = threading.Lock()
@@ -62,8 +62,11 @@ class FleetPricing:
     measure their quantization loss on the device."""
 
     def __init__(self, cfg: ExperimentConfig, fleet: Fleet, shard_sizes: list[int], spec: ModelSpec,
-                 has_steps: Callable[[], bool], on_device_sensitivity: bool):
+                 has_steps: Callable[[], bool], on_device_sensitivity: bool, aggregate_bits: int | None = None):
         self.cfg, self.fleet, self.sizes, self.spec = cfg, fleet, shard_sizes, spec
+        # the uplink width the aggregation's decode is priced at: the allocator's declaration
+        # (Capabilities.aggregate_bits: fp32's float32 updates, fedfq's average), else upload_bits
+        self.aggregate_bits = aggregate_bits or cfg.upload_bits
         self.has_steps = has_steps
         self.on_device_sensitivity = on_device_sensitivity
         self.speed: RooflineModel | None = None
@@ -95,15 +98,15 @@ class FleetPricing:
         """What a client will run under ``strategy`` this round (the same kinds and batch sizes
         that ``client.train_client`` reports back)."""
         cfg = self.cfg
-        bits = 32 if strategy == "fp32" else cfg.upload_bits
+        bits = 32 if strategy == Mode.FP32 else cfg.upload_bits
         work: dict[str, list[int]] = {"pack": [bits]}
-        if strategy == "qat":
+        if strategy == Mode.QAT:
             work["qat"] = self.steps_of(cid)
             if not self.has_steps():
                 work["wsearch"] = [0]
             return work
         work["fp32"] = self.steps_of(cid)
-        if strategy == "ptq":
+        if strategy == Mode.PTQ:
             calib = [calib_size(self.sizes[cid], cfg.calib_batches, cfg.batch_size)]
             work["calib"] = calib
             if self.on_device_sensitivity:
@@ -146,12 +149,7 @@ class FleetPricing:
         assert self.server is not None, "profile() first"
         cfg = self.cfg
         n_qat = sum(bool(r.payload.weight_steps) for r in results)
-        if cfg.strategy == "fp32":          # fp32 clients upload 32-bit updates (dispatch.client_spec)
-            bits = 32
-        elif cfg.strategy == "fedfq":       # priced at the average of its per-client bits
-            bits = int(min(8, max(2, round(cfg.fedfq_avg_bits))))
-        else:
-            bits = cfg.upload_bits
+        bits = self.aggregate_bits
         blend = self.server.mse_s() if 0 < n_qat < len(results) else 0.0   # server.blend_steps
         if step_search and n_qat == len(results) > 0:
             blend += self.server.mse_s()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .client import ClientResult
+from .client import ClientResult, Mode
 from .phases import span
 from .quant import (get_act_ranges, get_weight_steps, init_weight_steps, load_model_state, prepare_deploy,
                     reset_act_ranges, set_mode, unpack_update)
@@ -285,7 +285,7 @@ def partial_gain(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[
     partial averages more updates than the other) aggregated apart from the same master, each
     deployed (:func:`deployed_acc`) and scored on the proxy split: QAT minus PTQ accuracy (None
     when the round had not both strategies), and ``k``."""
-    sides = {s: sorted((r for r in results if r.strategy == s), key=lambda r: r.cid) for s in ("qat", "ptq")}
+    sides = {s: sorted((r for r in results if r.strategy == s), key=lambda r: r.cid) for s in (Mode.QAT, Mode.PTQ)}
     k = min(len(v) for v in sides.values())
     if k == 0:
         return None, 0

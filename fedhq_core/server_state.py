@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -22,8 +22,8 @@ from .data import Split
 from .phases import span
 from .pricing import FleetPricing
 from .quant import integer_weights, load_model_state, model_state, prepare_deploy, set_mode
-from .server import (aggregate, blend_steps, calibrate_on_server, evaluate_deployed, evaluate_global, master_mse_steps, partial_gain,
-                     proxy_gap, upload_quant_loss)
+from .measurements import DURING, Measurement, build as build_measurements
+from .server import aggregate, blend_steps, calibrate_on_server, evaluate_deployed, evaluate_global, master_mse_steps
 
 
 @contextlib.contextmanager
@@ -43,68 +43,55 @@ class ServerState:
     how the master is formed (``server.aggregate``)."""
 
     def __init__(self, eval_model: nn.Module, proxy: Split, test: Split, pricing: FleetPricing, calibrates: bool,
-                 aggregation: str = "fedavg", trim: float = 0.2, bound: float = 0.0, val: Split | None = None):
+                 aggregation: str = "fedavg", trim: float = 0.2, bound: float = 0.0, val: Split | None = None,
+                 measurements: list[Measurement] | None = None):
         self.eval_model, self.proxy, self.test, self.pricing = eval_model, proxy, test, pricing
         self.val = val               # the experimenter's validation split: what selections read (not priced)
         self.calibrates, self.aggregation, self.trim, self.bound = calibrates, aggregation, trim, bound
         self.global_state = {k: v.detach().clone() for k, v in model_state(eval_model).items()}
         self.global_ranges: dict[str, tuple[float, float]] | None = None
         self.global_steps: dict[str, torch.Tensor] | None = None
-        self.gaps: list[float] = []  # the master's quantization gap on the proxy split, per round (measure_gap)
-        self.partials: list[float | None] = []  # QAT minus PTQ partial aggregate on the proxy, per round
+        self.measurements = {m.name: m for m in (measurements if measurements is not None else build_measurements(None))}
         self.gap_s = 0.0             # priced seconds of the server's work done while this round's clients train
         self.carried_s = 0.0         # priced server work of this round done while the next one trains
         self.host_s = 0.0            # this host's seconds for the server's work of the round (a metric only)
 
-    # --- measurements on the proxy split ----------------------------------------------------
-    def measure_gap(self) -> float:
-        """The master's quantization gap under server-side PTQ (ranges calibrated on the proxy
-        split, MSE weight scales): FP32 minus quantized accuracy, never on the test split. In a
-        run the server measures the master it has just sent out while the clients train
-        (:meth:`aggregate`), so the next allocation sees the gap one round late and the clock
-        charges it only when it outlasts the round's slowest client."""
-        self.gaps.append(proxy_gap(self.eval_model, self.global_state, self.proxy.x, self.proxy.y))
-        return self.gaps[-1]
+    # --- measurements on the proxy split (``fedhq_core.measurements``) -------------------------
+    def measure(self, name: str, results: list[ClientResult] | None = None) -> float:
+        """Run one measurement now; its priced seconds."""
+        return self.measurements[name].measure(self, results or [])
 
-    def measure_sensitivities(self, results: list[ClientResult]) -> float:
-        """The server's measurement of every PTQ upload's quantization sensitivity (sets its
-        ``quant_loss``) from the master the clients started from; returns its priced seconds."""
-        assert self.pricing.server is not None, "profile() first"
-        ptq = [r for r in results if r.strategy == "ptq"]
-        for r in ptq:
-            r.quant_loss = upload_quant_loss(self.eval_model, self.global_state, r, self.proxy.x, self.proxy.y)
-        return len(ptq) * self.pricing.server.sens_s()
+    def read(self, name: str) -> Any:
+        """What allocators may read of a measurement."""
+        return self.measurements[name].read()
 
-    def measure_partial(self, results: list[ClientResult], bits: int) -> float:
-        """The round's online SigAcc signal (``server.partial_gain``: its QAT and PTQ uploads
-        aggregated apart from the master they started from, scored on the proxy split), appended
-        to ``partials`` (None for a round without both strategies); returns its priced seconds."""
-        assert self.pricing.server is not None, "profile() first"
-        gain, k = partial_gain(self.eval_model, self.global_state, self.global_ranges, results, self.proxy.x,
-                               self.proxy.y)
-        self.partials.append(gain)
-        return self.pricing.server.partial_s(k, k, bits) if k else 0.0
+    @property
+    def gaps(self) -> list[float]:
+        """The master's quantization gap on the proxy split, per round it was measured."""
+        return self.measurements["gap"].history
+
+    @property
+    def partials(self) -> list[float | None]:
+        """QAT minus PTQ partial aggregates on the proxy split, per round it was measured."""
+        return self.measurements["partials"].history
 
     # --- aggregation --------------------------------------------------------------------------
-    def aggregate(self, results: list[ClientResult], measure_gap: bool, measure_sensitivity: bool,
-                  norm_checks: int = 0, measure_partial: int = 0) -> float:
-        """FedAvg into the master; returns the server's priced seconds after the uploads. The gap
-        of the master the clients started from is measured first (``gap_s``, priced, concurrent
-        with their training on the clock); the uploads' sensitivities while the next round trains
-        (``carried_s``). This host's time for all of it is kept in ``host_s`` (a metric, never on
-        the clock)."""
+    def aggregate(self, results: list[ClientResult], measure: Iterable[str] = (), norm_checks: int = 0) -> float:
+        """FedAvg into the master; returns the server's priced seconds after the uploads. First the
+        measurements named in ``measure``, in registry order, on the master the clients started
+        from: those taken while the round's clients train go to ``gap_s`` (priced, concurrent with
+        their training on the clock), those carried into the next round to ``carried_s``. This
+        host's time for all of it is kept in ``host_s`` (a metric, never on the clock)."""
         assert self.pricing.server is not None, "profile() first"
         t0 = time.perf_counter()
         self.gap_s, self.carried_s = self.carried_s, 0.0
-        if measure_gap:
-            self.measure_gap()
-            self.gap_s += self.pricing.server.gap_s()
-        if measure_sensitivity:
-            # measured while the next round trains (so on the clock only where it outlasts that
-            # round's slowest client); the allocator sees the reports one round late
-            self.carried_s = self.measure_sensitivities(results)
-        if measure_partial:
-            self.carried_s += self.measure_partial(results, measure_partial)
+        wanted = set(measure)
+        for m in self.measurements.values():
+            if m.name in wanted:
+                if m.when == DURING:
+                    self.gap_s += m.measure(self, results)
+                else:
+                    self.carried_s += m.measure(self, results)
         with span("aggregate"):
             searched = self.aggregate_results(results)
         self.host_s = time.perf_counter() - t0
@@ -170,8 +157,8 @@ class ServerState:
         return tensors
 
     def state_meta(self) -> dict[str, Any]:
-        return {"has_steps": self.global_steps is not None, "gaps": self.gaps, "carried_s": self.carried_s,
-                "partials": self.partials,
+        return {"has_steps": self.global_steps is not None, "carried_s": self.carried_s,
+                **{m.state_key: m.state() for m in self.measurements.values() if m.state_key},
                 "global_ranges": None if self.global_ranges is None else {k: list(v) for k, v in self.global_ranges.items()}}
 
     def load(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -187,6 +174,7 @@ class ServerState:
         self.global_steps = steps if meta["has_steps"] else None
         ranges = meta["global_ranges"]
         self.global_ranges = None if ranges is None else {k: (v[0], v[1]) for k, v in ranges.items()}
-        self.gaps = [float(g) for g in meta.get("gaps", [])]
-        self.partials = [None if g is None else float(g) for g in meta.get("partials", [])]
+        for m in self.measurements.values():
+            if m.state_key:
+                m.load(meta.get(m.state_key, []))
         self.carried_s = float(meta.get("carried_s", 0.0))

@@ -26,18 +26,20 @@ from torch import nn
 
 from .allocation import Allocation, Capabilities, RoundFeedback, build_allocator
 from .allocation.pilot import FitInfo
-from .client import ClientResult
+from .client import ClientResult, Mode
 from .config import ExperimentConfig
 from .data import Dataset, Split, partition
 from .dispatch import Dispatch
 from .errors import ConfigError
 from .hardware import Fleet, RooflineModel
+from .measurements import build as build_measurements
 from .phases import span
 from .pricing import FleetPricing
 from .quant import quant_layers
 from .records import PTQ_EXTRAS, RoundRecord, record_dict, record_from_dict, records_summary
 from .server_state import ServerState
-from .worker import DataKey, ModelSpec, ShardRef
+from .models.spec import ModelSpec
+from .worker import DataKey, ShardRef
 
 
 def data_key(cfg: ExperimentConfig) -> DataKey:
@@ -110,10 +112,12 @@ class Simulation:
             self.allocator.sensitivity_lag = 1
         torch.manual_seed(cfg.seed)
         self.pricing = FleetPricing(cfg, self.fleet, [len(s) for s in self.shards], self.model_spec,
-                                    lambda: bool(self.server.global_steps), on_device)
+                                    lambda: bool(self.server.global_steps), on_device,
+                                    self.allocator.capabilities.aggregate_bits)
         self.server = ServerState(self.new_model(), self.server_calib, ds.test, self.pricing,
-                                  calibrates=cfg.strategy in ("fp32", "fedfq"), aggregation=cfg.aggregation,
-                                  trim=cfg.trim_fraction, bound=cfg.norm_bound, val=val)
+                                  calibrates=self.allocator.capabilities.server_calibrates, aggregation=cfg.aggregation,
+                                  trim=cfg.trim_fraction, bound=cfg.norm_bound, val=val,
+                                  measurements=build_measurements(cfg))
         self.dispatch = Dispatch(cfg, self.shards, self.server, self.model_spec, on_device)
         self.fit = FitInfo()         # what obtaining SigAcc cost this run (see allocation.pilot)
         self._shard_features: dict[int, np.ndarray] | None = None
@@ -167,12 +171,14 @@ class Simulation:
             clock.now_s += self.label_hist_s
         return self._shard_features
 
+    def measured(self, name: str) -> Any:
+        """What allocators may read of a server measurement (``fedhq_core.measurements``)."""
+        return self.server.read(name)
+
     @property
     def quant_gap(self) -> float:
         """SigAcc's gap feature: the trend of the gaps measured so far (significance.gap_trend)."""
-        from .allocation.significance import gap_trend
-
-        return gap_trend(self.server.gaps)
+        return self.measured("gap")
 
     @property
     def setting(self) -> dict[str, float]:
@@ -184,7 +190,7 @@ class Simulation:
     def online_gains(self) -> list[float | None]:
         """The server's QAT-vs-PTQ partial comparisons so far, less the newest: that one is
         measured while the next round trains, so its allocation has not seen it yet."""
-        return self.server.partials[:-1]
+        return self.measured("partials")
 
     @property
     def capabilities(self) -> Capabilities:
@@ -194,7 +200,7 @@ class Simulation:
     def server_measures_sensitivity(self) -> bool:
         """By default the server measures the PTQ uploads' sensitivity, and only for an allocator
         that reads it (it may start reading once it has a SigAcc model)."""
-        return self.cfg.report_sensitivity is None and self.capabilities.reads_sensitivity
+        return self.capabilities.reads("sensitivity") and self.server.measurements["sensitivity"].active()
 
     def needs_significance(self) -> bool:
         """The allocator uses SigAcc, has not been given a family model nor told to go online yet,
@@ -223,10 +229,10 @@ class Simulation:
     def aggregate(self, results: list[ClientResult]) -> float:
         """FedAvg into the master (``ServerState.aggregate``); the priced seconds after the uploads."""
         self.seen_samples.update({r.cid: r.n_samples for r in results})
-        more = self.rnd + 1 < self.cfg.rounds     # a measurement only a later round can use
-        return self.server.aggregate(results, self.capabilities.reads_gap, self.server_measures_sensitivity and more,
-                                     self.dispatch.norm_checks,
-                                     self.cfg.upload_bits if self.capabilities.reads_partials and more else 0)
+        more = self.rnd + 1 < self.cfg.rounds     # a measurement only a later round can use is skipped in the last
+        wanted = [m.name for m in self.server.measurements.values()
+                  if self.capabilities.reads(m.name) and m.active() and (more or not m.later_only)]
+        return self.server.aggregate(results, wanted, self.dispatch.norm_checks)
 
     def evaluate(self) -> dict[str, float]:
         """The deployed model on the test split when it is due (``should_test``), and on the
@@ -278,11 +284,11 @@ class Simulation:
         extra = {k: v for k, v in alloc.info.items() if isinstance(v, (int, float))}
         extra.update({f"sim_{k}_s": v for k, v in split.items()})
         extra["server_host_s"] = self.server.host_s
-        ptq = [times[r.cid] for r in results if r.strategy == "ptq"]
+        ptq = [times[r.cid] for r in results if r.strategy == Mode.PTQ]
         if ptq:   # what PTQ runs on the device beyond FP32 training, as a share of its client's time
             extra["ptq_extras_share"] = float(np.mean([sum(t.by_kind.get(k, 0.0) for k in PTQ_EXTRAS) / t.total_s
                                                        for t in ptq]))
-        if self.capabilities.reads_gap:
+        if self.capabilities.reads("gap"):
             extra["quant_gap_measured"] = self.server.gaps[-1]
         if failed_s:
             extra["sim_failed_s"] = failed_s
@@ -292,8 +298,8 @@ class Simulation:
         rec = RoundRecord(rnd, metrics["acc_q"], metrics["acc_fp32"], metrics["loss_q"], metrics["loss_fp32"],
                           float(np.mean([r.train_loss for r in results])) if results else float("nan"),
                           round_s, clock.now_s, time.perf_counter() - self.wall_start, up,
-                          sum(s == "qat" for s in strategies.values()), sum(s == "ptq" for s in strategies.values()),
-                          sum(s == "fp32" for s in strategies.values()), alloc_s, strategies, extra,
+                          sum(s == Mode.QAT for s in strategies.values()), sum(s == Mode.PTQ for s in strategies.values()),
+                          sum(s == Mode.FP32 for s in strategies.values()), alloc_s, strategies, extra,
                           dict(rejected or {}), attempts, float(sum(parts.values())))
         rec.extra.update(observed)
         self.records.append(rec)

@@ -28,29 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .client import TrainSpec, train_client
-from .models import build_model
+from .client import Mode, TrainSpec, train_client
+from .models.spec import ModelSpec
 from .phases import span
-from .quant import (configure_observers, get_weight_steps, init_weight_steps, load_model_state, prepare_model)
+from .quant import get_weight_steps, init_weight_steps, load_model_state
 from .wire import save_wire, to_wire
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    model: str
-    in_shape: tuple[int, ...]
-    num_classes: int
-    w_bits: int
-    a_bits: int
-    first_last_bits: int
-    ema_momentum: float
-    act_percentile: float
-
-    def build(self, device: torch.device) -> nn.Module:
-        m = build_model(self.model, self.in_shape, self.num_classes)
-        prepare_model(m, self.w_bits, self.a_bits, self.first_last_bits)
-        configure_observers(m, self.ema_momentum, self.act_percentile)
-        return m.to(device)
 
 
 _POOLS: dict[tuple[ModelSpec, str], queue.SimpleQueue] = {}
@@ -282,7 +264,7 @@ def run_job(inputs: RoundInputs, job: ClientJob, device: torch.device) -> Upload
             time.sleep(job.timeout_s * 1.2 + 0.05)
         x, y = job.shard.read()
         with borrow_model(inputs.model, device) as model:
-            warm = warm_steps(inputs, model) if job.spec.strategy == "qat" and not inputs.global_steps else None
+            warm = warm_steps(inputs, model) if job.spec.strategy == Mode.QAT and not inputs.global_steps else None
             result = train_client(model, job.cid, x, y, inputs.global_state, inputs.global_ranges,
                                   job.spec, inputs.global_steps, warm)
         with span("pack (wire)", job.rnd):

@@ -21,6 +21,8 @@ from prefect import flow  # noqa: E402
 from fedhq_core.config import ExperimentConfig, from_mapping  # noqa: E402
 from fedhq_core.metrics import accuracy_at, mean_std, speedup, time_to_accuracy  # noqa: E402
 from fedhq_core.simulation import Simulation, cpu_model, load_data  # noqa: E402
+from fedhq_core.strategies import ACCURATE, FAST, METHOD, NAMES as STRATEGY_NAMES, PURE as PURE_STRATEGIES  # noqa: E402
+from fedhq_core.strategies import run_order, with_shares  # noqa: E402
 from tasks import training as T  # noqa: E402
 
 from flows.runners import set_torch_threads, task_runner_for  # noqa: E402
@@ -28,7 +30,7 @@ from flows.significance import obtain_significance  # noqa: E402
 from flows.train import execute_run  # noqa: E402
 from tasks.run_tracking import tracker_for  # noqa: E402
 
-ALL_STRATEGIES = ("fedhq", "all-qat", "all-ptq", "fp32", "fedfq", "random-hybrid", "fedhq-coarse")
+ALL_STRATEGIES = STRATEGY_NAMES     # every registered strategy (fedhq_core.strategies)
 METRICS = ("final_acc_q", "tail_acc_q", "final_acc_fp32", "tta_sim_s", "tta_uncharged_sim_s", "total_sim_s",
            "charged_total_sim_s", "fit_sim_s", "fit_wall_s", "wall_s", "upload_bytes", "qat_share", "alloc_overhead_s",
            "ptq_extras_share", "label_hist_sim_s")
@@ -40,12 +42,6 @@ def host_info(device: str) -> dict[str, Any]:
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-def ordered(strategies: list[str]) -> list[str]:
-    """fedhq first (random-hybrid needs its QAT share), then all-qat (the TTA target), then the rest."""
-    first = [s for s in ("fedhq", "all-qat") if s in strategies]
-    return first + [s for s in strategies if s not in first]
 
 
 def add_curves(res: dict[str, Any]) -> dict[str, Any]:
@@ -76,7 +72,7 @@ def tail_accuracy(res: dict[str, Any], n: int = TAIL, key: str = "acc_q") -> flo
     return float(sum(evaluated) / len(evaluated))
 
 
-PURE = ("all-ptq", "all-qat")
+PURE = PURE_STRATEGIES
 
 
 def dominance(per_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str, Any] | None:
@@ -84,7 +80,7 @@ def dominance(per_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str, Any] 
     better pure tail accuracy; TTA (to 95% of that better accuracy) over the faster pure
     strategy's; simulated time over all-ptq's. Per-seed values beside them."""
     seeds = sorted(per_seed)
-    if not {"fedhq", *PURE} <= set(per_seed[seeds[0]]):
+    if not {METHOD, *PURE} <= set(per_seed[seeds[0]]):
         return None
 
     def mean(name: str, m: str) -> float | None:
@@ -92,11 +88,11 @@ def dominance(per_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str, Any] 
 
     def one(acc: dict[str, float], tta: dict[str, float | None], sim: dict[str, float]) -> dict[str, Any]:
         ttas = [tta[n] for n in PURE if tta[n] is not None]
-        return {"acc_vs_best": acc["fedhq"] - max(acc[n] for n in PURE),
-                "tta_vs_best": None if tta["fedhq"] is None or not ttas else tta["fedhq"] / min(ttas),
-                "sim_vs_all_ptq": sim["fedhq"] / sim["all-ptq"]}
+        return {"acc_vs_best": acc[METHOD] - max(acc[n] for n in PURE),
+                "tta_vs_best": None if tta[METHOD] is None or not ttas else tta[METHOD] / min(ttas),
+                "sim_vs_all_ptq": sim[METHOD] / sim[FAST]}
 
-    names = ("fedhq",) + PURE
+    names = (METHOD,) + PURE
     # charged: a SigAcc pilot made for the run is on its clock (tta_sim_s and charged_total_sim_s
     # include it); the uncharged figures stand beside them, labelled
     out = one({n: mean(n, "tail_acc_q") for n in names}, {n: mean(n, "tta_sim_s") for n in names},
@@ -149,26 +145,26 @@ def summarize(per_seed: dict[int, dict[str, dict[str, Any]]], target: float | No
         strategies[name] = entry
     out: dict[str, Any] = {"strategies": strategies, "target": mean_std(per_seed[s][names[0]]["target"]
                                                                          for s in seeds)[0]}
-    if "fedhq" in names:
+    if METHOD in names:
         out["speedup_tta_vs"] = {}
         for base in names:
-            if base == "fedhq":
+            if base == METHOD:
                 continue
-            vals = [speedup(per_seed[s][base]["tta_sim_s"], per_seed[s]["fedhq"]["tta_sim_s"]) for s in seeds]
+            vals = [speedup(per_seed[s][base]["tta_sim_s"], per_seed[s][METHOD]["tta_sim_s"]) for s in seeds]
             out["speedup_tta_vs"][base] = mean_std(vals)[0]
-        if "all-ptq" in names:
-            gains = [accuracy_at(per_seed[s]["fedhq"]["curve"], per_seed[s]["all-ptq"]["total_sim_s"])
-                     - per_seed[s]["all-ptq"]["final_acc_q"] for s in seeds]
+        if FAST in names:
+            gains = [accuracy_at(per_seed[s][METHOD]["curve"], per_seed[s][FAST]["total_sim_s"])
+                     - per_seed[s][FAST]["final_acc_q"] for s in seeds]
             out["acc_gain_vs_all_ptq"] = mean_std(gains)[0]
-        if {"all-ptq", "all-qat"} <= set(names):
+        if {FAST, ACCURATE} <= set(names):
             rec = []
             for s in seeds:
-                gap = per_seed[s]["all-qat"]["final_acc_q"] - per_seed[s]["all-ptq"]["final_acc_q"]
-                rec.append((per_seed[s]["fedhq"]["final_acc_q"] - per_seed[s]["all-ptq"]["final_acc_q"]) / gap
+                gap = per_seed[s][ACCURATE]["final_acc_q"] - per_seed[s][FAST]["final_acc_q"]
+                rec.append((per_seed[s][METHOD]["final_acc_q"] - per_seed[s][FAST]["final_acc_q"]) / gap
                            if gap > 0 else None)
             out["gap_recovered_vs_all_ptq"] = mean_std(rec)[0]
-            out["sim_time_vs_all_ptq"] = mean_std(per_seed[s]["fedhq"]["charged_total_sim_s"]
-                                                  / per_seed[s]["all-ptq"]["charged_total_sim_s"] for s in seeds)[0]
+            out["sim_time_vs_all_ptq"] = mean_std(per_seed[s][METHOD]["charged_total_sim_s"]
+                                                  / per_seed[s][FAST]["charged_total_sim_s"] for s in seeds)[0]
         out["dominance"] = dominance(per_seed)
     return out
 
@@ -185,10 +181,8 @@ def bench_flow(config: dict[str, Any], strategies: list[str], seeds: list[int], 
     per_seed: dict[int, dict[str, dict[str, Any]]] = {}
     for seed in seeds:
         per_seed[seed] = {}
-        for name in ordered(strategies):
-            cfg = base.replace(strategy=name, seed=seed)
-            if name == "random-hybrid" and cfg.qat_share < 0 and "fedhq" in per_seed[seed]:
-                cfg = cfg.replace(qat_share=per_seed[seed]["fedhq"]["qat_share"])
+        for name in run_order(strategies):
+            cfg = with_shares(base.replace(strategy=name, seed=seed), per_seed[seed])
             sim = Simulation(cfg, dataset=ds)
             if speed is None:
                 speed = T.profile_hardware(sim, None)
@@ -204,7 +198,7 @@ def bench_flow(config: dict[str, Any], strategies: list[str], seeds: list[int], 
             res["tail_acc_q"] = tail_accuracy(res)
             per_seed[seed][name] = res
     out = summarize(per_seed, target)
-    sigs = {str(s): runs["fedhq"].get("significance") for s, runs in per_seed.items() if "fedhq" in runs}
+    sigs = {str(s): runs[METHOD].get("significance") for s, runs in per_seed.items() if METHOD in runs}
     out["significance"] = {s: v for s, v in sigs.items() if v} or None
     out["config"] = base.public_dict()
     out["seeds"] = list(seeds)

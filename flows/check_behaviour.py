@@ -1,10 +1,10 @@
 """Behaviour check for a change that must not change behaviour (a refactor).
 
-For each of fp32, all-ptq, all-qat and fedhq on the embedded digits, ``fedhq run --json`` (seeded,
+For each registered strategy on the embedded digits, ``fedhq run --json`` (seeded,
 no tracking, fresh state folders) is run in a checkout of ``--ref`` and in this working tree, and
 the two JSON summaries must be equal in everything but wall-clock measurements::
 
-    python -m flows.check_behaviour --ref <commit> [--rounds 6] [--strategies fp32,all-ptq,all-qat,fedhq]
+    python -m flows.check_behaviour --ref <commit> [--rounds 6] [--strategies fp32,all-ptq,...]
 
 Exit 0 when every pair is equal, 1 with each differing key printed. Simulated times, accuracies,
 allocations, losses, upload sizes and the SigAcc fit all take part; only host timings, paths and
@@ -21,8 +21,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from fedhq_core.strategies import NAMES
+
 ROOT = Path(__file__).resolve().parents[1]
-STRATEGIES = ("fp32", "all-ptq", "all-qat", "fedhq")
+STRATEGIES = NAMES   # every registered strategy
 # keys that hold this host's wall-clock measurements, paths or ids: everything else must be equal
 HOST_KEYS = {"wall_s", "alloc_s", "alloc_overhead_s", "fit_wall_s", "fit_charged_wall_s", "server_host_s",
              "alloc_compute_s", "cost_model_refit_s", "run_id", "run_dir", "checkpoint", "state_dir"}

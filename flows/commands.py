@@ -59,7 +59,9 @@ def cmd_run(args: argparse.Namespace) -> int:
              round(summary["wall_s"], 1), f"{summary['upload_bytes'] / 1e6:.2f}", summary["run_id"] or "-"]]
     print(format_table(["strategy", "dataset", "rounds", "bits", "acc_q", "acc_fp32", "sim_s", "wall_s",
                         "upload_MB", "mlflow_run"], rows))
-    if cfg.strategy in ("fedhq", "fedhq-coarse"):
+    from fedhq_core.strategies import REGISTRY
+
+    if REGISTRY[cfg.strategy].uses_significance:
         print(f"SigAcc: {summary['fit_source']} ({summary['fit_detail']}); charged {summary['fit_sim_s'] * 1e3:.2f} "
               f"simulated ms")
         print("PTQ/QAT clients per round: " + " ".join(f"{r['n_ptq']}/{r['n_qat']}" for r in summary["rounds"]))

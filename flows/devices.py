@@ -14,7 +14,7 @@ from fedhq_core.config import ExperimentConfig
 from fedhq_core.hardware.profile import KINDS, TraceBook
 from fedhq_core.hardware.speed_model import COEF_FIELDS, RooflineModel, catalog_table, host_device
 from fedhq_core.hardware.validate import QAT_RATIO_TOLERANCE, passed, validate_host
-from fedhq_core.worker import ModelSpec
+from fedhq_core.models.spec import ModelSpec
 
 INPUTS = {"digits": ((1, 8, 8), 10), "cifar10": ((3, 32, 32), 10), "cifar10-folder": ((3, 32, 32), 10),
           "svhn": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100)}

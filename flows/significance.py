@@ -13,7 +13,8 @@ configure_prefect_env()
 
 from prefect import flow  # noqa: E402
 
-from fedhq_core.allocation.pilot import build_family, choose_significance, parse_grid  # noqa: E402
+from fedhq_core.allocation.pilot import Family, choose_significance, parse_grid  # noqa: E402
+from fedhq_core.family_build import build_family  # noqa: E402
 from fedhq_core.config import from_mapping  # noqa: E402
 from fedhq_core.simulation import Simulation, load_data  # noqa: E402
 from tasks.run_tracking import tracker_for  # noqa: E402
@@ -25,7 +26,7 @@ def obtain_significance(sim: Simulation, tracker=None):
     """The run's SigAcc model (``allocation.pilot.choose_significance``; the registry is searched
     first when tracking is on), set on ``sim``; None when it decides online. Says which and why."""
     search = tracker is not None and sim.cfg.significance == "auto"   # online: no version is used, none counted
-    model = choose_significance(sim, tracker.load_family(sim.cfg) if search else None)
+    model = choose_significance(sim, registered_family(tracker, sim.cfg) if search else None)
     f = sim.fit
     if model is None:
         print(f"fedhq: SigAcc online: {f.detail}", file=sys.stderr)
@@ -77,3 +78,23 @@ def fit_significance_flow(config: dict[str, Any], grid: str = "", settings: int 
 # the figures of a family fit shown by `fedhq fit-significance` and in its Prefect artifact
 SIG_FIGURES = ("family", "n_settings", "n_samples", "mean_gain", "grid", "r2_train", "r2_cv", "r2_cv_rounds",
                "r2_cv_settings", "build_sim_s", "build_wall_s", "version")
+
+
+def registered_family(tracker, cfg) -> tuple[Family | None, str]:
+    """The newest registered SigAcc family of ``cfg``'s dataset and model that covers its setting
+    (``Family.covers``), found by its ``family`` tag; with why it qualifies, or why none does. Each
+    run that reuses a version is counted on it (``runs_reused``)."""
+    name = tracker.settings.significance_model
+    misses = []
+    for mv, state in tracker.tagged_states(name, "family", f"{cfg.dataset}/{cfg.model}"):
+        try:
+            family = Family.from_dict(state)
+        except TypeError:
+            continue
+        ok, miss = family.covers(cfg)
+        if not ok:
+            misses.append(f"{name} version {mv.version}: {miss}")
+            continue
+        reused = tracker.count_use(name, mv)
+        return family, f"{name} version {mv.version} ({len(family.settings)} settings, reused by {reused} run(s))"
+    return None, misses[0] if misses else f"no {name} version of family {cfg.dataset}/{cfg.model}"

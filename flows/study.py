@@ -41,9 +41,10 @@ from fedhq_core.errors import ConfigError  # noqa: E402
 from fedhq_core.metrics import accuracy_at, running_mean, t_interval, time_to_accuracy, verdict  # noqa: E402
 from fedhq_core.records import write_json  # noqa: E402
 from fedhq_core.simulation import Simulation, data_key  # noqa: E402
+from fedhq_core.strategies import METHOD, REFERENCE, run_order, with_shares  # noqa: E402
 from tasks import training as T  # noqa: E402
 
-from flows.bench import PURE, dominance, evaluated_rounds, host_info, ordered, tail_accuracy  # noqa: E402
+from flows.bench import PURE, dominance, evaluated_rounds, host_info, tail_accuracy  # noqa: E402
 from flows.runners import set_torch_threads, task_runner_for  # noqa: E402
 from flows.significance import obtain_significance  # noqa: E402
 from flows.train import execute_run  # noqa: E402
@@ -108,7 +109,7 @@ def load_protocol(path: str | None, flags: dict[str, Any], strategies: list[str]
         if missing:
             raise ConfigError(f"settings: no setting {missing[0]!r} (the protocol has {', '.join(names)})")
         settings = [s for s in settings if s["name"] in only]
-    strategies = strategies or list(raw.get("strategies") or ["fedhq", "all-ptq", "all-qat"])
+    strategies = strategies or list(raw.get("strategies") or [METHOD, *PURE])
     for s in strategies:
         if s not in STRATEGIES:
             raise ConfigError(f"strategies: unknown strategy {s!r} (choose from {', '.join(STRATEGIES)})")
@@ -240,12 +241,12 @@ def paired(by_seed: dict[int, dict[str, dict[str, Any]]], strategies: list[str])
     pure strategy's total time; mean, 95% t-interval over seeds and a verdict."""
     out: dict[str, Any] = {}
     seeds = sorted(by_seed)
-    if "fedhq" not in strategies:
+    if METHOD not in strategies:
         return out
-    for base in [s for s in strategies if s != "fedhq"]:
-        acc = [by_seed[s]["fedhq"]["tail_acc_q"] - by_seed[s][base]["tail_acc_q"] for s in seeds]
-        ratio = [None if by_seed[s]["fedhq"]["tta_sim_s"] is None or not by_seed[s][base]["tta_sim_s"]
-                 else by_seed[s]["fedhq"]["tta_sim_s"] / by_seed[s][base]["tta_sim_s"] for s in seeds]
+    for base in [s for s in strategies if s != METHOD]:
+        acc = [by_seed[s][METHOD]["tail_acc_q"] - by_seed[s][base]["tail_acc_q"] for s in seeds]
+        ratio = [None if by_seed[s][METHOD]["tta_sim_s"] is None or not by_seed[s][base]["tta_sim_s"]
+                 else by_seed[s][METHOD]["tta_sim_s"] / by_seed[s][base]["tta_sim_s"] for s in seeds]
         m, ci = t_interval(acc)
         rm, rci = t_interval(ratio)
         entry = {"acc_per_seed": acc, "acc_mean": m, "acc_ci95": ci, "verdict": verdict(ci),
@@ -254,28 +255,29 @@ def paired(by_seed: dict[int, dict[str, dict[str, Any]]], strategies: list[str])
                  else "equal", "tta_reached": f"{sum(r is not None for r in ratio)}/{len(seeds)}"}
         for p in PURE:
             if p in by_seed[seeds[0]]:
-                d = [by_seed[s]["fedhq"]["acc_at"][p] - by_seed[s][base]["acc_at"][p] for s in seeds]
+                d = [by_seed[s][METHOD]["acc_at"][p] - by_seed[s][base]["acc_at"][p] for s in seeds]
                 em, eci = t_interval(d)
                 entry[f"acc_at_{p}_time"] = {"per_seed": d, "mean": em, "ci95": eci, "verdict": verdict(eci)}
-        out[f"fedhq-vs-{base}"] = entry
+        out[f"{METHOD}-vs-{base}"] = entry
     if set(PURE) <= set(by_seed[seeds[0]]):   # against the better pure strategy of each seed
-        best = [by_seed[s]["fedhq"]["tail_acc_q"] - max(by_seed[s][p]["tail_acc_q"] for p in PURE) for s in seeds]
+        best = [by_seed[s][METHOD]["tail_acc_q"] - max(by_seed[s][p]["tail_acc_q"] for p in PURE) for s in seeds]
         m, ci = t_interval(best)
-        out["fedhq-vs-better-pure"] = {"acc_per_seed": best, "acc_mean": m, "acc_ci95": ci, "verdict": verdict(ci)}
+        out[f"{METHOD}-vs-better-pure"] = {"acc_per_seed": best, "acc_mean": m, "acc_ci95": ci, "verdict": verdict(ci)}
     return out
 
 
 def criteria(runs: list[dict[str, Any]], crit: dict[str, float]) -> dict[str, Any]:
     """Stability of every run and the fp32 reference's plateau, each against its bound; misses named."""
     stab = {f"{r['strategy']}/seed{r['seed']}": stability(r, int(crit["stability_window"])) for r in runs}
-    plat = {f"fp32/seed{r['seed']}": plateau_gain(r, crit["plateau_share"]) for r in runs if r["strategy"] == "fp32"}
+    plat = {f"{REFERENCE}/seed{r['seed']}": plateau_gain(r, crit["plateau_share"]) for r in runs
+            if r["strategy"] == REFERENCE}
     misses = [f"{k}: spread {v:.2f} points over the last {int(crit['stability_window'])} evaluations "
               f"(bound {crit['stability_points']:g})" for k, v in stab.items() if not v <= crit["stability_points"]]
     misses += [f"{k}: gained {v:.2f} points in the last {crit['plateau_share']:.0%} of rounds "
                f"(bound {crit['plateau_points']:g}: not at a plateau)" for k, v in plat.items()
                if not v < crit["plateau_points"]]
     return {"stability_points": stab, "plateau_gain_points": plat, "bounds": dict(crit),
-            "met": not misses and bool(plat or not any(r["strategy"] == "fp32" for r in runs)), "misses": misses}
+            "met": not misses, "misses": misses}
 
 
 def summarize_setting(name: str, cfg: ExperimentConfig, by_seed: dict[int, dict[str, dict[str, Any]]],
@@ -285,11 +287,11 @@ def summarize_setting(name: str, cfg: ExperimentConfig, by_seed: dict[int, dict[
     runs = [by_seed[s][n] for s in sorted(by_seed) for n in strategies]
     out = {"name": name, "config": cfg.public_dict(), "runs": runs, "paired": paired(by_seed, strategies),
            "criteria": criteria(runs, crit)}
-    if "fedhq" in strategies and set(PURE) <= set(strategies):
+    if METHOD in strategies and set(PURE) <= set(strategies):
         out["bar"] = dominance({s: {n: {**r, "charged_total_sim_s": r["total_sim_s"],
                                         "total_sim_s": r["uncharged_total_sim_s"]} for n, r in by_seed[s].items()}
                                 for s in by_seed})
-        lo = (out["paired"]["fedhq-vs-better-pure"]["acc_ci95"] or [None])[0]
+        lo = (out["paired"][f"{METHOD}-vs-better-pure"]["acc_ci95"] or [None])[0]
         out["bar"]["interval_vs_better_pure_lo"] = lo
         out["bar"]["met"]["interval_lo_ge_-1.5"] = lo is not None and lo >= -0.015
         per = out["bar"]["per_seed"]
@@ -342,10 +344,8 @@ def study_flow(proto_dict: dict[str, Any], progress: bool = False) -> dict[str, 
         by_seed: dict[int, dict[str, dict[str, Any]]] = {}
         for seed in proto.seeds:
             by_seed[seed] = {}
-            for strategy in ordered(proto.strategies):
-                rcfg = cfg.replace(strategy=strategy, seed=seed)
-                if strategy == "random-hybrid" and rcfg.qat_share < 0 and "fedhq" in by_seed[seed]:
-                    rcfg = rcfg.replace(qat_share=by_seed[seed]["fedhq"]["qat_share"])
+            for strategy in run_order(proto.strategies):
+                rcfg = with_shares(cfg.replace(strategy=strategy, seed=seed), by_seed[seed])
                 digest = run_digest(rcfg, code)
                 what = f"{name} {strategy} seed {seed}"
                 run = cache.get(name, strategy, seed, digest)
@@ -369,7 +369,7 @@ def study_flow(proto_dict: dict[str, Any], progress: bool = False) -> dict[str, 
         if proto.central:
             from fedhq_core.central import train_central
 
-            entry["central"] = central_reference(cache, name, cfg.replace(strategy="fp32", seed=proto.seeds[0]), ds,
+            entry["central"] = central_reference(cache, name, cfg.replace(strategy=REFERENCE, seed=proto.seeds[0]), ds,
                                                  code, train_central)
         out_settings.append(entry)
     n_val = int(round(base0.val_fraction * len(loaded[next(iter(loaded))].train))) if loaded else 0

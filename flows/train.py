@@ -21,7 +21,7 @@ from fedhq_core.checkpoint import CheckpointError, Checkpoints, find_run, runs_r
 from fedhq_core.config import ExperimentConfig, from_mapping  # noqa: E402
 from fedhq_core.errors import TooFewClients  # noqa: E402
 from fedhq_core.hardware import RooflineModel  # noqa: E402
-from fedhq_core.loop import CallbackObserver, RoundOps, run_rounds  # noqa: E402
+from fedhq_core.loop import CallbackObserver, RoundOps, prepare, run_rounds  # noqa: E402
 from fedhq_core.phases import add as add_span, span  # noqa: E402
 from fedhq_core.records import RoundRecord  # noqa: E402
 from fedhq_core.simulation import Simulation  # noqa: E402
@@ -43,14 +43,10 @@ def execute_run(cfg: ExperimentConfig, *, speed: RooflineModel | None = None, si
     sim = sim or Simulation(cfg)
     sent: dict[int, int] = {}
     submit = train_submitter(cfg, sent, sim)
-    if not resume:
-        with span("profile (task)"):
-            T.profile_hardware(sim, speed)
     tracker = tracker_for(cfg)
-    if sim.needs_significance():   # its cost goes on the run's bill (sim.fit, the summary's fit_* fields)
-        obtain_significance(sim, tracker)
-    if not resume:
-        sim.wall_start = time.perf_counter()  # the run's wall time: rounds, evaluation and tracking (+ the fit's)
+    # the library's set-up (fedhq_core.loop.prepare), with the flow's profiling task and a SigAcc
+    # search that reads the MLflow registry too; its cost goes on the run's bill
+    prepare(sim, speed, resume=resume, profile=T.profile_hardware, obtain=lambda s: obtain_significance(s, tracker))
     start_tracking(tracker, sim, resume, run_name, parent_run_id)
     ckpts = (Checkpoints(runs_root(cfg.state_dir) / sim.run_id, cfg.checkpoint_keep, log_checkpoint(tracker, cfg))
              if cfg.checkpoint else None)

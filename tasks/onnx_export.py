@@ -222,7 +222,8 @@ def export_bundle(bundle: dict[str, Any], out: str | Path, run_id: str | None = 
     import onnx
     import onnxruntime as ort
 
-    from fedhq_core.quant.export import deploy_graph, deployed_model
+    from fedhq_core.models.spec import deployed_model
+    from fedhq_core.quant.export import deploy_graph
 
     model = deployed_model(bundle)
     shape = tuple(bundle["meta"]["in_shape"])

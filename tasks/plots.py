@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from fedhq_core.strategies import METHOD  # noqa: E402
+
 
 def save_figure(fig, path: str) -> str:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -85,7 +87,7 @@ def accuracy_vs_time(curves: dict[str, list[list[float]]], path: str, target: fl
     for name, pts in curves.items():
         if pts:
             t, acc = zip(*pts)
-            ax.plot(t, np.asarray(acc) * 100, marker=".", label=name, lw=1.4 if name != "fedhq" else 2.4)
+            ax.plot(t, np.asarray(acc) * 100, marker=".", label=name, lw=1.4 if name != METHOD else 2.4)
     if target is not None:
         ax.axhline(target * 100, color="gray", ls=":", lw=1, label=f"TTA target {target * 100:.1f}%")
     ax.set_xlabel("simulated time (s)")
@@ -99,7 +101,7 @@ def tta_bars(tta: dict[str, float | None], path: str) -> str:
     names = list(tta)
     vals = [tta[n] if tta[n] is not None else 0.0 for n in names]
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
-    bars = ax.bar(names, vals, color=["tab:green" if n == "fedhq" else "tab:blue" for n in names])
+    bars = ax.bar(names, vals, color=["tab:green" if n == METHOD else "tab:blue" for n in names])
     for b, n in zip(bars, names):
         if tta[n] is None:
             ax.annotate("not reached", (b.get_x() + b.get_width() / 2, 0), ha="center", va="bottom", fontsize=7,
@@ -120,7 +122,7 @@ def accuracy_bands(curves: dict[str, list[list[list[float]]]], path: str, title:
         end = min(r[-1][0] for r in runs)
         grid = np.linspace(min(r[0][0] for r in runs), end, 200)
         ys = np.array([np.interp(grid, [t for t, _ in r], [a for _, a in r]) for r in runs]) * 100
-        line, = ax.plot(grid, ys.mean(0), label=f"{name} (n={len(runs)})", lw=2.4 if name == "fedhq" else 1.4)
+        line, = ax.plot(grid, ys.mean(0), label=f"{name} (n={len(runs)})", lw=2.4 if name == METHOD else 1.4)
         ax.fill_between(grid, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
     ax.set_xlabel("simulated time (s), fit charged")
     ax.set_ylabel("deployed quantized test accuracy (%)")

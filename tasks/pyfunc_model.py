@@ -42,7 +42,7 @@ def read_bundle(weights: str, meta: str) -> dict[str, Any]:
 
 def load_bundle(weights: str, meta: str) -> torch.nn.Module:
     """Rebuild the deployed model (deploy mode) from saved artifacts."""
-    from fedhq_core.quant.export import deployed_model
+    from fedhq_core.models.spec import deployed_model
 
     return deployed_model(read_bundle(weights, meta))
 

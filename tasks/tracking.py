@@ -15,7 +15,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from fedhq_core.config import redact_uri
 
@@ -381,33 +381,22 @@ class Tracker:
             self._deadline = time.monotonic() + self.settings.outage_wait_s
         return max(0.0, self._deadline - time.monotonic())
 
-    def load_family(self, cfg):
-        """The newest registered SigAcc family of ``cfg``'s dataset and model that covers its
-        setting (``allocation.pilot.Family.covers``), found by its ``family`` tag with
-        ``search_model_versions``; with why it qualifies, or why none does. Each run that
-        reuses a version is counted on it (``runs_reused``)."""
-        from fedhq_core.allocation.pilot import Family
-
-        name = self.settings.significance_model
-        versions = self.client.search_model_versions(f"name='{name}' and tags.family = '{cfg.dataset}/{cfg.model}'",
+    def tagged_states(self, name: str, tag: str, value: str) -> Iterator[tuple[Any, dict[str, Any]]]:
+        """The versions of registered model ``name`` whose tag ``tag`` is ``value``, newest first,
+        each with its ``state.json`` (:meth:`log_state`; a version stored otherwise, older or
+        foreign, is skipped: never unpickled)."""
+        versions = self.client.search_model_versions(f"name='{name}' and tags.{tag} = '{value}'",
                                                      order_by=["version_number DESC"])
-        why, misses = f"no {name} version of family {cfg.dataset}/{cfg.model}", []
         for mv in versions:
             state = self.load_state(mv.source)
-            if state is None:
-                continue   # not stored as data (an older or foreign version): never unpickled
-            try:
-                family = Family.from_dict(state)
-            except TypeError:
-                continue
-            ok, miss = family.covers(cfg)
-            if not ok:
-                misses.append(f"{name} version {mv.version}: {miss}")
-                continue
-            reused = int(mv.tags.get("runs_reused", "0")) + 1
-            self.client.set_model_version_tag(name, mv.version, "runs_reused", str(reused))
-            return family, f"{name} version {mv.version} ({len(family.settings)} settings, reused by {reused} run(s))"
-        return None, misses[0] if misses else why     # the newest version's reason
+            if state is not None:
+                yield mv, state
+
+    def count_use(self, name: str, version: Any, tag: str = "runs_reused") -> int:
+        """Add one to a version's use counter (tag ``tag``); the new count."""
+        used = int(version.tags.get(tag, "0")) + 1
+        self.client.set_model_version_tag(name, version.version, tag, str(used))
+        return used
 
     def load_state(self, source: str) -> dict[str, Any] | None:
         """The ``state.json`` of a version logged by :meth:`log_state` (plain JSON, read as data),

@@ -13,7 +13,8 @@ from prefect.cache_policies import NO_CACHE
 
 from fedhq_core.allocation import Allocation
 from fedhq_core.client import ClientResult
-from fedhq_core.worker import ClientJob, DataKey, ModelSpec, RoundInputs, Upload, prepare_worker, run_jobs
+from fedhq_core.models.spec import ModelSpec
+from fedhq_core.worker import ClientJob, DataKey, RoundInputs, Upload, prepare_worker, run_jobs
 from fedhq_core.hardware import RooflineModel
 from fedhq_core.simulation import Simulation
 

@@ -3,7 +3,7 @@ module (``uniform``, ``random_hybrid``, ``fedfq``, ``fedhq``), behind the seam o
 from __future__ import annotations
 
 from ..config import ExperimentConfig
-from .base import Allocation, Allocator, Capabilities, FleetView, RoundFeedback
+from .base import Allocation, Allocator, Capabilities, FleetView, RoundFeedback, UplinkSearch
 from .fedfq import FedFQAllocator
 from .fedhq import FedHQAllocator, allocate_coarse, best_deadline, objective
 from .random_hybrid import RandomHybridAllocator
@@ -12,24 +12,18 @@ from .uniform import UniformAllocator
 
 
 def build_allocator(cfg: ExperimentConfig, significance: SignificanceModel | None = None) -> Allocator:
-    s = cfg.strategy
-    if s == "fp32":
-        return UniformAllocator("fp32", s)
-    if s == "all-ptq":
-        return UniformAllocator("ptq", s)
-    if s == "all-qat":
-        return UniformAllocator("qat", s)
-    if s == "random-hybrid":
-        return RandomHybridAllocator(cfg.qat_share if cfg.qat_share >= 0 else 0.5, cfg.seed)
-    if s in ("fedhq", "fedhq-coarse"):
-        return FedHQAllocator(cfg.xi, significance, fine=(s == "fedhq"), adjust_every=cfg.adjust_every,
-                              seed=cfg.seed, uses_significance=cfg.significance != "none",
-                              max_stretch=cfg.max_stretch)
-    if s == "fedfq":
-        return FedFQAllocator()
-    raise ValueError(f"strategy: unknown strategy {s!r}")
+    """The allocator of ``cfg.strategy``: its registry line (``fedhq_core.strategies``) names the
+    factory, called with the config and the SigAcc model."""
+    from importlib import import_module
+
+    from ..strategies import REGISTRY
+
+    if cfg.strategy not in REGISTRY:
+        raise ValueError(f"strategy: unknown strategy {cfg.strategy!r}")
+    module, function = REGISTRY[cfg.strategy].factory.split(":")
+    return getattr(import_module(f".{module}", __name__), function)(cfg, significance)
 
 
 __all__ = ["FedFQAllocator", "FedHQAllocator", "SignificanceModel", "allocate_coarse", "best_deadline", "objective",
            "Allocation", "Allocator", "Capabilities", "FleetView", "RandomHybridAllocator", "RoundFeedback",
-           "UniformAllocator", "build_allocator"]
+           "UniformAllocator", "UplinkSearch", "build_allocator"]

@@ -33,31 +33,49 @@ class FleetView(Protocol):
 
     def shard_features(self) -> dict[int, np.ndarray]: ...   # SigAcc's shard features per client
 
+    def measured(self, name: str) -> Any: ...   # what a measurement it reads shows (Capabilities.measurements)
+
     @property
-    def quant_gap(self) -> float: ...   # the master's quantization gap trend (only if Capabilities.reads_gap)
+    def quant_gap(self) -> float: ...   # measured("gap"): the master's quantization gap trend
 
     @property
     def setting(self) -> dict[str, float]: ...   # SigAcc's setting fields (significance.setting_of)
 
     @property
-    def online_gains(self) -> list[float | None]: ...   # QAT-vs-PTQ partial aggregates measured so far
+    def online_gains(self) -> list[float | None]: ...   # measured("partials"): QAT-vs-PTQ partial aggregates so far
 
 
 @dataclass(frozen=True)
 class Capabilities:
     """What an allocator needs the run to measure or provide for it (all off for a baseline, so a
-    baseline never pays for them).
+    baseline never pays for them), and what sets its run apart.
 
     * ``uses_significance``: it wants a SigAcc model (the run obtains one before round 0);
-    * ``reads_gap``: it reads the master's quantization gap, measured by the server each round;
-    * ``reads_sensitivity``: it reads the PTQ uploads' quantization sensitivity;
-    * ``reads_partials``: it reads the server's comparison of each round's QAT and PTQ partial
-      aggregates (``server.partial_gain``)."""
+    * ``measurements``: the server's measurements it reads (``fedhq_core.measurements``: ``gap``,
+      the master's quantization gap; ``sensitivity``, the PTQ uploads' quantization sensitivity;
+      ``partials``, the comparison of each round's QAT and PTQ partial aggregates); the server
+      takes exactly these, and prices them;
+    * ``server_calibrates``: its clients send no activation ranges (the server calibrates the
+      deployment on its proxy split);
+    * ``aggregate_bits``: the uplink width the server's decode is priced at, where it is not the
+      config's ``upload_bits``."""
 
     uses_significance: bool = False
-    reads_gap: bool = False
-    reads_sensitivity: bool = False
-    reads_partials: bool = False
+    measurements: frozenset[str] = frozenset()
+    server_calibrates: bool = False      # its clients send no activation ranges: the server calibrates the deployment
+    aggregate_bits: int | None = None    # the uplink width the aggregation is priced at (None: upload_bits)
+
+    def reads(self, measurement: str) -> bool:
+        return measurement in self.measurements
+
+
+@dataclass(frozen=True)
+class UplinkSearch:
+    """An allocation's uplink for a client that searches its own per-tensor bits (FedFQ's
+    annealing, ``quant.bit_allocation``) at ``avg_bits`` on average, in ``iters`` moves."""
+
+    avg_bits: float
+    iters: int
 
 
 @dataclass
@@ -71,7 +89,7 @@ class RoundFeedback:
 @dataclass
 class Allocation:
     strategies: dict[int, str]
-    upload_bits: dict[int, Any] = field(default_factory=dict)  # per client override (fedfq)
+    upload_bits: dict[int, "int | UplinkSearch"] = field(default_factory=dict)  # per client: a width, or a search
     info: dict[str, Any] = field(default_factory=dict)         # for logging (e.g. scatter data)
 
     @property

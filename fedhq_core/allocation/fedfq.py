@@ -1,66 +1,33 @@
 """FedFQ baseline (arXiv 2408.08977): FP32 local training, uplink update compressed with a
-fine-grained bit allocation found by constraint-guided simulated annealing.
-
-[design] FedFQ allocates bits per parameter; here the unit is one parameter *tensor* (its rows
-share a width), which keeps the payload format of ``quant.payload``. The objective is the
-stochastic-rounding error of the update, sum_i n_i * s_i^2 / 4 with s_i = range_i / (2^(b_i-1) - 1),
-under the budget sum_i n_i * b_i <= avg_bits * sum_i n_i. Moves change one tensor's width by one
-bit; a move that breaks the budget is repaired by taking bits from the tensor whose error grows
-least (the "constraint guidance"), otherwise it is rejected.
+fine-grained bit allocation found by constraint-guided simulated annealing
+(``quant.bit_allocation.fedfq_bits``, run by each client on its update).
 """
 from __future__ import annotations
 
-import numpy as np
-import torch
+from typing import Any
 
-from .base import Allocation, Allocator, FleetView
-
-MIN_BITS, MAX_BITS = 2, 8
-
-
-def _error(n: np.ndarray, r2: np.ndarray, b: np.ndarray) -> float:
-    return float((n * r2 / (4.0 * (2.0 ** (b - 1) - 1) ** 2)).sum())
-
-
-def fedfq_bits(deltas: dict[str, torch.Tensor], avg_bits: float, iters: int, seed: int) -> dict[str, int]:
-    names = [k for k, v in deltas.items() if v.is_floating_point()]
-    if not names:
-        return {}
-    n = np.array([deltas[k].numel() for k in names], dtype=float)
-    r2 = np.array([float(deltas[k].abs().max()) ** 2 for k in names])
-    budget = avg_bits * n.sum()
-    b = np.full(len(names), int(np.clip(np.floor(avg_bits), MIN_BITS, MAX_BITS)), dtype=float)
-    rng = np.random.default_rng(seed)
-    cur = _error(n, r2, b)
-    best_b, best = b.copy(), cur
-    temp0 = max(cur, 1e-30) * 0.1
-    for it in range(iters):
-        temp = temp0 * (1 - it / iters) + 1e-30
-        cand = b.copy()
-        i = int(rng.integers(len(names)))
-        cand[i] = np.clip(cand[i] + rng.choice((-1, 1)), MIN_BITS, MAX_BITS)
-        # constraint guidance: repair an over-budget move by lowering the cheapest other tensor
-        while (n * cand).sum() > budget:
-            lowerable = np.flatnonzero((cand > MIN_BITS) & (np.arange(len(names)) != i))
-            if lowerable.size == 0:
-                break
-            growth = [n[j] * r2[j] * (1 / (2.0 ** (cand[j] - 2) - 1 + 1e-12) ** 2 - 1 / (2.0 ** (cand[j] - 1) - 1) ** 2)
-                      for j in lowerable]
-            cand[lowerable[int(np.argmin(growth))]] -= 1
-        if (n * cand).sum() > budget:
-            continue
-        e = _error(n, r2, cand)
-        if e < cur or rng.random() < np.exp(-(e - cur) / temp):
-            b, cur = cand, e
-            if e < best:
-                best_b, best = cand.copy(), e
-    return {k: int(v) for k, v in zip(names, best_b)}
+from ..client import Mode
+from .base import Allocation, Allocator, Capabilities, FleetView, UplinkSearch
 
 
 class FedFQAllocator(Allocator):
-    """FP32 local training; every client's uplink is bit-allocated by simulated annealing."""
+    """FP32 local training; every client's uplink is bit-allocated by simulated annealing. Its
+    clients send no activation ranges (the server calibrates), and the aggregation is priced at
+    the average of the per-tensor bits."""
 
     name = "fedfq"
 
+    def __init__(self, avg_bits: float = 4.0, iters: int = 300):
+        self.search = UplinkSearch(avg_bits, iters)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(server_calibrates=True,
+                            aggregate_bits=int(min(8, max(2, round(self.search.avg_bits)))))
+
     def allocate(self, rnd: int, sampled: list[int], view: FleetView) -> Allocation:
-        return Allocation({c: "fp32" for c in sampled}, upload_bits={c: "fedfq" for c in sampled})
+        return Allocation({c: Mode.FP32 for c in sampled}, upload_bits={c: self.search for c in sampled})
+
+
+def build(cfg: Any, significance: Any = None) -> FedFQAllocator:
+    return FedFQAllocator(cfg.fedfq_avg_bits, cfg.fedfq_iters)

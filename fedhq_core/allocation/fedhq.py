@@ -126,10 +126,10 @@ class FedHQAllocator(Allocator):
         """It wants a SigAcc model (unless ``significance: none``); the fine stage's estimate reads
         the master's quantization gap and the PTQ uploads' sensitivity (once it has a family
         model) and the round's QAT-vs-PTQ partial aggregates (online, with or without one)."""
+        family = self.fine and self.significance is not None
         return Capabilities(uses_significance=self.uses_significance,
-                            reads_gap=self.fine and self.significance is not None,
-                            reads_sensitivity=self.fine and self.significance is not None,
-                            reads_partials=self.fine and self.uses_significance)
+                            measurements=frozenset((["gap", "sensitivity"] if family else [])
+                                                   + (["partials"] if self.fine and self.uses_significance else [])))
 
     @property
     def refits(self) -> list[dict[str, Any]]:
@@ -185,7 +185,7 @@ class FedHQAllocator(Allocator):
         probe = -1
         if self.fine:
             x = best_deadline(gains, t_ptq, t_qat, self.xi, ops=self._ops, max_stretch=self.max_stretch)
-            if not x.any() and self.capabilities.reads_partials:
+            if not x.any() and self.capabilities.reads("partials"):
                 fastest = int(np.argmin(t_qat))     # a probe keeps the online comparison coming
                 if t_qat[fastest] <= float(np.max(t_ptq)):
                     x[fastest], probe = True, fastest
@@ -194,7 +194,7 @@ class FedHQAllocator(Allocator):
                            for c, q, tp, tq, sp, sq in zip(sampled, x, t_ptq, t_qat, spec["ptq"], spec["qat"])}
         estimate = {"gain_mean": float(gains.mean()), "gain_positive_share": float((gains > 0).mean()),
                     "n_probe": int(probe >= 0), **self._estimate}
-        if self.capabilities.reads_gap:
+        if self.capabilities.reads("gap"):
             estimate["quant_gap"] = float(view.quant_gap)
         info = {
             "qat_share": float(x.mean()), "n_free_qat": int(free.sum()), "n_flipped": int((x != coarse).sum()),
@@ -253,3 +253,13 @@ class FedHQAllocator(Allocator):
         self.cost = CostModel.from_state(state["cost"])
         self._refits = [{**r, "model": ridge_from_state(r["model"])} for r in state["refits"]]
         self._last_pred = {int(k): (v[0], v[1]) for k, v in state["last_pred"].items()}
+
+
+def build(cfg: Any, significance: SignificanceModel | None = None, fine: bool = True) -> FedHQAllocator:
+    return FedHQAllocator(cfg.xi, significance, fine=fine, adjust_every=cfg.adjust_every, seed=cfg.seed,
+                          uses_significance=cfg.significance != "none", max_stretch=cfg.max_stretch)
+
+
+def build_coarse(cfg: Any, significance: SignificanceModel | None = None) -> FedHQAllocator:
+    """The ``fedhq-coarse`` ablation: stage 1 only."""
+    return build(cfg, significance, fine=False)

@@ -14,6 +14,7 @@ ranges decide which runs it covers (:meth:`Family.covers`); its leave-one-settin
 how far it transfers. Shipped as plain JSON (``families/<dataset>-<model>.json``: rows and
 targets, the grid, the command that built it and its one-off cost), refitted deterministically
 by a run in well under a second; that refit is the run's only SigAcc cost (:class:`FitInfo`).
+Building a family drives whole simulations, so it sits above them (``fedhq_core.family_build``).
 """
 from __future__ import annotations
 
@@ -106,8 +107,9 @@ def pilot_rows(sim, rounds: int, train_fn: Callable[[int, list[int], str], list]
         picks = rng.random(len(cids)) < 0.5
         g = swap_gains(srv.eval_model, srv.global_state, srv.global_ranges, ptq, qat, picks, srv.proxy.x, srv.proxy.y)
         X.extend(rows); gains.extend(g); groups.extend(cids); points.extend([rnd] * len(cids))
-        server_s = srv.measure_sensitivities(ptq) + srv.pricing.server.gap_s()
-        srv.measure_gap()                               # of the master this round started from
+        # the uploads' sensitivities, then the gap of the master this round started from
+        server_s = srv.measure("sensitivity", ptq)
+        server_s += srv.measure("gap")
         n, n_q = len(cids), int(picks.sum())
         # each of the 1 + n hybrids is aggregated, scored and, where it mixes both strategies, its
         # steps blended (server.blend_steps)
@@ -244,42 +246,6 @@ def family_path(dataset: str, model: str) -> Path:
 def shipped_family(dataset: str, model: str) -> Family | None:
     path = family_path(dataset, model)
     return Family.load(path) if path.is_file() else None
-
-
-def build_family(base, grid: dict[str, list[Any]], n_settings: int, command: str = "",
-                 on_setting: Callable[[int, Any, dict[str, Any]], None] | None = None,
-                 dataset=None) -> Family:
-    """Paired pilots over ``n_settings`` settings drawn from ``grid`` around ``base``, pooled; the
-    regressor's CV R² by client, by round and leave-one-setting-out. ``dataset``: a loaded
-    dataset to reuse (every setting reads the same one)."""
-    from ..hardware.server_work import gbr_fit_ops
-    from ..simulation import Simulation, load_data
-
-    dataset = dataset or load_data(base)
-    cfgs = draw_settings(base, grid, n_settings, base.seed)
-    X, gains, groups, points, sids, per = [], [], [], [], [], []
-    settings = []
-    t_all = time.perf_counter()
-    for i, cfg in enumerate(cfgs):
-        t0 = time.perf_counter()
-        sim = Simulation(cfg.replace(strategy="all-ptq", significance="none"), dataset=dataset)
-        sim.profile()
-        x, g, grp, pts, sim_s = pilot_rows(sim, pilot_length(cfg))
-        X.extend(x.tolist()); gains.extend(g.tolist()); points.extend(pts.tolist())
-        groups.extend((i * 100_000 + grp).tolist()); sids.extend([i] * len(g))
-        settings.append({f: getattr(cfg, f) for f in ("seed", *COVERED_FIELDS)})
-        per.append({"sim_s": sim_s, "wall_s": time.perf_counter() - t0, "rows": len(g),
-                    "mean_gain": float(np.mean(g))})
-        if on_setting:
-            on_setting(i, cfg, per[-1])
-    m = SignificanceModel.fit(np.asarray(X), np.asarray(gains), base.seed, groups=np.asarray(groups),
-                              points=np.asarray(points), settings=np.asarray(sids))
-    folds = 5 + 5 + len(cfgs) + 1      # the model and its three cross-validations, on the same server
-    fit_sim = sim.pricing.server.host_s(gbr_fit_ops(len(gains), len(FEATURES), fits=folds))
-    build = {"sim_s": sum(p["sim_s"] for p in per) + fit_sim, "wall_s": time.perf_counter() - t_all,
-             "fit_sim_s": fit_sim, "per_setting": per, "command": command,
-             "pilot_rounds": [pilot_length(c) for c in cfgs]}
-    return Family(base.dataset, base.model, settings, X, gains, groups, points, sids, m.r2, build, seed=base.seed)
 
 
 def family_for_run(sim, family: Family, source_detail: str) -> SignificanceModel:

@@ -2,6 +2,8 @@
 clients; the benchmark passes fedhq's measured share)."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ..hardware.server_work import HostOps
@@ -28,3 +30,8 @@ class RandomHybridAllocator(Allocator):
         self._ops.add(2, len(sampled))   # one draw, one choice
         qat = set(rng.choice(sampled, size=n_qat, replace=False).tolist()) if n_qat else set()
         return Allocation({c: ("qat" if c in qat else "ptq") for c in sampled})
+
+
+def build(cfg: Any, significance: Any = None) -> RandomHybridAllocator:
+    """The QAT share of the config, or 0.5 where it says automatic and no run supplied one."""
+    return RandomHybridAllocator(cfg.qat_share if cfg.qat_share >= 0 else 0.5, cfg.seed)

@@ -405,22 +405,6 @@ class _Names(dict):
                           f"only reshapes may read shapes")
 
 
-def deployed_model(bundle: dict[str, Any]) -> nn.Module:
-    """The deployed model of a :meth:`Simulation.deployed_bundle` (``meta``, ``state``, ``steps``,
-    ``ranges``), rebuilt in deploy mode on the CPU."""
-    from ..worker import ModelSpec
-    from .modules import load_model_state, prepare_deploy
-
-    m = bundle["meta"]
-    # the observers' settings do not matter in deploy mode (the ranges are loaded)
-    model = ModelSpec(m["model"], tuple(m["in_shape"]), m["num_classes"], m["w_bits"], m["a_bits"],
-                      m["first_last_bits"], 0.9, 99.99).build(torch.device("cpu"))
-    load_model_state(model, {k: v.detach().cpu() for k, v in bundle["state"].items()})
-    prepare_deploy(model, bundle.get("ranges") or None,
-                   {k: v.detach().cpu() for k, v in bundle["steps"].items()} if bundle.get("steps") else None)
-    return model.eval()
-
-
 def _folds(gm: fx.GraphModule, quantized: bool) -> dict[fx.Node, fx.Node]:
     """BatchNorm nodes to fold, mapped to the convolution whose only consumer each is. A fold is
     left out where a negative gain would turn a code of -2^(b-1) into one outside int8."""

@@ -95,7 +95,7 @@ def test_predicted_work_is_what_clients_report(tiny_cfg):
         r = train_here(s, 0, 1, "ptq")
         assert r.work == s.pricing.expected_work(1, "ptq") and set(r.work) == {"fp32", "calib", "pack"} and r.quant_loss is None
         assert s.server_measures_sensitivity == on_server, strategy
-        assert s.server.measure_sensitivities([r]) == pytest.approx(s.pricing.server.sens_s()) and 0 <= r.quant_loss <= 1
+        assert s.server.measure("sensitivity", [r]) == pytest.approx(s.pricing.server.sens_s()) and 0 <= r.quant_loss <= 1
     # opt-in: on the device (billed to the client), one calibration forward pass, never beyond the shard
     loud = Simulation(tiny_cfg.replace(strategy="fedhq", report_sensitivity=True))
     r = train_here(loud, 0, 1, "ptq")

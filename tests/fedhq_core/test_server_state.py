@@ -52,7 +52,7 @@ def test_a_hybrid_round_blends_the_steps_and_measures_its_partial_aggregates(tin
     w = qat.n_samples / (qat.n_samples + ptq.n_samples)
     assert all(torch.allclose(blended[k], w * learned[k] + (1 - w) * mse[k]) for k in learned)
     assert blend_steps(sim.server.eval_model, master, learned, [qat]) is learned
-    priced = sim.server.aggregate([ptq, qat], False, False, measure_partial=8)
+    priced = sim.server.aggregate([ptq, qat], ["partials"])
     assert sim.server.partials and -1 <= sim.server.partials[-1] <= 1
     assert sim.server.carried_s == pytest.approx(sim.pricing.server.partial_s(1, 1, 8)) and sim.server.carried_s > 0
     assert all(torch.equal(sim.server.global_state[k], master[k]) for k in start)

@@ -14,7 +14,7 @@ def test_bench_writes_the_documented_schema(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "bench.json"
-    rc = main(["bench", "--rounds", "2", "--clients", "10", "--local-epochs", "1", "--no-progress",
+    rc = main(["bench", "--rounds", "3", "--clients", "10", "--local-epochs", "1", "--no-progress",
                "--strategies", "fedhq,all-qat,all-ptq", "--seeds", "0,1",
                "--no-tracking",   # MLflow logging: test_mlops (tune), infra
                "--set", "profile_reps=1", "--json", str(out)])
@@ -30,7 +30,7 @@ def test_bench_writes_the_documented_schema(tmp_path, monkeypatch):
                     "qat_share", "alloc_overhead_s", "curve", "final_acc_q_std", "fit_sim_s", "fit_wall_s", "fit_source",
                     "charged_total_sim_s", "tta_uncharged_sim_s", "curve_uncharged"):
             assert key in entry
-        assert len(entry["curve"]) == 2 and all(len(p) == 2 for p in entry["curve"])
+        assert len(entry["curve"]) == 3 and all(len(p) == 2 for p in entry["curve"])
     # fedhq refits the shipped digits family (it covers 10 clients): charged to its runs; no
     # pilot; the family's one-off build is reported beside it; the pure strategies fit nothing
     fedhq = res["strategies"]["fedhq"]

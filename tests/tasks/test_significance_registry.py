@@ -8,6 +8,7 @@ import numpy as np
 from fedhq_core.allocation.pilot import COVERED_FIELDS, Family, find_family
 from fedhq_core.allocation.significance import FEATURES
 from fedhq_core.config import ExperimentConfig
+from flows.significance import registered_family
 
 
 def _family(cfgs: list[ExperimentConfig], seed: int = 0) -> Family:
@@ -31,11 +32,11 @@ def test_registry_family_covers_by_grid_ranges(tmp_path, monkeypatch):
         tracker.start("fit", {"grid": "x"}, tags={"kind": "fit-significance"})
         tracker.log_state(fam.to_dict(), "significance", name, fam.tags(), aliases=("current",))
         tracker.end()
-    found, why = tracker.load_family(base.replace(seed=9, clients=25))   # a new seed and client count
+    found, why = registered_family(tracker, base.replace(seed=9, clients=25))   # a new seed and client count
     assert found is not None and found.settings == wide.settings and "version 2" in why
-    found, why = tracker.load_family(base.replace(lr=0.05))
+    found, why = registered_family(tracker, base.replace(lr=0.05))
     assert found is not None and "version 2" in why and "reused by 2" in why
-    found, why = tracker.load_family(base.replace(clients=25, lr=0.03, w_bits=8))
+    found, why = registered_family(tracker, base.replace(clients=25, lr=0.03, w_bits=8))
     assert found is None and "w_bits=8" in why
     # significance: online uses no version, so none is searched for nor counted
     from fedhq_core.simulation import Simulation
@@ -70,6 +71,6 @@ def test_registry_family_covers_by_grid_ranges(tmp_path, monkeypatch):
     tracker.client.log_artifacts(tracker.run_id, str(bad), "significance")
     tracker.register(name, f"runs:/{tracker.run_id}/significance", wide.tags())
     tracker.end()
-    found, why = tracker.load_family(base)
+    found, why = registered_family(tracker, base)
     assert found is not None and "version 2" in why   # the newer, pickled version 3 is skipped
     assert os.path.exists(bad / "model.pkl")

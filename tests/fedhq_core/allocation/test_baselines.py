@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fedhq_core.allocation import RandomHybridAllocator
-from fedhq_core.allocation.fedfq import fedfq_bits
+from fedhq_core.quant.bit_allocation import fedfq_bits
 
 
 def test_random_hybrid_share_and_determinism():

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fedhq_core.allocation import FedHQAllocator, SignificanceModel, allocate_coarse, best_deadline, objective
-from fedhq_core.allocation.pilot import build_family, choose_significance, parse_grid
+from fedhq_core.allocation.pilot import choose_significance, parse_grid
+from fedhq_core.family_build import build_family
 from fedhq_core.allocation.significance import client_features, minmax, setting_of
 from fedhq_core.simulation import Simulation
 
@@ -95,12 +96,12 @@ def test_allocator_follows_the_sign_of_the_fitted_gain(tiny_cfg):
             gains.append(gap - 0.1)
     sim.set_significance(SignificanceModel.fit(np.array(rows), np.array(gains), seed=0))
     sampled = list(range(sim.n_clients))
-    sim.server.gaps = [0.0]
+    sim.server.measurements["gap"].history = [0.0]
     low = sim.allocator.allocate(0, sampled, sim)
     n_qat = sum(v == "qat" for v in low.strategies.values())
     assert low.info["n_sign_ptq"] == len(sampled) and n_qat == low.info["n_probe"] <= 1   # PTQ, but a free probe
     assert all(g <= 0 for g in low.info["scatter"]["gain"])
-    sim.server.gaps = [0.4, 0.4, 0.4]
+    sim.server.measurements["gap"].history = [0.4, 0.4, 0.4]
     high = sim.allocator.allocate(1, sampled, sim)
     assert high.info["n_sign_ptq"] == 0 and high.info["n_free_qat"] >= 1 and "qat" in high.strategies.values()
 
