@@ -58,6 +58,11 @@ PAPER = (("here: `configs/cifar10-cnn.yaml`", "transfer-cifar10-cnn.json"),
 PAPER_HEADER = ("| | paper: ResNet-18, ξ 0.2, A6000 GPUs, CIFAR-10 | " + " | ".join(label for label, _ in PAPER)
                 + " |\n|---|---|" + "---|" * len(PAPER))
 
+# the README's study table: (label, study JSON)
+STUDY = (("build `4cf646e`", "study-cifar10-seed0.json"),)
+STUDY_HEADER = ("| setting | strategy | seeds | tail (test) | tail (validation) | TTA (sim s) | total (sim s) | "
+                "QAT share | spread of last 10 (points) |\n|---|---|---|---|---|---|---|---|---|")
+
 # operations.md's poisoning tables
 POISONING = ("poisoning-digits.json", "poisoning-cifar10-4rounds.json")
 
@@ -136,6 +141,26 @@ def paper_rows() -> list[str]:
     ]
 
 
+def study_rows(label: str, d: dict[str, Any]) -> list[str]:
+    """One row per setting and strategy of a study: means over its seeds (the seeds listed), the
+    largest spread of the last evaluations among them; then the criteria's verdict per setting."""
+    rows = []
+    for s in d["settings"]:
+        stab = s["criteria"]["stability_points"]
+        for name in d["strategies"]:
+            runs = [r for r in s["runs"] if r["strategy"] == name]
+            mean = lambda k: sum(r[k] for r in runs) / len(runs)   # noqa: E731
+            tta = [r["tta_sim_s"] for r in runs]
+            spread = max(stab[name + "/seed" + str(r["seed"])] for r in runs)
+            rows.append(f"| {label}: {s['name']} | {name} | {', '.join(str(r['seed']) for r in runs)} | "
+                        f"{100 * mean('tail_acc_q'):.1f}% | {100 * mean('tail_acc_q_val'):.1f}% | "
+                        + ("never" if None in tta else f"{sum(tta) / len(tta):.1f}") + f" | {mean('total_sim_s'):.1f} | "
+                        f"{mean('qat_share'):.2f} | {spread:.2f} |")
+        crit = s["criteria"]
+        rows.append(f"Criteria, {s['name']}: " + ("met." if crit["met"] else "missed: " + "; ".join(crit["misses"]) + "."))
+    return rows
+
+
 def families_line() -> str:
     """The README's sentence on what the shipped families cost to build, from the benches that
     reused them."""
@@ -152,8 +177,9 @@ def tables() -> dict[str, list[str]]:
     from flows.poisoning import table as poisoning_table
 
     transfer = [TRANSFER_HEADER] + [transfer_row(label, load(f)) for label, f in TRANSFER]
+    study = [STUDY_HEADER] + [row for label, f in STUDY for row in study_rows(label, load(f))]
     return {
-        "README.md": transfer + [families_line()],
+        "README.md": transfer + [families_line()] + study,
         "docs/results.md": (transfer + [HIST_HEADER] + [hist_row(label, load(f), load(g)) for label, f, g in HISTOGRAMS]
                             + paper_rows()),
         "docs/deploy.md": ([EXPORT_HEADER] + [export_row(label, load(f)) for label, f in EXPORTS]
