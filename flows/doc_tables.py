@@ -18,7 +18,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
 
-# the README's and results.md's transfer table: (label, bench JSON)
+# results.md's transfer table (the small-scale benches): (label, bench JSON)
 TRANSFER = (
     ("`configs/digits.yaml` (w2a2, 30 rounds)", "transfer-digits.json"),
     ("`configs/digits-ptq-early.yaml` (w2a4, edges 8-bit)", "transfer-digits-ptq-early.json"),
@@ -162,7 +162,7 @@ def study_rows(label: str, d: dict[str, Any]) -> list[str]:
 
 
 def families_line() -> str:
-    """The README's sentence on what the shipped families cost to build, from the benches that
+    """results.md's sentence on what the shipped families cost to build, from the benches that
     reused them."""
     parts = []
     for name, f in (("digits", "transfer-digits.json"), ("CIFAR-10", "transfer-cifar10-cnn.json")):
@@ -179,8 +179,8 @@ def tables() -> dict[str, list[str]]:
     transfer = [TRANSFER_HEADER] + [transfer_row(label, load(f)) for label, f in TRANSFER]
     study = [STUDY_HEADER] + [row for label, f in STUDY for row in study_rows(label, load(f))]
     return {
-        "README.md": transfer + [families_line()] + study,
-        "docs/results.md": (transfer + [HIST_HEADER] + [hist_row(label, load(f), load(g)) for label, f, g in HISTOGRAMS]
+        "README.md": study,
+        "docs/results.md": (transfer + [families_line()] + [HIST_HEADER] + [hist_row(label, load(f), load(g)) for label, f, g in HISTOGRAMS]
                             + paper_rows()),
         "docs/deploy.md": ([EXPORT_HEADER] + [export_row(label, load(f)) for label, f in EXPORTS]
                            + [SPEED_HEADER] + [speed_row(label, load(f)) for label, f in SPEED]),
