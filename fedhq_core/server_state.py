@@ -22,7 +22,7 @@ from .data import Split
 from .phases import span
 from .pricing import FleetPricing
 from .quant import integer_weights, load_model_state, model_state, prepare_deploy, set_mode
-from .measurements import DURING, Measurement, build as build_measurements
+from .measurements import DURING, Measurement
 from .server import aggregate, blend_steps, calibrate_on_server, evaluate_deployed, evaluate_global, master_mse_steps
 
 
@@ -44,14 +44,14 @@ class ServerState:
 
     def __init__(self, eval_model: nn.Module, proxy: Split, test: Split, pricing: FleetPricing, calibrates: bool,
                  aggregation: str = "fedavg", trim: float = 0.2, bound: float = 0.0, val: Split | None = None,
-                 measurements: list[Measurement] | None = None):
+                 measurements: Iterable[Measurement] = ()):
         self.eval_model, self.proxy, self.test, self.pricing = eval_model, proxy, test, pricing
         self.val = val               # the experimenter's validation split: what selections read (not priced)
         self.calibrates, self.aggregation, self.trim, self.bound = calibrates, aggregation, trim, bound
         self.global_state = {k: v.detach().clone() for k, v in model_state(eval_model).items()}
         self.global_ranges: dict[str, tuple[float, float]] | None = None
         self.global_steps: dict[str, torch.Tensor] | None = None
-        self.measurements = {m.name: m for m in (measurements if measurements is not None else build_measurements(None))}
+        self.measurements = {m.name: m for m in measurements}   # one of each registered (measurements.build)
         self.gap_s = 0.0             # priced seconds of the server's work done while this round's clients train
         self.carried_s = 0.0         # priced server work of this round done while the next one trains
         self.host_s = 0.0            # this host's seconds for the server's work of the round (a metric only)

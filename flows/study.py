@@ -46,7 +46,6 @@ from tasks import training as T  # noqa: E402
 
 from flows.bench import PURE, dominance, evaluated_rounds, host_info, tail_accuracy  # noqa: E402
 from flows.runners import set_torch_threads, task_runner_for  # noqa: E402
-from flows.significance import obtain_significance  # noqa: E402
 from flows.train import execute_run  # noqa: E402
 from tasks.run_tracking import tracker_for  # noqa: E402
 
@@ -355,9 +354,7 @@ def study_flow(proto_dict: dict[str, Any], progress: bool = False) -> dict[str, 
                     sim = Simulation(rcfg, dataset=ds)
                     device = str(sim.device.type)
                     speed = speed or T.profile_hardware(sim, None)
-                    if sim.needs_significance():
-                        sim.profile(speed)
-                        obtain_significance(sim, tracker_for(rcfg))
+                    # execute_run's set-up (loop.prepare) starts the clock and obtains SigAcc
                     res = execute_run(rcfg, speed=speed, sim=sim, parent_run_id=parent, progress=progress,
                                       register=False, run_name=f"{proto.name}-{name}-{strategy}-s{seed}")
                     run = run_record(res, strategy, seed)

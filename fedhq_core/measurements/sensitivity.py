@@ -17,7 +17,7 @@ class UploadSensitivity(Measurement):
     name, when, later_only = "sensitivity", CARRIED, True
 
     def active(self) -> bool:
-        return self.cfg is None or self.cfg.report_sensitivity is None
+        return self.cfg.report_sensitivity is None
 
     def measure(self, server: Any, results: list[Any]) -> float:
         ptq = [r for r in results if r.strategy == Mode.PTQ]
