@@ -13,6 +13,14 @@ def test_central_reference_trains_the_federated_runs_sample_steps(digits):
     sizes = [len(s) for s in sim.shards]
     steps = federated_sample_steps(cfg, sizes)
     assert steps == round(3 * 3 / 6 * 1 * sum(sizes))            # 3 of 6 clients a round, 3 rounds
-    out = train_central(cfg, digits)
+    # the peak rate is chosen on validation; a rate that diverges stops early and is never chosen
+    out = train_central(cfg, digits, lr_scales=(1e4, 1.0, 0.3))
     assert out["sample_steps"] == steps and out["pool_size"] == sum(sizes)
     assert out["acc_fp32"] > 0.5 and 0 <= out["val_acc_fp32"] <= 1   # ~1.5 epochs of digits: far above chance
+    wild, *rest = out["candidates"]
+    assert wild["diverged"] and wild["sample_steps"] < steps and "val_acc_fp32" not in wild
+    assert out["lr"] in {c["lr"] for c in rest} and not out["diverged"]
+    assert out["val_acc_fp32"] == max(c["val_acc_fp32"] for c in rest)
+    # no validation split: nothing to choose on, the federated rate alone
+    alone = train_central(cfg.replace(val_fraction=0.0), digits, lr_scales=(1e4, 1.0))
+    assert [c["lr"] for c in alone["candidates"]] == [cfg.lr] and alone["lr"] == cfg.lr
