@@ -46,7 +46,7 @@ def test_ptq_8bit_is_nearly_free_and_2bit_is_not(digits):
 @pytest.mark.skipif(not SHARED_CIFAR.is_dir(), reason="shared CIFAR-10 image folder not present")
 def test_qat_recovers_most_of_ptq_loss_on_cifar10_at_2bit_weights(tmp_path):
     # README: CIFAR-10 images, small CNN, w2a8 (first/last layer 8-bit) is where PTQ visibly loses.
-    ds = load_dataset("cifar10-folder", str(SHARED_CIFAR), per_class=250, cache_dir=tmp_path)
+    ds = load_dataset("cifar10-folder", str(SHARED_CIFAR), per_class=150, cache_dir=tmp_path)
     fp = _fresh(ds, 2, 8, 8)
     _train(fp, ds, "fp32", epochs=6)
     ptq = _ptq_acc(fp, ds, 2, 8, 8)

@@ -9,6 +9,9 @@ import pytest
 import torch
 
 
+_THREADS: dict = {}     # the thread runner's run of the same seeded config, trained once for both kills
+
+
 @pytest.mark.slow
 # a worker killed while a task runs, early or late; killed as the scatter starts (0.0 s) the flow
 # can wait for good: an open defect (the scatter now times out and retries, but another wait remains)
@@ -28,7 +31,7 @@ def test_dask_local_cluster_equals_thread_runner(tiny_cfg, monkeypatch, kill_aft
 
     cfg = tiny_cfg.replace(rounds=3, strategy="fedhq", significance="none", adjust_every=1, max_concurrency=2,
                            local_epochs=2)
-    threads = run_training(cfg)
+    threads = _THREADS.get("run") or _THREADS.setdefault("run", run_training(cfg))
     before = set(psutil.Process().children(recursive=True))
     dask_cfg = cfg.replace(dask_local=2)
     assert type(task_runner_for(dask_cfg)).__name__ == "DaskTaskRunner"

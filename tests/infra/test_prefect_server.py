@@ -38,7 +38,8 @@ def test_served_deployment_run_completes(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_LOGGING_LEVEL="WARNING", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db",
-               FEDHQ_STATE_DIR=str(tmp_path / "state"))
+               FEDHQ_STATE_DIR=str(tmp_path / "state"),
+               PREFECT_RUNNER_POLL_FREQUENCY="1")    # the runner looks for scheduled runs every second
     log = open(tmp_path / "servers.log", "wb")
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env=env, stdout=log, stderr=log, start_new_session=True, cwd=tmp_path)
@@ -51,7 +52,7 @@ def test_served_deployment_run_completes(tmp_path):
                                    "--state-dir", str(tmp_path / "state")],
                                   env=env, stdout=log, stderr=log, start_new_session=True, cwd=tmp_path)
         code = ("import json;from prefect.deployments import run_deployment;"
-                "r=run_deployment('fedhq-train/nightly-train', timeout=300);"
+                "r=run_deployment('fedhq-train/nightly-train', timeout=300, poll_interval=1);"
                 "print(json.dumps({'state': r.state.type.value, 'name': r.name}))")
         deadline = time.time() + 120
         while True:  # wait until `fedhq serve` has registered the deployment (one HTTP call a probe)
