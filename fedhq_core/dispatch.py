@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .hardware.host_work import HostWork
 from .allocation import Allocation, UplinkSearch
 from .client import ClientResult, Mode, TrainSpec
 from .config import ExperimentConfig
@@ -31,8 +32,9 @@ class Dispatch:
     """The round's outgoing jobs and incoming uploads for one run."""
 
     def __init__(self, cfg: ExperimentConfig, shards: list[ShardRef], server: ServerState, spec: ModelSpec,
-                 on_device_sensitivity: bool):
+                 on_device_sensitivity: bool, host_work: HostWork | None = None):
         self.cfg, self.shards, self.server, self.spec = cfg, shards, server, spec
+        self.host_work = host_work if host_work is not None else HostWork()   # decoding is host work
         self.on_device_sensitivity = on_device_sensitivity
         self.norm_checks = 0          # update norms the last accept() computed (priced with the aggregation)
         self.norm_ref = 0.0           # the median norm of the last accepted updates (the norm bound's cap)
@@ -94,7 +96,8 @@ class Dispatch:
                 if timeout and up.wall_s > timeout:
                     raise RejectedUpdate("timeout", f"{up.wall_s:.2f} s > client_timeout_s {timeout:g}")
                 blob, up.data = up.data, None   # decoded once; the upload's bytes go as soon as they are read
-                r = decode_upload(blob, expected, max_bytes=limit, max_samples=len(self.shards[up.cid]))
+                with self.host_work.op("decode", 1, len(blob)):
+                    r = decode_upload(blob, expected, max_bytes=limit, max_samples=len(self.shards[up.cid]))
                 if r.cid != up.cid:
                     raise RejectedUpdate("keys", f"claims to be client {r.cid}")
                 results.append(r)

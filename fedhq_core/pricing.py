@@ -127,14 +127,13 @@ class FleetPricing:
 
     def label_histograms_s(self, num_classes: int) -> tuple[float, int]:
         """Every client sends its label histogram once (``num_classes`` int32 counts and a wire
-        header), all at once: the slowest uplink's time, then the server's counted host work
-        turning them into shard features. Returns (simulated seconds, bytes sent in all)."""
-        from .allocation.significance import histogram_ops
-
+        header), all at once: the slowest uplink's time (the server's host work turning them into
+        shard features is charged with the round that reads them). Returns (simulated seconds,
+        bytes sent in all)."""
         assert self.server is not None, "profile() first"
         nbytes = 4 * num_classes + HISTOGRAM_HEADER_BYTES
         send = max(nbytes * 8.0 / d.uplink_bps for d in self.fleet.devices)
-        return send + self.server.host_s(histogram_ops(len(self.fleet.devices), num_classes)), nbytes * len(self.fleet.devices)
+        return send, nbytes * len(self.fleet.devices)
 
     def client_times(self, rnd: int, results: list[ClientResult]) -> dict[int, ClientTime]:
         """What each client's reported work took on its simulated device this round."""
@@ -142,7 +141,7 @@ class FleetPricing:
         return {r.cid: self.clock.client_time(rnd, r.cid, r.work, r.upload_bytes) for r in results}
 
     def aggregation_s(self, results: list[ClientResult], norm_checks: int = 0, step_search: bool = False) -> float:
-        """Priced seconds of decoding and aggregating ``results`` on the server's device, after
+        """Priced seconds of aggregating ``results`` on the server's device, after
         ``norm_checks`` update norms; ``step_search``: QAT steps were bounded against the new
         master's MSE steps (no steps deployed yet), searched for it: the blend's own search in a
         hybrid round, one more in an all-QAT round (``ServerState.aggregate_results``)."""
@@ -153,5 +152,4 @@ class FleetPricing:
         blend = self.server.mse_s() if 0 < n_qat < len(results) else 0.0   # server.blend_steps
         if step_search and n_qat == len(results) > 0:
             blend += self.server.mse_s()
-        return blend + self.server.aggregate_s(len(results) - n_qat, n_qat, bits,
-                                               sum(r.upload_bytes for r in results), cfg.aggregation, norm_checks)
+        return blend + self.server.aggregate_s(len(results) - n_qat, n_qat, bits, cfg.aggregation, norm_checks)

@@ -36,7 +36,8 @@ from .measurements import build as build_measurements
 from .phases import span
 from .pricing import FleetPricing
 from .quant import quant_layers
-from .records import PTQ_EXTRAS, RoundRecord, record_dict, record_from_dict, records_summary
+from .hardware.host_work import HostWork
+from .records import PTQ_EXTRAS, RoundRecord, host_work_summary, record_dict, record_from_dict, records_summary
 from .server_state import ServerState
 from .models.spec import ModelSpec
 from .worker import DataKey, ShardRef
@@ -105,6 +106,12 @@ class Simulation:
         self.fleet = Fleet.build(cfg.clients, cfg.fleet, cfg.throttle_prob, cfg.throttle_factor,
                                  cfg.jitter_sigma, cfg.seed)
         self.allocator = build_allocator(cfg, significance)
+        # the server's host work of the round (the allocator's, the uploads' decoding): counted,
+        # priced from measured constants and charged when the round closes (hardware.host_work)
+        self.host_work = HostWork()
+        self.setup_work = HostWork()      # once a run: the family's refit
+        self.run_work = HostWork()        # every round's, by kind (the rounds this process ran)
+        self.allocator.work = self.host_work
         # a PTQ client measures its sensitivity on the device only when asked to; by default the
         # server measures it from the uploads, and only for an allocator that reads it
         on_device = bool(cfg.report_sensitivity)
@@ -118,7 +125,7 @@ class Simulation:
                                   calibrates=self.allocator.capabilities.server_calibrates, aggregation=cfg.aggregation,
                                   trim=cfg.trim_fraction, bound=cfg.norm_bound, val=val,
                                   measurements=build_measurements(cfg))
-        self.dispatch = Dispatch(cfg, self.shards, self.server, self.model_spec, on_device)
+        self.dispatch = Dispatch(cfg, self.shards, self.server, self.model_spec, on_device, self.host_work)
         self.fit = FitInfo()         # what obtaining SigAcc cost this run (see allocation.pilot)
         self._shard_features: dict[int, np.ndarray] | None = None
         self.label_hist_s: float | None = None    # the clients' label histograms: simulated seconds, once sent
@@ -163,8 +170,9 @@ class Simulation:
         if not self.cfg.share_label_histograms:
             return measured_shard_features(self.seen_samples, self.n_clients, self.num_classes)
         if self._shard_features is None:
-            self._shard_features = fleet_shard_features(self.global_labels, [s.y.numpy() for s in self.shards],
-                                                        self.num_classes)
+            with self.host_work.op("histogram", self.n_clients, self.n_clients * self.num_classes):
+                self._shard_features = fleet_shard_features(self.global_labels, [s.y.numpy() for s in self.shards],
+                                                            self.num_classes)
         clock = self.pricing.clock
         if self.label_hist_s is None and clock is not None:
             self.label_hist_s, self.label_hist_bytes = self.pricing.label_histograms_s(self.num_classes)
@@ -217,7 +225,7 @@ class Simulation:
     # --- the round's server verbs (the loop calls them, or the flow as tasks) -----------------
     def allocate(self, rnd: int, sampled: list[int]) -> tuple[Allocation, float]:
         t0 = time.perf_counter()
-        with span("allocate", rnd):
+        with span("allocate", rnd), self.host_work.op(f"allocate/{self.allocator.name}", 1, len(sampled)):
             alloc = self.allocator.allocate(rnd, sampled, self)
         self.last_allocation_info = alloc.info
         return alloc, time.perf_counter() - t0
@@ -268,12 +276,15 @@ class Simulation:
                    if self.records else {"acc_q": 0.0, "acc_fp32": 0.0, "loss_q": float("nan"), "loss_fp32": float("nan")})
         metrics = {**carried, **fresh}
         t0 = time.perf_counter()
-        observed = self.allocator.observe(RoundFeedback(rnd, results, times, metrics), self) or {}
+        with self.host_work.op(f"observe/{self.allocator.name}", 1, len(results)):
+            observed = self.allocator.observe(RoundFeedback(rnd, results, times, metrics), self) or {}
         alloc_s += time.perf_counter() - t0
-        # the server's priced work: allocation before the round, aggregation after the uploads,
-        # the allocator's bookkeeping and refits after that, and the deployment's calibration
-        # (clients that send no ranges) once the last round is in
-        parts = {"alloc": server.host_s(self.allocator.take_host_ops()), "server": server_s}
+        # the server's priced work: allocation before the round, the uploads' decoding and their
+        # aggregation after them, the allocator's bookkeeping and refits after that, and the
+        # deployment's calibration (clients that send no ranges) once the last round is in
+        decode = self.host_work.take(("decode",))
+        host = self.host_work.take()
+        parts = {"alloc": host.priced_s(), "decode": decode.priced_s(), "server": server_s}
         if rnd + 1 == self.cfg.rounds and self.server.calibrates:
             parts["deploy"] = server.calib_s()
         round_s, split = clock.advance(list(times.values()), parts, self.server.gap_s)
@@ -284,6 +295,9 @@ class Simulation:
         extra = {k: v for k, v in alloc.info.items() if isinstance(v, (int, float))}
         extra.update({f"sim_{k}_s": v for k, v in split.items()})
         extra["server_host_s"] = self.server.host_s
+        host.merge(decode)
+        extra["host_priced_s"], extra["host_measured_s"] = host.priced_s(), host.measured_s
+        self.run_work.merge(host)
         ptq = [times[r.cid] for r in results if r.strategy == Mode.PTQ]
         if ptq:   # what PTQ runs on the device beyond FP32 training, as a share of its client's time
             extra["ptq_extras_share"] = float(np.mean([sum(t.by_kind.get(k, 0.0) for k in PTQ_EXTRAS) / t.total_s
@@ -391,6 +405,7 @@ class Simulation:
             # what the clients' label histograms cost (on the clock: in total_sim_s), and what they sent
             "label_hist_sim_s": self.label_hist_s or 0.0,
             "label_hist_bytes": self.label_hist_bytes,
+            **host_work_summary(self.records, self.setup_work, self.run_work),
             **records_summary(self.records),
             "speed_model": speed.summary() if speed else None,
             "significance": self.significance_summary(),

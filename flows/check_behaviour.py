@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = NAMES   # every registered strategy
 # keys that hold this host's wall-clock measurements, paths or ids: everything else must be equal
 HOST_KEYS = {"wall_s", "alloc_s", "alloc_overhead_s", "fit_wall_s", "fit_charged_wall_s", "server_host_s",
-             "alloc_compute_s", "cost_model_refit_s", "run_id", "run_dir", "checkpoint", "state_dir"}
+             "alloc_compute_s", "cost_model_refit_s", "run_id", "run_dir", "checkpoint", "state_dir",
+             "host_work_measured_s", "host_measured_s", "measured_s"}
 
 
 def strip_host(obj: Any) -> Any:

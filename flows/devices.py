@@ -50,6 +50,12 @@ def devices_report(cfg: ExperimentConfig, input_name: str, batch: int, validate:
         host = host_device(h["peak_flops"], h["mem_bw"], [h[k] for k in COEF_FIELDS])
         devices += catalog_table(speed, batch, {"ptq_extras": ptq_extras(cfg, batch)}, [host])
         devices[-1]["name"] = "this host (fitted)"
+        import tempfile
+
+        from flows.bench_host import held_out
+
+        with tempfile.TemporaryDirectory() as tmp:   # the server's host work, priced against measured
+            out["host_work"] = held_out(tmp)
     out["devices"] = devices
     return out
 
@@ -79,6 +85,13 @@ def print_report(r: dict[str, Any], fmt) -> None:
     print(f"host coefficients (validation only, never used by the clock): " +
           ", ".join(f"{k} {v['host'][k]:.3g}" for k in COEF_FIELDS) +
           f"; measured peak {v['host']['peak_flops'] / 1e9:.0f} GFLOP/s, bandwidth {v['host']['mem_bw'] / 1e9:.1f} GB/s")
+    if "host_work" in r:
+        from flows.bench_host import print_check
+
+        print()
+        print_check(r["host_work"])
+        print(f"(limit {100 * HOST_WORK_TOLERANCE:.0f}% in all; prices from the shipped table, "
+              f"python -m flows.bench_host)")
 
 
 def _round(x: Any) -> Any:
@@ -87,8 +100,12 @@ def _round(x: Any) -> Any:
     return x
 
 
+HOST_WORK_TOLERANCE = 0.30     # the server's host work: priced within 30% of measured, in all
+
+
 def validation_passed(r: dict[str, Any]) -> bool:
-    return passed(r["validation"]) if "validation" in r else True
+    host_ok = abs(r["host_work"]["error"]) <= HOST_WORK_TOLERANCE if "host_work" in r else True
+    return (passed(r["validation"]) if "validation" in r else True) and host_ok
 
 
 def profile_overrides(r: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from ..hardware.server_work import HostOps
+from ..hardware.host_work import HostWork
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..client import ClientResult
@@ -105,6 +105,19 @@ class Allocator:
     sensitivity_lag = 0            # 1: sensitivity reports reach it one round late (measured by the server)
 
     @property
+    def work(self) -> HostWork:
+        """The run's host-work ledger (the Simulation sets it): operations nested in allocate or
+        observe (a scikit-learn fit or prediction) are counted by their kind, the rest of
+        allocate/observe as the allocator's own (``hardware.host_work``)."""
+        if "_work" not in self.__dict__:
+            self._work = HostWork()
+        return self._work
+
+    @work.setter
+    def work(self, ledger: HostWork) -> None:
+        self._work = ledger
+
+    @property
     def capabilities(self) -> Capabilities:
         return Capabilities()
 
@@ -115,11 +128,6 @@ class Allocator:
 
     def allocate(self, rnd: int, sampled: list[int], view: FleetView) -> Allocation:  # pragma: no cover
         raise NotImplementedError
-
-    def take_host_ops(self) -> HostOps:
-        """The counted host work (numpy, scikit-learn) of the allocations and observations since
-        the last call, for the server's clock (``hardware.server_work``); none by default."""
-        return HostOps()
 
     def observe(self, feedback: RoundFeedback, view: FleetView) -> None:
         return None

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..hardware.server_work import HostOps, gbr_predict_ops
+from ..hardware.server_work import gbr_predict_elements
 from .base import Allocation, Allocator, Capabilities, FleetView, RoundFeedback
 from .cost_model import CostModel, ridge_from_state, ridge_to_state
 from .significance import FEATURES, GAP_WINDOW, SignificanceModel, feature_rows, gap_trend, minmax
@@ -71,12 +71,12 @@ def objective(x: np.ndarray, t_ptq: np.ndarray, t_qat: np.ndarray, gains: np.nda
 
 
 def best_deadline(gains: np.ndarray, t_ptq: np.ndarray, t_qat: np.ndarray, xi: float,
-                  ops: HostOps | None = None, max_stretch: float = float("inf")) -> np.ndarray:
+                  max_stretch: float = float("inf")) -> np.ndarray:
     """The QAT mask minimising :func:`objective` exactly, with the round at most ``max_stretch``
     x T_ref long. For a deadline T >= T_ref = max t^PTQ, QAT for every positive-gain client with
     t^QAT <= T is best (each lowers the accuracy term and none raises the round time past T); so
     J is evaluated at T_ref and at each positive client's t^QAT above it within the stretch
-    (sorted, cumulative gains: O(n log n)). ``ops`` counts its work."""
+    (sorted, cumulative gains: O(n log n))."""
     pos = gains > 0
     t_ref = float(np.max(t_ptq))
     a_ref = float(gains[pos].sum()) or 1.0
@@ -87,8 +87,6 @@ def best_deadline(gains: np.ndarray, t_ptq: np.ndarray, t_qat: np.ndarray, xi: f
     deadlines = np.maximum(tq, t_ref)
     j = xi * deadlines / t_ref + (1.0 - xi) * (a_ref - cum) / a_ref
     j0 = xi + (1.0 - xi) * (a_ref - float(gains[pos & (t_qat <= t_ref)].sum())) / a_ref if pos.any() else xi
-    if ops is not None:
-        ops.add(12, 12 * len(gains))
     if not len(j) or j0 <= float(j.min()) + 1e-12:
         return pos & (t_qat <= t_ref)
     return pos & (t_qat <= float(deadlines[int(np.argmin(j))]))
@@ -114,12 +112,7 @@ class FedHQAllocator(Allocator):
         self._last_pred: dict[int, tuple[float, float]] = {}  # cid -> (cost-model pred, spec pred)
         self.uses_significance = uses_significance   # False with `significance: none`: by speed alone
         self._pending_sensitivity: dict[int, float] = {}
-        self._ops = HostOps()
         self._estimate: dict[str, float] = {}   # the round's estimate: family and online gain levels
-
-    def take_host_ops(self) -> HostOps:
-        ops, self._ops = self._ops, HostOps()
-        return ops
 
     @property
     def capabilities(self) -> Capabilities:
@@ -145,11 +138,14 @@ class FedHQAllocator(Allocator):
             return np.ones(len(cids))
         pred = np.zeros(len(cids))
         if self.significance is not None:
-            self._ops += gbr_predict_ops(len(cids), len(FEATURES))
             if not self.fine:   # fedhq-coarse: the estimate of the initial state, never updated
-                return self.significance.predict(feature_rows(view.shard_features(), cids, 0.0, 0.0, {}, view.setting))
-            pred = self.significance.predict(feature_rows(view.shard_features(), cids, rnd / view.rounds,
-                                                          view.quant_gap, self.quant_sensitivity, view.setting))
+                rows = feature_rows(view.shard_features(), cids, 0.0, 0.0, {}, view.setting)
+                with self.work.op("gbr_predict", 1, gbr_predict_elements(len(cids))):
+                    return self.significance.predict(rows)
+            rows = feature_rows(view.shard_features(), cids, rnd / view.rounds, view.quant_gap,
+                                self.quant_sensitivity, view.setting)
+            with self.work.op("gbr_predict", 1, gbr_predict_elements(len(cids))):
+                pred = self.significance.predict(rows)
         online = [g for g in view.online_gains if g is not None]
         self._estimate = {"online_n": len(online)}
         if self.significance is not None:
@@ -169,22 +165,18 @@ class FedHQAllocator(Allocator):
         t0 = time.perf_counter()
         n = len(sampled)
         spec = view.predicted_times(sampled)
-        self._ops.add(2 * n, 12 * n)          # two priced work lists per client (dict lookups)
         t_ptq, t_qat = spec["ptq"], spec["qat"]
         if self.fine:
             t_ptq = self.cost.correct(sampled, t_ptq, False)
             t_qat = self.cost.correct(sampled, t_qat, True)
-            if self.cost.regressor is not None:
-                self._ops.add(2 * (n + 3), 2 * 8 * n)   # feature rows, ridge predict, exp
         s_hat = minmax(1.0 / t_ptq)
         gains = self.significance_of(sampled, view, rnd)
         x, free = allocate_coarse(s_hat, gains, t_ptq, t_qat, self.xi)
-        self._ops.add(4 + 12 + 10, n * (3 + 12 + 10))   # speed score, coarse rule, the round's info
         coarse = x.copy()
         adjusted = bool(self.fine and self.cost.regressor is not None)
         probe = -1
         if self.fine:
-            x = best_deadline(gains, t_ptq, t_qat, self.xi, ops=self._ops, max_stretch=self.max_stretch)
+            x = best_deadline(gains, t_ptq, t_qat, self.xi, max_stretch=self.max_stretch)
             if not x.any() and self.capabilities.reads("partials"):
                 fastest = int(np.argmin(t_qat))     # a probe keeps the online comparison coming
                 if t_qat[fastest] <= float(np.max(t_ptq)):
@@ -224,15 +216,14 @@ class FedHQAllocator(Allocator):
                 errs_model.append(abs(pred_model - t.total_s) / t.total_s)
                 errs_spec.append(abs(pred_spec - t.total_s) / t.total_s)
             self.cost.add(r.cid, spec_total, t.total_s, r.strategy == "qat")
-            self._ops.add(8, 8)
         if errs_model:
             out["cost_model_mape"] = float(np.mean(errs_model))
             out["spec_sheet_mape"] = float(np.mean(errs_spec))
         if self.fine and (feedback.rnd + 1) % self.adjust_every == 0:
             t0 = time.perf_counter()
-            self.cost.refit()
             rows, feats = len(self.cost.targets), len(self.cost.rows[0]) if self.cost.rows else 0
-            self._ops.add(10, rows * feats * feats + feats ** 3)   # ridge: normal equations
+            with self.work.op("ridge_fit", 1, rows * feats):
+                self.cost.refit()
             out["cost_model_refit_s"] = time.perf_counter() - t0
             self._refits.append({"version": self.cost.version, "round": feedback.rnd, "model": self.cost.regressor,
                                 "n_samples": len(self.cost.targets)})

@@ -114,7 +114,7 @@ def pilot_rows(sim, rounds: int, train_fn: Callable[[int, list[int], str], list]
         # each of the 1 + n hybrids is aggregated, scored and, where it mixes both strategies, its
         # steps blended (server.blend_steps)
         qat_counts = [n_q] + [n_q - 1 if p else n_q + 1 for p in picks]
-        server_s += (n + 1) * (pricing.server.aggregate_s(n - n_q, n_q, cfg.upload_bits, 0) + pricing.server.proxy_s())
+        server_s += (n + 1) * (pricing.server.aggregate_s(n - n_q, n_q, cfg.upload_bits) + pricing.server.proxy_s())
         server_s += sum(0 < q < n for q in qat_counts) * pricing.server.mse_s()
         for i, res in enumerate((ptq, qat)):   # the server's scoring waits for the second set
             times = list(pricing.client_times(rnd, res).values())
@@ -251,12 +251,14 @@ def shipped_family(dataset: str, model: str) -> Family | None:
 def family_for_run(sim, family: Family, source_detail: str) -> SignificanceModel:
     """The family's model for ``sim``'s run: its rows refitted (priced as counted server work and
     charged; the build is a one-off, reported beside it)."""
-    from ..hardware.server_work import gbr_fit_ops
+    from ..hardware.host_work import HostWork
+    from ..hardware.server_work import gbr_fit_elements
 
-    t0 = time.perf_counter()
-    model = family.model_for_run()
-    sim_s = sim.pricing.server.host_s(gbr_fit_ops(len(family.gains), len(FEATURES)))
-    model.fit_info = FitInfo("family", sim_s, time.perf_counter() - t0, source_detail, 0,
+    refit = HostWork()
+    with refit.op("gbr_fit", 1, gbr_fit_elements(len(family.gains), len(FEATURES))):
+        model = family.model_for_run()
+    sim.setup_work = refit
+    model.fit_info = FitInfo("family", refit.priced_s(), refit.measured_s, source_detail, 0,
                              float(family.build.get("sim_s", 0.0)), float(family.build.get("wall_s", 0.0)),
                              len(family.settings))
     return model

@@ -6,7 +6,6 @@ from typing import Any
 
 import numpy as np
 
-from ..hardware.server_work import HostOps
 from .base import Allocation, Allocator, FleetView
 
 
@@ -18,16 +17,10 @@ class RandomHybridAllocator(Allocator):
     def __init__(self, qat_share: float, seed: int):
         self.qat_share = qat_share
         self.seed = seed
-        self._ops = HostOps()
-
-    def take_host_ops(self) -> HostOps:
-        ops, self._ops = self._ops, HostOps()
-        return ops
 
     def allocate(self, rnd: int, sampled: list[int], view: FleetView) -> Allocation:
         rng = np.random.default_rng([self.seed, 4099, rnd])
         n_qat = int(round(self.qat_share * len(sampled)))
-        self._ops.add(2, len(sampled))   # one draw, one choice
         qat = set(rng.choice(sampled, size=n_qat, replace=False).tolist()) if n_qat else set()
         return Allocation({c: ("qat" if c in qat else "ptq") for c in sampled})
 

@@ -91,15 +91,6 @@ def measured_shard_features(seen_samples: dict[int, int], n_clients: int, num_cl
             for c in range(n_clients)}
 
 
-def histogram_ops(n_clients: int, num_classes: int) -> Any:
-    """The server's counted work turning ``n_clients`` label histograms into shard features
-    (:func:`fleet_shard_features`: a normalisation, an entropy and a divergence a client, some
-    ten numpy calls over ``num_classes`` values each)."""
-    from ..hardware.server_work import HostOps
-
-    return HostOps(10 * n_clients, 10 * n_clients * num_classes)
-
-
 def client_features(shard: np.ndarray, progress: float, quant_gap: float, sensitivity: float | None,
                     fleet_sensitivity: float | None, setting: dict[str, float]) -> np.ndarray:
     """One row of :data:`FEATURES`: ``shard`` from :func:`shard_features`, the run's state, then

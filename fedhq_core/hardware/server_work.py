@@ -23,11 +23,10 @@ by :class:`~fedhq_core.hardware.profile.TraceBook` like every client step kind:
 * ``s_mse``: :func:`fedhq_core.server.master_mse_steps`, the master's MSE weight scales (a
   hybrid round's deployed steps blend them in: ``server.blend_steps``).
 
-Work in numpy and scikit-learn (an upload's header checks, the FedHQ allocator, its cost-model
-refits, SigAcc fits) has no torch op to trace; it is *counted* (:class:`HostOps`: calls and the
-elements they touch) by the code that runs it, and priced at one host issue latency per call
-plus the elements at the host core's peak. Python bookkeeping of a few floats per layer is not
-priced.
+Work in Python, numpy and scikit-learn (the decoding and checks of each upload, the FedHQ
+allocator, its cost-model refits, SigAcc fits and predictions) has no torch op to trace: it runs
+inside :class:`~fedhq_core.hardware.host_work.HostWork` operations, counted by kind and priced
+from constants a micro-benchmark measured on a reference core (:mod:`.host_work`).
 """
 from __future__ import annotations
 
@@ -37,55 +36,23 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .catalog import LAMBDA_REF, DeviceClass
+from .catalog import DeviceClass
 
 ROBUST_KINDS = ("s_median2", "s_median3", "s_tmean2", "s_tmean3")
 AGG_KINDS = ("s_agg1", "s_agg2", "s_aggq", *ROBUST_KINDS, "s_norm")   # traced at the upload bits (like ``pack``)
 SERVER_KINDS = (*AGG_KINDS, "s_gap", "s_calib", "s_proxy", "s_sens", "s_mse")
 
-# [design] The host core of a datacenter node (the reference core of catalog.LAMBDA_REF, ~3.5 GHz
-# x86): 2 x 256-bit FMA units = 32 FP32 FLOP/cycle -> 112 GFLOP/s peak, for the elements numpy
-# and scikit-learn touch on a server whose device is a GPU.
-HOST_CORE_FLOPS = 3.5e9 * 32
-
-
-@dataclass
-class HostOps:
-    """Counted numpy / scikit-learn work: calls and the elements they touch."""
-
-    calls: float = 0.0
-    elements: float = 0.0
-
-    def add(self, calls: float, elements: float = 0.0) -> "HostOps":
-        self.calls += calls
-        self.elements += elements
-        return self
-
-    def __add__(self, other: "HostOps") -> "HostOps":
-        return HostOps(self.calls + other.calls, self.elements + other.elements)
-
-
-def host_seconds(ops: HostOps, d: DeviceClass) -> float:
-    """Counted host work on ``d``: a CPU device runs it on its own cores; a GPU node on its host
-    core (the catalog's reference core: Python-issued latency ``LAMBDA_REF['cpu']``)."""
-    if d.executor == "cpu":
-        return ops.calls * d.lam_py + ops.elements / (d.eta_c * d.peak_flops)
-    return ops.calls * LAMBDA_REF["cpu"][0] + ops.elements / HOST_CORE_FLOPS
-
-
-def gbr_fit_ops(n_rows: int, n_features: int, n_estimators: int = 80, depth: int = 2, fits: int = 1) -> HostOps:
-    """A gradient-boosting fit's counted work: per tree, split search over every feature of the
-    (sub)sampled rows at each level (a sort per feature: n log2 n), one call per tree and level."""
+def gbr_fit_elements(n_rows: int, n_features: int, n_estimators: int = 80, depth: int = 2, fits: int = 1) -> float:
+    """A gradient-boosting fit's counted elements (kind ``gbr_fit``, one call a fit): per tree,
+    split search over every feature of the rows at each level (a sort per feature: n log2 n)."""
     import math
 
-    per_tree = depth * n_features * n_rows * max(1.0, math.log2(max(n_rows, 2)))
-    return HostOps(fits * n_estimators * (depth + 2), fits * n_estimators * per_tree)
+    return fits * n_estimators * depth * n_features * n_rows * max(1.0, math.log2(max(n_rows, 2)))
 
 
-def gbr_predict_ops(n_rows: int, n_features: int, n_estimators: int = 80, depth: int = 2) -> HostOps:
-    """A gradient-boosting prediction's counted work: the feature rows, one call, and a walk of
-    ``depth`` comparisons per tree and row."""
-    return HostOps(n_rows + 2, n_rows * (n_features + n_estimators * depth))
+def gbr_predict_elements(n_rows: int, n_estimators: int = 80) -> float:
+    """A gradient-boosting prediction's counted elements (kind ``gbr_predict``): a tree walk a row."""
+    return float(n_rows * n_estimators)
 
 
 def server_runner(model: nn.Module, kind: str, n: int, in_shape: tuple[int, ...], num_classes: int,
@@ -155,10 +122,11 @@ class ServerPricing:
     def _t(self, kind: str, batch: int) -> float:
         return self.speed.step_time(kind, batch, self.device)   # type: ignore[attr-defined]
 
-    def aggregate_s(self, n_plain: int, n_qat: int, bits: int, upload_bytes: int, method: str = "fedavg",
+    def aggregate_s(self, n_plain: int, n_qat: int, bits: int, method: str = "fedavg",
                     norm_checks: int = 0) -> float:
-        """Decoding and aggregating ``n_plain`` uploads without weight steps and ``n_qat`` with
-        (FedAvg, or a robust ``method``), after ``norm_checks`` update norms (the norm bound)."""
+        """Aggregating ``n_plain`` decoded uploads without weight steps and ``n_qat`` with (FedAvg,
+        or a robust ``method``), after ``norm_checks`` update norms (the norm bound). Decoding and
+        checking the uploads is host work, priced where it runs (``Dispatch.accept``)."""
         n = n_plain + n_qat
         if n == 0:
             return 0.0
@@ -169,10 +137,7 @@ class ServerPricing:
             tag = "median" if method == "median" else "tmean"
             r2, r3 = self._t(f"s_{tag}2", bits), self._t(f"s_{tag}3", bits)
             traced = r2 + (n - 2) * (r3 - r2) + n_qat * d_qat
-        traced += norm_checks * self._t("s_norm", bits)
-        # wire header checks: a JSON parse and ~5 numpy calls per tensor, over every byte
-        header = HostOps(n * (2 + 5 * self.n_tensors + self.n_layers), float(upload_bytes))
-        return traced + self.host_s(header)
+        return traced + norm_checks * self._t("s_norm", bits)
 
     def gap_s(self) -> float:
         return self._t("s_gap", self.n_proxy)
@@ -193,7 +158,4 @@ class ServerPricing:
     def partial_s(self, n_ptq: int, n_qat: int, bits: int) -> float:
         """The round's QAT and PTQ partial aggregates of already decoded uploads, each deployed
         and scored on the proxy split (``server.partial_gain``)."""
-        return self.aggregate_s(n_ptq, 0, bits, 0) + self.aggregate_s(0, n_qat, bits, 0) + 2 * self.proxy_s()
-
-    def host_s(self, ops: HostOps) -> float:
-        return host_seconds(ops, self.device)
+        return self.aggregate_s(n_ptq, 0, bits) + self.aggregate_s(0, n_qat, bits) + 2 * self.proxy_s()

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import least_squares
 
+from .host_work import simulator_work
 from .catalog import DEVICES, DeviceClass
 from .profile import KINDS, TraceBook
 from .trace import StepTrace
@@ -67,7 +68,8 @@ class RooflineModel:
     def step_time(self, kind: str, batch: int, d: DeviceClass) -> float:
         key = (kind, batch, d.name)
         if key not in self._cache:
-            self._cache[key] = price_trace(self.book.get(kind, batch), self.device(d))
+            with simulator_work():      # a real server looks the device's step time up
+                self._cache[key] = price_trace(self.book.get(kind, batch), self.device(d))
         return self._cache[key]
 
     def work_breakdown(self, work: dict[str, list[int]], d: DeviceClass) -> dict[str, float]:

@@ -82,9 +82,12 @@ def test_devices_bad_input_is_one_line_exit_2(args, field):
     assert p.returncode == 2 and len(lines) == 1 and field in lines[0], p.stderr
 
 
-def test_devices_table_and_host_validation(tmp_path):
+def test_devices_table_and_host_validation(tmp_path, monkeypatch):
+    import flows.bench_host
     from flows.cli import main
+    from flows.devices import HOST_WORK_TOLERANCE
 
+    monkeypatch.setattr(flows.bench_host, "HELD_OUT", {"rounds": 3, "local_epochs": 1})   # short, same kinds
     out, prof = tmp_path / "dev.json", tmp_path / "host.json"
     rc = main(["devices", "--input", "digits", "--batch-size", "16", "--validate", "--reps", "3",
                "--json", str(out), "--write-profile", str(prof)])
@@ -107,7 +110,12 @@ def test_devices_table_and_host_validation(tmp_path):
     assert q["measured"] == pytest.approx(float(np.median(q["measured_pairs"])))   # paired reps
     # a QAT step traces ~7x an FP32 step's ops (fake quantization): priced well above it
     assert v["qat"]["ops"] > 5 * v["fp32"]["ops"] and q["predicted"] > 1.5
-    assert rc == (0 if abs(q["error"]) <= 0.2 else 1)
+    # the server's host work of a digits run: the same operations priced (shipped table) and timed
+    h = r["host_work"]
+    assert {"allocate/fedhq", "observe/fedhq", "decode", "gbr_predict", "gbr_fit"} <= set(h["by_kind"])
+    assert h["priced_s"] == pytest.approx(sum(k["priced_s"] for k in h["by_kind"].values()))
+    assert h["measured_s"] > 0 and h["error"] == pytest.approx(h["priced_s"] / h["measured_s"] - 1)
+    assert rc == (0 if abs(q["error"]) <= 0.2 and abs(h["error"]) <= HOST_WORK_TOLERANCE else 1)
     assert json.loads(prof.read_text())["overrides"]["*"]["eta_c"] == pytest.approx(v["host"]["eta_c"])
 
 
