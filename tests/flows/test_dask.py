@@ -12,7 +12,7 @@ import torch
 _THREADS: dict = {}     # the thread runner's run of the same seeded config, trained once for both kills
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 # a worker killed while a task runs, early or late; killed as the scatter starts (0.0 s) the flow
 # can wait for good: an open defect (the scatter now times out and retries, but another wait remains)
 @pytest.mark.parametrize("kill_after_s", [0.3, 1.0])
@@ -96,7 +96,7 @@ def test_worker_device_spreads_local_workers_over_gpus(monkeypatch):
 
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_bench_on_dask_equals_the_thread_runner_per_seed(tmp_path, monkeypatch):
     """`fedhq bench --dask-local 1` over two seeds: each seed's accuracies equal the thread
     runner's. The bench loads its data once (the base seed); a worker reloads the train split

@@ -25,7 +25,7 @@ def stack(tmp_path):
             os.killpg(pid, 0)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_training_run_against_mlflow_server_with_s3(stack, tmp_path, monkeypatch, capsys):
     import boto3
     import mlflow

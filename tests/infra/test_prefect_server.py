@@ -31,7 +31,7 @@ def _stop(p: subprocess.Popen) -> None:
         p.wait()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_served_deployment_run_completes(tmp_path):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
