@@ -96,8 +96,9 @@ class Dispatch:
                 if timeout and up.wall_s > timeout:
                     raise RejectedUpdate("timeout", f"{up.wall_s:.2f} s > client_timeout_s {timeout:g}")
                 blob, up.data = up.data, None   # decoded once; the upload's bytes go as soon as they are read
-                with self.host_work.op("decode", 1, len(blob)):
+                with self.host_work.op("decode", 1) as op:   # counted in the tensors' bytes (the header's vary)
                     r = decode_upload(blob, expected, max_bytes=limit, max_samples=len(self.shards[up.cid]))
+                    op.elements = r.upload_bytes
                 if r.cid != up.cid:
                     raise RejectedUpdate("keys", f"claims to be client {r.cid}")
                 results.append(r)

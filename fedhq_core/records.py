@@ -104,19 +104,6 @@ def records_summary(records: list[RoundRecord]) -> dict[str, Any]:
     }
 
 
-def host_work_summary(records: list[RoundRecord], setup: Any, rounds: Any) -> dict[str, Any]:
-    """The server's host work (``hardware.host_work``): priced (on the clock) and measured on this
-    host, for the same operations; the rounds' from their records (a resumed run's too), plus the
-    run's set-up (``setup``: the family's refit). ``host_work_by_kind`` covers the set-up and the
-    rounds this process ran (``rounds``)."""
-    from .hardware.host_work import HostWork
-
-    both = HostWork().merge(setup).merge(rounds)
-    return {"host_work_priced_s": float(sum(r.extra.get("host_priced_s", 0.0) for r in records)) + setup.priced_s(),
-            "host_work_measured_s": float(sum(r.extra.get("host_measured_s", 0.0) for r in records)) + setup.measured_s,
-            "host_work_by_kind": both.by_kind()}
-
-
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
     """Write a summary (or any JSON-ready result) atomically; numpy numbers become plain ones."""
     p = Path(path)

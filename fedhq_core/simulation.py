@@ -36,8 +36,8 @@ from .measurements import build as build_measurements
 from .phases import span
 from .pricing import FleetPricing
 from .quant import quant_layers
-from .hardware.host_work import HostWork
-from .records import PTQ_EXTRAS, RoundRecord, host_work_summary, record_dict, record_from_dict, records_summary
+from .hardware.host_work import HostWork, host_work_summary
+from .records import PTQ_EXTRAS, RoundRecord, record_dict, record_from_dict, records_summary
 from .server_state import ServerState
 from .models.spec import ModelSpec
 from .worker import DataKey, ShardRef
@@ -405,7 +405,7 @@ class Simulation:
             # what the clients' label histograms cost (on the clock: in total_sim_s), and what they sent
             "label_hist_sim_s": self.label_hist_s or 0.0,
             "label_hist_bytes": self.label_hist_bytes,
-            **host_work_summary(self.records, self.setup_work, self.run_work),
+            **host_work_summary([r.extra for r in self.records], self.setup_work, self.run_work),
             **records_summary(self.records),
             "speed_model": speed.summary() if speed else None,
             "significance": self.significance_summary(),

@@ -85,6 +85,12 @@ def price_of(kind: str, prices: dict[str, HostPrice] | None = None) -> HostPrice
 
 
 @dataclass
+class OpCount:
+    calls: float
+    elements: float
+
+
+@dataclass
 class HostWork:
     """Counted host work by kind (``calls``, ``elements``) with the measured seconds of the same
     operations. ``samples`` (when a list) receives every operation, for the micro-benchmark."""
@@ -102,20 +108,22 @@ class HostWork:
             self.samples.append((kind, float(calls), float(elements), float(measured_s)))
 
     @contextmanager
-    def op(self, kind: str, calls: float = 1.0, elements: float = 0.0) -> Iterator[None]:
-        """Count ``kind`` and time the block, less the operations nested in it (counted apart)."""
+    def op(self, kind: str, calls: float = 1.0, elements: float = 0.0) -> Iterator["OpCount"]:
+        """Count ``kind`` and time the block, less the operations nested in it (counted apart).
+        The block may set the count it only learns while it runs (``as o: ... o.elements = n``)."""
+        count = OpCount(calls, elements)
         self._inner.append(0.0)
         _OPEN.append(self)
         t0 = time.perf_counter()
         try:
-            yield
+            yield count
         finally:
             spent = time.perf_counter() - t0
             _OPEN.pop()
             own = spent - self._inner.pop()
             if self._inner:
                 self._inner[-1] += spent
-            self.count(kind, calls, elements, own)
+            self.count(kind, count.calls, count.elements, own)
 
     def _exclude(self, seconds: float) -> None:
         if self._inner:
@@ -159,6 +167,17 @@ class HostWork:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "HostWork":
         return cls({k: [float(x) for x in v] for k, v in d.items()})
+
+
+def host_work_summary(round_extras: list[dict[str, Any]], setup: HostWork, rounds: HostWork) -> dict[str, Any]:
+    """A run's host work, priced (on the clock) and measured on this host for the same
+    operations: the rounds' from their records' extras (a resumed run's too) plus the run's
+    set-up (``setup``: the family's refit). ``host_work_by_kind`` covers the set-up and the
+    rounds this process ran (``rounds``)."""
+    both = HostWork().merge(setup).merge(rounds)
+    return {"host_work_priced_s": math.fsum(e.get("host_priced_s", 0.0) for e in round_extras) + setup.priced_s(),
+            "host_work_measured_s": math.fsum(e.get("host_measured_s", 0.0) for e in round_extras) + setup.measured_s,
+            "host_work_by_kind": both.by_kind()}
 
 
 @contextmanager
