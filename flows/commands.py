@@ -94,14 +94,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_fit_significance(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    start_api_server()
-    from flows.significance import fit_significance_flow
-
     from fedhq_core.allocation.pilot import parse_grid
 
     parse_grid(args.grid)                      # a bad grid fails here, in one line, before anything runs
     if args.settings < 1:
         raise ConfigError("settings: must be >= 1")
+    start_api_server()
+    from flows.significance import fit_significance_flow
+
     with api_settings():
         res = fit_significance_flow(cfg.public_dict(), args.grid, args.settings, args.out)
     from flows.significance import SIG_FIGURES
