@@ -11,6 +11,7 @@ What it measures, each in the code the server runs:
   the cost model's ``ridge_fit``, SigAcc's ``gbr_predict`` and the label ``histogram`` features:
   in short digits runs at three fleet sizes (8, 30 and 80 clients, half of them a round), every
   operation timed where it runs;
+* ``decode`` of larger uploads (the small CNN at CIFAR-10's shape, ResNet-18; 8 and 4 bits);
 * the family refit's ``gbr_fit``: SigAcc's regressor refitted on a quarter, a half and all of each
   shipped family's rows.
 
@@ -42,6 +43,22 @@ def _digits_cfg(state_dir: str, **kw: Any) -> Any:
                                "checkpoint": False, **kw})
 
 
+def evict_caches(kind: str = "", _state: dict = {}) -> None:  # noqa: B006 - one buffer, reused
+    """Write over 64 MiB before a server operation of another kind than the last is timed, as the
+    clients' training (or the server's torch work) does between the phases of a round; uploads
+    decoded one after another stay warm. The prices are those of the server's work as a run
+    meets it (with warm caches throughout, the short calibration runs priced a default run's
+    allocation 44% low)."""
+    import numpy as np
+
+    if kind and kind == _state.get("last"):
+        return
+    _state["last"] = kind
+    if "buf" not in _state:
+        _state["buf"] = np.zeros(8 << 20)
+    _state["buf"] += 1.0
+
+
 def in_situ_samples(state_dir: str, rounds: int = CALIBRATION_ROUNDS) -> list[tuple[str, float, float, float]]:
     """Every operation of short digits runs of every registered strategy at each fleet size."""
     from fedhq_core.data import load_dataset
@@ -57,11 +74,42 @@ def in_situ_samples(state_dir: str, rounds: int = CALIBRATION_ROUNDS) -> list[tu
             cfg = _digits_cfg(state_dir, strategy=name, clients=clients, fraction=0.5, rounds=rounds,
                               local_epochs=1, adjust_every=1, min_shard_size=4)
             sim = Simulation(cfg, dataset=ds)
-            sim.host_work.samples = samples
+            sim.host_work.samples, sim.host_work.before = samples, evict_caches
             with use_prices({"*": HostPrice(0.0, 0.0)}):      # measuring: nothing is priced yet
                 run(cfg, sim=sim)
             print(f"bench-host: {name:14s} {clients:3d} clients: {len(samples)} operations so far", file=sys.stderr)
     return samples
+
+
+def decode_samples(reps: int = 5) -> list[tuple[str, float, float, float]]:
+    """Uploads of larger networks than digits' (the small CNN on CIFAR-10's shape, ResNet-18)
+    decoded and checked as ``Dispatch.accept`` does, at 8 and 4 bits: the price per byte."""
+    import torch
+
+    from fedhq_core.client import ClientResult
+    from fedhq_core.hardware.host_work import HostWork
+    from fedhq_core.models import build_model
+    from fedhq_core.quant import model_state, pack_update, prepare_model, quant_layers
+    from fedhq_core.wire import decode_upload, save_wire, to_wire
+    from fedhq_core.worker import expected_upload_limit
+
+    work = HostWork(samples=[], before=evict_caches)
+    g = torch.Generator().manual_seed(0)
+    for model in ("cnn", "resnet18"):
+        net = prepare_model(build_model(model, (3, 32, 32), 10), 4, 4, 8)
+        state = model_state(net)
+        ranges = {name: (0.0, 1.0) for name, _ in quant_layers(net)}
+        expected = {k: tuple(v.shape) for k, v in state.items() if v.is_floating_point()}
+        local = {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                 for k, v in state.items()}
+        for bits in (8, 4):
+            r = ClientResult(0, "ptq", pack_update(local, state, bits, g, ranges, n_samples=10), 10, {}, 0.0)
+            blob = save_wire(to_wire(r))
+            for _ in range(reps):
+                evict_caches()         # each timed decode starts cold (as the round's first does)
+                with work.op("decode", 1, r.upload_bytes):
+                    decode_upload(blob, expected, max_bytes=expected_upload_limit(state, 4.0), max_samples=10)
+    return list(work.samples or [])
 
 
 def gbr_fit_samples(reps: int = 3) -> list[tuple[str, float, float, float]]:
@@ -81,6 +129,7 @@ def gbr_fit_samples(reps: int = 3) -> list[tuple[str, float, float, float]]:
         for share in GBR_SHARES:
             n = max(20, int(share * len(y)))
             for _ in range(reps):
+                evict_caches()
                 with work.op("gbr_fit", 1, gbr_fit_elements(n, len(FEATURES))):
                     SignificanceModel.fit(x[:n], y[:n], fam.seed, {}, cv=False)
     return list(work.samples or [])
@@ -123,7 +172,7 @@ def calibrate(state_dir: str) -> dict[str, Any]:
     from fedhq_core.hardware.host_work import fit_prices
     from fedhq_core.simulation import cpu_model
 
-    samples = in_situ_samples(state_dir) + gbr_fit_samples()
+    samples = in_situ_samples(state_dir) + decode_samples() + gbr_fit_samples()
     prices = fit_prices(samples)
     check = held_out(state_dir, prices)
     return {"reference": {"cpu": cpu_model() or platform.machine(), "python": platform.python_version(), "numpy": numpy.__version__,

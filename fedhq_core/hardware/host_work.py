@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 PRICES_FILE = Path(__file__).with_name("host_prices.json")
 
@@ -97,6 +97,7 @@ class HostWork:
 
     kinds: dict[str, list[float]] = field(default_factory=dict)   # kind -> [calls, elements, measured_s]
     samples: list[tuple[str, float, float, float]] | None = None
+    before: Callable[[str], None] | None = None   # called (untimed) with the kind of each outermost operation
     _inner: list[float] = field(default_factory=list, repr=False)
 
     def count(self, kind: str, calls: float, elements: float = 0.0, measured_s: float = 0.0) -> None:
@@ -112,6 +113,8 @@ class HostWork:
         """Count ``kind`` and time the block, less the operations nested in it (counted apart).
         The block may set the count it only learns while it runs (``as o: ... o.elements = n``)."""
         count = OpCount(calls, elements)
+        if self.before is not None and not self._inner:
+            self.before(kind)
         self._inner.append(0.0)
         _OPEN.append(self)
         t0 = time.perf_counter()
