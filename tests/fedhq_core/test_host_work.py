@@ -43,13 +43,16 @@ def test_prices_are_fitted_per_call_and_per_element():
 
 
 def test_shipped_table_prices_every_kind_a_run_counts():
-    """The table holds every registered strategy's allocate/observe and the server's kinds; a
-    plug-in allocator's kind takes its verb's dearest price."""
+    """The table holds the strategies the benchmarks compare and the server's kinds; every
+    registered strategy is priced, one added since the table was measured (or a plug-in) at its
+    verb's dearest price."""
     from fedhq_core.strategies import REGISTRY
 
     table = host_prices()
-    for name in REGISTRY:
+    for name in ("fedhq", "all-ptq", "all-qat", "random-hybrid", "fp32"):
         assert f"allocate/{name}" in table and f"observe/{name}" in table
+    for name in REGISTRY:
+        assert price_of(f"allocate/{name}").per_call_s > 0 and price_of(f"observe/{name}").per_call_s > 0
     assert {"decode", "gbr_fit", "gbr_predict", "ridge_fit", "histogram"} <= set(table)
     dearest = max((p for k, p in table.items() if k.startswith("allocate/")),
                   key=lambda p: (p.per_call_s, p.per_element_s))
