@@ -11,7 +11,7 @@ import numpy as np
 
 from .allocation.pilot import COVERED_FIELDS, Family, draw_settings, pilot_length, pilot_rows
 from .allocation.significance import FEATURES, SignificanceModel
-from .hardware.host_work import HostWork
+from .hardware.host_work import price_of
 from .hardware.server_work import gbr_fit_elements
 from .simulation import Simulation, load_data
 from .strategies import FAST
@@ -43,7 +43,7 @@ def build_family(base, grid: dict[str, list[Any]], n_settings: int, command: str
     m = SignificanceModel.fit(np.asarray(X), np.asarray(gains), base.seed, groups=np.asarray(groups),
                               points=np.asarray(points), settings=np.asarray(sids))
     folds = 5 + 5 + len(cfgs) + 1      # the model and its three cross-validations, on the same server
-    fit_sim = HostWork({"gbr_fit": [folds, gbr_fit_elements(len(gains), len(FEATURES), fits=folds), 0.0]}).priced_s()
+    fit_sim = price_of("gbr_fit").seconds(folds, gbr_fit_elements(len(gains), len(FEATURES), fits=folds))
     build = {"sim_s": sum(p["sim_s"] for p in per) + fit_sim, "wall_s": time.perf_counter() - t_all,
              "fit_sim_s": fit_sim, "per_setting": per, "command": command,
              "pilot_rounds": [pilot_length(c) for c in cfgs]}

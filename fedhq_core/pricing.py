@@ -77,16 +77,14 @@ class FleetPricing:
     def trace_book(self) -> TraceBook:
         return trace_book(self.spec, self.cfg.state_dir)
 
-    def start(self, speed: RooflineModel | None, state: dict[str, torch.Tensor], n_proxy: int,
-              n_layers: int) -> RooflineModel:
+    def start(self, speed: RooflineModel | None, state: dict[str, torch.Tensor], n_proxy: int) -> RooflineModel:
         """Start the simulated clock (see ``Simulation.profile``)."""
         if speed is None:
             overrides = load_profile(self.cfg.profile_file) if self.cfg.profile_file else {}
             speed = RooflineModel(self.trace_book(), overrides)
         self.speed = speed
         self.clock = SimulatedClock(self.fleet, speed)
-        floats = [v for v in state.values() if v.is_floating_point()]
-        self.server = ServerPricing(speed, DEVICES[self.cfg.server_device], n_proxy, len(floats), n_layers)
+        self.server = ServerPricing(speed, DEVICES[self.cfg.server_device], n_proxy)
         self.upload_bytes = upload_size(state, self.cfg.upload_bits)
         return speed
 

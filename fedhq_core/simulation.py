@@ -35,7 +35,6 @@ from .hardware import Fleet, RooflineModel
 from .measurements import build as build_measurements
 from .phases import span
 from .pricing import FleetPricing
-from .quant import quant_layers
 from .hardware.host_work import HostWork, host_work_summary
 from .records import PTQ_EXTRAS, RoundRecord, record_dict, record_from_dict, records_summary
 from .server_state import ServerState
@@ -153,8 +152,7 @@ class Simulation:
         it runs and the catalog's constants (never from this host's timings), so the same config
         and seed give the same simulated times on any machine. A profile file (opt-in) replaces
         catalog coefficients with host-calibrated ones; they are stored with the run."""
-        return self.pricing.start(speed, self.server.global_state, len(self.server_calib),
-                                  len(quant_layers(self.server.eval_model)))
+        return self.pricing.start(speed, self.server.global_state, len(self.server_calib))
 
     # --- what the allocator may read (allocation.base.FleetView) and needs ---------------------
     def predicted_times(self, cids: list[int]) -> dict[str, np.ndarray]:

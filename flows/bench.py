@@ -1,7 +1,7 @@
 """Benchmark flow: every strategy side by side on the same clients, shards, devices and seeds.
 
-The host is profiled once and the data loaded once; per seed, the SigAcc model is obtained once
-and shared by fedhq and fedhq-coarse; random-hybrid takes fedhq's measured QAT share. Each
+The host is profiled once and the data loaded once; each run obtains its SigAcc model in its own
+set-up (charged to it); random-hybrid takes fedhq's measured QAT share. Each
 strategy run is an MLflow run nested under the benchmark's parent run.
 """
 from __future__ import annotations
@@ -26,7 +26,6 @@ from fedhq_core.strategies import run_order, with_shares  # noqa: E402
 from tasks import training as T  # noqa: E402
 
 from flows.runners import set_torch_threads, task_runner_for  # noqa: E402
-from flows.significance import obtain_significance  # noqa: E402
 from flows.train import execute_run  # noqa: E402
 from tasks.run_tracking import tracker_for  # noqa: E402
 
@@ -189,9 +188,7 @@ def bench_flow(config: dict[str, Any], strategies: list[str], seeds: list[int], 
                 if tracker:
                     parent = tracker.start(f"bench-{ds.name}", {**base.public_dict(), "strategies": strategies,
                                                                  "seeds": seeds}, tags={"kind": "bench"})
-            if sim.needs_significance():
-                sim.profile(speed)
-                obtain_significance(sim, tracker_for(cfg))
+            # execute_run's set-up (loop.prepare) starts the clock and obtains SigAcc
             print(f"fedhq bench: seed {seed} {name}", file=sys.stderr, flush=True)
             res = execute_run(cfg, speed=speed, sim=sim, parent_run_id=parent, progress=progress)
             add_curves(res)

@@ -86,24 +86,22 @@ def decode_samples(reps: int = 5) -> list[tuple[str, float, float, float]]:
     decoded and checked as ``Dispatch.accept`` does, at 8 and 4 bits: the price per byte."""
     import torch
 
-    from fedhq_core.client import ClientResult
     from fedhq_core.hardware.host_work import HostWork
+    from fedhq_core.hardware.server_work import synthetic_upload
     from fedhq_core.models import build_model
-    from fedhq_core.quant import model_state, pack_update, prepare_model, quant_layers
+    from fedhq_core.quant import model_state, prepare_model, quant_layers
     from fedhq_core.wire import decode_upload, save_wire, to_wire
     from fedhq_core.worker import expected_upload_limit
 
-    work = HostWork(samples=[], before=evict_caches)
+    work = HostWork(samples=[])
     g = torch.Generator().manual_seed(0)
     for model in ("cnn", "resnet18"):
         net = prepare_model(build_model(model, (3, 32, 32), 10), 4, 4, 8)
         state = model_state(net)
         ranges = {name: (0.0, 1.0) for name, _ in quant_layers(net)}
         expected = {k: tuple(v.shape) for k, v in state.items() if v.is_floating_point()}
-        local = {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
-                 for k, v in state.items()}
         for bits in (8, 4):
-            r = ClientResult(0, "ptq", pack_update(local, state, bits, g, ranges, n_samples=10), 10, {}, 0.0)
+            r = synthetic_upload(state, ranges, bits, g)
             blob = save_wire(to_wire(r))
             for _ in range(reps):
                 evict_caches()         # each timed decode starts cold (as the round's first does)
@@ -141,11 +139,10 @@ def held_out(state_dir: str, prices: dict[str, Any] | None = None) -> dict[str, 
     the shipped one)."""
     from contextlib import nullcontext
 
-    from fedhq_core.hardware.host_work import HostPrice, use_prices
+    from fedhq_core.hardware.host_work import prices_from, use_prices
     from fedhq_core.loop import run
 
-    table = {k: HostPrice(v["per_call_s"], v["per_element_s"]) for k, v in (prices or {}).items()}
-    with use_prices(table) if prices is not None else nullcontext():
+    with use_prices(prices_from(prices)) if prices is not None else nullcontext():
         s = run(_digits_cfg(state_dir, **HELD_OUT)).summary()
     priced, measured = s["host_work_priced_s"], s["host_work_measured_s"]
     return {"run": "fedhq run (defaults: digits, 20 clients, 10 a round, 15 rounds)", "by_kind": s["host_work_by_kind"],

@@ -19,7 +19,8 @@ its op trace the first time (a catalog lookup for a real server) runs inside :fu
 whose time leaves the operation it interrupts.
 
 A kind that the table does not hold (a plug-in allocator's ``allocate/<name>``) is priced at the
-table's dearest entry for the same verb (``allocate/*``), and said so in ``unpriced``.
+table's dearest entry for the same verb (``allocate/*``); ``HostWork.by_kind`` marks it
+``priced: false``.
 """
 from __future__ import annotations
 
@@ -48,10 +49,14 @@ _OVERRIDE: list[dict[str, HostPrice]] = []
 _OPEN: list["HostWork"] = []      # ledgers with an operation running (the server's thread)
 
 
+def prices_from(raw: dict[str, dict[str, float]]) -> dict[str, HostPrice]:
+    """A price table from its JSON form (``{kind: {per_call_s, per_element_s, ...}}``)."""
+    return {k: HostPrice(float(v["per_call_s"]), float(v["per_element_s"])) for k, v in raw.items()}
+
+
 @lru_cache(maxsize=4)
 def _table(path: str) -> dict[str, HostPrice]:
-    raw = json.loads(Path(path).read_text())
-    return {k: HostPrice(float(v["per_call_s"]), float(v["per_element_s"])) for k, v in raw["prices"].items()}
+    return prices_from(json.loads(Path(path).read_text())["prices"])
 
 
 def host_prices() -> dict[str, HostPrice]:
@@ -101,10 +106,7 @@ class HostWork:
     _inner: list[float] = field(default_factory=list, repr=False)
 
     def count(self, kind: str, calls: float, elements: float = 0.0, measured_s: float = 0.0) -> None:
-        row = self.kinds.setdefault(kind, [0.0, 0.0, 0.0])
-        row[0] += calls
-        row[1] += elements
-        row[2] += measured_s
+        self._add_row(kind, calls, elements, measured_s)
         if self.samples is not None:
             self.samples.append((kind, float(calls), float(elements), float(measured_s)))
 
@@ -163,13 +165,6 @@ class HostWork:
         return {k: {"calls": c, "elements": e, "priced_s": price_of(k, table).seconds(c, e), "measured_s": m,
                     "priced": k in table}
                 for k, (c, e, m) in sorted(self.kinds.items())}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) for k, v in self.kinds.items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "HostWork":
-        return cls({k: [float(x) for x in v] for k, v in d.items()})
 
 
 def host_work_summary(round_extras: list[dict[str, Any]], setup: HostWork, rounds: HostWork) -> dict[str, Any]:

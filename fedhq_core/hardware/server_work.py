@@ -55,12 +55,23 @@ def gbr_predict_elements(n_rows: int, n_estimators: int = 80) -> float:
     return float(n_rows * n_estimators)
 
 
+def synthetic_upload(state: dict[str, torch.Tensor], ranges: dict[str, tuple[float, float]], bits: int,
+                     g: torch.Generator, cid: int = 0, steps: dict[str, torch.Tensor] | None = None) -> object:
+    """A client's upload of a small random update of ``state`` at ``bits`` (a QAT one with
+    ``steps``): what the server's traced kinds and the host-work benchmark decode and aggregate."""
+    from ..client import ClientResult
+    from ..quant import pack_update
+
+    local = {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in state.items()}
+    payload = pack_update(local, state, bits, g, ranges, n_samples=10, weight_steps=steps)
+    return ClientResult(cid, "qat" if steps else "ptq", payload, 10, {}, 0.0)
+
+
 def server_runner(model: nn.Module, kind: str, n: int, in_shape: tuple[int, ...], num_classes: int,
                   bits: int = 8, seed: int = 0) -> Callable[[], object]:
     """The server's own function for ``kind`` on synthetic inputs of the run's shapes (see the
     module docstring): ``n`` proxy samples, or ``bits`` for the aggregation kinds."""
-    from ..client import ClientResult
-    from ..quant import get_weight_steps, init_weight_steps, model_state, pack_update, quant_layers
+    from ..quant import get_weight_steps, init_weight_steps, model_state, quant_layers
     from ..server import (aggregate, calibrate_on_server, evaluate_global, master_mse_steps, proxy_gap, update_norm,
                           upload_quant_loss)
 
@@ -71,11 +82,8 @@ def server_runner(model: nn.Module, kind: str, n: int, in_shape: tuple[int, ...]
         init_weight_steps(model)
         steps = get_weight_steps(model)
 
-        def upload(cid: int, qat: bool) -> ClientResult:
-            local = {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
-                     for k, v in state.items()}
-            payload = pack_update(local, state, bits, g, ranges, n_samples=10, weight_steps=steps if qat else None)
-            return ClientResult(cid, "qat" if qat else "ptq", payload, 10, {}, 0.0)
+        def upload(cid: int, qat: bool) -> object:
+            return synthetic_upload(state, ranges, bits, g, cid, steps if qat else None)
 
         results = [upload(0, False)] + ([upload(1, False)] if kind == "s_agg2" else
                                         [upload(1, True)] if kind == "s_aggq" else [])
@@ -116,8 +124,6 @@ class ServerPricing:
     speed: object              # RooflineModel
     device: DeviceClass
     n_proxy: int               # size of the server's proxy split
-    n_tensors: int             # floating tensors in an upload
-    n_layers: int              # quantizable layers (one activation range each)
 
     def _t(self, kind: str, batch: int) -> float:
         return self.speed.step_time(kind, batch, self.device)   # type: ignore[attr-defined]
