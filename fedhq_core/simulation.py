@@ -293,6 +293,7 @@ class Simulation:
         extra = {k: v for k, v in alloc.info.items() if isinstance(v, (int, float))}
         extra.update({f"sim_{k}_s": v for k, v in split.items()})
         extra["server_host_s"] = self.server.host_s
+        extra["server_measure_s"] = self.server.gap_s   # priced measurements run while this round's clients trained
         host.merge(decode)
         extra["host_priced_s"], extra["host_measured_s"] = host.priced_s(), host.measured_s
         self.run_work.merge(host)

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from prefect import flow  # noqa: E402
 
 from fedhq_core.config import ExperimentConfig, from_mapping  # noqa: E402
-from fedhq_core.metrics import accuracy_at, mean_std, speedup, time_to_accuracy  # noqa: E402
+from fedhq_core.metrics import accuracy_at, mean_std, running_mean, speedup, time_to_accuracy  # noqa: E402
 from fedhq_core.simulation import Simulation, cpu_model, load_data  # noqa: E402
 from fedhq_core.strategies import ACCURATE, FAST, METHOD, NAMES as STRATEGY_NAMES, PURE as PURE_STRATEGIES  # noqa: E402
 from fedhq_core.strategies import run_order, with_shares  # noqa: E402
@@ -49,10 +49,15 @@ def add_curves(res: dict[str, Any]) -> dict[str, Any]:
     ran before the first round, on the same fleet."""
     res["curve_uncharged"] = [[r["sim_time_s"], r["acc_q"]] for r in res["rounds"]]
     res["curve"] = [[t + res.get("fit_charged_sim_s", 0.0), a] for t, a in res["curve_uncharged"]]
+    if all("val_acc_q" in r.get("extra", {}) for r in res["rounds"]):   # the run held out a validation split
+        res["curve_val"] = [[r["sim_time_s"] + res.get("fit_charged_sim_s", 0.0), r["extra"]["val_acc_q"]]
+                            for r in evaluated_rounds(res, "val_evaluated")]
     return res
 
 
 TAIL = 3   # evaluations averaged into tail_acc_q: one evaluation is noisy
+RUNNING = 3          # evaluations in the running mean that decides a TTA crossing
+TARGET_SHARE = 0.95  # TTA target: this share of the better pure strategy's validation tail
 
 
 def evaluated_rounds(res: dict[str, Any], flag: str = "evaluated") -> list[dict[str, Any]]:
@@ -109,19 +114,29 @@ def dominance(per_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str, Any] 
     return out
 
 
+def attach_tta(runs: dict[str, dict[str, Any]], target: float | None = None) -> None:
+    """One seed's runs: the TTA target (``target``, else 95% of the better pure strategy's
+    validation tail, or of the best run's without both; the test tail's only where the runs hold
+    out no validation split, labelled ``target_split``), and each run's TTA, the first simulated
+    time (fit charged, and without it) at which the running mean of its last 3 evaluations on
+    that split reaches the target."""
+    val = all(r.get("curve_val") for r in runs.values())
+    key, curve = ("tail_acc_q_val", "curve_val") if val else ("tail_acc_q", "curve")
+    pure = [runs[n][key] for n in PURE if n in runs] or [r[key] for r in runs.values()]
+    tgt = target if target is not None else TARGET_SHARE * max(pure)
+    for r in runs.values():
+        r["target"], r["target_split"] = tgt, "validation" if val else "test"
+        r["tta_sim_s"] = time_to_accuracy(running_mean(r[curve], RUNNING), tgt)
+        r["tta_uncharged_sim_s"] = None if r["tta_sim_s"] is None else r["tta_sim_s"] - r.get("fit_charged_sim_s", 0.0)
+
+
 def summarize(per_seed: dict[int, dict[str, dict[str, Any]]], target: float | None) -> dict[str, Any]:
     """Per-seed results -> strategies table (means, spreads), speedups, gains and dominance. The
     TTA target is 95% of the better pure strategy's tail accuracy (of the best run's without
     both), per seed, unless ``target`` fixes it."""
     seeds = sorted(per_seed)
     for seed in seeds:
-        runs = per_seed[seed]
-        pure = [runs[n]["tail_acc_q"] for n in PURE if n in runs]
-        tgt = target if target is not None else 0.95 * max(pure or [r["tail_acc_q"] for r in runs.values()])
-        for r in runs.values():
-            r["target"] = tgt
-            r["tta_sim_s"] = time_to_accuracy(r["curve"], tgt)                      # fit charged
-            r["tta_uncharged_sim_s"] = time_to_accuracy(r["curve_uncharged"], tgt)
+        attach_tta(per_seed[seed], target)
     names = list(per_seed[seeds[0]])
     strategies: dict[str, Any] = {}
     for name in names:
@@ -143,7 +158,8 @@ def summarize(per_seed: dict[int, dict[str, dict[str, Any]]], target: float | No
         entry["run_id"] = per_seed[seeds[0]][name].get("run_id")
         strategies[name] = entry
     out: dict[str, Any] = {"strategies": strategies, "target": mean_std(per_seed[s][names[0]]["target"]
-                                                                         for s in seeds)[0]}
+                                                                         for s in seeds)[0],
+                           "target_split": per_seed[seeds[0]][names[0]]["target_split"]}
     if METHOD in names:
         out["speedup_tta_vs"] = {}
         for base in names:
@@ -193,6 +209,8 @@ def bench_flow(config: dict[str, Any], strategies: list[str], seeds: list[int], 
             res = execute_run(cfg, speed=speed, sim=sim, parent_run_id=parent, progress=progress)
             add_curves(res)
             res["tail_acc_q"] = tail_accuracy(res)
+            if "curve_val" in res:
+                res["tail_acc_q_val"] = tail_accuracy(res, key="val_acc_q")
             per_seed[seed][name] = res
     out = summarize(per_seed, target)
     sigs = {str(s): runs[METHOD].get("significance") for s, runs in per_seed.items() if METHOD in runs}

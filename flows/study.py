@@ -38,20 +38,18 @@ from prefect import flow  # noqa: E402
 
 from fedhq_core.config import STRATEGIES, ExperimentConfig, from_mapping, read_yaml  # noqa: E402
 from fedhq_core.errors import ConfigError  # noqa: E402
-from fedhq_core.metrics import accuracy_at, running_mean, t_interval, time_to_accuracy, verdict  # noqa: E402
+from fedhq_core.metrics import accuracy_at, running_mean, t_interval, verdict  # noqa: E402
 from fedhq_core.records import write_json  # noqa: E402
 from fedhq_core.simulation import Simulation, data_key  # noqa: E402
 from fedhq_core.strategies import METHOD, REFERENCE, run_order, with_shares  # noqa: E402
 from tasks import training as T  # noqa: E402
 
-from flows.bench import PURE, dominance, evaluated_rounds, host_info, tail_accuracy  # noqa: E402
+from flows.bench import PURE, RUNNING, TARGET_SHARE, attach_tta, dominance, evaluated_rounds, host_info, tail_accuracy  # noqa: E402
 from flows.runners import set_torch_threads, task_runner_for  # noqa: E402
 from flows.train import execute_run  # noqa: E402
 from tasks.run_tracking import tracker_for  # noqa: E402
 
 TAIL = 5                  # evaluations averaged into a run's tail accuracy
-RUNNING = 3               # evaluations in the running mean that decides a TTA crossing
-TARGET_SHARE = 0.95       # TTA target: this share of the better pure strategy's validation tail
 PROTOCOL_KEYS = ("name", "base", "settings", "strategies", "seeds", "criteria", "central")
 CRITERIA = {"plateau_share": 0.2, "plateau_points": 1.0, "stability_window": 10, "stability_points": 1.0}
 # the code that computes a run's figures: a change to any of it makes every cached run stale
@@ -203,6 +201,13 @@ def run_record(res: dict[str, Any], strategy: str, seed: int) -> dict[str, Any]:
     out["tail_acc_q_val"] = tail_accuracy(res, TAIL, "val_acc_q")
     out["tail_acc_fp32"] = tail_accuracy(res, TAIL, "acc_fp32")
     out["fit_sim_s"] = res.get("fit_sim_s", 0.0)
+    # what deciding cost and what was decided: the server's priced measurements (overlapping the
+    # clients' training), the QAT clients per round and, for an online fedhq run, its commit
+    out["measure_sim_s"] = float(sum(r["extra"].get("server_measure_s", 0.0) for r in res["rounds"]))
+    out["qat_per_round"] = [r["n_qat"] for r in res["rounds"]]
+    last = res["rounds"][-1]["extra"] if res["rounds"] else {}
+    if "committed_qat" in last:
+        out["decision"] = {k: last[k] for k in ("committed_qat", "online_gain", "online_se", "online_n") if k in last}
     out["total_sim_s"] = res["charged_total_sim_s"]          # fit charged, as fedhq bench charges it
     out["uncharged_total_sim_s"] = res["total_sim_s"]
     return out
@@ -224,14 +229,12 @@ def plateau_gain(run: dict[str, Any], share: float) -> float:
 
 
 def attach_targets(runs: dict[str, dict[str, Any]]) -> None:
-    """Per seed: the TTA target from the pure strategies' validation tails, each run's TTA on its
-    running-mean validation curve, and its accuracy at each pure strategy's total time."""
-    pure = [runs[n]["tail_acc_q_val"] for n in PURE if n in runs] or [r["tail_acc_q_val"] for r in runs.values()]
-    target = TARGET_SHARE * max(pure)
+    """Per seed: the TTA target from the pure strategies' validation tails and each run's TTA on
+    its running-mean validation curve (``bench.attach_tta``), and its accuracy at each pure
+    strategy's total time."""
+    attach_tta(runs)
     for r in runs.values():
-        r["target_val"] = target
-        r["tta_sim_s"] = time_to_accuracy(running_mean(r["curve_val"], RUNNING), target)
-        r["tta_uncharged_sim_s"] = None if r["tta_sim_s"] is None else r["tta_sim_s"] - r.get("fit_charged_sim_s", 0.0)
+        r["target_val"] = r.pop("target")
         smooth = running_mean(r["curve"], RUNNING)
         r["acc_at"] = {n: accuracy_at(smooth, runs[n]["total_sim_s"]) for n in PURE if n in runs}
 
@@ -280,13 +283,39 @@ def criteria(runs: list[dict[str, Any]], crit: dict[str, float]) -> dict[str, An
             "met": not misses, "misses": misses}
 
 
+def family_report(cfg: ExperimentConfig, runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The shipped family of the setting's dataset and model, weighed: whether it covers the
+    setting and which of the setting's fields are grid values, its leave-one-setting-out R²,
+    whether fedhq uses it (``FAMILY_MIN_R2``), and its payback: the one-off build's simulated
+    seconds over what the online decision cost a fedhq run of the setting (the server's priced
+    measurements, mean over seeds): the runs it takes to pay back were it to predict as well as
+    deciding online; never while it does not."""
+    from fedhq_core.allocation.fedhq import FAMILY_MIN_R2
+    from fedhq_core.allocation.pilot import shipped_family
+
+    fam = shipped_family(cfg.dataset, cfg.model)
+    if fam is None:
+        return None
+    covers, why = fam.covers(cfg)
+    r2 = float(fam.r2.get("cv_settings", float("nan")))
+    used = covers and r2 >= FAMILY_MIN_R2
+    online = [r["measure_sim_s"] for r in runs if r["strategy"] == METHOD and "measure_sim_s" in r]
+    per_run = float(np.mean(online)) if online else None
+    build = float(fam.build.get("sim_s", 0.0))
+    return {"covers": covers, "why": why, "fields": fam.field_status(cfg), "r2_settings": r2,
+            "used_by_fedhq": used, "build_sim_s": build, "online_decision_sim_s": per_run,
+            "payback_runs_if_predictive": build / per_run if per_run else None,
+            "payback": ("reached" if used else f"never: its leave-one-setting-out R² {r2:.2f} is below "
+                        f"{FAMILY_MIN_R2:.2f}, so it cannot stand in for the online decision")}
+
+
 def summarize_setting(name: str, cfg: ExperimentConfig, by_seed: dict[int, dict[str, dict[str, Any]]],
                       strategies: list[str], crit: dict[str, float]) -> dict[str, Any]:
     for runs in by_seed.values():
         attach_targets(runs)
     runs = [by_seed[s][n] for s in sorted(by_seed) for n in strategies]
     out = {"name": name, "config": cfg.public_dict(), "runs": runs, "paired": paired(by_seed, strategies),
-           "criteria": criteria(runs, crit)}
+           "criteria": criteria(runs, crit), "family": family_report(cfg, runs)}
     if METHOD in strategies and set(PURE) <= set(strategies):
         out["bar"] = dominance({s: {n: {**r, "charged_total_sim_s": r["total_sim_s"],
                                         "total_sim_s": r["uncharged_total_sim_s"]} for n, r in by_seed[s].items()}

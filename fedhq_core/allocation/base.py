@@ -58,12 +58,15 @@ class Capabilities:
     * ``server_calibrates``: its clients send no activation ranges (the server calibrates the
       deployment on its proxy split);
     * ``aggregate_bits``: the uplink width the server's decode is priced at, where it is not the
-      config's ``upload_bits``."""
+      config's ``upload_bits``;
+    * ``min_family_r2``: it uses a covering family only where the family's leave-one-setting-out
+      R² reaches this (below it the run neither refits nor reads the family: it decides online)."""
 
     uses_significance: bool = False
     measurements: frozenset[str] = frozenset()
     server_calibrates: bool = False      # its clients send no activation ranges: the server calibrates the deployment
     aggregate_bits: int | None = None    # the uplink width the aggregation is priced at (None: upload_bits)
+    min_family_r2: float = float("-inf")  # a family predicting worse than this (setting-level R²) is not used
 
     def reads(self, measurement: str) -> bool:
         return measurement in self.measurements

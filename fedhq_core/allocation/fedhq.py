@@ -10,16 +10,20 @@ Coarse [paper: 2D space of normalised speed and accuracy significance; design: t
 Fine [paper: ML-based adjustment with a cost model; design: what it learns and the search]:
   * a cost model (scikit-learn) learns log(observed / spec-sheet time) per client and strategy
     from the rounds so far (jitter and hidden throttling that the spec sheet misses);
-  * the gain estimates follow the run: every round the features are recomputed from what the
-    rounds showed (progress, the server's measured quantization gap, the PTQ clients' measured
-    sensitivities), and the estimate is logged per round;
-  * online: the server compares each round's QAT and PTQ partial aggregates on its proxy split
-    (``server.partial_gain``, priced, measured while the next round trains, so seen one round
-    late); the trend of those comparisons sets the level of the gains: alone when no family
-    model covers the run (``online`` mode), blended with the family's prediction otherwise
-    (weight n / (n + PRIOR_ROUNDS) after n comparisons). A round whose gains are all <= 0 still
-    gives its fastest free client QAT (a probe), so the comparison keeps coming (its upload is
-    aggregated like any other: measured without it, digits at w2a2 ended 2.6 points lower);
+  * where a family predicts (its leave-one-setting-out R² reaches ``FAMILY_MIN_R2``), the
+    gains are its prediction from the run's state (progress, the server's measured quantization
+    gap, the PTQ clients' measured sensitivities), re-estimated and logged every round; the run
+    spends no rounds probing;
+  * otherwise (``online``: no family covers the run, or the covering one predicts nothing) the
+    run explores, then commits:
+    - *explores* for its first rounds (:func:`explore_rounds`: 20%, at least 3): up to half of each
+      round's clients, drawn among those whose QAT costs no round time, train with QAT, the rest
+      PTQ, and the server compares the round's QAT and PTQ partial aggregates on its proxy split
+      (``server.partial_gain``, priced, seen one round late);
+    - *commits* once (:func:`commit`) to the option the comparisons favour: PTQ for every client
+      (nothing is mixed or measured again), or QAT for every client it costs no round time. It
+      never switches back, so the share cannot swing from round to round, and the rounds spent
+      mixed are bounded;
   * every ``adjust_every`` rounds the cost model is refitted (a new registry version); its error
     on the next round is reported beside the spec sheet's;
   * the search minimises J(x) = xi * T(x) / T_ref + (1 - xi) * (A_ref - A(x)) / A_ref exactly
@@ -37,10 +41,37 @@ import numpy as np
 from ..hardware.server_work import gbr_predict_elements
 from .base import Allocation, Allocator, Capabilities, FleetView, RoundFeedback
 from .cost_model import CostModel, ridge_from_state, ridge_to_state
-from .significance import FEATURES, GAP_WINDOW, SignificanceModel, feature_rows, gap_trend, minmax
+from .significance import SignificanceModel, feature_rows, minmax
 
-PRIOR_ROUNDS = 3   # [design] a family's prediction weighs as much as 3 online comparisons
-CONFIDENCE = 2.0   # [design] the online level is the trend less 2 standard errors
+EXPLORE_SHARE = 0.2   # [design] online: the first 20% of rounds explore (at least MIN_EXPLORE)
+MIN_EXPLORE = 3       # [design] rounds: at least two comparisons reach the decision (each is seen one round late)
+# (not gated on the master's PTQ gap: on CIFAR-10 w3a3 it stayed under 1 point while QAT won 2; docs/design.md)
+FAMILY_MIN_R2 = 0.5   # [design] a family is used only where its leave-one-setting-out R² reaches this
+
+
+def explore_rounds(rounds: int) -> int:
+    """Rounds an online run explores before it commits."""
+    return min(rounds, max(MIN_EXPLORE, int(np.ceil(EXPLORE_SHARE * rounds))))
+
+
+def explore_split(t_qat: np.ndarray, deadline: float, rng: np.random.Generator) -> np.ndarray:
+    """An exploring round's QAT mask: up to half the round's clients, drawn (seeded) among those
+    whose QAT fits the deadline, so the round's QAT and PTQ partial aggregates average as many
+    uploads as the fleet allows and exploring costs no round time."""
+    free = np.flatnonzero(t_qat <= deadline)
+    x = np.zeros(len(t_qat), dtype=bool)
+    x[rng.choice(free, min(len(free), len(t_qat) // 2), replace=False) if len(free) else []] = True
+    return x
+
+
+def commit(online: list[float]) -> dict[str, Any]:
+    """The online decision from the exploring rounds' comparisons (QAT minus PTQ partial accuracy):
+    ``qat`` where their mean is positive, else ``ptq`` (also with none to read), with the mean,
+    its standard error and how many comparisons it rests on."""
+    g = np.asarray(online, dtype=float)
+    mean = float(g.mean()) if len(g) else 0.0
+    se = float(g.std(ddof=1) / np.sqrt(len(g))) if len(g) > 1 else float("nan")
+    return {"mode": "qat" if mean > 0 else "ptq", "online_gain": mean, "online_se": se, "online_n": len(g)}
 
 
 def normalised_significance(gains: np.ndarray) -> np.ndarray:
@@ -106,23 +137,36 @@ class FedHQAllocator(Allocator):
         self.fine = fine
         self.adjust_every = adjust_every
         self.max_stretch = max_stretch
+        self.seed = seed
         self.cost = CostModel(seed=seed)
         self.quant_sensitivity: dict[int, float] = {}
         self._refits: list[dict[str, Any]] = []     # new cost-model versions, for the tracking layer
         self._last_pred: dict[int, tuple[float, float]] = {}  # cid -> (cost-model pred, spec pred)
         self.uses_significance = uses_significance   # False with `significance: none`: by speed alone
         self._pending_sensitivity: dict[int, float] = {}
-        self._estimate: dict[str, float] = {}   # the round's estimate: family and online gain levels
+        self._estimate: dict[str, float] = {}   # the round's estimate (family level or online decision)
+        self.decision: dict[str, Any] = {}      # online: the commit (mode, the comparisons' mean, se, n)
+
+    @property
+    def online(self) -> bool:
+        """Deciding from the rounds: the fine stage, with SigAcc wanted but no (predictive) family."""
+        return self.fine and self.uses_significance and self.significance is None
 
     @property
     def capabilities(self) -> Capabilities:
-        """It wants a SigAcc model (unless ``significance: none``); the fine stage's estimate reads
-        the master's quantization gap and the PTQ uploads' sensitivity (once it has a family
-        model) and the round's QAT-vs-PTQ partial aggregates (online, with or without one)."""
+        """It wants a SigAcc model (unless ``significance: none``), and uses a family only where
+        that family's leave-one-setting-out R² reaches ``FAMILY_MIN_R2`` (the coarse ablation
+        takes any covering family). With a family, the fine stage's estimate reads the master's
+        quantization gap and the PTQ uploads' sensitivity; online, it reads the rounds' QAT-vs-PTQ
+        partial aggregates while it explores (the last exploring round's too: the server cannot
+        tell it will be seen only after the decision, so it is priced and logged but not read),
+        and nothing once it has committed."""
         family = self.fine and self.significance is not None
+        exploring = self.online and not self.decision
         return Capabilities(uses_significance=self.uses_significance,
                             measurements=frozenset((["gap", "sensitivity"] if family else [])
-                                                   + (["partials"] if self.fine and self.uses_significance else [])))
+                                                   + (["partials"] if exploring else [])),
+                            min_family_r2=FAMILY_MIN_R2 if self.fine else float("-inf"))
 
     @property
     def refits(self) -> list[dict[str, Any]]:
@@ -130,62 +174,62 @@ class FedHQAllocator(Allocator):
 
     # --- analyses ----------------------------------------------------------------------
     def significance_of(self, cids: list[int], view: FleetView, rnd: int = 0) -> np.ndarray:
-        """Signed gains g_m from the run's current state (the fine stage's online update; the
-        coarse-only ablation keeps the initial state's). Without SigAcc (``significance: none``)
-        every client counts as gaining equally: the allocation is then by speed alone."""
-        self._estimate = {}
+        """Signed gains g_m: the family's prediction from the run's current state (the coarse-only
+        ablation keeps the initial state's); online, the exploring rounds' mean comparison once
+        committed (0 before). Without SigAcc (``significance: none``) every client counts as
+        gaining equally: the allocation is then by speed alone."""
         if not self.uses_significance:
             return np.ones(len(cids))
-        pred = np.zeros(len(cids))
-        if self.significance is not None:
-            if not self.fine:   # fedhq-coarse: the estimate of the initial state, never updated
-                rows = feature_rows(view.shard_features(), cids, 0.0, 0.0, {}, view.setting)
-                with self.work.op("gbr_predict", 1, gbr_predict_elements(len(cids))):
-                    return self.significance.predict(rows)
+        if self.significance is None:
+            return np.full(len(cids), float(self.decision.get("online_gain", 0.0)))
+        if not self.fine:   # fedhq-coarse: the estimate of the initial state, never updated
+            rows = feature_rows(view.shard_features(), cids, 0.0, 0.0, {}, view.setting)
+        else:
             rows = feature_rows(view.shard_features(), cids, rnd / view.rounds, view.quant_gap,
                                 self.quant_sensitivity, view.setting)
-            with self.work.op("gbr_predict", 1, gbr_predict_elements(len(cids))):
-                pred = self.significance.predict(rows)
-        online = [g for g in view.online_gains if g is not None]
-        self._estimate = {"online_n": len(online)}
-        if self.significance is not None:
-            self._estimate["family_gain"] = float(pred.mean())
-        if not online:
-            return pred
-        trend = gap_trend(online)
-        recent = min(len(online), GAP_WINDOW)
-        # QAT must earn its place: the level is the trend's lower bound, less CONFIDENCE standard
-        # errors of a difference of two accuracies on the proxy split (at p = 0.5, the widest)
-        level = trend - CONFIDENCE * np.sqrt(0.5 / view.proxy_size) / np.sqrt(recent)
-        w = len(online) / (len(online) + PRIOR_ROUNDS) if self.significance is not None else 1.0
-        self._estimate.update(online_gain=trend, online_level=float(level))
-        return pred + w * (level - float(pred.mean()))
+        with self.work.op("gbr_predict", 1, gbr_predict_elements(len(cids))):
+            pred = self.significance.predict(rows)
+        self._estimate = {"family_gain": float(pred.mean())}
+        return pred
+
+    def _online_mask(self, rnd: int, sampled: list[int], t_ptq: np.ndarray, t_qat: np.ndarray,
+                     view: FleetView) -> np.ndarray:
+        """Online: an exploring round's split, or the committed mode's allocation."""
+        if not self.decision and rnd >= explore_rounds(view.rounds):
+            self.decision = {**commit([g for g in view.online_gains if g is not None]), "round": rnd}
+        self._estimate = {"exploring": int(not self.decision)}
+        if not self.decision:
+            rng = np.random.default_rng([self.seed, 83, rnd])
+            return explore_split(t_qat, float(np.max(t_ptq)), rng)
+        self._estimate.update({k: v for k, v in self.decision.items() if k != "mode"},
+                              committed_qat=int(self.decision["mode"] == "qat"))
+        if self.decision["mode"] == "ptq":
+            return np.zeros(len(sampled), dtype=bool)
+        return best_deadline(np.ones(len(sampled)), t_ptq, t_qat, self.xi, max_stretch=self.max_stretch)
 
     def allocate(self, rnd: int, sampled: list[int], view: FleetView) -> Allocation:
         t0 = time.perf_counter()
-        n = len(sampled)
         spec = view.predicted_times(sampled)
         t_ptq, t_qat = spec["ptq"], spec["qat"]
         if self.fine:
             t_ptq = self.cost.correct(sampled, t_ptq, False)
             t_qat = self.cost.correct(sampled, t_qat, True)
         s_hat = minmax(1.0 / t_ptq)
+        self._estimate = {}
+        online = self._online_mask(rnd, sampled, t_ptq, t_qat, view) if self.online else None
         gains = self.significance_of(sampled, view, rnd)
         x, free = allocate_coarse(s_hat, gains, t_ptq, t_qat, self.xi)
         coarse = x.copy()
         adjusted = bool(self.fine and self.cost.regressor is not None)
-        probe = -1
-        if self.fine:
+        if online is not None:
+            x = online
+        elif self.fine:
             x = best_deadline(gains, t_ptq, t_qat, self.xi, max_stretch=self.max_stretch)
-            if not x.any() and self.capabilities.reads("partials"):
-                fastest = int(np.argmin(t_qat))     # a probe keeps the online comparison coming
-                if t_qat[fastest] <= float(np.max(t_ptq)):
-                    x[fastest], probe = True, fastest
         strategies = {c: ("qat" if q else "ptq") for c, q in zip(sampled, x)}
         self._last_pred = {c: (float(np.where(q, tq, tp)), float(np.where(q, sq, sp)))
                            for c, q, tp, tq, sp, sq in zip(sampled, x, t_ptq, t_qat, spec["ptq"], spec["qat"])}
         estimate = {"gain_mean": float(gains.mean()), "gain_positive_share": float((gains > 0).mean()),
-                    "n_probe": int(probe >= 0), **self._estimate}
+                    **self._estimate}
         if self.capabilities.reads("gap"):
             estimate["quant_gap"] = float(view.quant_gap)
         info = {
@@ -236,7 +280,8 @@ class FedHQAllocator(Allocator):
                 "cost": self.cost.to_state(),
                 "refits": [{**{k: v for k, v in r.items() if k != "model"}, "model": ridge_to_state(r["model"])}
                            for r in self._refits],
-                "last_pred": {str(k): list(v) for k, v in self._last_pred.items()}}
+                "last_pred": {str(k): list(v) for k, v in self._last_pred.items()},
+                "decision": dict(self.decision)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.quant_sensitivity = {int(k): float(v) for k, v in state["quant_sensitivity"].items()}
@@ -244,6 +289,7 @@ class FedHQAllocator(Allocator):
         self.cost = CostModel.from_state(state["cost"])
         self._refits = [{**r, "model": ridge_from_state(r["model"])} for r in state["refits"]]
         self._last_pred = {int(k): (v[0], v[1]) for k, v in state["last_pred"].items()}
+        self.decision = dict(state.get("decision", {}))
 
 
 def build(cfg: Any, significance: SignificanceModel | None = None, fine: bool = True) -> FedHQAllocator:

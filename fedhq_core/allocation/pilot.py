@@ -205,6 +205,21 @@ class Family:
                 return False, f"{f}={v} lies outside the family's range {r[0]}..{r[1]}"
         return True, "every covered field lies within the family's grid"
 
+    def field_status(self, cfg) -> dict[str, str]:
+        """Per covered field of ``cfg``: ``grid value`` (a value some setting of the family was
+        built at), ``in range`` (between them, never built), ``outside`` or ``n/a`` (a partition
+        parameter the run does not use)."""
+        out = {}
+        for f, r in self.ranges().items():
+            v = getattr(cfg, f)
+            if f == "alpha" and cfg.partition != "dirichlet" or f == "classes_per_client" and cfg.partition != "kclass":
+                out[f] = "n/a"
+            elif v in {s[f] for s in self.settings}:
+                out[f] = "grid value"
+            else:
+                out[f] = "outside" if isinstance(r[0], str) or not r[0] <= v <= r[1] else "in range"
+        return out
+
     def model_for_run(self) -> SignificanceModel:
         """The family's regressor refitted on its rows (deterministic; no CV: its figures are
         the build's)."""
@@ -298,9 +313,15 @@ def choose_significance(sim, registered: tuple[Family | None, str] | None = None
         family, why = None, "significance: online"
     else:
         family, why = find_family(sim.cfg, registered)
+    floor = sim.capabilities.min_family_r2
+    r2 = float(family.r2.get("cv_settings", float("nan"))) if family is not None else float("nan")
+    if family is not None and not r2 >= floor:
+        family, why = None, (f"{why}; but its leave-one-setting-out R² is {r2:.2f}, below the {floor:.2f} "
+                             f"{sim.allocator.name} requires, so it is not used (nor refitted)")
     if family is None:
         sim.fit = FitInfo("online", 0.0, time.perf_counter() - t0,
-                          f"no family ({why}): the server compares each round's QAT and PTQ partial aggregates")
+                          f"no family ({why}): the server compares the exploring rounds' QAT and PTQ partial "
+                          "aggregates")
         return None
     model = family_for_run(sim, family, why)
     model.fit_info.wall_s = time.perf_counter() - t0

@@ -73,9 +73,9 @@ def test_same_seed_same_clock_in_fresh_folders_on_a_loaded_host(tiny_cfg, tmp_pa
     assert sim_times(a) == sim_times(b)
     assert all(r.server_s > 0 and r.extra["sim_alloc_s"] > 0 and "server_host_s" in r.extra for r in a.records)
     sa, sb = a.summary(), b.summary()
-    assert sa["fit_source"] == "family" and sa["fit_sim_s"] == sb["fit_sim_s"] > 0
+    assert sa["fit_source"] == sb["fit_source"] and sa["fit_sim_s"] == sb["fit_sim_s"]
     assert sa["charged_total_sim_s"] == pytest.approx(sa["total_sim_s"] + sa["fit_sim_s"])
-    assert sa["wall_s"] >= sa["fit_wall_s"] > 0     # the refit's wall time is on the run's bill too
+    assert sa["wall_s"] >= sa["fit_wall_s"] > 0     # deciding where SigAcc comes from is on the run's bill too
     assert all(torch.equal(a.server.global_state[k], b.server.global_state[k]) for k in a.server.global_state)
 
 

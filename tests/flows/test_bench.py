@@ -24,22 +24,19 @@ def test_bench_writes_the_documented_schema(tmp_path, monkeypatch):
     assert res["seeds"] == [0, 1]
     assert set(res["strategies"]) == {"fedhq", "all-qat", "all-ptq"}
     assert set(res["dominance"]) >= {"acc_vs_best", "tta_vs_best", "sim_vs_all_ptq", "per_seed", "met"}
-    assert set(res["significance"]) == {"0", "1"} and "cv_r2_settings" in res["significance"]["0"]
+    assert res["significance"] is None          # fedhq decides online: no SigAcc model (below)
+    assert res["target_split"] == "validation"  # the TTA target reads the validation split
     for entry in res["strategies"].values():
         for key in ("final_acc_q", "tail_acc_q", "final_acc_fp32", "tta_sim_s", "total_sim_s", "wall_s", "upload_bytes",
                     "qat_share", "alloc_overhead_s", "curve", "final_acc_q_std", "fit_sim_s", "fit_wall_s", "fit_source",
                     "charged_total_sim_s", "tta_uncharged_sim_s", "curve_uncharged"):
             assert key in entry
         assert len(entry["curve"]) == 3 and all(len(p) == 2 for p in entry["curve"])
-    # fedhq refits the shipped digits family (it covers 10 clients): charged to its runs; no
-    # pilot; the family's one-off build is reported beside it; the pure strategies fit nothing
+    # the shipped digits family covers 10 clients but predicts nothing (leave-one-setting-out R²
+    # below 0.5): fedhq neither refits nor reads it, and decides online; nothing is charged for it
     fedhq = res["strategies"]["fedhq"]
-    # (no upper bound on the refit's price: what a host fit costs is priced, not pinned here)
-    assert fedhq["fit_source"] == "family" and fedhq["fit_sim_s"] > 0 and fedhq["fit_wall_s"] > 0
-    assert fedhq["family_build_sim_s"] > 10 * fedhq["fit_sim_s"] and fedhq["family_settings"] >= 2
-    assert fedhq["charged_total_sim_s"] == pytest.approx(fedhq["total_sim_s"] + fedhq["fit_sim_s"])
-    # (the curve is the first seed's)
-    assert fedhq["curve"][0][0] == pytest.approx(fedhq["curve_uncharged"][0][0] + res["per_seed"]["0"]["fedhq"]["fit_sim_s"])
+    assert fedhq["fit_source"] == "online" and fedhq["fit_sim_s"] == 0 and "R²" in fedhq["fit_detail"]
+    assert fedhq["charged_total_sim_s"] == pytest.approx(fedhq["total_sim_s"])
     for name in ("all-qat", "all-ptq"):
         e = res["strategies"][name]
         assert e["fit_source"] == "none" and e["fit_sim_s"] == 0 and e["charged_total_sim_s"] == e["total_sim_s"]
@@ -92,30 +89,32 @@ def _run(accs: list[float], sim_per_round: float, fit_s: float = 0.0) -> dict:
 
 
 def test_dominance_compares_tails_with_the_better_pure_strategy():
-    """Tail accuracy (mean of the last 3 evaluations), TTA to 95% of the better pure tail, and
-    simulated time, on hand-made curves whose answers are known."""
+    """Tail accuracy (mean of the last 3 evaluations), TTA to 95% of the better pure tail (its
+    running mean of 3 evaluations; these runs hold out no validation split, so the test one's),
+    and simulated time, on hand-made curves whose answers are known."""
     from flows.bench import summarize, tail_accuracy
 
     per_seed = {0: {"fedhq": _run([0.2, 0.6, 0.80, 0.90, 0.86], 1.0),
-                    "all-ptq": _run([0.5, 0.7, 0.90, 0.80, 0.85], 1.0),     # better pure tail: 0.85
+                    "all-ptq": _run([0.6, 0.8, 0.90, 0.80, 0.85], 1.0),     # better pure tail: 0.85
                     "all-qat": _run([0.1, 0.3, 0.50, 0.70, 0.90], 1.2)}}    # its last evaluation is higher
     for r in per_seed[0].values():
         r["tail_acc_q"] = tail_accuracy(r)
     assert per_seed[0]["all-ptq"]["tail_acc_q"] == pytest.approx(0.85)
     out = summarize(per_seed, None)
     dom = out["dominance"]
-    assert out["target"] == pytest.approx(0.95 * 0.85)
+    assert out["target"] == pytest.approx(0.95 * 0.85) and out["target_split"] == "test"
     assert dom["acc_vs_best"] == pytest.approx((0.80 + 0.90 + 0.86) / 3 - 0.85)
-    assert dom["tta_vs_best"] == pytest.approx(4.0 / 3.0)       # fedhq reaches 0.8075 at 4 s, all-ptq at 3 s
+    # running means: fedhq 0.2 0.4 0.53 0.77 0.85 reaches 0.8075 at 5 s; all-ptq 0.6 0.7 0.77 0.83 at 4 s
+    assert dom["tta_vs_best"] == pytest.approx(5.0 / 4.0)
     assert dom["sim_vs_all_ptq"] == pytest.approx(1.0)
     assert dom["met"] == {"acc_vs_best": True, "tta_vs_best": False, "sim_vs_all_ptq": True}
-    assert dom["uncharged"] == pytest.approx({"tta_vs_best": 4.0 / 3.0, "sim_vs_all_ptq": 1.0})
+    assert dom["uncharged"] == pytest.approx({"tta_vs_best": 5.0 / 4.0, "sim_vs_all_ptq": 1.0})
     # a pilot made for fedhq's run (2 simulated s) is on its bill: its curve, TTA and time shift
     per_seed[0]["fedhq"] = _run([0.2, 0.6, 0.80, 0.90, 0.86], 1.0, fit_s=2.0)
     per_seed[0]["fedhq"]["tail_acc_q"] = tail_accuracy(per_seed[0]["fedhq"])
     dom = summarize(per_seed, None)["dominance"]
-    assert dom["tta_vs_best"] == pytest.approx(6.0 / 3.0) and dom["sim_vs_all_ptq"] == pytest.approx(7.0 / 5.0)
-    assert dom["uncharged"] == pytest.approx({"tta_vs_best": 4.0 / 3.0, "sim_vs_all_ptq": 1.0})
+    assert dom["tta_vs_best"] == pytest.approx(7.0 / 4.0) and dom["sim_vs_all_ptq"] == pytest.approx(7.0 / 5.0)
+    assert dom["uncharged"] == pytest.approx({"tta_vs_best": 5.0 / 4.0, "sim_vs_all_ptq": 1.0})
     assert dom["met"]["sim_vs_all_ptq"] is False
     # evaluations every 2 rounds: the tail takes evaluated rounds only (1, 3 and the last)
     run = _run([0.0, 0.3, 0.0, 0.6, 0.9], 1.0)

@@ -112,7 +112,8 @@ def test_devices_table_and_host_validation(tmp_path, monkeypatch):
     assert v["qat"]["ops"] > 5 * v["fp32"]["ops"] and q["predicted"] > 1.5
     # the server's host work of a digits run: the same operations priced (shipped table) and timed
     h = r["host_work"]
-    assert {"allocate/fedhq", "observe/fedhq", "decode", "gbr_predict", "gbr_fit"} <= set(h["by_kind"])
+    # (fedhq decides online on digits: its family predicts nothing, so no GBR fit or prediction runs)
+    assert {"allocate/fedhq", "observe/fedhq", "decode"} <= set(h["by_kind"])
     assert h["priced_s"] == pytest.approx(sum(k["priced_s"] for k in h["by_kind"].values()))
     assert h["measured_s"] > 0 and h["error"] == pytest.approx(h["priced_s"] / h["measured_s"] - 1)
     assert rc == (0 if abs(q["error"]) <= 0.2 and abs(h["error"]) <= HOST_WORK_TOLERANCE else 1)

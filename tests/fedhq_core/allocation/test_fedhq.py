@@ -83,8 +83,8 @@ def test_signed_gains_negative_fleet_gets_ptq_positive_fleet_free_qat():
 
 def test_allocator_follows_the_sign_of_the_fitted_gain(tiny_cfg):
     """A SigAcc model fitted on synthetic rows (gain = gap - 0.1) sends a fleet to PTQ while the
-    server's measured gap is small (but for one probe, so the online comparison keeps coming) and
-    to QAT once it is large; the scatter marks the excluded."""
+    server's measured gap is small (no probe: where a family predicts, the run spends no rounds
+    probing) and to QAT once it is large; the scatter marks the excluded."""
     sim = Simulation(tiny_cfg.replace(strategy="fedhq"))
     sim.profile()
     rng = np.random.default_rng(0)
@@ -99,7 +99,7 @@ def test_allocator_follows_the_sign_of_the_fitted_gain(tiny_cfg):
     sim.server.measurements["gap"].history = [0.0]
     low = sim.allocator.allocate(0, sampled, sim)
     n_qat = sum(v == "qat" for v in low.strategies.values())
-    assert low.info["n_sign_ptq"] == len(sampled) and n_qat == low.info["n_probe"] <= 1   # PTQ, but a free probe
+    assert low.info["n_sign_ptq"] == len(sampled) and n_qat == 0
     assert all(g <= 0 for g in low.info["scatter"]["gain"])
     sim.server.measurements["gap"].history = [0.4, 0.4, 0.4]
     high = sim.allocator.allocate(1, sampled, sim)
@@ -115,8 +115,19 @@ def test_a_family_fitted_elsewhere_drives_a_run_without_a_pilot(tiny_cfg, tmp_pa
     # per-client labels: one per sampled client and pilot round, from paired trainings
     assert len(fam.gains) == 2 * 2 * 3 and len(set(fam.setting_ids)) == 2 and np.isfinite(fam.gains).all()
     assert set(fam.r2) == {"train", "cv", "cv_rounds", "cv_settings"} and fam.build["sim_s"] > 0
+    # fedhq uses a covering family only where it predicts (leave-one-setting-out R² >= 0.5):
+    # below that it neither refits nor reads it; the coarse ablation takes any covering family
+    fam.r2["cv_settings"] = 0.2
+    cfg = tiny_cfg.replace(strategy="fedhq", rounds=4, adjust_every=2, seed=7, lr=0.05,
+                           family_file=str(fam.save(tmp_path / "weak.json")))
+    weak = Simulation(cfg)
+    assert choose_significance(weak) is None and weak.fit.source == "online" and weak.fit.sim_s == 0
+    assert "0.20, below the 0.50" in weak.fit.detail and weak.setup_work.priced_s() == 0
+    coarse = Simulation(cfg.replace(strategy="fedhq-coarse"))
+    assert choose_significance(coarse) is not None and coarse.fit.source == "family"
+    fam.r2["cv_settings"] = 0.9     # (the gate, not the family's fit, is under test from here)
     path = fam.save(tmp_path / "fam.json")
-    cfg = tiny_cfg.replace(strategy="fedhq", rounds=4, adjust_every=2, seed=7, lr=0.05, family_file=str(path))
+    cfg = cfg.replace(family_file=str(path))
     assert fam.covers(cfg)[0] and not fam.covers(cfg.replace(lr=0.2))[0]
     sim = Simulation(cfg)
     trained = []
@@ -141,36 +152,70 @@ def test_a_family_fitted_elsewhere_drives_a_run_without_a_pilot(tiny_cfg, tmp_pa
     assert [r["version"] for r in alloc.refits] == [1, 2]
     assert all("cost_model_mape" in r.extra for r in sim.records)
     assert [r.extra["cost_model_version"] for r in sim.records] == [0, 0, 1, 1]
-    # the estimate follows the run: logged per round with the gap, the family's level and, once
-    # the server has compared a round's partial aggregates (seen one round late), the online one
+    # the estimate follows the run: logged per round with the gap and the family's level; no
+    # partial aggregates are compared (no probing where the family predicts)
     assert all("family_gain" in r.extra and "quant_gap" in r.extra for r in sim.records)
-    assert [r.extra["online_n"] for r in sim.records][:2] == [0, 0]
+    assert sim.server.partials == []
     s = sim.summary()
     assert s["fit_source"] == "family" and s["charged_total_sim_s"] == pytest.approx(s["total_sim_s"] + sim.fit.sim_s)
 
 
-def test_online_mode_decides_from_the_partial_aggregates(tiny_cfg):
-    """No family covers the run: no model, no pilot; the server compares each round's QAT and
-    PTQ partial aggregates (priced, on its proxy split) and the allocation follows their trend;
-    a round with no positive gain keeps a probe on its fastest free client."""
+class _View:
+    """A FleetView of 10 clients: the fast half's QAT fits the slowest PTQ time."""
+
+    n_clients, rounds, proxy_size = 10, 20, 200
+
+    def __init__(self):
+        self.quant_gap, self.online_gains = 0.0, []
+
+    def predicted_times(self, cids):
+        t = np.array([1.0 + c for c in cids])
+        return {"ptq": t, "qat": t * 2.0}
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_online_explores_a_bounded_span_then_commits_once(sign):
+    """Online (no predictive family): the first 20% of the rounds (4 of 20) explore with at most
+    half the round's clients on QAT, all free, measuring the partial comparisons; then one
+    commit by the comparisons' sign: QAT for every free client, or PTQ for all; nothing is
+    measured after it, nor does it switch back. A checkpoint keeps the decision."""
+    alloc, view, cids = FedHQAllocator(0.5, None, seed=3), _View(), list(range(10))
+    free = {c for c in cids if 2.0 * (1 + c) <= 10.0}          # clients 0-4
+    masks = []
+    for rnd in range(10):
+        a = alloc.allocate(rnd, cids, view)
+        qat = {c for c, s in a.strategies.items() if s == "qat"}
+        masks.append(qat)
+        if rnd < 4:
+            assert a.info["exploring"] == 1 and 1 <= len(qat) <= 5 and qat <= free
+            assert alloc.capabilities.measurements == {"partials"}
+            view.online_gains.append(sign * 0.02 * (rnd + 1))
+        else:
+            assert a.info["exploring"] == 0 and alloc.capabilities.measurements == frozenset()
+            assert qat == (free if sign > 0 else set())
+    assert alloc.decision["round"] == 4 and alloc.decision["online_n"] == 4
+    assert alloc.decision["mode"] == ("qat" if sign > 0 else "ptq")
+    assert len({frozenset(m) for m in masks[4:]}) == 1          # never switches back
+    again = FedHQAllocator(0.5, None, seed=3)
+    again.load_state_dict(alloc.state_dict())
+    assert again.decision == alloc.decision
+
+
+def test_online_run_pays_only_for_what_it_measured(tiny_cfg):
+    """A real online run: the partial comparisons the server took are exactly the exploring
+    rounds' (3 of 5), each finite; a baseline pays for none."""
     cfg = tiny_cfg.replace(strategy="fedhq", rounds=5, significance="online", fraction=1.0)
     sim = Simulation(cfg)
     from fedhq_core.loop import run
 
     run(cfg, sim=sim)
     assert sim.fit.source == "online" and sim.allocator.significance is None
-    assert len(sim.server.partials) == cfg.rounds - 1           # none after the last round
-    measured = [g for g in sim.server.partials if g is not None]
-    assert measured and all(np.isfinite(measured))
-    assert [r.extra["online_n"] for r in sim.records] == [0, 0] + [len([g for g in sim.server.partials[:i]
-                                                                        if g is not None]) for i in range(1, 4)]
-    # online, every client has the same gain: none positive -> PTQ for all but the probe; a probe only then
-    assert all(r.n_qat == r.extra["n_probe"] for r in sim.records if r.extra["gain_positive_share"] == 0)
-    assert all(r.extra["n_probe"] == 0 for r in sim.records if r.extra["gain_positive_share"] > 0)
-    # a baseline never pays for the comparison
+    exploring = [r.extra["exploring"] for r in sim.records]
+    assert exploring == [1, 1, 1, 0, 0] and len(sim.server.partials) == 3
+    assert all(g is None or np.isfinite(g) for g in sim.server.partials)
     base = Simulation(cfg.replace(strategy="all-ptq"))
     run(base.cfg, sim=base)
-    assert base.server.partials == []
+    assert base.server.partials == [] and base.server.gaps == []
 
 
 def test_significance_none_skips_the_fit(tiny_cfg):
@@ -182,15 +227,17 @@ def test_significance_none_skips_the_fit(tiny_cfg):
 
 
 def test_label_histograms_are_paid_for_once_by_whoever_reads_them(tiny_cfg):
-    """fedhq's SigAcc reads every client's label histogram: the clients send them once, before
+    """A family's SigAcc reads every client's label histogram: the clients send them once, before
     the first allocation, and the clock charges the slowest uplink plus the server's host work
-    (round 0 ends that much later). A pure strategy reads none and pays nothing. A resumed run
-    does not pay again. With ``share_label_histograms: false`` nothing is sent: the shard features
-    come from the sample counts the uploads carried, the composition taken as the pool's."""
+    (round 0 ends that much later). A pure strategy reads none and pays nothing, nor does fedhq
+    deciding online. A resumed run does not pay again. With ``share_label_histograms: false``
+    nothing is sent: the shard features come from the sample counts the uploads carried, the
+    composition taken as the pool's."""
     from fedhq_core.loop import run
     from fedhq_core.simulation import Simulation
 
-    cfg = tiny_cfg.replace(strategy="fedhq", clients=10, rounds=2, batch_size=16)   # the shipped digits family covers it
+    # the shipped digits family covers it; fedhq-coarse takes it (fedhq does not: its R² < 0.5)
+    cfg = tiny_cfg.replace(strategy="fedhq-coarse", clients=10, rounds=2, batch_size=16)
     sim = Simulation(cfg)
     run(cfg, sim=sim)
     s = sim.summary()
@@ -205,9 +252,10 @@ def test_label_histograms_are_paid_for_once_by_whoever_reads_them(tiny_cfg):
     again.shard_features()
     assert again.pricing.clock.now_s == now and again.label_hist_s == pytest.approx(hist_s)
 
-    pure = Simulation(cfg.replace(strategy="all-ptq"))
-    run(pure.cfg, sim=pure)
-    assert pure.summary()["label_hist_sim_s"] == 0 and pure.label_hist_bytes == 0
+    for name in ("all-ptq", "fedhq"):
+        pure = Simulation(cfg.replace(strategy=name))
+        run(pure.cfg, sim=pure)
+        assert pure.summary()["label_hist_sim_s"] == 0 and pure.label_hist_bytes == 0
 
     private = Simulation(cfg.replace(share_label_histograms=False))
     run(private.cfg, sim=private)
