@@ -15,8 +15,11 @@ Fine [paper: ML-based adjustment with a cost model; design: what it learns and t
     gap, the PTQ clients' measured sensitivities), re-estimated and logged every round; the run
     spends no rounds probing;
   * otherwise (``online``: no family covers the run, or the covering one predicts nothing) the
-    run explores, then commits:
-    - *explores* for its first rounds (:func:`explore_rounds`: 20%, at least 3): up to half of each
+    run warms up, explores, then commits (:func:`explore_window`):
+    - *warms up*: its first 20% of rounds train with PTQ (FP32 training: QAT is compared as it
+      would be used, fine-tuning a trained master, not from a random start, where one round's
+      comparison measures how fast a near-random model learns);
+    - *explores* for the next rounds (:func:`explore_rounds`: 20%, at least 3): up to half of each
       round's clients, drawn among those whose QAT costs no round time, train with QAT, the rest
       PTQ, and the server compares the round's QAT and PTQ partial aggregates on its proxy split
       (``server.partial_gain``, priced, seen one round late);
@@ -49,9 +52,17 @@ MIN_EXPLORE = 3       # [design] rounds: at least two comparisons reach the deci
 FAMILY_MIN_R2 = 0.5   # [design] a family is used only where its leave-one-setting-out R² reaches this
 
 
+WARMUP_SHARE = 0.2    # [design] online: the first 20% of rounds train with PTQ before exploring
+
+
 def explore_rounds(rounds: int) -> int:
     """Rounds an online run explores before it commits."""
     return min(rounds, max(MIN_EXPLORE, int(np.ceil(EXPLORE_SHARE * rounds))))
+
+
+def explore_window(rounds: int) -> tuple[int, int]:
+    """The first exploring round and how many explore: after a PTQ warm-up of WARMUP_SHARE."""
+    return int(np.floor(WARMUP_SHARE * rounds)), explore_rounds(rounds)
 
 
 def explore_split(t_qat: np.ndarray, deadline: float, rng: np.random.Generator) -> np.ndarray:
@@ -146,6 +157,7 @@ class FedHQAllocator(Allocator):
         self._pending_sensitivity: dict[int, float] = {}
         self._estimate: dict[str, float] = {}   # the round's estimate (family level or online decision)
         self.decision: dict[str, Any] = {}      # online: the commit (mode, the comparisons' mean, se, n)
+        self._round, self._start = 0, 0         # the round being allocated; the first exploring round
 
     @property
     def online(self) -> bool:
@@ -162,7 +174,7 @@ class FedHQAllocator(Allocator):
         tell it will be seen only after the decision, so it is priced and logged but not read),
         and nothing once it has committed."""
         family = self.fine and self.significance is not None
-        exploring = self.online and not self.decision
+        exploring = self.online and not self.decision and self._round >= self._start
         return Capabilities(uses_significance=self.uses_significance,
                             measurements=frozenset((["gap", "sensitivity"] if family else [])
                                                    + (["partials"] if exploring else [])),
@@ -195,12 +207,17 @@ class FedHQAllocator(Allocator):
     def _online_mask(self, rnd: int, sampled: list[int], t_ptq: np.ndarray, t_qat: np.ndarray,
                      view: FleetView) -> np.ndarray:
         """Online: an exploring round's split, or the committed mode's allocation."""
-        if not self.decision and rnd >= explore_rounds(view.rounds):
+        start, span = explore_window(view.rounds)
+        self._round, self._start = rnd, start
+        if not self.decision and rnd >= start + span:
             self.decision = {**commit([g for g in view.online_gains if g is not None]), "round": rnd}
-        self._estimate = {"exploring": int(not self.decision)}
-        if not self.decision:
+        exploring = not self.decision and rnd >= start
+        self._estimate = {"exploring": int(exploring)}
+        if exploring:
             rng = np.random.default_rng([self.seed, 83, rnd])
             return explore_split(t_qat, float(np.max(t_ptq)), rng)
+        if not self.decision:     # warming up: FP32 training (PTQ) gives the master a start
+            return np.zeros(len(sampled), dtype=bool)
         self._estimate.update({k: v for k, v in self.decision.items() if k != "mode"},
                               committed_qat=int(self.decision["mode"] == "qat"))
         if self.decision["mode"] == "ptq":

@@ -175,27 +175,30 @@ class _View:
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_online_explores_a_bounded_span_then_commits_once(sign):
-    """Online (no predictive family): the first 20% of the rounds (4 of 20) explore with at most
-    half the round's clients on QAT, all free, measuring the partial comparisons; then one
-    commit by the comparisons' sign: QAT for every free client, or PTQ for all; nothing is
-    measured after it, nor does it switch back. A checkpoint keeps the decision."""
+    """Online (no predictive family): the first 20% of the rounds (4 of 20) warm up on PTQ; the
+    next 20% explore with at most half the round's clients on QAT, all free, measuring the
+    partial comparisons; then one commit by the comparisons' sign: QAT for every free client,
+    or PTQ for all; nothing is measured after it, nor does it switch back. A checkpoint keeps
+    the decision."""
     alloc, view, cids = FedHQAllocator(0.5, None, seed=3), _View(), list(range(10))
     free = {c for c in cids if 2.0 * (1 + c) <= 10.0}          # clients 0-4
     masks = []
-    for rnd in range(10):
+    for rnd in range(14):
         a = alloc.allocate(rnd, cids, view)
         qat = {c for c, s in a.strategies.items() if s == "qat"}
         masks.append(qat)
         if rnd < 4:
+            assert a.info["exploring"] == 0 and not qat and alloc.capabilities.measurements == frozenset()
+        elif rnd < 8:
             assert a.info["exploring"] == 1 and 1 <= len(qat) <= 5 and qat <= free
             assert alloc.capabilities.measurements == {"partials"}
             view.online_gains.append(sign * 0.02 * (rnd + 1))
         else:
             assert a.info["exploring"] == 0 and alloc.capabilities.measurements == frozenset()
             assert qat == (free if sign > 0 else set())
-    assert alloc.decision["round"] == 4 and alloc.decision["online_n"] == 4
+    assert alloc.decision["round"] == 8 and alloc.decision["online_n"] == 4
     assert alloc.decision["mode"] == ("qat" if sign > 0 else "ptq")
-    assert len({frozenset(m) for m in masks[4:]}) == 1          # never switches back
+    assert len({frozenset(m) for m in masks[8:]}) == 1          # never switches back
     again = FedHQAllocator(0.5, None, seed=3)
     again.load_state_dict(alloc.state_dict())
     assert again.decision == alloc.decision
@@ -203,7 +206,7 @@ def test_online_explores_a_bounded_span_then_commits_once(sign):
 
 def test_online_run_pays_only_for_what_it_measured(tiny_cfg):
     """A real online run: the partial comparisons the server took are exactly the exploring
-    rounds' (3 of 5), each finite; a baseline pays for none."""
+    rounds' (3 of 5, after a round of warm-up), each finite; a baseline pays for none."""
     cfg = tiny_cfg.replace(strategy="fedhq", rounds=5, significance="online", fraction=1.0)
     sim = Simulation(cfg)
     from fedhq_core.loop import run
@@ -211,7 +214,7 @@ def test_online_run_pays_only_for_what_it_measured(tiny_cfg):
     run(cfg, sim=sim)
     assert sim.fit.source == "online" and sim.allocator.significance is None
     exploring = [r.extra["exploring"] for r in sim.records]
-    assert exploring == [1, 1, 1, 0, 0] and len(sim.server.partials) == 3
+    assert exploring == [0, 1, 1, 1, 0] and len(sim.server.partials) == 3
     assert all(g is None or np.isfinite(g) for g in sim.server.partials)
     base = Simulation(cfg.replace(strategy="all-ptq"))
     run(base.cfg, sim=base)
