@@ -37,6 +37,7 @@ class Dispatch:
         self.host_work = host_work if host_work is not None else HostWork()   # decoding is host work
         self.on_device_sensitivity = on_device_sensitivity
         self.norm_checks = 0          # update norms the last accept() computed (priced with the aggregation)
+        self.waited: list[ClientResult] = []   # the last accept()'s decoded but rejected uploads: the round waited for them
         self.norm_ref = 0.0           # the median norm of the last accepted updates (the norm bound's cap)
 
     def sample(self, rnd: int, attempt: int = 0) -> list[int]:
@@ -104,7 +105,11 @@ class Dispatch:
                 results.append(r)
             except RejectedUpdate as err:
                 rejected[up.cid] = str(err)
-        return self.bound_norms(sorted(results, key=lambda r: r.cid), rejected)
+        kept, rejected = self.bound_norms(sorted(results, key=lambda r: r.cid), rejected)
+        # an upload rejected for its norm was received and decoded first: the round waited for it,
+        # so the clock pays for its client's time like any other's
+        self.waited = [r for r in results if r.cid in rejected]
+        return kept, rejected
 
     def bound_norms(self, results: list[ClientResult], rejected: dict[int, str]
                     ) -> tuple[list[ClientResult], dict[int, str]]:

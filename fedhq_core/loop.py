@@ -57,6 +57,7 @@ class RoundOutcome:
     attempts: int
     failed_s: float                  # simulated seconds spent on failed attempts
     workers: int                     # distinct processes that trained the accepted clients
+    waited: list[ClientResult] = field(default_factory=list)   # rejected after arriving: on the clock too
 
 
 def train_round(sim: Simulation, ops: RoundOps, rnd: int) -> RoundOutcome:
@@ -81,8 +82,9 @@ def train_round(sim: Simulation, ops: RoundOps, rnd: int) -> RoundOutcome:
         if len(results) >= cfg.min_clients:
             ok = {r.cid for r in results}
             workers = len({u.worker for u in uploads if u.cid in ok})
-            return RoundOutcome(alloc, alloc_s, results, rejected, attempt + 1, failed_s, workers)
-        failed_s += sim.fail_attempt(rnd, results)
+            return RoundOutcome(alloc, alloc_s, results, rejected, attempt + 1, failed_s, workers,
+                                list(dispatch.waited))
+        failed_s += sim.fail_attempt(rnd, results + dispatch.waited)
     raise TooFewClients(
         f"round {rnd}: only {len(results)} of {len(sampled)} client updates were accepted after "
         f"{cfg.round_retries + 1} attempt(s) (min_clients={cfg.min_clients}); the global model was not updated. "
@@ -101,7 +103,7 @@ def run_rounds(sim: Simulation, ops: RoundOps, observers: Iterable[Observer] = (
             with span("evaluate (task)", rnd):
                 metrics = ops.evaluate(sim) if sim.should_eval(rnd) else None
             rec = sim.close_round(rnd, out.alloc, out.alloc_s, out.results, server_s, metrics, out.rejected,
-                                  out.attempts, out.failed_s)
+                                  out.attempts, out.failed_s, out.waited)
             rec.extra["workers"] = out.workers
             rec.extra["samples"] = sum(r.n_samples for r in out.results)
             if rnd in ops.sent_bytes:

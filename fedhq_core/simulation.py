@@ -263,10 +263,15 @@ class Simulation:
 
     def close_round(self, rnd: int, alloc: Allocation, alloc_s: float, results: list[ClientResult],
                     server_s: float, metrics: dict[str, float] | None, rejected: dict[int, str] | None = None,
-                    attempts: int = 1, failed_s: float = 0.0) -> RoundRecord:
+                    attempts: int = 1, failed_s: float = 0.0, waited: list[ClientResult] | None = None
+                    ) -> RoundRecord:
+        """Close round ``rnd`` on the clock: its accepted ``results`` and the uploads it ``waited``
+        for before rejecting them (their clients' time is the round's too; only the accepted
+        ones are aggregated, reported to the allocator and counted in the record)."""
         clock, server = self.pricing.clock, self.pricing.server
         assert clock is not None and server is not None
         times = self.pricing.client_times(rnd, results)
+        waited_times = list(self.pricing.client_times(rnd, waited).values()) if waited else []
         # a round without an evaluation (or with the validation split's alone) carries the last figures
         fresh = metrics or {}
         carried = ({**{k: v for k, v in self.records[-1].extra.items() if k.startswith("val_")},
@@ -285,7 +290,7 @@ class Simulation:
         parts = {"alloc": host.priced_s(), "decode": decode.priced_s(), "server": server_s}
         if rnd + 1 == self.cfg.rounds and self.server.calibrates:
             parts["deploy"] = server.calib_s()
-        round_s, split = clock.advance(list(times.values()), parts, self.server.gap_s)
+        round_s, split = clock.advance(list(times.values()) + waited_times, parts, self.server.gap_s)
         round_s += failed_s
         up = sum(r.upload_bytes for r in results)
         self.upload_bytes_total += up

@@ -30,7 +30,7 @@ from flows.train import execute_run  # noqa: E402
 from tasks.run_tracking import tracker_for  # noqa: E402
 
 ALL_STRATEGIES = STRATEGY_NAMES     # every registered strategy (fedhq_core.strategies)
-METRICS = ("final_acc_q", "tail_acc_q", "final_acc_fp32", "tta_sim_s", "tta_uncharged_sim_s", "total_sim_s",
+METRICS = ("final_acc_q", "tail_acc_q", "tail_acc_q_val", "final_acc_fp32", "tta_sim_s", "tta_uncharged_sim_s", "total_sim_s",
            "charged_total_sim_s", "fit_sim_s", "fit_wall_s", "wall_s", "upload_bytes", "qat_share", "alloc_overhead_s",
            "ptq_extras_share", "label_hist_sim_s", "host_work_priced_s", "host_work_measured_s")
 

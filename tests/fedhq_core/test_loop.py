@@ -104,3 +104,36 @@ def test_pooled_model_reuse_trains_like_a_fresh_model(tiny_cfg):
     ref = sim.shards[1]
     copy = pickle.loads(pickle.dumps(ref))
     assert copy.split is None and len(pickle.dumps(ref)) < 4096 and np.array_equal(copy.idx, ref.idx)
+
+
+def test_an_upload_rejected_for_its_norm_is_still_waited_for(tiny_cfg):
+    """The server receives and decodes an upload before its norm rejects it, so the round's
+    clock waits for that client like any other (only the accepted ones are aggregated)."""
+    from fedhq_core.loop import run
+
+    cfg = tiny_cfg.replace(strategy="all-ptq", rounds=1, fraction=1.0, norm_bound=1.0001)
+    sim = run(cfg)
+    rec = sim.records[0]
+    assert any(v.startswith("norm") for v in rec.rejected.values())
+    waited = sim.dispatch.waited
+    assert {r.cid for r in waited} == {c for c, v in rec.rejected.items() if v.startswith("norm")}
+    assert not {r.cid for r in waited} & set(rec.strategies)
+    slowest = max(t.total_s for t in sim.pricing.client_times(0, waited).values())
+    assert rec.sim_round_s >= slowest
+    # the same round not waiting for them (as before) is shorter: here a rejected client is the slowest
+    import fedhq_core.dispatch as D
+
+    accept = D.Dispatch.accept
+
+    def forget(self, uploads):
+        out = accept(self, uploads)
+        self.waited = []
+        return out
+
+    D.Dispatch.accept = forget
+    try:
+        unwaited = run(cfg.replace(state_dir=cfg.state_dir + "-b"))
+    finally:
+        D.Dispatch.accept = accept
+    assert unwaited.records[0].rejected == rec.rejected
+    assert unwaited.records[0].sim_round_s < rec.sim_round_s
