@@ -59,7 +59,7 @@ PAPER_HEADER = ("| | paper: ResNet-18, ξ 0.2, A6000 GPUs, CIFAR-10 | " + " | ".
                 + " |\n|---|---|" + "---|" * len(PAPER))
 
 # the README's study table: (label, study JSON)
-STUDY = (("build `4cf646e`", "study-cifar10-seed0.json"),)
+STUDY = (("build `2dea7b9`", "study-cifar10.json"),)
 STUDY_HEADER = ("| setting | strategy | seeds | tail (test) | tail (validation) | TTA (sim s) | total (sim s) | "
                 "QAT share | spread of last 10 (points) |\n|---|---|---|---|---|---|---|---|---|")
 
@@ -158,6 +158,12 @@ def study_rows(label: str, d: dict[str, Any]) -> list[str]:
                         f"{mean('qat_share'):.2f} | {spread:.2f} |")
         crit = s["criteria"]
         rows.append(f"Criteria, {s['name']}: " + ("met." if crit["met"] else "missed: " + "; ".join(crit["misses"]) + "."))
+        for comp, e in s["paired"].items():
+            ci = e.get("acc_ci95")
+            rows.append(f"Paired, {s['name']}, {comp}: per seed "
+                        + ", ".join(f"{100 * v:+.1f}" for v in e["acc_per_seed"]) + " points; "
+                        + (f"95% interval {100 * ci[0]:+.1f} to {100 * ci[1]:+.1f} ({e['verdict']})." if ci
+                           else "no interval from one seed."))
     return rows
 
 
