@@ -132,8 +132,8 @@ def attach_tta(runs: dict[str, dict[str, Any]], target: float | None = None) -> 
 
 def summarize(per_seed: dict[int, dict[str, dict[str, Any]]], target: float | None) -> dict[str, Any]:
     """Per-seed results -> strategies table (means, spreads), speedups, gains and dominance. The
-    TTA target is 95% of the better pure strategy's tail accuracy (of the best run's without
-    both), per seed, unless ``target`` fixes it."""
+    TTA target and crossings per seed are :func:`attach_tta`'s (the validation tails, unless
+    ``target`` fixes it)."""
     seeds = sorted(per_seed)
     for seed in seeds:
         attach_tta(per_seed[seed], target)
