@@ -50,9 +50,14 @@ def add_curves(res: dict[str, Any]) -> dict[str, Any]:
     res["curve_uncharged"] = [[r["sim_time_s"], r["acc_q"]] for r in res["rounds"]]
     res["curve"] = [[t + res.get("fit_charged_sim_s", 0.0), a] for t, a in res["curve_uncharged"]]
     if all("val_acc_q" in r.get("extra", {}) for r in res["rounds"]):   # the run held out a validation split
-        res["curve_val"] = [[r["sim_time_s"] + res.get("fit_charged_sim_s", 0.0), r["extra"]["val_acc_q"]]
-                            for r in evaluated_rounds(res, "val_evaluated")]
+        res["curve_val"] = val_curve(res)
     return res
+
+
+def val_curve(res: dict[str, Any]) -> list[list[float]]:
+    """Validation accuracy against simulated time, the fit charged: one point per evaluation."""
+    return [[r["sim_time_s"] + res.get("fit_charged_sim_s", 0.0), r["extra"]["val_acc_q"]]
+            for r in evaluated_rounds(res, "val_evaluated")]
 
 
 TAIL = 3   # evaluations averaged into tail_acc_q: one evaluation is noisy

@@ -14,7 +14,7 @@ from fedhq_core.config import MODELS
 from fedhq_core.errors import CheckpointError, ConfigError, DataError, TooFewClients
 from flows.cli_options import EXIT_USAGE, UsageError, _Parser, add_config_flags
 from flows.commands import (_csv, cmd_bench, cmd_bench_overhead, cmd_bench_scale, cmd_devices, cmd_fit_significance,
-                            cmd_models, cmd_promote, cmd_run, cmd_serve, cmd_study, cmd_tune, cmd_upload)
+                            cmd_mixing, cmd_models, cmd_promote, cmd_run, cmd_serve, cmd_study, cmd_tune, cmd_upload)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +68,17 @@ def _add_run_commands(sub) -> None:
     st.add_argument("--json", metavar="FILE", help="write the results (schema in README)")
     st.add_argument("--no-progress", action="store_true", help="no per-run progress bars")
     st.set_defaults(func=cmd_study)
+    mx = sub.add_parser("mixing", help="what a hybrid round costs, in isolation: every client trains both ways from "
+                                       "the same master; all-PTQ, all-QAT and a half-and-half mix, each deployed as a "
+                                       "run deploys it (and the mix with either set of steps alone), on validation")
+    add_config_flags(mx)
+    mx.add_argument("--protocol", metavar="FILE.yaml", help="take the config from this study protocol's --setting")
+    mx.add_argument("--setting", help="the protocol's setting to measure (default: its first)")
+    mx.add_argument("--seeds", type=_csv(int), help="comma-separated seeds (default: the config's seed)")
+    mx.add_argument("--warmup", type=int, help="PTQ rounds before measuring (default: fedhq's warm-up)")
+    mx.add_argument("--measure", type=int, help="rounds measured (default: fedhq's exploring rounds)")
+    mx.add_argument("--json", metavar="FILE", help="write every round's figures and the summary")
+    mx.set_defaults(func=cmd_mixing)
 
 
 def _add_benchmarks(sub) -> None:

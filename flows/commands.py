@@ -166,6 +166,47 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mixing(args: argparse.Namespace) -> int:
+    from flows.mixing import DIFFERENCES, run_mixing
+
+    if args.protocol:
+        from fedhq_core.config import read_yaml
+        from flows.cli_options import flag_values
+        from flows.study import load_protocol
+
+        flags = {k: v for k, v in flag_values(args).items() if v is not None}
+        if args.config:
+            flags = {**read_yaml(args.config), **flags}
+        configs = load_protocol(args.protocol, flags, None, None, [args.setting] if args.setting else None).configs()
+        name, cfg = configs[0]
+    elif args.setting:
+        raise ConfigError("setting: --setting names a setting of --protocol; give the protocol too")
+    else:
+        name, cfg = "config", config_from_args(args)
+    seeds = args.seeds or [cfg.seed]
+
+    def show(row: dict) -> None:
+        print(f"round {row['round']}: val acc ptq {100 * row['ptq']:.1f}, qat {100 * row['qat']:.1f}, mixed "
+              f"{100 * row['mixed']:.1f} (mse steps {100 * row['mixed_mse_steps']:.1f}, learned steps "
+              f"{100 * row['mixed_learned_steps']:.1f})", flush=True)
+
+    out = run_mixing(cfg, seeds, args.warmup, args.measure, on_round=show)
+    out["setting"] = name
+    rows = [[k, ", ".join(f"{100 * v:+.2f}" for v in e["per_seed"]), f"{100 * e['mean']:+.2f}",
+             "-" if e["ci95"] is None else f"[{100 * e['ci95'][0]:+.2f}, {100 * e['ci95'][1]:+.2f}]", e["verdict"],
+             f"{100 * e['rounds_pooled_mean']:+.2f} +- {100 * (e['rounds_pooled_se'] or 0):.2f}", e["rounds_below_zero"]]
+            for k, e in out["summary"].items() if k in DIFFERENCES]
+    print(format_table(["difference (points, validation)", "per seed", "mean", "95% CI over seeds", "verdict",
+                        "rounds pooled (mean +- SE)", "rounds < 0"], rows))
+    p = out["priced_s"]
+    print(f"priced server seconds per round: aggregate all-ptq {p['aggregate_pure_ptq']:.4f}, all-qat "
+          f"{p['aggregate_pure_qat']:.4f}, mixed {p['aggregate_mixed']:.4f}; the blend's MSE search "
+          f"{p['blend_mse_search']:.4f}")
+    if args.json:
+        write_json(args.json, out)
+    return 0
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from fedhq_core.config import read_yaml
     from flows.cli_options import flag_values

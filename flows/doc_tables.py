@@ -64,6 +64,13 @@ STUDY_HEADER = ("| setting | strategy | seeds | tail (test) | tail (validation) 
                 "QAT share | spread of last 10 (points) |\n|---|---|---|---|---|---|---|---|---|")
 
 # operations.md's poisoning tables
+# results.md's mixing table (``fedhq mixing``): (label of each difference, its key), from one JSON
+MIXING = "mixing-cifar10-a0.5-w2a8.json"
+MIXING_ROWS = (("all-QAT − all-PTQ aggregate", "qat_minus_ptq"),
+               ("mixed − interpolation of the two (by QAT share)", "mixed_minus_interpolation"),
+               ("mixed − the better pure aggregate", "mixed_minus_better_pure"),
+               ("blended steps − MSE steps alone (same mixed master)", "blend_minus_mse_steps"),
+               ("blended steps − learned steps alone", "blend_minus_learned_steps"))
 POISONING = ("poisoning-digits.json", "poisoning-cifar10-4rounds.json")
 
 
@@ -167,6 +174,20 @@ def study_rows(label: str, d: dict[str, Any]) -> list[str]:
     return rows
 
 
+def mixing_rows(d: dict[str, Any]) -> list[str]:
+    """The mixing table: each difference per seed, its mean and 95% interval over seeds (points)."""
+    pts = lambda v: f"{100 * v:+.2f}".replace("-", "−")   # noqa: E731
+    head = ("| difference (validation, points) | " + " | ".join(f"seed {s}" for s in d["seeds"])
+            + " | mean | 95% interval | rounds below 0 |\n|---|" + "---|" * (len(d["seeds"]) + 3))
+    rows = [head]
+    for label, key in MIXING_ROWS:
+        e = d["summary"][key]
+        ci = "-" if e["ci95"] is None else f"[{pts(e['ci95'][0])}, {pts(e['ci95'][1])}]"
+        rows.append(f"| {label} | " + " | ".join(pts(v) for v in e["per_seed"]) + f" | {pts(e['mean'])} | {ci} | "
+                    f"{e['rounds_below_zero']} |")
+    return rows
+
+
 def families_line() -> str:
     """results.md's sentence on what the shipped families cost to build, from the benches that
     reused them."""
@@ -187,7 +208,7 @@ def tables() -> dict[str, list[str]]:
     return {
         "README.md": study,
         "docs/results.md": (transfer + [families_line()] + [HIST_HEADER] + [hist_row(label, load(f), load(g)) for label, f, g in HISTOGRAMS]
-                            + paper_rows()),
+                            + paper_rows() + mixing_rows(load(MIXING))),
         "docs/deploy.md": ([EXPORT_HEADER] + [export_row(label, load(f)) for label, f in EXPORTS]
                            + [SPEED_HEADER] + [speed_row(label, load(f)) for label, f in SPEED]),
         "docs/operations.md": [line for f in POISONING for line in poisoning_table(load(f)["rows"])],

@@ -44,7 +44,7 @@ from fedhq_core.simulation import Simulation, data_key  # noqa: E402
 from fedhq_core.strategies import METHOD, REFERENCE, run_order, with_shares  # noqa: E402
 from tasks import training as T  # noqa: E402
 
-from flows.bench import PURE, RUNNING, TARGET_SHARE, attach_tta, dominance, evaluated_rounds, host_info, tail_accuracy  # noqa: E402
+from flows.bench import PURE, RUNNING, TARGET_SHARE, attach_tta, dominance, evaluated_rounds, host_info, tail_accuracy, val_curve  # noqa: E402
 from flows.runners import set_torch_threads, task_runner_for  # noqa: E402
 from flows.train import execute_run  # noqa: E402
 from tasks.run_tracking import tracker_for  # noqa: E402
@@ -194,7 +194,7 @@ def run_record(res: dict[str, Any], strategy: str, seed: int) -> dict[str, Any]:
     ev = evaluated_rounds(res)
     out = {"strategy": strategy, "seed": seed, **{k: res.get(k) for k in RUN_KEEP}}
     out["curve"] = [[r["sim_time_s"] + shift, r["acc_q"]] for r in ev]
-    out["curve_val"] = [[r["sim_time_s"] + shift, r["extra"]["val_acc_q"]] for r in evaluated_rounds(res, "val_evaluated")]
+    out["curve_val"] = val_curve(res)
     out["curve_fp32"] = [[r["round"], r["acc_fp32"]] for r in ev]
     out["rounds"] = len(res["rounds"])
     out["tail_acc_q"] = tail_accuracy(res, TAIL)
