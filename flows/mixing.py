@@ -57,8 +57,8 @@ def _deploy_val(srv, results) -> tuple[float, dict[str, Any]]:
     before = (srv.global_state, srv.global_ranges, srv.global_steps)
     try:
         srv.aggregate_results(results)
-        acc = evaluate_deployed(srv.eval_model, srv.global_state, srv.deploy_ranges(), srv.val, srv.global_steps)
-        return acc["val_acc_q"], {"state": srv.global_state, "ranges": srv.deploy_ranges(), "steps": srv.global_steps}
+        new = {"state": srv.global_state, "ranges": srv.deploy_ranges(), "steps": srv.global_steps}
+        return evaluate_deployed(srv.eval_model, new["state"], new["ranges"], srv.val, new["steps"])["val_acc_q"], new
     finally:
         srv.global_state, srv.global_ranges, srv.global_steps = before
 

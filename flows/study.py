@@ -213,9 +213,10 @@ def run_record(res: dict[str, Any], strategy: str, seed: int) -> dict[str, Any]:
     return out
 
 
-def stability(run: dict[str, Any], window: int) -> float:
-    """Standard deviation (points) of the deployed test accuracy over the last ``window`` evaluations."""
-    accs = [a for _, a in run["curve"]][-window:]
+def stability(run: dict[str, Any], window: int, curve: str = "curve") -> float:
+    """Standard deviation (points) of the deployed test accuracy over the last ``window``
+    evaluations (``curve_fp32``: of the FP32 master's, at the same evaluations)."""
+    accs = [a for _, a in run[curve]][-window:]
     return float(np.std(accs) * 100)
 
 
@@ -271,15 +272,19 @@ def paired(by_seed: dict[int, dict[str, dict[str, Any]]], strategies: list[str])
 
 def criteria(runs: list[dict[str, Any]], crit: dict[str, float]) -> dict[str, Any]:
     """Stability of every run and the fp32 reference's plateau, each against its bound; misses named."""
-    stab = {f"{r['strategy']}/seed{r['seed']}": stability(r, int(crit["stability_window"])) for r in runs}
+    window = int(crit["stability_window"])
+    stab = {f"{r['strategy']}/seed{r['seed']}": stability(r, window) for r in runs}
+    # the same spread of the FP32 master: a deployment that moves more than its master is the cause
+    master = {f"{r['strategy']}/seed{r['seed']}": stability(r, window, "curve_fp32") for r in runs}
     plat = {f"{REFERENCE}/seed{r['seed']}": plateau_gain(r, crit["plateau_share"]) for r in runs
             if r["strategy"] == REFERENCE}
-    misses = [f"{k}: spread {v:.2f} points over the last {int(crit['stability_window'])} evaluations "
-              f"(bound {crit['stability_points']:g})" for k, v in stab.items() if not v <= crit["stability_points"]]
+    misses = [f"{k}: spread {v:.2f} points over the last {window} evaluations (bound {crit['stability_points']:g}; "
+              f"its FP32 master's {master[k]:.2f})" for k, v in stab.items() if not v <= crit["stability_points"]]
     misses += [f"{k}: gained {v:.2f} points in the last {crit['plateau_share']:.0%} of rounds "
                f"(bound {crit['plateau_points']:g}: not at a plateau)" for k, v in plat.items()
                if not v < crit["plateau_points"]]
-    return {"stability_points": stab, "plateau_gain_points": plat, "bounds": dict(crit),
+    return {"stability_points": stab, "stability_fp32_master_points": master, "plateau_gain_points": plat,
+            "bounds": dict(crit),
             "met": not misses, "misses": misses}
 
 

@@ -177,6 +177,14 @@ def test_statistics_on_known_numbers():
     assert p["fedhq-vs-all-qat"]["acc_ci95"] is not None
     # stability: the spread of the last evaluations; plateau: the last 20% of rounds against before
     assert stability(r, 2) == pytest.approx(np.std([0.9, 0.92]) * 100)
+    # a miss names the FP32 master's spread at the same evaluations beside the deployed one
+    from flows.study import criteria
+
+    shaky = dict(r, curve=[[1.0, 0.5], [2.0, 0.9]], curve_fp32=[[0, 0.80], [1, 0.81]])
+    c = criteria([shaky], {"stability_window": 2, "stability_points": 1.0, "plateau_share": 0.2, "plateau_points": 1.0})
+    assert c["stability_fp32_master_points"]["fedhq/seed0"] == pytest.approx(0.5)
+    assert not c["met"] and c["misses"] == ["fedhq/seed0: spread 20.00 points over the last 2 evaluations (bound 1; "
+                                            "its FP32 master's 0.50)"]
     flat = {"strategy": "fp32", "rounds": 10, "curve_fp32": [[i, 0.5 + 0.05 * min(i, 6)] for i in range(10)]}
     assert plateau_gain(flat, 0.2) == pytest.approx(100 * (0.8 - (0.75 + 0.8 + 0.8) / 3))
 
