@@ -52,13 +52,11 @@ HISTOGRAMS = tuple((label, f, f.replace("transfer-", "hist-")) for label, f in T
 HIST_HEADER = ("| setting | seeds | fedhq tail: with histograms, without | without − with, per seed | "
                "charged sim: with, without |\n|---|---|---|---|---|")
 
-# results.md's paper comparison: the paper's figures beside ours, (label, transfer JSON)
-PAPER = (("here: `configs/cifar10-cnn.yaml`", "transfer-cifar10-cnn.json"),
-         ("here: `configs/digits.yaml`", "transfer-digits.json"))
-PAPER_HEADER = ("| | paper: ResNet-18, ξ 0.2, A6000 GPUs, CIFAR-10 | " + " | ".join(label for label, _ in PAPER)
-                + " |\n|---|---|" + "---|" * len(PAPER))
+# results.md's paper comparison: the paper's figures beside the study's setting (the study JSON)
+PAPER_SETTING = "a0.5-w2a8"
+PAPER_HEADER = ("| | paper: ResNet-18, ξ 0.2, A6000 GPUs, CIFAR-10 | here: the study, " + PAPER_SETTING
+                + " (small CNN, simulated fleet) |\n|---|---|---|")
 
-# the README's study table: (label, study JSON)
 STUDY = (("build `2dea7b9`", "study-cifar10.json"),)
 STUDY_HEADER = ("| setting | strategy | seeds | tail (test) | tail (validation) | TTA (sim s) | total (sim s) | "
                 "QAT share | spread of last 10 (points) |\n|---|---|---|---|---|---|---|---|---|")
@@ -125,26 +123,37 @@ def hist_row(label: str, with_: dict[str, Any], without: dict[str, Any]) -> str:
 
 
 def paper_rows() -> list[str]:
-    """The paper's headline figures beside the same figures of our transfer benches (means over
-    their seeds; the table above has them per seed)."""
-    ds = [load(f) for _, f in PAPER]
+    """The paper's headline figures beside the same figures of the study's setting: per seed,
+    then the mean and the 95% t-interval over seeds (fedhq minus each pure strategy, paired)."""
+    from fedhq_core.metrics import t_interval
 
-    def cells(fmt) -> str:
-        return " | ".join(fmt(d) for d in ds)
+    d = load(STUDY[0][1])
+    s = next(e for e in d["settings"] if e["name"] == PAPER_SETTING)
+    runs = {(r["strategy"], r["seed"]): r for r in s["runs"]}
+    seeds = sorted({r["seed"] for r in s["runs"]})
 
-    def tta(d: dict[str, Any]) -> str:
-        v = d["speedup_tta_vs"].get("all-qat")
-        return "never reached" if v is None else f"{v:.2f}×"
+    def stat(values: list[float], fmt: str, scale: float = 1.0, unit: str = "") -> str:
+        m, ci = t_interval(values)
+        each = ", ".join(format(scale * v, fmt) for v in values)
+        return (f"{format(scale * m, fmt)}{unit} (seeds: {each}" + (f"; 95% interval {format(scale * ci[0], fmt)} to "
+                                                                     f"{format(scale * ci[1], fmt)})" if ci else ")"))
+
+    def per_seed(f) -> list[float]:
+        return [f(runs[("fedhq", k)], runs[("all-ptq", k)]) for k in seeds]
+
+    speed = [1 / r for r in s["paired"]["fedhq-vs-all-qat"]["tta_ratio_per_seed"] if r]
     return [
         PAPER_HEADER,
-        "| hybrid's tail accuracy − all-PTQ's (points) | up to +11.15 | " + cells(
-            lambda d: f"{100 * (d['strategies']['fedhq']['tail_acc_q'] - d['strategies']['all-ptq']['tail_acc_q']):+.1f}") + " |",
-        "| hybrid's tail accuracy − all-QAT's (points) | – | " + cells(
-            lambda d: f"{100 * (d['strategies']['fedhq']['tail_acc_q'] - d['strategies']['all-qat']['tail_acc_q']):+.1f}") + " |",
-        "| hybrid's TTA speed-up over all-QAT | up to 2.47× | " + cells(tta) + " |",
-        "| hybrid's time / all-PTQ's | – | " + cells(lambda d: f"{d['dominance']['sim_vs_all_ptq']:.2f}×") + " |",
-        "| hybrid's deployed accuracy (tail) | 67.78% (221.0 min) | " + cells(
-            lambda d: f"{100 * d['strategies']['fedhq']['tail_acc_q']:.1f}% ({d['strategies']['fedhq']['charged_total_sim_s']:.1f} simulated s)") + " |",
+        "| hybrid's tail accuracy − all-PTQ's (points) | up to +11.15 | "
+        + stat(s["paired"]["fedhq-vs-all-ptq"]["acc_per_seed"], "+.1f", 100) + " |",
+        "| hybrid's tail accuracy − all-QAT's (points) | – | "
+        + stat(s["paired"]["fedhq-vs-all-qat"]["acc_per_seed"], "+.1f", 100) + " |",
+        "| hybrid's TTA speed-up over all-QAT | up to 2.47× | " + stat(speed, ".2f", unit="×") + " |",
+        "| hybrid's time / all-PTQ's | – | "
+        + stat(per_seed(lambda f, p: f["total_sim_s"] / p["total_sim_s"]), ".2f", unit="×") + " |",
+        "| hybrid's deployed accuracy (tail) | 67.78% (221.0 min) | "
+        + stat(per_seed(lambda f, p: f["tail_acc_q"]), ".1f", 100, "%") + ", in "
+        + stat(per_seed(lambda f, p: f["total_sim_s"]), ".1f", unit=" simulated s") + " |",
     ]
 
 
