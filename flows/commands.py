@@ -170,15 +170,7 @@ def cmd_mixing(args: argparse.Namespace) -> int:
     from flows.mixing import DIFFERENCES, run_mixing
 
     if args.protocol:
-        from fedhq_core.config import read_yaml
-        from flows.cli_options import flag_values
-        from flows.study import load_protocol
-
-        flags = {k: v for k, v in flag_values(args).items() if v is not None}
-        if args.config:
-            flags = {**read_yaml(args.config), **flags}
-        configs = load_protocol(args.protocol, flags, None, None, [args.setting] if args.setting else None).configs()
-        name, cfg = configs[0]
+        name, cfg = protocol_from_args(args, None, None, [args.setting] if args.setting else None).configs()[0]
     elif args.setting:
         raise ConfigError("setting: --setting names a setting of --protocol; give the protocol too")
     else:
@@ -207,16 +199,22 @@ def cmd_mixing(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_study(args: argparse.Namespace) -> int:
+def protocol_from_args(args: argparse.Namespace, strategies, seeds, only, name=None):
+    """``--protocol`` with the command line's config flags (and ``--config``) over its base."""
     from fedhq_core.config import read_yaml
     from flows.cli_options import flag_values
+    from flows.study import load_protocol
 
     flags = {k: v for k, v in flag_values(args).items() if v is not None}
     if args.config:
         flags = {**read_yaml(args.config), **flags}
-    from flows.study import load_protocol, paired_table, run_study, study_table
+    return load_protocol(args.protocol, flags, strategies, seeds, only, name)
 
-    proto = load_protocol(args.protocol, flags, args.strategies, args.seeds, args.only, args.name)
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from flows.study import paired_table, run_study, study_table
+
+    proto = protocol_from_args(args, args.strategies, args.seeds, args.only, args.name)
     export_credentials(proto.configs()[0][1].tracking_uri)
     start_api_server()
     with api_settings():
