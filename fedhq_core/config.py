@@ -95,7 +95,8 @@ class ExperimentConfig:
     adjust_every: int = 3            # [design] fine-grained adjustment period (rounds)
     max_stretch: float = 1.0         # [design] fedhq: QAT may stretch a round to at most this x its PTQ deadline (1: free QAT only)
     pilot_rounds: int = 0            # [design] fit-significance: paired pilot rounds per setting; 0 = the setting's run
-    significance: str = "auto"       # auto | online | none : a covering family's model else online; online only; skip
+    significance: str = "auto"       # auto | setting | online | none : a covering family's model else online;
+                                     # also its setting-level model; online only; skip
     family_file: str | None = None   # a SigAcc family JSON instead of the shipped one (fit-significance --out)
     fedfq_avg_bits: float = 4.0      # fedfq: average upload bits per parameter
     fedfq_iters: int = 300           # fedfq: simulated-annealing iterations
@@ -288,7 +289,8 @@ def _validate_run(cfg: ExperimentConfig) -> None:
     _check(cfg.adjust_every >= 1, "adjust_every", "must be >= 1")
     _check(cfg.max_stretch >= 1.0, "max_stretch", "must be >= 1 (1: free QAT only)")
     _check(cfg.pilot_rounds >= 0, "pilot_rounds", "must be >= 0 (0: the whole run)")
-    _check(cfg.significance in ("auto", "online", "none"), "significance", "must be auto, online or none")
+    _check(cfg.significance in ("auto", "setting", "online", "none"), "significance",
+           "must be auto, setting, online or none")
     _check(0.5 <= cfg.fedfq_avg_bits <= 16, "fedfq_avg_bits", "must be in [0.5, 16]")
     _check(cfg.fedfq_iters >= 1, "fedfq_iters", "must be >= 1")
     _check(50 < cfg.ptq_act_percentile <= 100, "ptq_act_percentile", "must be in (50, 100]")

@@ -298,21 +298,62 @@ def partial_gain(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[
     return acc["qat"] - acc["ptq"], k
 
 
+@torch.no_grad()
+def true_class_prob(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+    """Per image, the probability ``model`` (in its current mode) gives the true class. Its mean is
+    the accuracy of answering by sampling the prediction: it orders models as accuracy does (a
+    model quantized to noise scores 1/C, below a confident one of two classes, which cross-entropy
+    does not: see :func:`deployed_acc`), yet moves smoothly with the weights, so two models scored
+    on the same images differ by a paired, low-variance amount (:func:`paired_points`). A
+    diverged model's non-finite outputs score 0."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        out.append(F.softmax(model(xb), dim=1).gather(1, yb[:, None])[:, 0].cpu())
+    # a diverged model (non-finite logits) gives the true class nothing
+    return torch.nan_to_num(torch.cat(out).double(), nan=0.0).numpy() if out else np.zeros(0)
+
+
+def deployed_soft(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[str, tuple[float, float]] | None,
+                  results: Sequence[ClientResult], x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """:func:`true_class_prob` per image of ``results`` aggregated and deployed as a run deploys
+    (as :func:`deployed_acc`)."""
+    master, rng, steps = aggregate(state, ranges, results)
+    steps = blend_steps(model, master, steps, results)
+    with span("evaluate quantized"):
+        load_model_state(model, master)
+        prepare_deploy(model, rng, steps)
+        p = true_class_prob(model, x, y)
+    set_mode(model, "fp")
+    return p
+
+
+def paired_points(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Mean of ``a - b`` over the same images, in points (x100), and its standard error."""
+    d = 100.0 * (np.asarray(a, dtype=float) - np.asarray(b, dtype=float))
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+
+
 def swap_gains(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[str, tuple[float, float]] | None,
                ptq: Sequence[ClientResult], qat: Sequence[ClientResult], picks: Sequence[bool],
-               x: torch.Tensor, y: torch.Tensor) -> list[float]:
+               x: torch.Tensor, y: torch.Tensor) -> tuple[list[float], list[float]]:
     """Per-client counterfactual gains of a paired round (``ptq[i]``, ``qat[i]``: client i's two
     uploads from the same master): the hybrid ``picks`` (True: QAT) aggregated with client i's
-    QAT upload against with its PTQ upload, QAT minus PTQ deployed accuracy on ``x``, ``y``."""
+    QAT upload against with its PTQ upload, deployed, each scored on the same images ``x``, ``y``
+    (:func:`deployed_soft`): QAT minus PTQ in points, and each gain's paired standard error."""
     base = [q if p else r for r, q, p in zip(ptq, qat, picks)]
-    base_acc = deployed_acc(model, state, ranges, base, x, y)
-    out = []
+    base_p = deployed_soft(model, state, ranges, base, x, y)
+    gains, ses = [], []
     for i in range(len(base)):
         other = list(base)
         other[i] = ptq[i] if picks[i] else qat[i]
-        swapped = deployed_acc(model, state, ranges, other, x, y)
-        out.append(base_acc - swapped if picks[i] else swapped - base_acc)
-    return out
+        swapped = deployed_soft(model, state, ranges, other, x, y)
+        g, se = paired_points(base_p, swapped) if picks[i] else paired_points(swapped, base_p)
+        gains.append(g)
+        ses.append(se)
+    return gains, ses
 
 
 @torch.no_grad()

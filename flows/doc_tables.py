@@ -208,6 +208,50 @@ def families_line() -> str:
     return "The families: " + "; ".join(parts) + "."
 
 
+# results.md's families: the shipped JSONs, and the two rules on the digits benches (online, and
+# significance: setting): (label, bench JSON suffix)
+FAMILY_FILES = (("digits/cnn", "digits-cnn.json"), ("cifar10-folder/cnn", "cifar10-folder-cnn.json"))
+FAMILY_HEADER = ("| family | settings | rows | build: simulated, wall | R² per client: in-sample, CV by client, by round, "
+                 "leave one setting out | setting level: R² left out, signs right, regret | label SE / spread: "
+                 "client, setting |\n|---|---|---|---|---|---|---|")
+RULES = tuple((label, f.replace("transfer-", "")) for label, f in TRANSFER[:4])
+RULES_HEADER = ("| setting | rule | fedhq − better pure, per seed (test) | fedhq tail, validation | TTA / faster pure | "
+                "sim / all-ptq | QAT share | bar per seed |\n|---|---|---|---|---|---|---|---|")
+
+
+def family_row(label: str, fam: dict[str, Any]) -> str:
+    from fedhq_core.allocation.pilot import Family
+
+    f = Family.from_dict(fam)
+    r, b, q = f.r2, f.build, f.label_quality()
+    return (f"| {label} | {len(f.settings)} | {len(f.gains)} | {b['sim_s']:.1f} s, {b['wall_s']:.0f} s | "
+            f"{r['train']:.2f}, {r['cv']:.2f}, {r['cv_rounds']:.2f}, **{r['cv_settings']:.2f}** | "
+            f"**{r['setting_level']:.2f}**, {100 * r['setting_level_sign']:.0f}%, {r['setting_level_regret']:.1f} points | "
+            f"{q['client']['ratio']:.3f}, {q['setting']['ratio']:.3f} |")
+
+
+def rule_row(label: str, rule: str, d: dict[str, Any]) -> str:
+    per, dom = d["per_seed"], d["dominance"]
+    seeds = sorted(per, key=int)
+    better = {s: max(per[s][n]["tail_acc_q"] for n in ("all-ptq", "all-qat")) for s in seeds}
+    diffs = ", ".join(f"{100 * (per[s]['fedhq']['tail_acc_q'] - better[s]):+.1f}" for s in seeds)
+    val = ", ".join(f"{100 * per[s]['fedhq']['tail_acc_q_val']:.1f}" for s in seeds)
+    met = sum(seed_met(dom["per_seed"][s]) for s in seeds)
+    tta = "never" if dom["tta_vs_best"] is None else f"{dom['tta_vs_best']:.2f}×"
+    return (f"| {label} | {rule} | {diffs} | {val} | {tta} | {dom['sim_vs_all_ptq']:.2f}× | "
+            f"{d['strategies']['fedhq']['qat_share']:.2f} | {met} of {len(seeds)} |")
+
+
+def family_rows() -> list[str]:
+    fams = ROOT / "fedhq_core" / "allocation" / "families"
+    rows = [FAMILY_HEADER] + [family_row(label, json.loads((fams / f).read_text())) for label, f in FAMILY_FILES]
+    rows.append(RULES_HEADER)
+    for label, f in RULES:
+        rows += [rule_row(label, rule, load(f"rule-{key}-{f}")) for rule, key in
+                 (("online (default)", "online"), ("`significance: setting`", "setting"))]
+    return rows
+
+
 def tables() -> dict[str, list[str]]:
     """Every headline table's lines, by the document they stand in."""
     from flows.poisoning import table as poisoning_table
@@ -217,7 +261,7 @@ def tables() -> dict[str, list[str]]:
     return {
         "README.md": study,
         "docs/results.md": (transfer + [families_line()] + [HIST_HEADER] + [hist_row(label, load(f), load(g)) for label, f, g in HISTOGRAMS]
-                            + paper_rows() + mixing_rows(load(MIXING))),
+                            + paper_rows() + mixing_rows(load(MIXING)) + family_rows()),
         "docs/deploy.md": ([EXPORT_HEADER] + [export_row(label, load(f)) for label, f in EXPORTS]
                            + [SPEED_HEADER] + [speed_row(label, load(f)) for label, f in SPEED]),
         "docs/operations.md": [line for f in POISONING for line in poisoning_table(load(f)["rows"])],

@@ -29,7 +29,10 @@ def obtain_significance(sim: Simulation, tracker=None):
     model = choose_significance(sim, registered_family(tracker, sim.cfg) if search else None)
     f = sim.fit
     if model is None:
-        print(f"fedhq: SigAcc online: {f.detail}", file=sys.stderr)
+        level = f.source == "family-setting"
+        charged = f"; its fit charged {f.sim_s * 1e3:.2f} simulated ms" if level else ""
+        print(f"fedhq: SigAcc {'from the family, setting level' if level else 'online'}: {f.detail}{charged}",
+              file=sys.stderr)
     else:
         print(f"fedhq: SigAcc from {f.detail}; leave-one-setting-out CV R2 {model.cv_r2_settings:.2f}; refit "
               f"charged {f.sim_s * 1e3:.2f} simulated ms, {f.wall_s:.2f} wall s (the family's one-off build: "
@@ -52,7 +55,8 @@ def fit_significance_flow(config: dict[str, Any], grid: str = "", settings: int 
 
     def report(i, c, p):
         print(f"fedhq fit-significance: setting {i + 1}/{settings} ({', '.join(f'{k}={getattr(c, k)}' for k in grid_d)})"
-              f": {p['rows']} rows, mean gain {p['mean_gain']:+.3f}, {p['sim_s']:.1f} simulated s, {p['wall_s']:.1f} wall s",
+              f": {p['rows']} rows, mean gain {p['mean_gain']:+.3f}, setting gain {p['setting_gain']:+.2f} "
+              f"± {p['setting_se']:.2f} points, {p['sim_s']:.1f} simulated s, {p['wall_s']:.1f} wall s",
               file=sys.stderr, flush=True)
 
     family = build_family(cfg, grid_d, settings, command, report, dataset=load_data(cfg))
@@ -77,7 +81,9 @@ def fit_significance_flow(config: dict[str, Any], grid: str = "", settings: int 
 
 # the figures of a family fit shown by `fedhq fit-significance` and in its Prefect artifact
 SIG_FIGURES = ("family", "n_settings", "n_samples", "mean_gain", "grid", "r2_train", "r2_cv", "r2_cv_rounds",
-               "r2_cv_settings", "build_sim_s", "build_wall_s", "version")
+               "r2_cv_settings", "r2_setting_level", "label_client_se_median", "label_client_spread",
+               "label_client_ratio", "label_setting_se_median", "label_setting_spread", "label_setting_ratio",
+               "build_sim_s", "build_wall_s", "version")
 
 
 def registered_family(tracker, cfg) -> tuple[Family | None, str]:

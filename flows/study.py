@@ -302,16 +302,20 @@ def family_report(cfg: ExperimentConfig, runs: list[dict[str, Any]]) -> dict[str
     if fam is None:
         return None
     covers, why = fam.covers(cfg)
-    r2 = float(fam.r2.get("cv_settings", float("nan")))
-    used = covers and r2 >= FAMILY_MIN_R2
+    r2, r2_level = float(fam.r2.get("cv_settings", float("nan"))), fam.setting_r2()
+    level = cfg.significance == "setting"         # the setting-level model is read only then
+    predicts = r2 >= FAMILY_MIN_R2 or level and r2_level >= FAMILY_MIN_R2
     online = [r["measure_sim_s"] for r in runs if r["strategy"] == METHOD and "measure_sim_s" in r]
     per_run = float(np.mean(online)) if online else None
     build = float(fam.build.get("sim_s", 0.0))
+    runs_needed = build / per_run if per_run else None
+    payback = (f"after {runs_needed:.0f} runs of settings it covers" if predicts and runs_needed else
+               f"never: its leave-one-setting-out R² per client is {r2:.2f}, below {FAMILY_MIN_R2:.2f}, so it "
+               f"cannot stand in for the online decision (per setting {r2_level:.2f}, read only with "
+               "significance: setting)")
     return {"covers": covers, "why": why, "fields": fam.field_status(cfg), "r2_settings": r2,
-            "used_by_fedhq": used, "build_sim_s": build, "online_decision_sim_s": per_run,
-            "payback_runs_if_predictive": build / per_run if per_run else None,
-            "payback": ("reached" if used else f"never: its leave-one-setting-out R² {r2:.2f} is below "
-                        f"{FAMILY_MIN_R2:.2f}, so it cannot stand in for the online decision")}
+            "r2_setting_level": r2_level, "used_by_fedhq": covers and predicts, "build_sim_s": build,
+            "online_decision_sim_s": per_run, "payback_runs_if_predictive": runs_needed, "payback": payback}
 
 
 def summarize_setting(name: str, cfg: ExperimentConfig, by_seed: dict[int, dict[str, dict[str, Any]]],

@@ -14,6 +14,9 @@ Fine [paper: ML-based adjustment with a cost model; design: what it learns and t
     gains are its prediction from the run's state (progress, the server's measured quantization
     gap, the PTQ clients' measured sensitivities), re-estimated and logged every round; the run
     spends no rounds probing;
+  * where only the family's setting-level model predicts ("does QAT pay here, and by how much":
+    all-QAT minus all-PTQ, ``pilot.setting_level_decision``), its predicted sign is the commit,
+    taken after the warm-up below (``prior``); the run explores no round;
   * otherwise (``online``: no family covers the run, or the covering one predicts nothing) the
     run warms up, explores, then commits (:func:`explore_window`):
     - *warms up*: its first 20% of rounds train with PTQ (FP32 training: QAT is compared as it
@@ -157,6 +160,7 @@ class FedHQAllocator(Allocator):
         self._pending_sensitivity: dict[int, float] = {}
         self._estimate: dict[str, float] = {}   # the round's estimate (family level or online decision)
         self.decision: dict[str, Any] = {}      # online: the commit (mode, the comparisons' mean, se, n)
+        self.prior: dict[str, Any] = {}         # a family's setting-level decision: committed after the warm-up
         self._round, self._start = 0, 0         # the round being allocated; the first exploring round
 
     @property
@@ -174,7 +178,7 @@ class FedHQAllocator(Allocator):
         tell it will be seen only after the decision, so it is priced and logged but not read),
         and nothing once it has committed."""
         family = self.fine and self.significance is not None
-        exploring = self.online and not self.decision and self._round >= self._start
+        exploring = self.online and not self.decision and not self.prior and self._round >= self._start
         return Capabilities(uses_significance=self.uses_significance,
                             measurements=frozenset((["gap", "sensitivity"] if family else [])
                                                    + (["partials"] if exploring else [])),
@@ -193,7 +197,7 @@ class FedHQAllocator(Allocator):
         if not self.uses_significance:
             return np.ones(len(cids))
         if self.significance is None:
-            return np.full(len(cids), float(self.decision.get("online_gain", 0.0)))
+            return np.full(len(cids), float(self.decision.get("online_gain", self.decision.get("family_gain", 0.0))))
         if not self.fine:   # fedhq-coarse: the estimate of the initial state, never updated
             rows = feature_rows(view.shard_features(), cids, 0.0, 0.0, {}, view.setting)
         else:
@@ -209,6 +213,8 @@ class FedHQAllocator(Allocator):
         """Online: an exploring round's split, or the committed mode's allocation."""
         start, span = explore_window(view.rounds)
         self._round, self._start = rnd, start
+        if not self.decision and self.prior and rnd >= start:
+            self.decision = {**self.prior, "round": rnd}
         if not self.decision and rnd >= start + span:
             self.decision = {**commit([g for g in view.online_gains if g is not None]), "round": rnd}
         exploring = not self.decision and rnd >= start
@@ -298,7 +304,7 @@ class FedHQAllocator(Allocator):
                 "refits": [{**{k: v for k, v in r.items() if k != "model"}, "model": ridge_to_state(r["model"])}
                            for r in self._refits],
                 "last_pred": {str(k): list(v) for k, v in self._last_pred.items()},
-                "decision": dict(self.decision)}
+                "decision": dict(self.decision), "prior": dict(self.prior)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.quant_sensitivity = {int(k): float(v) for k, v in state["quant_sensitivity"].items()}
@@ -307,6 +313,7 @@ class FedHQAllocator(Allocator):
         self._refits = [{**r, "model": ridge_from_state(r["model"])} for r in state["refits"]]
         self._last_pred = {int(k): (v[0], v[1]) for k, v in state["last_pred"].items()}
         self.decision = dict(state.get("decision", {}))
+        self.prior = dict(state.get("prior", {}))
 
 
 def build(cfg: Any, significance: SignificanceModel | None = None, fine: bool = True) -> FedHQAllocator:

@@ -27,7 +27,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .significance import FEATURES, GAP_WINDOW, SignificanceModel, feature_rows, setting_of
+from .significance import (FEATURES, GAP_WINDOW, SignificanceModel, feature_rows, label_quality, setting_level_fit,
+                           setting_of, setting_row)
 
 FAMILY_DIR = Path(__file__).parent / "families"
 
@@ -82,31 +83,58 @@ def train_here(sim, rnd: int, cid: int, strategy: str) -> Any:
                             sim.dispatch.client_spec(rnd, cid, strategy), srv.global_steps)
 
 
-def pilot_rows(sim, rounds: int, train_fn: Callable[[int, list[int], str], list] | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
-    """One setting's paired pilot: features X, per-client gains, client ids, pilot rounds and the
-    pilot's simulated seconds. Every sampled client trains under both strategies from the same
-    master; the round's hybrid is a seeded half-and-half pick of the two. A client's label is
-    its own counterfactual in that round: the hybrid's aggregate with its QAT upload against the
-    same aggregate with its PTQ upload, each deployed and scored on the proxy split, QAT minus
-    PTQ accuracy (``server.swap_gains``). Both trainings are priced on the setting's clock one after the other (two rounds on
-    the same fleet), with the server's sensitivity measurements, gap, and the 1 + n aggregates
-    it scores. ``sim`` is consumed (its master advances)."""
-    from ..server import swap_gains
+@dataclass
+class Pilot:
+    """One setting's paired pilot (:func:`pilot_rows`)."""
+
+    X: np.ndarray             # per-client feature rows
+    gains: np.ndarray         # per-client labels (points)
+    ses: np.ndarray           # each label's paired standard error (points)
+    groups: np.ndarray        # client ids
+    points: np.ndarray        # pilot rounds
+    sim_s: float
+    round_gains: list[float] = field(default_factory=list)   # setting level: all-QAT - all-PTQ aggregate, per round
+    round_ses: list[float] = field(default_factory=list)     # after the online warm-up, as a run would compare
+
+    @property
+    def setting_gain(self) -> tuple[float, float]:
+        """The setting's label, "does QAT pay here, and by how much": the rounds' all-QAT minus
+        all-PTQ gains pooled (mean), and its standard error from the rounds' paired errors."""
+        g, se = np.asarray(self.round_gains, dtype=float), np.asarray(self.round_ses, dtype=float)
+        if not len(g):
+            return float("nan"), float("nan")
+        return float(g.mean()), float(np.sqrt((se ** 2).sum()) / len(se))
+
+
+def pilot_rows(sim, rounds: int, train_fn: Callable[[int, list[int], str], list] | None = None) -> Pilot:
+    """One setting's paired pilot. Every sampled client trains under both strategies from the same
+    master; the round's hybrid is a seeded half-and-half pick of the two. A client's label is its
+    own counterfactual in that round: the hybrid's aggregate with its QAT upload against the same
+    aggregate with its PTQ upload, each deployed and scored on the same proxy images, QAT minus
+    PTQ true-class probability in points (``server.swap_gains``: paired, with its standard error).
+    From the first round an online run would explore (after its PTQ warm-up), the setting-level
+    label compares the round's all-QAT and all-PTQ aggregates the same way. Both trainings are
+    priced on the setting's clock one after the other (two rounds on the same fleet), with the
+    server's sensitivity measurements, gap, and the aggregates it scores. ``sim`` is consumed
+    (its master advances)."""
+    from ..server import deployed_soft, paired_points, swap_gains
+    from .fedhq import explore_window
 
     train_fn = train_fn or (lambda r, cids, strategy: [train_here(sim, r, c, strategy) for c in cids])
     srv, pricing, cfg = sim.server, sim.pricing, sim.cfg
     shards, setting = sim.shard_features(), setting_of(cfg)
     rng = np.random.default_rng([cfg.seed, 71])
+    start = explore_window(cfg.rounds)[0]
     sens: dict[int, float] = {}
-    X, gains, groups, points, sim_s = [], [], [], [], 0.0
+    X, gains, ses, groups, points, sim_s = [], [], [], [], [], 0.0
+    round_gains, round_ses = [], []
     for rnd in range(rounds):
         cids = sim.dispatch.sample(rnd)
         rows = feature_rows(shards, cids, rnd / cfg.rounds, sim.quant_gap, sens, setting)
         ptq, qat = train_fn(rnd, cids, "ptq"), train_fn(rnd, cids, "qat")
         picks = rng.random(len(cids)) < 0.5
-        g = swap_gains(srv.eval_model, srv.global_state, srv.global_ranges, ptq, qat, picks, srv.proxy.x, srv.proxy.y)
-        X.extend(rows); gains.extend(g); groups.extend(cids); points.extend([rnd] * len(cids))
+        g, e = swap_gains(srv.eval_model, srv.global_state, srv.global_ranges, ptq, qat, picks, srv.proxy.x, srv.proxy.y)
+        X.extend(rows); gains.extend(g); ses.extend(e); groups.extend(cids); points.extend([rnd] * len(cids))
         # the uploads' sensitivities, then the gap of the master this round started from
         server_s = srv.measure("sensitivity", ptq)
         server_s += srv.measure("gap")
@@ -116,6 +144,12 @@ def pilot_rows(sim, rounds: int, train_fn: Callable[[int, list[int], str], list]
         qat_counts = [n_q] + [n_q - 1 if p else n_q + 1 for p in picks]
         server_s += (n + 1) * (pricing.server.aggregate_s(n - n_q, n_q, cfg.upload_bits) + pricing.server.proxy_s())
         server_s += sum(0 < q < n for q in qat_counts) * pricing.server.mse_s()
+        if rnd >= start:     # the setting-level comparison: both pure aggregates, scored
+            rg, re = paired_points(*(deployed_soft(srv.eval_model, srv.global_state, srv.global_ranges, side,
+                                                   srv.proxy.x, srv.proxy.y) for side in (qat, ptq)))
+            round_gains.append(rg)
+            round_ses.append(re)
+            server_s += pricing.server.partial_s(n, n, cfg.upload_bits)
         for i, res in enumerate((ptq, qat)):   # the server's scoring waits for the second set
             times = list(pricing.client_times(rnd, res).values())
             sim_s += pricing.clock.round_length(times, {"server": pricing.aggregation_s(res) + (server_s if i else 0.0)},
@@ -123,7 +157,8 @@ def pilot_rows(sim, rounds: int, train_fn: Callable[[int, list[int], str], list]
         if srv.aggregate_results([q if pick else p for p, q, pick in zip(ptq, qat, picks)]) and n_q == n:
             sim_s += pricing.server.mse_s()     # the steps bound's search, on no blend's bill
         sens = {r.cid: float(r.quant_loss) for r in ptq}       # seen by the next round
-    return np.asarray(X), np.asarray(gains), np.asarray(groups), np.asarray(points), sim_s
+    return Pilot(np.asarray(X), np.asarray(gains), np.asarray(ses), np.asarray(groups), np.asarray(points), sim_s,
+                 round_gains, round_ses)
 
 
 # ---- the family: settings drawn from a grid ------------------------------------------------
@@ -179,6 +214,28 @@ class Family:
     build: dict[str, Any] = field(default_factory=dict)   # sim_s / wall_s per setting and in all, command
     features: str = ",".join(FEATURES)
     seed: int = 0
+    ses: list[float] = field(default_factory=list)            # each row label's paired standard error
+    setting_gains: list[float] = field(default_factory=list)  # per setting: all-QAT - all-PTQ, pooled over rounds
+    setting_ses: list[float] = field(default_factory=list)
+
+    def setting_rows(self) -> np.ndarray:
+        return np.stack([setting_row(s) for s in self.settings])
+
+    def setting_r2(self) -> float:
+        """Leave-one-setting-out R² of the setting-level question (NaN for a family built without
+        setting-level labels)."""
+        return float(self.r2.get("setting_level", float("nan")))
+
+    def label_quality(self) -> dict[str, dict[str, float]]:
+        """Per-client and setting-level labels: median standard error against spread."""
+        return {"client": label_quality(np.asarray(self.gains), np.asarray(self.ses)),
+                "setting": label_quality(np.asarray(self.setting_gains), np.asarray(self.setting_ses))}
+
+    def setting_prediction(self, cfg) -> float:
+        """The setting-level model's predicted gain (points) of all-QAT over all-PTQ for ``cfg``."""
+        fields = {f: getattr(cfg, f) for f in COVERED_FIELDS}
+        return float(setting_level_fit(self.setting_rows(), np.asarray(self.setting_gains)).predict(
+            setting_row(fields)[None, :])[0])
 
     def ranges(self) -> dict[str, Any]:
         """Each covered field's range over the settings ([min, max], or the values of a categorical)."""
@@ -233,6 +290,8 @@ class Family:
                 "mean_gain": round(float(np.mean(self.gains)), 4), "features": self.features,
                 "gap_window": GAP_WINDOW, "grid": json.dumps(self.ranges()),
                 **{f"r2_{k}": round(v, 4) for k, v in self.r2.items()},
+                **{f"label_{lvl}_{k}": round(v, 4) for lvl, q in self.label_quality().items()
+                   for k, v in q.items() if k != "n"},
                 "build_sim_s": round(float(self.build.get("sim_s", 0.0)), 3),
                 "build_wall_s": round(float(self.build.get("wall_s", 0.0)), 1)}
 
@@ -316,8 +375,11 @@ def choose_significance(sim, registered: tuple[Family | None, str] | None = None
     floor = sim.capabilities.min_family_r2
     r2 = float(family.r2.get("cv_settings", float("nan"))) if family is not None else float("nan")
     if family is not None and not r2 >= floor:
-        family, why = None, (f"{why}; but its leave-one-setting-out R² is {r2:.2f}, below the {floor:.2f} "
-                             f"{sim.allocator.name} requires, so it is not used (nor refitted)")
+        if sim.cfg.significance == "setting" and family.setting_r2() >= floor and hasattr(sim.allocator, "prior"):
+            return setting_level_decision(sim, family, why, t0)
+        family, why = None, (f"{why}; but its leave-one-setting-out R² is {r2:.2f} per client, below the "
+                             f"{floor:.2f} {sim.allocator.name} requires, so it is not used (nor refitted; per "
+                             f"setting {family.setting_r2():.2f}, read with significance: setting)")
     if family is None:
         sim.fit = FitInfo("online", 0.0, time.perf_counter() - t0,
                           f"no family ({why}): the server compares the exploring rounds' QAT and PTQ partial "
@@ -329,3 +391,26 @@ def choose_significance(sim, registered: tuple[Family | None, str] | None = None
     return model
 
 
+
+
+def setting_level_decision(sim, family: Family, why: str, t0: float) -> None:
+    """``significance: setting``, where only the family's setting-level model predicts
+    (leave-one-setting-out R² at the floor): its predicted all-QAT minus all-PTQ gain for the
+    run's setting decides the run's mode once, after the PTQ warm-up, with no round spent
+    exploring (``allocator.prior``). The ridge fit is priced as counted server work and charged,
+    like a family refit. Not the default: its label is one round's comparison from a shared
+    master, which on digits w2a4 favoured QAT by 12 points where all-PTQ runs end 8 higher."""
+    from ..hardware.host_work import HostWork
+
+    refit = HostWork()
+    with refit.op("ridge_fit", 1, len(family.settings) * family.setting_rows().shape[1]):
+        gain = family.setting_prediction(sim.cfg)
+    sim.setup_work = refit
+    r2 = family.setting_r2()
+    sim.allocator.prior = {"mode": "qat" if gain > 0 else "ptq", "family_gain": gain, "family_r2": r2}
+    sim.fit = FitInfo("family-setting", refit.priced_s(), time.perf_counter() - t0,
+                      f"{why}; its setting-level model (leave-one-setting-out R² {r2:.2f}) predicts all-QAT "
+                      f"{gain:+.2f} points over all-PTQ: the run commits to {sim.allocator.prior['mode']} after its "
+                      "warm-up and explores no round", 0, float(family.build.get("sim_s", 0.0)),
+                      float(family.build.get("wall_s", 0.0)), len(family.settings))
+    return None

@@ -203,3 +203,64 @@ def minmax(v: np.ndarray) -> np.ndarray:
     if hi - lo < 1e-12:
         return np.full_like(v, 0.5)
     return (v - lo) / (hi - lo)
+
+
+# ---- the setting level: "does QAT pay here, and by how much" ----------------------------------
+SETTING_FEATURES = ("w_step", "a_step", "edge_step", "log_lr", "local_epochs", "log_batch", "log_alpha", "fraction",
+                    "log_clients")
+
+
+def setting_row(s: dict[str, Any]) -> np.ndarray:
+    """One setting's row of :data:`SETTING_FEATURES` from its covered fields (a family's
+    ``settings`` entry, or a config's): the quantizers' step scale 2^-bits (their noise scales
+    with it), the local schedule, and the partition's heterogeneity (Dirichlet: log alpha; iid:
+    log 100, near-iid; k classes per client: log k)."""
+    edge = s["first_last_bits"] or s["w_bits"]
+    part = s.get("partition", "dirichlet")
+    het = np.log(s["alpha"]) if part == "dirichlet" else np.log(100.0) if part == "iid" else np.log(
+        s["classes_per_client"])
+    return np.array([2.0 ** -s["w_bits"], 2.0 ** -s["a_bits"], 2.0 ** -edge, np.log(s["lr"]), s["local_epochs"],
+                     np.log(s["batch_size"]), het, s["fraction"], np.log(s["clients"])], dtype=float)
+
+
+def _setting_regressor() -> Any:
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    # a handful of settings: a linear model, its penalty chosen by the training settings' own LOO
+    return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 3, 11)))
+
+
+def setting_level_fit(rows: np.ndarray, gains: np.ndarray) -> Any:
+    return _setting_regressor().fit(np.asarray(rows, dtype=float), np.asarray(gains, dtype=float))
+
+
+def setting_level_scores(rows: np.ndarray, gains: np.ndarray, ses: np.ndarray) -> dict[str, float]:
+    """Leave-one-setting-out scores of the setting-level model, each setting's label predicted by
+    a model fitted on the others: ``setting_level`` (R²; NaN with fewer than 3 settings),
+    ``setting_level_sign`` (the share of the settings whose label lies 2 standard errors from 0
+    where the predicted sign is the label's: the sign is the decision fedhq takes from it) and
+    ``setting_level_regret`` (the largest label among the settings whose sign is mispredicted:
+    what a wrong commit would have given up, in the labels' points)."""
+    rows, gains, ses = (np.asarray(a, dtype=float) for a in (rows, gains, ses))
+    nan = float("nan")
+    if len(gains) < 3:
+        return {"setting_level": nan, "setting_level_sign": nan, "setting_level_regret": nan}
+    pred = np.array([setting_level_fit(np.delete(rows, i, 0), np.delete(gains, i)).predict(rows[i:i + 1])[0]
+                     for i in range(len(gains))])
+    ss = float(((gains - gains.mean()) ** 2).sum())
+    clear = np.abs(gains) > 2 * ses
+    wrong = (pred > 0) != (gains > 0)
+    return {"setting_level": 1.0 - float(((gains - pred) ** 2).sum()) / ss if ss > 0 else nan,
+            "setting_level_sign": float((~wrong[clear]).mean()) if clear.any() else nan,
+            "setting_level_regret": float(np.abs(gains[wrong]).max()) if wrong.any() else 0.0}
+
+
+def label_quality(gains: np.ndarray, ses: np.ndarray) -> dict[str, float]:
+    """Whether labels carry signal: their median standard error against their spread (standard
+    deviation); the target is a ratio below 0.5."""
+    g, se = np.asarray(gains, dtype=float), np.asarray(ses, dtype=float)
+    spread = float(g.std(ddof=1)) if len(g) > 1 else float("nan")
+    med = float(np.nanmedian(se)) if len(se) else float("nan")
+    return {"se_median": med, "spread": spread, "ratio": med / spread if spread > 0 else float("nan"), "n": len(g)}

@@ -59,3 +59,37 @@ def test_server_takes_only_what_the_allocator_names(tiny_cfg):
     assert all(m.history == [] for m in sim.server.measurements.values())
     with pytest.raises(KeyError):
         sim.server.read("nope")
+
+
+def test_pilot_labels_are_paired_true_class_probabilities():
+    """The family's labels score two models on the same images by the probability each gives the
+    true class: a near-uniform model scores 1/C (below a confident model right on 20%, as accuracy
+    orders them, unlike cross-entropy); a diverged model's NaN outputs score 0; a paired
+    difference carries the standard error of the per-image differences."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from fedhq_core.server import paired_points, true_class_prob
+
+    class Fixed(nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+            self.logits = logits
+
+        def forward(self, x):
+            return self.logits[: len(x)] + 0 * self.w
+
+    y = torch.arange(10) % 10
+    uniform = true_class_prob(Fixed(torch.zeros(10, 10)), torch.zeros(10, 1), y)
+    confident = torch.full((10, 10), -20.0)     # sure of one class: the true one on 2 images of 10
+    confident[torch.arange(10), torch.where(torch.arange(10) < 2, y, (y + 1) % 10)] = 20.0
+    sharp = true_class_prob(Fixed(confident), torch.zeros(10, 1), y)
+    assert np.allclose(uniform, 0.1) and sharp.mean() == pytest.approx(0.2)
+    ce = lambda logits: float(nn.functional.cross_entropy(logits, y))  # noqa: E731
+    assert ce(confident) > ce(torch.zeros(10, 10))   # cross-entropy would prefer the uniform model
+    broken = true_class_prob(Fixed(torch.full((10, 10), float("nan"))), torch.zeros(10, 1), y)
+    assert (broken == 0).all()
+    mean, se = paired_points(np.array([0.5, 0.6, 0.7]), np.array([0.4, 0.5, 0.5]))
+    assert mean == pytest.approx(100 * 0.4 / 3) and se == pytest.approx(100 * np.std([0.1, 0.1, 0.2], ddof=1) / np.sqrt(3))

@@ -61,12 +61,13 @@ def test_smoke_study_survives_a_kill_is_paired_and_reuses_its_runs(tmp_path, cap
     assert p["acc_ci95"][0] <= p["acc_mean"] <= p["acc_ci95"][1]
     assert "fedhq-vs-better-pure" in s["paired"] and "per_seed" in s["bar"]
     # fedhq's online decision is on record (3 rounds: 3 exploring, so no commit yet) and weighed
-    # against the shipped digits family (built for 10-30 clients, and predicting nothing)
+    # against the shipped digits family (built for 10-30 clients, its per-client model predicting nothing)
     assert by["fedhq", 0]["qat_per_round"][0] >= 1 and by["fedhq", 0]["measure_sim_s"] > 0
     fam = s["family"]
     assert not fam["covers"] and "clients=6" in fam["why"] and fam["fields"]["clients"] == "outside"
     assert fam["fields"]["w_bits"] == "grid value" and fam["fields"]["classes_per_client"] == "n/a"
     assert not fam["used_by_fedhq"] and fam["payback"].startswith("never") and fam["build_sim_s"] > 0
+    assert fam["r2_setting_level"] >= 0.5
     assert all(Path(f).is_file() for f in res["plots"].values())
     # run again: every run comes from the cache, and the figures are the same
     capsys.readouterr()

@@ -50,7 +50,7 @@ def test_registry_family_covers_by_grid_ranges(tmp_path, monkeypatch):
     assert _Client(tracker.settings.tracking_uri).get_model_version(name, "2").tags["runs_reused"] == before
     # the registry's miss falls back to the shipped family, or says why there is none
     fam, why = find_family(base.replace(dataset="digits", w_bits=8, a_bits=8), (None, "registry: none"))
-    assert fam is not None and len(fam.settings) == 16 and why.startswith("the shipped digits/cnn family")
+    assert fam is not None and len(fam.settings) == 24 and why.startswith("the shipped digits/cnn family")
     fam, why = find_family(base.replace(dataset="digits", clients=500), (None, "registry: none"))
     assert fam is None and why == ("registry: none; the shipped digits/cnn family: clients=500 lies outside "
                                    "the family's range 10..30")

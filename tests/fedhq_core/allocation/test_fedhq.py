@@ -114,7 +114,14 @@ def test_a_family_fitted_elsewhere_drives_a_run_without_a_pilot(tiny_cfg, tmp_pa
     fam = build_family(base, parse_grid("seed=0,1;lr=0.02,0.1"), 2, "test")
     # per-client labels: one per sampled client and pilot round, from paired trainings
     assert len(fam.gains) == 2 * 2 * 3 and len(set(fam.setting_ids)) == 2 and np.isfinite(fam.gains).all()
-    assert set(fam.r2) == {"train", "cv", "cv_rounds", "cv_settings"} and fam.build["sim_s"] > 0
+    assert set(fam.r2) == {"train", "cv", "cv_rounds", "cv_settings", "setting_level", "setting_level_sign",
+                           "setting_level_regret"} and fam.build["sim_s"] > 0
+    # each label carries its paired standard error; each setting a pooled all-QAT - all-PTQ label
+    # (two settings: too few for a leave-one-out R²)
+    assert len(fam.ses) == len(fam.gains) and (np.asarray(fam.ses) >= 0).all()
+    assert len(fam.setting_gains) == 2 and np.isfinite(fam.setting_gains).all() and np.isnan(fam.setting_r2())
+    q = fam.label_quality()
+    assert q["client"]["n"] == 12 and q["client"]["ratio"] == pytest.approx(q["client"]["se_median"] / q["client"]["spread"])
     # fedhq uses a covering family only where it predicts (leave-one-setting-out R² >= 0.5):
     # below that it neither refits nor reads it; the coarse ablation takes any covering family
     fam.r2["cv_settings"] = 0.2
@@ -122,7 +129,8 @@ def test_a_family_fitted_elsewhere_drives_a_run_without_a_pilot(tiny_cfg, tmp_pa
                            family_file=str(fam.save(tmp_path / "weak.json")))
     weak = Simulation(cfg)
     assert choose_significance(weak) is None and weak.fit.source == "online" and weak.fit.sim_s == 0
-    assert "0.20, below the 0.50" in weak.fit.detail and weak.setup_work.priced_s() == 0
+    assert "0.20 per client, below the 0.50" in weak.fit.detail
+    assert weak.setup_work.priced_s() == 0
     coarse = Simulation(cfg.replace(strategy="fedhq-coarse"))
     assert choose_significance(coarse) is not None and coarse.fit.source == "family"
     fam.r2["cv_settings"] = 0.9     # (the gate, not the family's fit, is under test from here)
@@ -158,6 +166,62 @@ def test_a_family_fitted_elsewhere_drives_a_run_without_a_pilot(tiny_cfg, tmp_pa
     assert sim.server.partials == []
     s = sim.summary()
     assert s["fit_source"] == "family" and s["charged_total_sim_s"] == pytest.approx(s["total_sim_s"] + sim.fit.sim_s)
+
+
+def test_a_family_that_predicts_only_per_setting_decides_without_exploring(tiny_cfg, tmp_path):
+    """With ``significance: setting``, a covering family whose per-client model predicts nothing
+    but whose setting-level model does (leave-one-setting-out R² >= 0.5): the run fits the
+    setting-level model (priced, charged), commits to the sign of its prediction after the PTQ
+    warm-up, and never explores (no partial aggregates measured). By default (``auto``) the same
+    family is not read: the run decides online."""
+    from fedhq_core.allocation.pilot import COVERED_FIELDS, Family
+    from fedhq_core.allocation.significance import FEATURES
+
+    cfg = tiny_cfg.replace(strategy="fedhq", rounds=5, seed=3, significance="setting")
+    rng = np.random.default_rng(0)
+    fam = Family("digits", "cnn", [{f: getattr(cfg.replace(lr=lr), f) for f in ("seed", *COVERED_FIELDS)}
+                                   for lr in (0.02, 0.1)], rng.random((40, len(FEATURES))).tolist(),
+                 rng.normal(0, 1, 40).tolist(), list(range(40)), [0] * 40, [0] * 20 + [1] * 20,
+                 r2={"cv_settings": 0.1, "setting_level": 0.8})
+    fam.setting_gains, fam.setting_ses = [2.0, 3.0], [0.1, 0.1]
+    auto = Simulation(cfg.replace(significance="auto", family_file=str(fam.save(tmp_path / "auto.json"))))
+    assert choose_significance(auto) is None and auto.fit.source == "online" and not auto.allocator.prior
+    for gains, mode in (([2.0, 3.0], "qat"), ([-2.0, -1.0], "ptq")):
+        fam.setting_gains, fam.setting_ses = gains, [0.1, 0.1]
+        sim = Simulation(cfg.replace(family_file=str(fam.save(tmp_path / f"{mode}.json"))))
+        assert choose_significance(sim) is None and sim.fit.source == "family-setting"
+        assert sim.setup_work.priced_s() > 0 and sim.allocator.prior["mode"] == mode
+        assert f"commits to {mode}" in sim.fit.detail
+    from fedhq_core.loop import run
+
+    run(sim.cfg, sim=sim)       # (the last: PTQ) one PTQ warm-up round, then the commit, no exploring
+    assert sim.records[0].extra["qat_share"] == 0 and "committed_qat" not in sim.records[0].extra
+    assert [r.extra["committed_qat"] for r in sim.records[1:]] == [0] * 4
+    assert not any(r.extra["qat_share"] for r in sim.records)
+    assert sim.server.partials == [] and sim.allocator.decision["round"] == 1
+    assert not any(r.extra.get("exploring") for r in sim.records)
+    assert sim.summary()["fit_source"] == "family-setting"
+
+
+def test_setting_level_r2_reads_left_out_settings():
+    """The setting-level model recovers a gain driven by the weight bits (R² near 1 on settings it
+    never saw, every sign right) and scores noise near or below 0, with a regret; label quality
+    is SE against spread."""
+    from fedhq_core.allocation.significance import label_quality, setting_level_scores, setting_row
+
+    rng = np.random.default_rng(0)
+    base = {"partition": "dirichlet", "alpha": 0.5, "classes_per_client": 2, "clients": 10, "fraction": 0.5,
+            "a_bits": 8, "first_last_bits": 8, "lr": 0.05, "local_epochs": 1, "batch_size": 32}
+    settings = [dict(base, w_bits=int(b), alpha=float(a)) for b, a in zip(rng.choice([2, 3, 4, 8], 12),
+                                                                          rng.choice([0.1, 0.5, 1.0], 12))]
+    rows = np.stack([setting_row(s) for s in settings])
+    signal = 40 * rows[:, 0]          # the weights' quantization step, 2^-w_bits
+    good = setting_level_scores(rows, signal + rng.normal(0, 0.1, 12), np.full(12, 0.1))
+    assert good["setting_level"] > 0.9 and good["setting_level_sign"] == 1.0
+    noise = setting_level_scores(rows, rng.normal(0, 1, 12), np.full(12, 0.1))
+    assert noise["setting_level"] < 0.3 and noise["setting_level_regret"] > 0
+    q = label_quality(np.array([1.0, 3.0, 5.0]), np.array([0.5, 0.5, 1.0]))
+    assert q["spread"] == pytest.approx(2.0) and q["ratio"] == pytest.approx(0.25)
 
 
 class _View:
