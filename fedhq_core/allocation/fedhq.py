@@ -14,9 +14,10 @@ Fine [paper: ML-based adjustment with a cost model; design: what it learns and t
     gains are its prediction from the run's state (progress, the server's measured quantization
     gap, the PTQ clients' measured sensitivities), re-estimated and logged every round; the run
     spends no rounds probing;
-  * where only the family's setting-level model predicts ("does QAT pay here, and by how much":
-    all-QAT minus all-PTQ, ``pilot.setting_level_decision``), its predicted sign is the commit,
-    taken after the warm-up below (``prior``); the run explores no round;
+  * with ``significance: setting`` (opt-in), where only the family's setting-level model
+    predicts ("does QAT pay here, and by how much": all-QAT minus all-PTQ,
+    ``pilot.setting_level_decision``), its predicted sign is the commit, taken after the warm-up
+    below (``prior``); the run explores no round;
   * otherwise (``online``: no family covers the run, or the covering one predicts nothing) the
     run warms up, explores, then commits (:func:`explore_window`):
     - *warms up*: its first 20% of rounds train with PTQ (FP32 training: QAT is compared as it

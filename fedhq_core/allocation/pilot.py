@@ -145,10 +145,10 @@ def pilot_rows(sim, rounds: int, train_fn: Callable[[int, list[int], str], list]
         server_s += (n + 1) * (pricing.server.aggregate_s(n - n_q, n_q, cfg.upload_bits) + pricing.server.proxy_s())
         server_s += sum(0 < q < n for q in qat_counts) * pricing.server.mse_s()
         if rnd >= start:     # the setting-level comparison: both pure aggregates, scored
-            rg, re = paired_points(*(deployed_soft(srv.eval_model, srv.global_state, srv.global_ranges, side,
+            rg, rse = paired_points(*(deployed_soft(srv.eval_model, srv.global_state, srv.global_ranges, side,
                                                    srv.proxy.x, srv.proxy.y) for side in (qat, ptq)))
             round_gains.append(rg)
-            round_ses.append(re)
+            round_ses.append(rse)
             server_s += pricing.server.partial_s(n, n, cfg.upload_bits)
         for i, res in enumerate((ptq, qat)):   # the server's scoring waits for the second set
             times = list(pricing.client_times(rnd, res).values())
@@ -376,7 +376,8 @@ def choose_significance(sim, registered: tuple[Family | None, str] | None = None
     r2 = float(family.r2.get("cv_settings", float("nan"))) if family is not None else float("nan")
     if family is not None and not r2 >= floor:
         if sim.cfg.significance == "setting" and family.setting_r2() >= floor and hasattr(sim.allocator, "prior"):
-            return setting_level_decision(sim, family, why, t0)
+            setting_level_decision(sim, family, why, t0)
+            return None
         family, why = None, (f"{why}; but its leave-one-setting-out R² is {r2:.2f} per client, below the "
                              f"{floor:.2f} {sim.allocator.name} requires, so it is not used (nor refitted; per "
                              f"setting {family.setting_r2():.2f}, read with significance: setting)")
@@ -391,15 +392,13 @@ def choose_significance(sim, registered: tuple[Family | None, str] | None = None
     return model
 
 
-
-
 def setting_level_decision(sim, family: Family, why: str, t0: float) -> None:
     """``significance: setting``, where only the family's setting-level model predicts
     (leave-one-setting-out R² at the floor): its predicted all-QAT minus all-PTQ gain for the
     run's setting decides the run's mode once, after the PTQ warm-up, with no round spent
     exploring (``allocator.prior``). The ridge fit is priced as counted server work and charged,
     like a family refit. Not the default: its label is one round's comparison from a shared
-    master, which on digits w2a4 favoured QAT by 12 points where all-PTQ runs end 8 higher."""
+    master, which on digits w2a4 favoured QAT by 12 points where all-PTQ runs end 20 higher."""
     from ..hardware.host_work import HostWork
 
     refit = HostWork()
@@ -413,4 +412,3 @@ def setting_level_decision(sim, family: Family, why: str, t0: float) -> None:
                       f"{gain:+.2f} points over all-PTQ: the run commits to {sim.allocator.prior['mode']} after its "
                       "warm-up and explores no round", 0, float(family.build.get("sim_s", 0.0)),
                       float(family.build.get("wall_s", 0.0)), len(family.settings))
-    return None
