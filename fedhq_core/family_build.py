@@ -10,7 +10,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .allocation.pilot import COVERED_FIELDS, Family, draw_settings, pilot_length, pilot_rows
-from .allocation.significance import FEATURES, SETTING_FEATURES, SignificanceModel, setting_level_scores, setting_row
+from .allocation.significance import FEATURES, SETTING_FEATURES, SignificanceModel
 from .hardware.host_work import price_of
 from .hardware.server_work import gbr_fit_elements
 from .simulation import Simulation, load_data
@@ -44,16 +44,16 @@ def build_family(base, grid: dict[str, list[Any]], n_settings: int, command: str
             on_setting(i, cfg, per[-1])
     m = SignificanceModel.fit(np.asarray(X), np.asarray(gains), base.seed, groups=np.asarray(groups),
                               points=np.asarray(points), settings=np.asarray(sids))
+    family = Family(base.dataset, base.model, settings, X, gains, groups, points, sids, dict(m.r2), seed=base.seed,
+                    ses=ses, setting_gains=setting_gains, setting_ses=setting_ses)
     t_set = time.perf_counter()
-    r2 = {**m.r2, **setting_level_scores(np.stack([setting_row(s) for s in settings]), np.asarray(setting_gains),
-                                         np.asarray(setting_ses))}
+    family.r2.update(family.setting_scores())
     t_set = time.perf_counter() - t_set
     folds = 5 + 5 + len(cfgs) + 1      # the model and its three cross-validations, on the same server
     fit_sim = price_of("gbr_fit").seconds(folds, gbr_fit_elements(len(gains), len(FEATURES), fits=folds))
     # the setting-level model's leave-one-out: one ridge fit per left-out setting, priced as a run's refit
     fit_sim += price_of("ridge_fit").seconds(len(cfgs), len(cfgs) ** 2 * len(SETTING_FEATURES))
-    build = {"sim_s": sum(p["sim_s"] for p in per) + fit_sim, "wall_s": time.perf_counter() - t_all,
-             "fit_sim_s": fit_sim, "setting_fit_wall_s": t_set, "per_setting": per, "command": command,
-             "pilot_rounds": [pilot_length(c) for c in cfgs]}
-    return Family(base.dataset, base.model, settings, X, gains, groups, points, sids, r2, build, seed=base.seed,
-                  ses=ses, setting_gains=setting_gains, setting_ses=setting_ses)
+    family.build = {"sim_s": sum(p["sim_s"] for p in per) + fit_sim, "wall_s": time.perf_counter() - t_all,
+                    "fit_sim_s": fit_sim, "setting_fit_wall_s": t_set, "per_setting": per, "command": command,
+                    "pilot_rounds": [pilot_length(c) for c in cfgs]}
+    return family

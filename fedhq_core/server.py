@@ -11,7 +11,8 @@ sensitivities, partial aggregates) are scored on it.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -274,8 +275,8 @@ def deployed_acc(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[
     run deploys (averaged ranges; :func:`blend_steps`). Accuracy, not
     cross-entropy: a 2-bit model quantized to noise predicts near-uniformly and so scores a
     *lower* loss than a confident model of two classes (measured: it sent digits at w2a2 to PTQ)."""
-    master, rng, steps = aggregate(state, ranges, results)
-    return evaluate_global(model, master, rng, x, y, blend_steps(model, master, steps, results))["acc_q"]
+    with aggregated_deployment(model, state, ranges, results):
+        return evaluate(model, x, y)[0]
 
 
 def partial_gain(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[str, tuple[float, float]] | None,
@@ -320,14 +321,8 @@ def deployed_soft(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict
                   results: Sequence[ClientResult], x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     """:func:`true_class_prob` per image of ``results`` aggregated and deployed as a run deploys
     (as :func:`deployed_acc`)."""
-    master, rng, steps = aggregate(state, ranges, results)
-    steps = blend_steps(model, master, steps, results)
-    with span("evaluate quantized"):
-        load_model_state(model, master)
-        prepare_deploy(model, rng, steps)
-        p = true_class_prob(model, x, y)
-    set_mode(model, "fp")
-    return p
+    with aggregated_deployment(model, state, ranges, results):
+        return true_class_prob(model, x, y)
 
 
 def paired_points(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -389,12 +384,34 @@ def evaluate_global(model: nn.Module, state: dict[str, torch.Tensor], ranges: di
     return out
 
 
+@contextmanager
+def deployment(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[str, tuple[float, float]] | None,
+               steps: dict[str, torch.Tensor] | None, what: str = "evaluate quantized") -> Iterator[nn.Module]:
+    """``model`` holding ``state`` and deployed (activation ranges, weight steps) inside the block;
+    back in FP32 mode after it."""
+    with span(what):
+        load_model_state(model, state)
+        prepare_deploy(model, ranges, steps)
+        try:
+            yield model
+        finally:
+            set_mode(model, "fp")
+
+
+@contextmanager
+def aggregated_deployment(model: nn.Module, state: dict[str, torch.Tensor],
+                          ranges: dict[str, tuple[float, float]] | None,
+                          results: Sequence[ClientResult]) -> Iterator[nn.Module]:
+    """:func:`deployment` of ``results`` aggregated (FedAvg) into ``state``, as a run deploys
+    (averaged ranges, :func:`blend_steps`)."""
+    master, rng, steps = aggregate(state, ranges, results)
+    with deployment(model, master, rng, blend_steps(model, master, steps, results)) as m:
+        yield m
+
+
 def evaluate_deployed(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[str, tuple[float, float]] | None,
                       val: Any, steps: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """The deployed (quantized) model's accuracy/loss on the validation split alone."""
-    with span("evaluate quantized (validation)"):
-        load_model_state(model, state)
-        prepare_deploy(model, ranges, steps)
+    with deployment(model, state, ranges, steps, "evaluate quantized (validation)"):
         acc, loss = evaluate(model, val.x, val.y)
-    set_mode(model, "fp")
     return {"val_acc_q": acc, "val_loss_q": loss}

@@ -233,8 +233,7 @@ def family_row(label: str, fam: dict[str, Any]) -> str:
 def rule_row(label: str, rule: str, d: dict[str, Any]) -> str:
     per, dom = d["per_seed"], d["dominance"]
     seeds = sorted(per, key=int)
-    better = {s: max(per[s][n]["tail_acc_q"] for n in ("all-ptq", "all-qat")) for s in seeds}
-    diffs = ", ".join(f"{100 * (per[s]['fedhq']['tail_acc_q'] - better[s]):+.1f}" for s in seeds)
+    diffs = ", ".join(f"{100 * dom['per_seed'][s]['acc_vs_best']:+.1f}" for s in seeds)
     val = ", ".join(f"{100 * per[s]['fedhq']['tail_acc_q_val']:.1f}" for s in seeds)
     met = sum(seed_met(dom["per_seed"][s]) for s in seeds)
     tta = "never" if dom["tta_vs_best"] is None else f"{dom['tta_vs_best']:.2f}×"

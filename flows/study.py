@@ -303,13 +303,12 @@ def family_report(cfg: ExperimentConfig, runs: list[dict[str, Any]]) -> dict[str
         return None
     covers, why = fam.covers(cfg)
     r2, r2_level = float(fam.r2.get("cv_settings", float("nan"))), fam.setting_r2()
-    level = cfg.significance == "setting"         # the setting-level model is read only then
-    predicts = r2 >= FAMILY_MIN_R2 or level and r2_level >= FAMILY_MIN_R2
+    predicts = fam.model_level(cfg.significance, FAMILY_MIN_R2) is not None
     online = [r["measure_sim_s"] for r in runs if r["strategy"] == METHOD and "measure_sim_s" in r]
     per_run = float(np.mean(online)) if online else None
     build = float(fam.build.get("sim_s", 0.0))
     runs_needed = build / per_run if per_run else None
-    payback = (f"after {runs_needed:.0f} runs of settings it covers" if predicts and runs_needed else
+    payback = ((f"after {runs_needed:.0f} runs of settings it covers" if runs_needed else "reached") if predicts else
                f"never: its leave-one-setting-out R² per client is {r2:.2f}, below {FAMILY_MIN_R2:.2f}, so it "
                f"cannot stand in for the online decision (per setting {r2_level:.2f}, read only with "
                "significance: setting)")

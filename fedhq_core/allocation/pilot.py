@@ -27,8 +27,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .significance import (FEATURES, GAP_WINDOW, SignificanceModel, feature_rows, label_quality, setting_level_fit,
-                           setting_of, setting_row)
+from .significance import (FEATURES, GAP_WINDOW, SETTING_FEATURES, SignificanceModel, feature_rows, label_quality,
+                           setting_level_fit, setting_level_scores, setting_of, setting_row)
 
 FAMILY_DIR = Path(__file__).parent / "families"
 
@@ -221,10 +221,31 @@ class Family:
     def setting_rows(self) -> np.ndarray:
         return np.stack([setting_row(s) for s in self.settings])
 
+    def setting_data(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows, labels and standard errors of the settings that have a setting-level label (none
+        for a family built without them; a pilot that ends before the online warm-up has none)."""
+        g, se = np.asarray(self.setting_gains, dtype=float), np.asarray(self.setting_ses, dtype=float)
+        if len(g) != len(self.settings):
+            return np.zeros((0, len(SETTING_FEATURES))), g[:0], se[:0]
+        keep = np.isfinite(g)
+        return self.setting_rows()[keep], g[keep], se[keep]
+
+    def setting_scores(self) -> dict[str, float]:
+        """The setting-level model's leave-one-setting-out scores (``significance.setting_level_scores``)."""
+        return setting_level_scores(*self.setting_data())
+
     def setting_r2(self) -> float:
         """Leave-one-setting-out R² of the setting-level question (NaN for a family built without
         setting-level labels)."""
         return float(self.r2.get("setting_level", float("nan")))
+
+    def model_level(self, significance: str, floor: float) -> str | None:
+        """Which of this family's models a run reads: ``client`` where the per-client model's
+        leave-one-setting-out R² reaches ``floor``; ``setting`` where only the setting-level one
+        does and the run asks for it (``significance: setting``); None where neither."""
+        if float(self.r2.get("cv_settings", float("nan"))) >= floor:
+            return "client"
+        return "setting" if significance == "setting" and self.setting_r2() >= floor else None
 
     def label_quality(self) -> dict[str, dict[str, float]]:
         """Per-client and setting-level labels: median standard error against spread."""
@@ -233,9 +254,9 @@ class Family:
 
     def setting_prediction(self, cfg) -> float:
         """The setting-level model's predicted gain (points) of all-QAT over all-PTQ for ``cfg``."""
+        rows, gains, _ = self.setting_data()
         fields = {f: getattr(cfg, f) for f in COVERED_FIELDS}
-        return float(setting_level_fit(self.setting_rows(), np.asarray(self.setting_gains)).predict(
-            setting_row(fields)[None, :])[0])
+        return float(setting_level_fit(rows, gains).predict(setting_row(fields)[None, :])[0])
 
     def ranges(self) -> dict[str, Any]:
         """Each covered field's range over the settings ([min, max], or the values of a categorical)."""
@@ -373,11 +394,12 @@ def choose_significance(sim, registered: tuple[Family | None, str] | None = None
     else:
         family, why = find_family(sim.cfg, registered)
     floor = sim.capabilities.min_family_r2
-    r2 = float(family.r2.get("cv_settings", float("nan"))) if family is not None else float("nan")
-    if family is not None and not r2 >= floor:
-        if sim.cfg.significance == "setting" and family.setting_r2() >= floor and hasattr(sim.allocator, "prior"):
+    level = family.model_level(sim.cfg.significance, floor) if family is not None else None
+    if family is not None and level != "client":
+        if level == "setting" and hasattr(sim.allocator, "prior"):
             setting_level_decision(sim, family, why, t0)
             return None
+        r2 = float(family.r2.get("cv_settings", float("nan")))
         family, why = None, (f"{why}; but its leave-one-setting-out R² is {r2:.2f} per client, below the "
                              f"{floor:.2f} {sim.allocator.name} requires, so it is not used (nor refitted; per "
                              f"setting {family.setting_r2():.2f}, read with significance: setting)")

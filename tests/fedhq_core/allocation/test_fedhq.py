@@ -183,6 +183,10 @@ def test_a_family_that_predicts_only_per_setting_decides_without_exploring(tiny_
                                    for lr in (0.02, 0.1)], rng.random((40, len(FEATURES))).tolist(),
                  rng.normal(0, 1, 40).tolist(), list(range(40)), [0] * 40, [0] * 20 + [1] * 20,
                  r2={"cv_settings": 0.1, "setting_level": 0.8})
+    # a setting whose pilot ended before the warm-up has no label: left out, not fitted on as NaN
+    fam.setting_gains, fam.setting_ses = [float("nan"), 3.0], [float("nan"), 0.1]
+    rows, gains, _ = fam.setting_data()
+    assert rows.shape[0] == 1 and gains.tolist() == [3.0]
     fam.setting_gains, fam.setting_ses = [2.0, 3.0], [0.1, 0.1]
     auto = Simulation(cfg.replace(significance="auto", family_file=str(fam.save(tmp_path / "auto.json"))))
     assert choose_significance(auto) is None and auto.fit.source == "online" and not auto.allocator.prior
