@@ -114,6 +114,8 @@ class ExperimentConfig:
     profile_reps: int = 5
     # --- execution ----------------------------------------------------------------------
     seed: int = 0
+    replicate: int = 0               # > 0 re-draws only the clients' minibatch order (same shards, devices, samples,
+                                     # initial weights): a replicate of the seed, to measure its SGD noise
     device: str = "auto"             # auto | cpu | cuda
     max_concurrency: int = 0         # concurrent client trainings; 0 = number of CPU cores
     clients_per_task: int = 0        # clients trained by one task; 0 = auto (one task per worker), 1 = per client
@@ -316,6 +318,7 @@ def _validate_execution(cfg: ExperimentConfig) -> None:
     from .hardware.catalog import DEVICES  # local import: catalog is data only
 
     _check(cfg.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
+    _check(cfg.replicate >= 0, "replicate", "must be >= 0")
     _check(cfg.max_concurrency >= 0, "max_concurrency", "must be >= 0")
     _check(cfg.clients_per_task >= 0, "clients_per_task", "must be >= 0")
     _check(cfg.eval_every >= 1, "eval_every", "must be >= 1")

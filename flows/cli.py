@@ -67,6 +67,11 @@ def _add_run_commands(sub) -> None:
     st.add_argument("--name", help="the study's name: its cache folder and MLflow run (default: the protocol's)")
     st.add_argument("--json", metavar="FILE", help="write the results (schema in README)")
     st.add_argument("--no-progress", action="store_true", help="no per-run progress bars")
+    st.add_argument("--no-central", action="store_true", help="skip the protocol's central reference (e.g. for "
+                                                              "--set replicate=1: the seeds' SGD-noise replicates)")
+    st.add_argument("--replicate-of", metavar="STUDY.json", help="this study replicates that one (run it with --set "
+                                                                  "replicate=1): per setting, how far each run's tail "
+                                                                  "moved (replicate_noise in the JSON)")
     st.set_defaults(func=cmd_study)
     mx = sub.add_parser("mixing", help="what a hybrid round costs, in isolation: every client trains both ways from "
                                        "the same master; all-PTQ, all-QAT and a half-and-half mix, each deployed as a "

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from fedhq_core.config import DATASETS, STRATEGIES, load_config, redact_uri
 from fedhq_core.errors import CheckpointError, ConfigError
@@ -208,17 +209,41 @@ def protocol_from_args(args: argparse.Namespace, strategies, seeds, only, name=N
     flags = {k: v for k, v in flag_values(args).items() if v is not None}
     if args.config:
         flags = {**read_yaml(args.config), **flags}
-    return load_protocol(args.protocol, flags, strategies, seeds, only, name)
+    proto = load_protocol(args.protocol, flags, strategies, seeds, only, name)
+    if getattr(args, "no_central", False):
+        proto.central = False
+    return proto
+
+
+def replicated_settings(path: str, proto: Any) -> dict[str, Any]:
+    """``--replicate-of``: the settings of the study a replicate study replicates, checked before a run starts."""
+    if not all(c.replicate for _, c in proto.configs()):
+        raise ConfigError("--replicate-of: run the replicate with --set replicate=N (N > 0)")
+    try:
+        main = {s["name"]: s for s in json.loads(Path(path).read_text())["settings"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"--replicate-of: cannot read a study JSON from {path} ({type(err).__name__})") from None
+    missing = [name for name, _ in proto.configs() if name not in main]
+    if missing:
+        raise ConfigError(f"--replicate-of: {path} has no setting {missing[0]!r}")
+    return main
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from flows.study import paired_table, run_study, study_table
+    from flows.study import paired_table, replicate_noise, run_study, study_table
 
     proto = protocol_from_args(args, args.strategies, args.seeds, args.only, args.name)
+    main_study = replicated_settings(args.replicate_of, proto) if args.replicate_of else None
     export_credentials(proto.configs()[0][1].tracking_uri)
     start_api_server()
     with api_settings():
         out = run_study(proto, progress=not args.no_progress)
+    for s in out["settings"] if main_study else []:
+        s["replicate_noise"] = rn = replicate_noise(main_study[s["name"]], s)
+        print(f"{s['name']}: replicate of {args.replicate_of}: {rn['n']} runs, tails moved by up to "
+              f"{100 * (rn['max_abs_diff'] or 0):.1f} points; run sd {100 * (rn['run_sd'] or 0):.1f}, paired sd "
+              f"{100 * (rn['paired_sd'] or 0):.1f} points; seeds for a 95% half-width of 1 / 2.5 points from this "
+              f"noise alone: {', '.join(str(v) for v in rn.get('seeds_for_halfwidth', {}).values()) or 'n/a'}")
     print(f"study {out['study']!r}: {out['runs_ran']} runs ran, {out['runs_cached']} reused from the cache; "
           f"wall {out['wall_s']:.0f} s; validation split {out['validation']['size']} images")
     print(format_table(*study_table(out)))

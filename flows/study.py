@@ -38,7 +38,7 @@ from prefect import flow  # noqa: E402
 
 from fedhq_core.config import STRATEGIES, ExperimentConfig, from_mapping, read_yaml  # noqa: E402
 from fedhq_core.errors import ConfigError  # noqa: E402
-from fedhq_core.metrics import accuracy_at, running_mean, t_interval, verdict  # noqa: E402
+from fedhq_core.metrics import accuracy_at, running_mean, t975, t_interval, verdict  # noqa: E402
 from fedhq_core.records import write_json  # noqa: E402
 from fedhq_core.simulation import Simulation, data_key  # noqa: E402
 from fedhq_core.strategies import METHOD, REFERENCE, run_order, with_shares  # noqa: E402
@@ -267,6 +267,36 @@ def paired(by_seed: dict[int, dict[str, dict[str, Any]]], strategies: list[str])
         best = [by_seed[s][METHOD]["tail_acc_q"] - max(by_seed[s][p]["tail_acc_q"] for p in PURE) for s in seeds]
         m, ci = t_interval(best)
         out[f"{METHOD}-vs-better-pure"] = {"acc_per_seed": best, "acc_mean": m, "acc_ci95": ci, "verdict": verdict(ci)}
+    return out
+
+
+def replicate_noise(main: dict[str, Any], rep: dict[str, Any], halfwidths: tuple[float, ...] = (0.01, 0.025)
+                    ) -> dict[str, Any]:
+    """How far a run's test tail moves when only its SGD noise is redrawn (``replicate``): ``rep``
+    is a setting of a replicate study, ``main`` the same setting of the study it replicates (same
+    shards, devices, samples and initial weights). Per (strategy, seed) in both: the two tails
+    and their difference. ``run_sd`` pools the differences (each has variance 2 sd², mean 0);
+    a paired difference of two runs (fedhq minus a baseline, one seed) carries ``paired_sd`` =
+    sd x sqrt(2) of noise alone, so ``seeds_for_halfwidth`` is the fewest seeds whose 95%
+    t-interval is that narrow from replicate noise alone (a lower bound: the effect also varies
+    between seeds). Also fedhq minus the better pure strategy per seed in both studies."""
+    tails = {k: {(r["strategy"], r["seed"]): r["tail_acc_q"] for r in s["runs"]} for k, s in (("main", main), ("rep", rep))}
+    pairs = [{"strategy": st, "seed": sd, "main": tails["main"][st, sd], "replicate": v,
+              "diff": v - tails["main"][st, sd]} for (st, sd), v in sorted(tails["rep"].items()) if (st, sd) in tails["main"]]
+    d = np.array([p["diff"] for p in pairs], dtype=float)
+    run_sd = float(np.sqrt(np.mean(d ** 2) / 2)) if len(d) else None
+    out: dict[str, Any] = {"pairs": pairs, "n": len(pairs), "run_sd": run_sd,
+                           "paired_sd": None if run_sd is None else run_sd * float(np.sqrt(2)),
+                           "max_abs_diff": float(np.abs(d).max()) if len(d) else None}
+    if run_sd:
+        out["seeds_for_halfwidth"] = {f"{h:g}": next(n for n in range(2, 1000)
+                                                    if t975(n - 1) * out["paired_sd"] / np.sqrt(n) <= h)
+                                      for h in halfwidths}
+    best = {}
+    for sd in sorted({p["seed"] for p in pairs}):
+        if all((st, sd) in t for t in tails.values() for st in (METHOD, *PURE)):
+            best[str(sd)] = [t[METHOD, sd] - max(t[p, sd] for p in PURE) for t in (tails["main"], tails["rep"])]
+    out["fedhq_vs_better_pure"] = best     # seed -> [main study, replicate]
     return out
 
 

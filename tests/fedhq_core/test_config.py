@@ -25,6 +25,7 @@ def test_defaults_are_valid():
     ({"dataset": "cifar10-folder", "data_dir": "/no/such/dir"}, "data_dir"),
     ({"fleet": {"abacus": 1.0}}, "fleet"),
     ({"xi": 2}, "xi"),
+    ({"replicate": -1}, "replicate"),
     ({"lr_schedule": "step"}, "lr_schedule"),
     ({"val_fraction": 0.6}, "val_fraction"),
     ({"eval_every": 2, "test_every": 3}, "test_every"),

@@ -317,3 +317,27 @@ def test_a_lone_or_majority_poison_cannot_move_the_reference():
     bad = [_poison_upload(c, 10, {"fc": (0.0, 1e6)}, {"fc": torch.full((4,), 1e5)}) for c in range(2, 5)]
     _, ranges, steps = aggregate(state, {"fc": (0.0, 1.0)}, honest + bad, bound=3.0, ref_steps=ref)
     assert ranges["fc"][1] == pytest.approx(1.1) and steps["fc"][0].item() == pytest.approx(0.12)
+
+
+def test_the_norm_bound_is_per_local_step_so_large_shards_pass(tiny_cfg):
+    """A round of small shards, then a round of every shard (16 to 450 digits images, 1 to 29
+    steps): honest updates all pass, where a bound on raw norms, capped by the first round's
+    accepted median, turns the large shards away (the ratchet that stalled CIFAR-10 at α 0.1)."""
+    from fedhq_core.server import update_norm
+
+    cfg = tiny_cfg.replace(strategy="all-ptq", clients=8, fraction=1.0, batch_size=16, alpha=0.1, seed=2,
+                           min_shard_size=8)
+    sim = Simulation(cfg)
+    small, every = [0, 1, 2], list(range(8))
+
+    def round_of(cids):
+        jobs = sim.dispatch.jobs(0, Allocation({c: "ptq" for c in cids}), cids)
+        return sim.dispatch.accept(run_jobs(sim.dispatch.round_inputs(), jobs))
+
+    first, rej_first = round_of(small)
+    results, rejected = round_of(every)
+    assert not rej_first and not rejected and len(results) == 8
+    sizes = {r.cid: r.n_samples for r in results}
+    assert max(sizes.values()) >= 10 * min(sizes.values())
+    raw_cap = min(np.median([update_norm(r) for r in first]), np.median([update_norm(r) for r in results]))
+    assert sum(update_norm(r) > cfg.norm_bound * raw_cap for r in results) >= 2     # the raw rule's victims

@@ -137,3 +137,20 @@ def test_an_upload_rejected_for_its_norm_is_still_waited_for(tiny_cfg):
         D.Dispatch.accept = accept
     assert unwaited.records[0].rejected == rec.rejected
     assert unwaited.records[0].sim_round_s < rec.sim_round_s
+
+
+def test_a_replicate_redraws_only_the_minibatch_order(tiny_cfg):
+    """``replicate`` > 0 changes the clients' batch-order seeds and nothing else a run is paired
+    on: the sample, the shards and the initial weights stay the seed's."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    base, rep = Simulation(tiny_cfg), Simulation(dataclasses.replace(tiny_cfg, replicate=1))
+    assert base.dispatch.sample(0) == rep.dispatch.sample(0)
+    assert all(np.array_equal(a.idx, b.idx) for a, b in zip(base.shards, rep.shards))
+    assert all(torch.equal(base.server.global_state[k], rep.server.global_state[k]) for k in base.server.global_state)
+    seeds = [(base.dispatch.client_spec(0, c, "qat").seed, rep.dispatch.client_spec(0, c, "qat").seed) for c in (0, 1)]
+    assert all(a != b for a, b in seeds)
+    assert base.dispatch.client_spec(0, 0, "qat").seed == Simulation(tiny_cfg).dispatch.client_spec(0, 0, "qat").seed

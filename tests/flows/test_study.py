@@ -90,6 +90,7 @@ def test_cache_refuses_another_code_version_or_config(tmp_path, capsys):
     # where or how visibly a run executes is not part of its result; what it computes is
     assert run_digest(cfg.replace(state_dir="elsewhere", tracking=True), code_digest()) == d
     assert run_digest(cfg.replace(lr=0.01), code_digest()) != d
+    assert run_digest(cfg.replace(replicate=1), code_digest()) != d     # a replicate is another run
     assert cache.get("s", "fedhq", 0, run_digest(cfg, "other-code")) is None
     assert "another version of the code or another config" in capsys.readouterr().err
     # the code digest reads the source of the run's code: a changed file changes it
@@ -109,6 +110,7 @@ def test_cache_refuses_another_code_version_or_config(tmp_path, capsys):
     (["--strategies", "fedhq,nope"], "strategies: unknown strategy 'nope'"),
     (["--dataset", "cifar10-folder", "--data-dir", "/no/such/folder"], "data_dir"),
     (["--set", "val_fraction=0"], "val_fraction"),
+    (["--replicate-of", "/no/such/study.json", "--set", "replicate=1"], "--replicate-of: cannot read"),
 ])
 def test_bad_input_is_one_line_exit_2_and_starts_nothing(tmp_path, capsys, args, field):
     from flows.cli import main
@@ -142,6 +144,15 @@ def test_protocol_fields_are_checked_by_name(tmp_path, capsys):
         proto = load_protocol(str(ROOT / "configs" / "study-cifar10.yaml"), {}, None, None)
         assert len(proto.seeds) >= 3 and {"fedhq", "all-ptq", "all-qat", "random-hybrid", "fp32"} <= set(proto.strategies)
         assert {c.alpha for _, c in proto.configs()} >= {0.5, 0.1}
+        # a replicate study: the seeds' SGD noise, without the central reference
+        from flows.cli import build_parser
+        from flows.commands import protocol_from_args
+
+        args = build_parser().parse_args(["study", "--protocol", str(ROOT / "configs" / "study-cifar10.yaml"),
+                                          "--no-central", "--set", "replicate=1", "--seeds", "1"])
+        rep = protocol_from_args(args, args.strategies, args.seeds, args.only, args.name)
+        assert proto.central and not rep.central and rep.seeds == [1]
+        assert {c.replicate for _, c in rep.configs()} == {1} and {c.replicate for _, c in proto.configs()} == {0}
 
 
 def test_statistics_on_known_numbers():
@@ -201,3 +212,34 @@ def test_t_quantiles_match_scipy():
     assert verdict([-0.1, 0.2]) == "equal" and verdict([0.01, 0.2]) == "better" and verdict([-0.3, -0.1]) == "worse"
     smooth = running_mean([[1, 0.0], [2, 0.3], [3, 0.6], [4, 0.9]], 3)
     assert [t for t, _ in smooth] == [1, 2, 3, 4] and [a for _, a in smooth] == pytest.approx([0.0, 0.15, 0.3, 0.6])
+
+
+def test_replicate_noise_on_known_numbers(tmp_path, capsys):
+    """Two replicates of each run: the pooled sd of one run's tail, the paired sd, the seeds a
+    1-point half-width takes from that noise alone, and fedhq minus the better pure per seed."""
+    import numpy as np
+
+    from flows.cli import main
+    from fedhq_core.metrics import t975
+    from flows.study import replicate_noise
+
+    def setting(tails):
+        return {"name": "s", "runs": [{"strategy": st, "seed": sd, "tail_acc_q": v} for (st, sd), v in tails.items()]}
+
+    main_tails = {("fedhq", 0): 0.40, ("all-ptq", 0): 0.35, ("all-qat", 0): 0.42, ("fp32", 0): 0.30}
+    moved = {("fedhq", 0): 0.37, ("all-ptq", 0): 0.36, ("all-qat", 0): 0.40}
+    rn = replicate_noise(setting(main_tails), setting(moved))
+    d = np.array([-0.03, -0.01, -0.02])                     # all-qat, all-ptq, fedhq (sorted by strategy)
+    assert rn["n"] == 3 and rn["run_sd"] == pytest.approx(np.sqrt(np.mean(d ** 2) / 2))
+    assert rn["paired_sd"] == pytest.approx(rn["run_sd"] * np.sqrt(2)) and rn["max_abs_diff"] == pytest.approx(0.03)
+    n = rn["seeds_for_halfwidth"]["0.01"]
+    assert t975(n - 1) * rn["paired_sd"] / np.sqrt(n) <= 0.01 < t975(n - 2) * rn["paired_sd"] / np.sqrt(n - 1)
+    assert rn["fedhq_vs_better_pure"] == {"0": [pytest.approx(-0.02), pytest.approx(-0.03)]}
+    # a replicate must be one, and of a study holding its settings: refused before a run starts
+    other = tmp_path / "other.json"
+    other.write_text('{"settings": [{"name": "elsewhere", "runs": []}]}')
+    for extra, msg in (([], "--set replicate=N"), (["--set", "replicate=1"], "has no setting 'default'")):
+        assert main(["study", "--no-tracking", "--state-dir", str(tmp_path / "st"), "--replicate-of", str(other)]
+                    + extra) == 2
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "st" / "study").exists()
