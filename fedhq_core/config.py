@@ -133,7 +133,7 @@ class ExperimentConfig:
     task_retries: int = 0            # Prefect retries of a failed training task (transient failures)
     task_retry_delay_s: float = 0.0
     max_upload_factor: float = 2.0   # an upload over this x the FP32 model's size is rejected
-    norm_bound: float = 3.0          # [design] an update whose L2 norm is over this x the round's median is rejected
+    norm_bound: float = 3.0          # [design] an update whose L2 norm per local step is over this x the round's median is rejected
                                      # (reason "norm"; 0 = off; needs 3 or more uploads); activation ranges, QAT steps
                                      # and BatchNorm statistics beyond this x the round's median (or the server's last
                                      # value) are left out of their aggregate

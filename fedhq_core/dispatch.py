@@ -124,12 +124,13 @@ class Dispatch:
         cannot lift the bound with them. A poisoned update scaled up passes every other check.
         Per step, because an honest update's norm grows with its client's steps (epochs x
         batches of its declared sample count, checked against its shard): on CIFAR-10 at
-        Dirichlet 0.1 the shards hold 32 to 1,860 images, 1 to 59 steps, and the raw norms of
-        one round's honest updates spread 20-60x, so a raw bound turned away the large shards,
-        the accepted median fell, and its cap then turned away most of every round (6-9 of 10
-        uploads in the last 10 rounds of a 50-round run; per step they spread 1.2-1.4x over the
-        median, measured at lr 0.05 and 0.001: ``docs/results.md``). With fewer than three
-        updates there is no median to speak of, and nothing is bounded."""
+        Dirichlet 0.1 the shards hold 32 to 1,860 images, 1 to 59 steps, and the largest raw norm
+        of ten honest updates was 4-13x their median, so a raw bound turned away the large
+        shards, the accepted median fell, and its cap then turned away most of every round (6-9
+        of 10 uploads in the last 10 rounds of a 50-round run). Per step the largest was
+        1.3-2.3x the median (``python -m flows.norm_probe``, lr 0.05 and 0.001:
+        ``docs/results.md``). With fewer than three updates there is no median to speak of, and
+        nothing is bounded."""
         bound = self.cfg.norm_bound
         self.norm_checks = len(results) if bound and len(results) >= 3 else 0
         if not self.norm_checks:

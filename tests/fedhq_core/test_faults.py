@@ -341,3 +341,14 @@ def test_the_norm_bound_is_per_local_step_so_large_shards_pass(tiny_cfg):
     assert max(sizes.values()) >= 10 * min(sizes.values())
     raw_cap = min(np.median([update_norm(r) for r in first]), np.median([update_norm(r) for r in results]))
     assert sum(update_norm(r) > cfg.norm_bound * raw_cap for r in results) >= 2     # the raw rule's victims
+
+
+def test_norm_probe_reports_raw_and_per_step_spreads(tiny_cfg, capsys):
+    """``python -m flows.norm_probe``: honest norms grow with local steps, per step they spread less."""
+    from flows.norm_probe import main, probe
+
+    out = probe(tiny_cfg.replace(clients=8, alpha=0.1, seed=2, min_shard_size=8, batch_size=16), [0.05], 8, ("ptq",))
+    for r in out["rows"]:
+        assert max(r["steps"]) >= 5 * min(r["steps"]) and r["exponent"] > 0.5 and not r["rejected"]
+        assert r["per_step_spread"][0] < r["raw_spread"][0] and r["per_step_spread"][1] > r["raw_spread"][1]
+    assert main(["--lr", "0,x"]) == 2 and "--lr" in capsys.readouterr().err
