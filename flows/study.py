@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from flows import configure_prefect_env
 
@@ -240,6 +240,11 @@ def attach_targets(runs: dict[str, dict[str, Any]]) -> None:
         r["acc_at"] = {n: accuracy_at(smooth, runs[n]["total_sim_s"]) for n in PURE if n in runs}
 
 
+def vs_better_pure(tail: Callable[[str], float]) -> float:
+    """fedhq's tail minus the better pure strategy's, one seed (``tail``: strategy -> its tail)."""
+    return tail(METHOD) - max(tail(p) for p in PURE)
+
+
 def paired(by_seed: dict[int, dict[str, dict[str, Any]]], strategies: list[str]) -> dict[str, Any]:
     """fedhq minus each baseline, per seed: tail accuracy (test), TTA ratio, accuracy at each
     pure strategy's total time; mean, 95% t-interval over seeds and a verdict."""
@@ -264,7 +269,7 @@ def paired(by_seed: dict[int, dict[str, dict[str, Any]]], strategies: list[str])
                 entry[f"acc_at_{p}_time"] = {"per_seed": d, "mean": em, "ci95": eci, "verdict": verdict(eci)}
         out[f"{METHOD}-vs-{base}"] = entry
     if set(PURE) <= set(by_seed[seeds[0]]):   # against the better pure strategy of each seed
-        best = [by_seed[s][METHOD]["tail_acc_q"] - max(by_seed[s][p]["tail_acc_q"] for p in PURE) for s in seeds]
+        best = [vs_better_pure(lambda n, s=s: by_seed[s][n]["tail_acc_q"]) for s in seeds]
         m, ci = t_interval(best)
         out[f"{METHOD}-vs-better-pure"] = {"acc_per_seed": best, "acc_mean": m, "acc_ci95": ci, "verdict": verdict(ci)}
     return out
@@ -295,7 +300,7 @@ def replicate_noise(main: dict[str, Any], rep: dict[str, Any], halfwidths: tuple
     best = {}
     for sd in sorted({p["seed"] for p in pairs}):
         if all((st, sd) in t for t in tails.values() for st in (METHOD, *PURE)):
-            best[str(sd)] = [t[METHOD, sd] - max(t[p, sd] for p in PURE) for t in (tails["main"], tails["rep"])]
+            best[str(sd)] = [vs_better_pure(lambda n, t=t: t[n, sd]) for t in (tails["main"], tails["rep"])]
     out["fedhq_vs_better_pure"] = best     # seed -> [main study, replicate]
     return out
 
