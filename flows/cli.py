@@ -72,6 +72,9 @@ def _add_run_commands(sub) -> None:
     st.add_argument("--replicate-of", metavar="STUDY.json", help="this study replicates that one (run it with --set "
                                                                   "replicate=1): per setting, how far each run's tail "
                                                                   "moved (replicate_noise in the JSON)")
+    st.add_argument("--restore-from", metavar="STUDY.json", action="append", default=[],
+                    help="put this study JSON's runs into the cache first (repeatable), so that a fresh checkout "
+                         "resumes from committed results; a run of another build or config is run again")
     st.set_defaults(func=cmd_study)
     mx = sub.add_parser("mixing", help="what a hybrid round costs, in isolation: every client trains both ways from "
                                        "the same master; all-PTQ, all-QAT and a half-and-half mix, each deployed as a "

@@ -230,10 +230,13 @@ def replicated_settings(path: str, proto: Any) -> dict[str, Any]:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from flows.study import paired_table, replicate_noise, run_study, study_table
+    from flows.study import paired_table, replicate_noise, restore_runs, run_study, study_table
 
     proto = protocol_from_args(args, args.strategies, args.seeds, args.only, args.name)
     main_study = replicated_settings(args.replicate_of, proto) if args.replicate_of else None
+    if args.restore_from:
+        print(f"fedhq study: {restore_runs(args.restore_from, proto)} runs restored into the cache from "
+              f"{', '.join(args.restore_from)}", file=sys.stderr)
     export_credentials(proto.configs()[0][1].tracking_uri)
     start_api_server()
     with api_settings():

@@ -179,6 +179,31 @@ class RunCache:
         write_json(self.path(setting, strategy, seed), {"digest": digest, "run": run})
 
 
+def restore_runs(paths: list[str], proto: Protocol) -> int:
+    """``--restore-from``: put the runs of committed study JSONs into this study's cache, so that a
+    fresh checkout resumes a study from its results. Each run carries the digest it was written
+    with, so the cache's check still decides: a run of another build or config is not reused (the
+    study says so in one line and runs it again). Entries already in the cache are kept. Returns
+    how many runs were restored."""
+    cache = RunCache(Path(proto.configs()[0][1].state_dir) / "study" / proto.name)
+    wanted = {name for name, _ in proto.configs()}
+    n = 0
+    for path in paths:
+        try:
+            settings = json.loads(Path(path).read_text())["settings"]
+            found = [(s["name"], r) for s in settings for r in s["runs"] + ([s["central"]] if s.get("central") else [])]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"--restore-from: cannot read a study JSON from {path} ({type(err).__name__})") from None
+        for name, run in found:
+            if name not in wanted or "digest" not in run:     # central references before this build carry none
+                continue
+            strategy, seed = run.get("strategy", "central"), int(run["seed"])
+            if not cache.path(name, strategy, seed).is_file():
+                cache.put(name, strategy, seed, run["digest"], run)
+                n += 1
+    return n
+
+
 # --- one run's figures --------------------------------------------------------------------------
 RUN_KEEP = ("final_acc_q", "final_acc_q_val", "final_acc_fp32", "total_sim_s", "charged_total_sim_s", "fit_sim_s",
             "fit_charged_sim_s", "fit_source", "wall_s", "upload_bytes", "qat_share", "alloc_overhead_s", "host_work_priced_s",
@@ -480,6 +505,7 @@ def central_reference(cache: RunCache, setting: str, cfg: ExperimentConfig, ds: 
         t0 = time.perf_counter()
         hit = train_central(cfg, ds)
         hit["wall_s"] = time.perf_counter() - t0
+        hit.update(digest=digest, seed=cfg.seed)     # so that --restore-from can put it back
         cache.put(setting, "central", cfg.seed, digest, hit)
     return hit
 

@@ -76,6 +76,27 @@ def test_smoke_study_survives_a_kill_is_paired_and_reuses_its_runs(tmp_path, cap
     assert again["runs_ran"] == 0 and again["runs_cached"] == 6
     assert again["settings"][0]["paired"] == s["paired"]
     assert "0 runs ran, 6 reused" in capsys.readouterr().out
+    # a fresh checkout resumes from the committed JSON: its runs go into an empty cache and are reused
+    fresh = args[:args.index("--state-dir")] + ["--state-dir", str(tmp_path / "fresh"), "--json", str(tmp_path / "r.json"),
+                                                "--restore-from", str(out)]
+    assert main(fresh) == 0
+    assert "6 runs restored" in capsys.readouterr().err
+    restored = json.loads((tmp_path / "r.json").read_text())
+    assert restored["runs_ran"] == 0 and restored["settings"][0]["paired"] == s["paired"]
+    # a run of another build is put back with its own digest, so the cache check refuses it
+    from flows.study import RunCache, restore_runs
+    from flows.commands import protocol_from_args
+    from flows.cli import build_parser
+
+    r0 = s["runs"][0]
+    real, r0["digest"] = r0["digest"], "0" * 16
+    (tmp_path / "old.json").write_text(json.dumps(res))
+    a = build_parser().parse_args(SMOKE + ["--state-dir", str(tmp_path / "old")])
+    proto = protocol_from_args(a, a.strategies, a.seeds, a.only, a.name)
+    assert restore_runs([str(tmp_path / "old.json")], proto) == 6
+    cache = RunCache(tmp_path / "old" / "study" / "study")
+    assert cache.get("default", r0["strategy"], r0["seed"], real) is None
+    assert "another version of the code or another config" in capsys.readouterr().err
 
 
 def test_cache_refuses_another_code_version_or_config(tmp_path, capsys):
@@ -111,6 +132,7 @@ def test_cache_refuses_another_code_version_or_config(tmp_path, capsys):
     (["--dataset", "cifar10-folder", "--data-dir", "/no/such/folder"], "data_dir"),
     (["--set", "val_fraction=0"], "val_fraction"),
     (["--replicate-of", "/no/such/study.json", "--set", "replicate=1"], "--replicate-of: cannot read"),
+    (["--restore-from", "/no/such/study.json"], "--restore-from: cannot read"),
 ])
 def test_bad_input_is_one_line_exit_2_and_starts_nothing(tmp_path, capsys, args, field):
     from flows.cli import main
