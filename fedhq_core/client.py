@@ -54,6 +54,7 @@ class TrainSpec:
     seed: int = 0
     fedfq: tuple[float, int] | None = None   # (average upload bits, annealing iterations)
     step_lr_scale: float = 0.01              # LSQ weight steps' lr relative to ``lr``
+    max_samples: int | None = None           # partial work: train on this many of the shard's samples (seeded draw)
 
 
 @dataclass
@@ -181,6 +182,11 @@ def train_client(model: nn.Module, cid: int, x: torch.Tensor, y: torch.Tensor, g
     device = next(model.parameters()).device
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     gen = torch.Generator().manual_seed(spec.seed)
+    if spec.max_samples is not None and spec.max_samples < len(y):
+        # partial work (the allocator's cap: what fits the round's deadline): a seeded subset of
+        # the shard; the upload declares the samples it trained on, so FedAvg weighs it by them
+        keep = torch.randperm(len(y), generator=gen)[:max(1, spec.max_samples)].to(device)
+        x, y = x[keep], y[keep]
     load_model_state(model, global_state)
     model.zero_grad(set_to_none=True)
     quant_loss = None

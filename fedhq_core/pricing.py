@@ -123,6 +123,20 @@ class FleetPricing:
                 out[s].append(predict_compute(self.speed, dev, self.expected_work(c, s)) + upload)
         return {k: np.asarray(v) for k, v in out.items()}
 
+    def qat_samples_within(self, cids: list[int], budgets: np.ndarray) -> np.ndarray:
+        """Partial work: per client, the most samples of its shard, in whole batches, whose QAT
+        round (every epoch over them, the fixed work and the upload) fits ``budgets`` spec-sheet
+        seconds; 0 where not one batch does. Priced as ``predicted_times`` prices."""
+        assert self.speed is not None, "profile() first"
+        cfg, out = self.cfg, []
+        for c, budget in zip(cids, budgets):
+            dev = self.fleet.devices[c]
+            fixed = {k: v for k, v in self.expected_work(c, Mode.QAT).items() if k != "qat"}
+            left = float(budget) - self.upload_bytes * 8.0 / dev.uplink_bps - predict_compute(self.speed, dev, fixed)
+            step = predict_compute(self.speed, dev, {"qat": [cfg.batch_size]}) * cfg.local_epochs
+            out.append(min(self.sizes[c], max(0, int(left // step)) * cfg.batch_size) if step > 0 else 0)
+        return np.asarray(out, dtype=int)
+
     def label_histograms_s(self, num_classes: int) -> tuple[float, int]:
         """Every client sends its label histogram once (``num_classes`` int32 counts and a wire
         header), all at once: the slowest uplink's time (the server's host work turning them into

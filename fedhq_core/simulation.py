@@ -158,6 +158,9 @@ class Simulation:
     def predicted_times(self, cids: list[int]) -> dict[str, np.ndarray]:
         return self.pricing.predicted_times(cids)
 
+    def qat_samples_within(self, cids: list[int], budgets: np.ndarray) -> np.ndarray:
+        return self.pricing.qat_samples_within(cids, budgets)
+
     def shard_features(self) -> dict[int, np.ndarray]:
         """SigAcc's shard features of every client. With ``share_label_histograms`` each client
         sends its label histogram once, the first time an allocator reads them (charged on the
@@ -348,7 +351,7 @@ class Simulation:
                 "speed": speed.to_state(), "allocator": self.allocator.state_dict(),
                 "significance": sig.to_state() if sig is not None else None,
                 "upload_bytes_total": self.upload_bytes_total, "fit": dict(vars(self.fit)),
-                "norm_ref": self.dispatch.norm_ref,
+                "norm_ref": self.dispatch.norm_ref, "norm_refs": self.dispatch.norm_refs,
                 "label_hist": {"sim_s": self.label_hist_s, "bytes": self.label_hist_bytes},
                 "seen_samples": {str(c): n for c, n in self.seen_samples.items()},
                 "wall_elapsed_s": time.perf_counter() - self.wall_start}
@@ -372,6 +375,7 @@ class Simulation:
         self.upload_bytes_total = int(meta["upload_bytes_total"])
         self.fit = FitInfo(**meta["fit"]) if meta.get("fit") else self.fit
         self.dispatch.norm_ref = float(meta.get("norm_ref", 0.0))
+        self.dispatch.norm_refs = {str(k): float(v) for k, v in meta.get("norm_refs", {}).items()}
         hist = meta.get("label_hist") or {}
         self.label_hist_s, self.label_hist_bytes = hist.get("sim_s"), int(hist.get("bytes", 0))
         self.seen_samples = {int(c): int(n) for c, n in (meta.get("seen_samples") or {}).items()}

@@ -33,7 +33,7 @@ def probe(cfg: Any, lrs: list[float], n_clients: int = 10, modes: tuple[str, ...
             np.linspace(0, len(sizes) - 1, min(n_clients, len(sizes))).astype(int)]})
         out["shard_sizes"] = {"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max())}
         for mode in modes:
-            sim.dispatch.norm_ref = 0.0     # each probe is a first round
+            sim.dispatch.forget_norms()     # each probe is a first round
             jobs = sim.dispatch.jobs(0, Allocation({c: mode for c in pick}), pick)
             uploads = run_jobs(sim.dispatch.round_inputs(), jobs)
             results, rejected = sim.dispatch.accept(uploads)

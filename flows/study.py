@@ -230,6 +230,10 @@ def run_record(res: dict[str, Any], strategy: str, seed: int) -> dict[str, Any]:
     # clients' training), the QAT clients per round and, for an online fedhq run, its commit
     out["measure_sim_s"] = float(sum(r["extra"].get("server_measure_s", 0.0) for r in res["rounds"]))
     out["qat_per_round"] = [r["n_qat"] for r in res["rounds"]]
+    out["partial_qat_per_round"] = [int(r["extra"].get("n_partial_qat", 0)) for r in res["rounds"]]
+    # the server's checks turned these uploads away (by reason, and per round)
+    out["rejected"] = res.get("rejected", {})
+    out["rejected_per_round"] = [len(r.get("rejected", {})) for r in res["rounds"]]
     last = res["rounds"][-1]["extra"] if res["rounds"] else {}
     if "committed_qat" in last:
         out["decision"] = {k: last[k] for k in ("committed_qat", "online_gain", "online_se", "online_n") if k in last}

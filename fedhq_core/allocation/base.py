@@ -31,6 +31,9 @@ class FleetView(Protocol):
 
     def predicted_times(self, cids: list[int]) -> dict[str, np.ndarray]: ...  # {"ptq": (n,), "qat": (n,)}, seconds
 
+    def qat_samples_within(self, cids: list[int], budgets: np.ndarray) -> np.ndarray: ...  # partial work (optional):
+    # per client, the most shard samples (whole batches) whose QAT round fits its spec-sheet budget (0: none)
+
     def shard_features(self) -> dict[int, np.ndarray]: ...   # SigAcc's shard features per client
 
     def measured(self, name: str) -> Any: ...   # what a measurement it reads shows (Capabilities.measurements)
@@ -93,6 +96,7 @@ class RoundFeedback:
 class Allocation:
     strategies: dict[int, str]
     upload_bits: dict[int, "int | UplinkSearch"] = field(default_factory=dict)  # per client: a width, or a search
+    max_samples: dict[int, int] = field(default_factory=dict)  # partial work: train on this many shard samples
     info: dict[str, Any] = field(default_factory=dict)         # for logging (e.g. scatter data)
 
     @property

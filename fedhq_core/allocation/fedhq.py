@@ -31,6 +31,12 @@ Fine [paper: ML-based adjustment with a cost model; design: what it learns and t
       (nothing is mixed or measured again), or QAT for every client it costs no round time. It
       never switches back, so the share cannot swing from round to round, and the rounds spent
       mixed are bounded;
+    - once committed to QAT, *partial work* (``partial_qat``, as FedProx and FedNova allow
+      stragglers): a client whose full QAT round would miss the round's deadline trains QAT on
+      as many of its shard's samples (whole batches, a seeded draw) as fit the deadline, and
+      uploads them as its sample count, so FedAvg weighs it by what it trained on. Without it
+      the slow clients, always the same ones and so the same classes at Dirichlet 0.1, trained
+      FP32 every round of a QAT-committed run; a client that cannot fit one batch stays PTQ;
   * every ``adjust_every`` rounds the cost model is refitted (a new registry version); its error
     on the next round is reported beside the spec sheet's;
   * the search minimises J(x) = xi * T(x) / T_ref + (1 - xi) * (A_ref - A(x)) / A_ref exactly
@@ -143,7 +149,7 @@ class FedHQAllocator(Allocator):
 
     def __init__(self, xi: float, significance: SignificanceModel | None, *, fine: bool = True,
                  adjust_every: int = 3, seed: int = 0, uses_significance: bool = True,
-                 max_stretch: float = float("inf")):
+                 max_stretch: float = float("inf"), partial_qat: bool = False):
         import sklearn.linear_model  # noqa: F401  (import once here, not inside a timed adjustment)
 
         self.name = "fedhq" if fine else "fedhq-coarse"
@@ -152,6 +158,7 @@ class FedHQAllocator(Allocator):
         self.fine = fine
         self.adjust_every = adjust_every
         self.max_stretch = max_stretch
+        self.partial_qat = partial_qat
         self.seed = seed
         self.cost = CostModel(seed=seed)
         self.quant_sensitivity: dict[int, float] = {}
@@ -249,15 +256,19 @@ class FedHQAllocator(Allocator):
             x = online
         elif self.fine:
             x = best_deadline(gains, t_ptq, t_qat, self.xi, max_stretch=self.max_stretch)
-        strategies = {c: ("qat" if q else "ptq") for c, q in zip(sampled, x)}
-        self._last_pred = {c: (float(np.where(q, tq, tp)), float(np.where(q, sq, sp)))
+        partial = self._partial(sampled, x, t_ptq, t_qat, spec["qat"], view)
+        strategies = {c: ("qat" if q or c in partial else "ptq") for c, q in zip(sampled, x)}
+        deadline = float(np.max(np.where(x, t_qat, t_ptq)))
+        self._last_pred = {c: ((deadline, deadline * sq / tq) if c in partial else
+                               (float(np.where(q, tq, tp)), float(np.where(q, sq, sp))))
                            for c, q, tp, tq, sp, sq in zip(sampled, x, t_ptq, t_qat, spec["ptq"], spec["qat"])}
         estimate = {"gain_mean": float(gains.mean()), "gain_positive_share": float((gains > 0).mean()),
                     **self._estimate}
         if self.capabilities.reads("gap"):
             estimate["quant_gap"] = float(view.quant_gap)
         info = {
-            "qat_share": float(x.mean()), "n_free_qat": int(free.sum()), "n_flipped": int((x != coarse).sum()),
+            "qat_share": float(np.mean([s == "qat" for s in strategies.values()])), "n_free_qat": int(free.sum()),
+            "n_partial_qat": len(partial), "n_flipped": int((x != coarse).sum()),
             "n_sign_ptq": int((gains <= 0).sum()), **estimate,
             "pred_round_s": float(np.max(np.where(x, t_qat, t_ptq))), "cost_model_version": self.cost.version,
             "scatter": {"cids": list(sampled), "s_hat": s_hat.tolist(), "a_hat": normalised_significance(gains).tolist(),
@@ -265,7 +276,21 @@ class FedHQAllocator(Allocator):
                         "xi": self.xi, "round": rnd, "adjusted": adjusted},
             "alloc_compute_s": time.perf_counter() - t0,
         }
-        return Allocation(strategies, info=info)
+        return Allocation(strategies, info=info, max_samples=partial)
+
+    def _partial(self, sampled: list[int], x: np.ndarray, t_ptq: np.ndarray, t_qat: np.ndarray,
+                 spec_qat: np.ndarray, view: FleetView) -> dict[int, int]:
+        """Partial work once committed to QAT: client -> the shard samples whose QAT round fits
+        the round's deadline (the spec sheet's budget, scaled by the cost model's correction),
+        for each client whose full QAT round does not."""
+        if not (self.partial_qat and self.decision.get("mode") == "qat" and not x.all()
+                and hasattr(view, "qat_samples_within")):
+            return {}
+        deadline = float(np.max(np.where(x, t_qat, t_ptq)))
+        out = ~x
+        budgets = deadline * spec_qat[out] / t_qat[out]
+        cids = [c for c, o in zip(sampled, out) if o]
+        return {c: int(m) for c, m in zip(cids, view.qat_samples_within(cids, budgets)) if m > 0}
 
     def observe(self, feedback: RoundFeedback, view: FleetView) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -319,7 +344,8 @@ class FedHQAllocator(Allocator):
 
 def build(cfg: Any, significance: SignificanceModel | None = None, fine: bool = True) -> FedHQAllocator:
     return FedHQAllocator(cfg.xi, significance, fine=fine, adjust_every=cfg.adjust_every, seed=cfg.seed,
-                          uses_significance=cfg.significance != "none", max_stretch=cfg.max_stretch)
+                          uses_significance=cfg.significance != "none", max_stretch=cfg.max_stretch,
+                          partial_qat=cfg.partial_qat)
 
 
 def build_coarse(cfg: Any, significance: SignificanceModel | None = None) -> FedHQAllocator:

@@ -352,3 +352,31 @@ def test_norm_probe_reports_raw_and_per_step_spreads(tiny_cfg, capsys):
         assert max(r["steps"]) >= 5 * min(r["steps"]) and r["exponent"] > 0.5 and not r["rejected"]
         assert r["per_step_spread"][0] < r["raw_spread"][0] and r["per_step_spread"][1] > r["raw_spread"][1]
     assert main(["--lr", "0,x"]) == 2 and "--lr" in capsys.readouterr().err
+
+
+def test_the_norm_bound_reads_each_modes_own_median(tiny_cfg, monkeypatch):
+    """A mixed round: five QAT uploads (small steps) and three FP32-trained PTQ uploads about 4x
+    larger per step, and one PTQ upload scaled 20x. A pooled median (a QAT one) turns every
+    honest PTQ upload away; each mode against its own median keeps them and still rejects the
+    scaled one. The caps are per mode too, and forgotten together."""
+    import fedhq_core.dispatch as D
+
+    sim = Simulation(tiny_cfg.replace(clients=9))
+    norms = {0: 1.0, 1: 1.1, 2: 0.9, 3: 1.0, 4: 1.05, 5: 4.0, 6: 4.5, 7: 5.0, 8: 90.0}
+    monkeypatch.setattr(D, "update_norm", lambda r: norms[r.cid])
+    modes = {c: "qat" if c < 5 else "ptq" for c in norms}
+
+    class R:
+        def __init__(self, cid):
+            self.cid, self.strategy, self.n_samples = cid, modes[cid], 1
+
+    sim.dispatch.assigned = modes
+    kept, rejected = sim.dispatch.bound_norms([R(c) for c in norms], {})
+    assert set(rejected) == {8} and len(kept) == 8
+    assert sim.dispatch.norm_refs == {"qat": pytest.approx(1.0), "fp": pytest.approx(4.5)}
+    pooled = Simulation(tiny_cfg.replace(clients=9)).dispatch     # a round of one mode with 3+ is the old rule
+    pooled.assigned = {c: "qat" for c in norms}
+    _, rej = pooled.bound_norms([R(c) for c in norms], {})
+    assert set(rej) == {5, 6, 7, 8}
+    sim.dispatch.forget_norms()
+    assert sim.dispatch.norm_ref == 0.0 and sim.dispatch.norm_refs == {}
