@@ -71,7 +71,18 @@ class ClientResult:
 
     @property
     def upload_bytes(self) -> int:
-        return self.payload.nbytes
+        """Bytes uploaded: the update's, plus its shadow's (``extra["shadow"]``: the same client
+        trained the other way from the same start, for the server's paired comparison only)."""
+        shadow = self.extra.get("shadow")
+        return self.payload.nbytes + (shadow.payload.nbytes if shadow is not None else 0)
+
+    @property
+    def device_work(self) -> dict[str, list[int]]:
+        """What ran on the device: ``work``, plus its shadow's (see ``upload_bytes``)."""
+        shadow = self.extra.get("shadow")
+        if shadow is None:
+            return self.work
+        return {k: list(self.work.get(k, [])) + list(shadow.work.get(k, [])) for k in {*self.work, *shadow.work}}
 
 
 # Step kinds a client runs; the clock prices each from an op trace of these very functions

@@ -96,6 +96,8 @@ class ExperimentConfig:
     max_stretch: float = 1.0         # [design] fedhq: QAT may stretch a round to at most this x its PTQ deadline (1: free QAT only)
     partial_qat: bool = True         # [design] fedhq committed to QAT: a client whose full QAT round misses the deadline
                                      # trains QAT on the shard samples that fit it (false: it trains FP32, PTQ)
+    paired_explore: bool = True      # [design] fedhq exploring: clients with the slack train both ways (same start and
+                                     # minibatches) and the server compares the same clients' QAT and PTQ uploads
     pilot_rounds: int = 0            # [design] fit-significance: paired pilot rounds per setting; 0 = the setting's run
     significance: str = "auto"       # auto | setting | online | none : a covering family's model else online;
                                      # also its setting-level model; online only; skip

@@ -41,6 +41,7 @@ class Dispatch:
         self.norm_ref = 0.0           # the median norm of the last accepted updates (the norm bound's cap)
         self.norm_refs: dict[str, float] = {}   # the same per training mode ("qat", "fp"), where a mode had 3+
         self.assigned: dict[int, str] = {}      # the last jobs' modes, as the server assigned them
+        self.shadows: dict[int, str] = {}       # the last jobs' shadow modes (paired measurement)
 
     def sample(self, rnd: int, attempt: int = 0) -> list[int]:
         """Seeded client sample of a round; a retried round (``attempt`` > 0) draws afresh."""
@@ -71,10 +72,14 @@ class Dispatch:
         """One job per sampled client: its shard, its spec and (if configured) its injected fault."""
         cfg = self.cfg
         self.assigned = {c: alloc.strategies[c] for c in sampled}
+        self.shadows = {c: alloc.shadow[c] for c in sampled if c in alloc.shadow}
+        # a shadow job starts from the same master with the same seed (the same minibatches): the
+        # two uploads differ by their mode alone
         return [ClientJob(rnd, c, self.shards[c],
                           self.client_spec(rnd, c, alloc.strategies[c], alloc.upload_bits.get(c),
                                            alloc.max_samples.get(c)),
-                          draw_fault(cfg.seed, rnd, c, attempt, cfg.fault_rate, cfg.fault_kinds), cfg.client_timeout_s)
+                          draw_fault(cfg.seed, rnd, c, attempt, cfg.fault_rate, cfg.fault_kinds), cfg.client_timeout_s,
+                          self.client_spec(rnd, c, alloc.shadow[c]) if c in alloc.shadow else None)
                 for c in sampled]
 
     def chunks(self, jobs: list[Any]) -> list[list[Any]]:
@@ -107,6 +112,7 @@ class Dispatch:
                     op.elements = r.upload_bytes
                 if r.cid != up.cid:
                     raise RejectedUpdate("keys", f"claims to be client {r.cid}")
+                self._attach_shadow(r, up, expected, limit)
                 results.append(r)
             except RejectedUpdate as err:
                 rejected[up.cid] = str(err)
@@ -115,6 +121,22 @@ class Dispatch:
         # so the clock pays for its client's time like any other's
         self.waited = [r for r in results if r.cid in rejected]
         return kept, rejected
+
+    def _attach_shadow(self, r: ClientResult, up: Upload, expected: dict[str, tuple[int, ...]], limit: int) -> None:
+        """A paired measurement's second upload, decoded and checked like the first, kept on the
+        result (``extra["shadow"]``: the clock charges its work and bytes, the server's paired
+        comparison reads it; it never touches the master). One that fails a check is dropped."""
+        if up.shadow is None or r.cid not in self.shadows:
+            return
+        blob, up.shadow = up.shadow, None
+        try:
+            with self.host_work.op("decode", 1) as op:
+                s = decode_upload(blob, expected, max_bytes=limit, max_samples=len(self.shards[up.cid]))
+                op.elements = s.upload_bytes
+        except RejectedUpdate:
+            return
+        if s.cid == r.cid and s.strategy == self.shadows[r.cid] != r.strategy:
+            r.extra["shadow"] = s
 
     def forget_norms(self) -> None:
         """Forget the norm bound's caps (the next round is bounded as a first round is)."""

@@ -150,7 +150,7 @@ class FleetPricing:
     def client_times(self, rnd: int, results: list[ClientResult]) -> dict[int, ClientTime]:
         """What each client's reported work took on its simulated device this round."""
         assert self.clock is not None, "profile() first"
-        return {r.cid: self.clock.client_time(rnd, r.cid, r.work, r.upload_bytes) for r in results}
+        return {r.cid: self.clock.client_time(rnd, r.cid, r.device_work, r.upload_bytes) for r in results}
 
     def aggregation_s(self, results: list[ClientResult], norm_checks: int = 0, step_search: bool = False) -> float:
         """Priced seconds of aggregating ``results`` on the server's device, after

@@ -285,7 +285,18 @@ def partial_gain(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[
     (``k`` the smaller count; the larger side drawn seeded by the round's clients, so neither
     partial averages more updates than the other) aggregated apart from the same master, each
     deployed (:func:`deployed_acc`) and scored on the proxy split: QAT minus PTQ accuracy (None
-    when the round had not both strategies), and ``k``."""
+    when the round had not both strategies), and ``k``.
+
+    Paired, where two or more clients trained both ways from the same master (a result with
+    ``extra["shadow"]``): the QAT and the PTQ uploads of those same clients, so the two partials
+    hold the same shards and differ by the mode alone (unpaired, which classes land on which side
+    decided the comparison at Dirichlet 0.1)."""
+    pairs = sorted((r for r in results if r.extra.get("shadow") is not None), key=lambda r: r.cid)
+    if len(pairs) >= 2:
+        both = [(r, r.extra["shadow"]) for r in pairs]
+        sides = {s: [a if a.strategy == s else b for a, b in both] for s in (Mode.QAT, Mode.PTQ)}
+        return (deployed_acc(model, state, ranges, sides[Mode.QAT], x, y)
+                - deployed_acc(model, state, ranges, sides[Mode.PTQ], x, y)), len(pairs)
     sides = {s: sorted((r for r in results if r.strategy == s), key=lambda r: r.cid) for s in (Mode.QAT, Mode.PTQ)}
     k = min(len(v) for v in sides.values())
     if k == 0:

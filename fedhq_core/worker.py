@@ -185,6 +185,7 @@ class ClientJob:
     spec: TrainSpec
     fault: str | None = None        # injected misbehaviour (see FAULT_KINDS in config)
     timeout_s: float = 0.0          # the stall fault sleeps past this
+    shadow: TrainSpec | None = None  # paired measurement: the same client, the other mode, the same start
 
 
 @dataclass
@@ -194,6 +195,7 @@ class Upload:
     error: str | None = None        # why there is no data (exception type and message)
     wall_s: float = 0.0             # wall time from the task picking the job up to the upload
     worker: str = ""                # host:pid that trained it
+    shadow: bytes | None = None     # the shadow job's wire-encoded result (ClientJob.shadow)
 
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
@@ -263,17 +265,20 @@ def run_job(inputs: RoundInputs, job: ClientJob, device: torch.device) -> Upload
         if job.fault == "stall":
             time.sleep(job.timeout_s * 1.2 + 0.05)
         x, y = job.shard.read()
+        results = []
         with borrow_model(inputs.model, device) as model:
-            warm = warm_steps(inputs, model) if job.spec.strategy == Mode.QAT and not inputs.global_steps else None
-            result = train_client(model, job.cid, x, y, inputs.global_state, inputs.global_ranges,
-                                  job.spec, inputs.global_steps, warm)
+            for spec in [job.spec] + ([job.shadow] if job.shadow is not None else []):
+                warm = warm_steps(inputs, model) if spec.strategy == Mode.QAT and not inputs.global_steps else None
+                results.append(train_client(model, job.cid, x, y, inputs.global_state, inputs.global_ranges,
+                                            spec, inputs.global_steps, warm))
         with span("pack (wire)", job.rnd):
-            wire = to_wire(result)
+            wire = to_wire(results[0])
         if job.fault in CORRUPTIONS:
             wire = corrupt(wire, job.fault)
         with span("pack (wire)", job.rnd):
             data = save_wire(wire)
-        return Upload(job.cid, data, None, time.perf_counter() - t0, WORKER_ID)
+            shadow = save_wire(to_wire(results[1])) if len(results) > 1 else None
+        return Upload(job.cid, data, None, time.perf_counter() - t0, WORKER_ID, shadow)
     except Exception as err:  # noqa: BLE001 - one client's failure is reported, not propagated
         return Upload(job.cid, None, f"{type(err).__name__}: {str(err)[:200]}", time.perf_counter() - t0, WORKER_ID)
 

@@ -26,7 +26,11 @@ Fine [paper: ML-based adjustment with a cost model; design: what it learns and t
     - *explores* for the next rounds (:func:`explore_rounds`: 20%, at least 3): up to half of each
       round's clients, drawn among those whose QAT costs no round time, train with QAT, the rest
       PTQ, and the server compares the round's QAT and PTQ partial aggregates on its proxy split
-      (``server.partial_gain``, priced, seen one round late);
+      (``server.partial_gain``, priced, seen one round late). *Paired* (``paired_explore``):
+      every client with the slack to train both ways within the deadline (t^PTQ + t^QAT, two
+      uploads included) also trains the other way from the same master and minibatches (a
+      shadow: charged on the clock, compared, never aggregated), and where two or more do, the
+      comparison is between the same clients' QAT and PTQ uploads;
     - *commits* once (:func:`commit`) to the option the comparisons favour: PTQ for every client
       (nothing is mixed or measured again), or QAT for every client it costs no round time. It
       never switches back, so the share cannot swing from round to round, and the rounds spent
@@ -149,7 +153,7 @@ class FedHQAllocator(Allocator):
 
     def __init__(self, xi: float, significance: SignificanceModel | None, *, fine: bool = True,
                  adjust_every: int = 3, seed: int = 0, uses_significance: bool = True,
-                 max_stretch: float = float("inf"), partial_qat: bool = False):
+                 max_stretch: float = float("inf"), partial_qat: bool = False, paired_explore: bool = False):
         import sklearn.linear_model  # noqa: F401  (import once here, not inside a timed adjustment)
 
         self.name = "fedhq" if fine else "fedhq-coarse"
@@ -159,6 +163,8 @@ class FedHQAllocator(Allocator):
         self.adjust_every = adjust_every
         self.max_stretch = max_stretch
         self.partial_qat = partial_qat
+        self.paired_explore = paired_explore
+        self._shadow: dict[int, str] = {}       # the round's paired measurement: client -> its second mode
         self.seed = seed
         self.cost = CostModel(seed=seed)
         self.quant_sensitivity: dict[int, float] = {}
@@ -229,7 +235,13 @@ class FedHQAllocator(Allocator):
         self._estimate = {"exploring": int(exploring)}
         if exploring:
             rng = np.random.default_rng([self.seed, 83, rnd])
-            return explore_split(t_qat, float(np.max(t_ptq)), rng)
+            deadline = float(np.max(t_ptq))
+            x = explore_split(t_qat, deadline, rng)
+            both = t_ptq + t_qat <= deadline
+            if self.paired_explore and both.sum() >= 2:
+                self._shadow = {c: ("ptq" if q else "qat") for c, q, b in zip(sampled, x, both) if b}
+            self._estimate["n_paired"] = len(self._shadow)
+            return x
         if not self.decision:     # warming up: FP32 training (PTQ) gives the master a start
             return np.zeros(len(sampled), dtype=bool)
         self._estimate.update({k: v for k, v in self.decision.items() if k != "mode"},
@@ -246,7 +258,7 @@ class FedHQAllocator(Allocator):
             t_ptq = self.cost.correct(sampled, t_ptq, False)
             t_qat = self.cost.correct(sampled, t_qat, True)
         s_hat = minmax(1.0 / t_ptq)
-        self._estimate = {}
+        self._estimate, self._shadow = {}, {}
         online = self._online_mask(rnd, sampled, t_ptq, t_qat, view) if self.online else None
         gains = self.significance_of(sampled, view, rnd)
         x, free = allocate_coarse(s_hat, gains, t_ptq, t_qat, self.xi)
@@ -259,8 +271,8 @@ class FedHQAllocator(Allocator):
         partial = self._partial(sampled, x, t_ptq, t_qat, spec["qat"], view)
         strategies = {c: ("qat" if q or c in partial else "ptq") for c, q in zip(sampled, x)}
         deadline = float(np.max(np.where(x, t_qat, t_ptq)))
-        self._last_pred = {c: ((deadline, deadline * sq / tq) if c in partial else
-                               (float(np.where(q, tq, tp)), float(np.where(q, sq, sp))))
+        self._last_pred = {c: ((deadline, deadline * sq / tq) if c in partial else (tp + tq, sp + sq) if c in self._shadow
+                               else (float(np.where(q, tq, tp)), float(np.where(q, sq, sp))))
                            for c, q, tp, tq, sp, sq in zip(sampled, x, t_ptq, t_qat, spec["ptq"], spec["qat"])}
         estimate = {"gain_mean": float(gains.mean()), "gain_positive_share": float((gains > 0).mean()),
                     **self._estimate}
@@ -276,7 +288,7 @@ class FedHQAllocator(Allocator):
                         "xi": self.xi, "round": rnd, "adjusted": adjusted},
             "alloc_compute_s": time.perf_counter() - t0,
         }
-        return Allocation(strategies, info=info, max_samples=partial)
+        return Allocation(strategies, info=info, max_samples=partial, shadow=dict(self._shadow))
 
     def _partial(self, sampled: list[int], x: np.ndarray, t_ptq: np.ndarray, t_qat: np.ndarray,
                  spec_qat: np.ndarray, view: FleetView) -> dict[int, int]:
@@ -345,7 +357,7 @@ class FedHQAllocator(Allocator):
 def build(cfg: Any, significance: SignificanceModel | None = None, fine: bool = True) -> FedHQAllocator:
     return FedHQAllocator(cfg.xi, significance, fine=fine, adjust_every=cfg.adjust_every, seed=cfg.seed,
                           uses_significance=cfg.significance != "none", max_stretch=cfg.max_stretch,
-                          partial_qat=cfg.partial_qat)
+                          partial_qat=cfg.partial_qat, paired_explore=cfg.paired_explore)
 
 
 def build_coarse(cfg: Any, significance: SignificanceModel | None = None) -> FedHQAllocator:

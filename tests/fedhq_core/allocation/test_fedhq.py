@@ -426,3 +426,68 @@ def test_a_qat_committed_run_trains_every_client_qat_within_the_ptq_deadline(tin
     # the same predicted deadline; charged, within the hidden jitter's reach of it (measured: 0.4%)
     assert all(a.extra["pred_round_s"] == pytest.approx(b.extra["pred_round_s"]) for a, b in zip(on, off))
     assert all(a.sim_round_s <= 1.05 * b.sim_round_s for a, b in zip(on, off))
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_exploring_rounds_pair_the_clients_with_slack(paired):
+    """An exploring round: every client whose PTQ and QAT rounds together fit the deadline (the
+    slowest PTQ client's 10 s; here clients 0-2, 3 (1 + c) <= 10) also trains the other mode,
+    a shadow; its round time is predicted as both. Off, or once committed, there are none."""
+    alloc, view, cids = FedHQAllocator(0.5, None, seed=3, paired_explore=paired), _View(), list(range(10))
+    a = alloc.allocate(5, cids, view)                      # round 5 of 20: exploring (rounds 4-7)
+    assert a.info["exploring"] == 1
+    if not paired:
+        assert a.shadow == {} and a.info["n_paired"] == 0
+        return
+    assert set(a.shadow) == {0, 1, 2} and a.info["n_paired"] == 3
+    assert all(a.shadow[c] != a.strategies[c] for c in a.shadow)
+    assert alloc._last_pred[1] == pytest.approx((2.0 + 4.0, 2.0 + 4.0))
+    alloc.decision = {"mode": "qat", "round": 8}
+    assert alloc.allocate(9, cids, view).shadow == {}
+
+
+def test_a_shadow_is_trained_from_the_same_start_charged_and_compared_paired(tiny_cfg):
+    """Two clients train both ways: each upload carries its shadow (the other mode, the same
+    samples), the clock charges both trainings and both uploads, and the server's comparison is
+    between those two clients' QAT and PTQ uploads. A shadow that is not the mode asked for is
+    dropped."""
+    from fedhq_core.allocation import Allocation
+    from fedhq_core.server import partial_gain
+    from fedhq_core.worker import run_jobs
+
+    sim = Simulation(tiny_cfg.replace(strategy="fedhq", significance="online", clients=6, fraction=1.0))
+    sim.profile()
+    cids = list(range(6))
+    alloc = Allocation({c: "qat" if c < 3 else "ptq" for c in cids}, shadow={0: "ptq", 4: "qat"})
+    jobs = sim.dispatch.jobs(0, alloc, cids)
+    uploads = run_jobs(sim.dispatch.round_inputs(), jobs)
+    assert [u.shadow is not None for u in uploads] == [c in (0, 4) for c in cids]
+    results, rejected = sim.dispatch.accept(uploads)
+    assert not rejected
+    by = {r.cid: r for r in results}
+    for c in (0, 4):
+        s = by[c].extra["shadow"]
+        assert s.strategy == alloc.shadow[c] and s.n_samples == by[c].n_samples
+        assert by[c].upload_bytes == by[c].payload.nbytes + s.payload.nbytes
+        assert set(by[c].device_work) == set(by[c].work) | set(s.work)
+    alone = sim.pricing.clock.client_time(0, 4, by[4].work, by[4].payload.nbytes)
+    charged = sim.pricing.client_times(0, [by[4]])[4]
+    assert charged.total_s > alone.total_s and charged.upload_s > alone.upload_s
+    assert "shadow" not in by[1].extra
+    seen = []
+    import fedhq_core.server as S
+
+    orig = S.deployed_acc
+    S.deployed_acc = lambda m, st, rg, res, x, y: seen.append([(r.cid, r.strategy) for r in res]) or orig(m, st, rg, res, x, y)
+    try:
+        gain, k = partial_gain(sim.server.eval_model, sim.server.global_state, sim.server.global_ranges, results,
+                               sim.server.proxy.x, sim.server.proxy.y)
+    finally:
+        S.deployed_acc = orig
+    assert k == 2 and gain is not None
+    assert seen == [[(0, "qat"), (4, "qat")], [(0, "ptq"), (4, "ptq")]]
+    # a shadow of another mode than the one asked for (here the primary's own) is not kept
+    first = run_jobs(sim.dispatch.round_inputs(), sim.dispatch.jobs(0, alloc, cids)[:1])
+    sim.dispatch.shadows[0] = "qat"
+    (again,), _ = sim.dispatch.accept(first)
+    assert again.cid == 0 and "shadow" not in again.extra
