@@ -83,6 +83,23 @@ def test_smoke_study_survives_a_kill_is_paired_and_reuses_its_runs(tmp_path, cap
     assert "6 runs restored" in capsys.readouterr().err
     restored = json.loads((tmp_path / "r.json").read_text())
     assert restored["runs_ran"] == 0 and restored["settings"][0]["paired"] == s["paired"]
+    # fedhq of a newer build against an older build's baselines pairs as the study itself does
+    from flows.compare_builds import combine, main as compare_main
+
+    new_study = json.loads(json.dumps(res))
+    new_study["settings"][0]["runs"] = [r for r in new_study["settings"][0]["runs"] if r["strategy"] == "fedhq"]
+    old_study = json.loads(json.dumps(res))
+    del old_study["settings"][0]["config"]["paired_explore"]       # a key the older build lacked
+    both = combine(new_study, old_study)
+    assert both["compare_builds"]["keys_the_baselines_lack"] == ["paired_explore"]
+    assert both["settings"][0]["paired"] == s["paired"] and both["settings"][0]["bar"]["per_seed"] == s["bar"]["per_seed"]
+    old_study["settings"][0]["config"]["lr"] = 0.5
+    (tmp_path / "old.json").write_text(json.dumps(old_study))
+    (tmp_path / "new.json").write_text(json.dumps(new_study))
+    capsys.readouterr()
+    assert compare_main(["--method", str(tmp_path / "new.json"), "--baselines", str(tmp_path / "old.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "configs differ in 'lr'" in err
     # a run of another build is put back with its own digest, so the cache check refuses it
     from flows.study import RunCache, restore_runs
     from flows.commands import protocol_from_args
