@@ -14,7 +14,7 @@ from fedhq_core.config import MODELS
 from fedhq_core.errors import CheckpointError, ConfigError, DataError, TooFewClients
 from flows.cli_options import EXIT_USAGE, UsageError, _Parser, add_config_flags
 from flows.commands import (_csv, cmd_bench, cmd_bench_overhead, cmd_bench_scale, cmd_devices, cmd_fit_significance,
-                            cmd_mixing, cmd_models, cmd_promote, cmd_run, cmd_serve, cmd_study, cmd_tune, cmd_upload)
+                            cmd_mixing, cmd_models, cmd_norm_probe, cmd_promote, cmd_run, cmd_serve, cmd_study, cmd_tune, cmd_upload)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +87,16 @@ def _add_run_commands(sub) -> None:
     mx.add_argument("--measure", type=int, help="rounds measured (default: fedhq's exploring rounds)")
     mx.add_argument("--json", metavar="FILE", help="write every round's figures and the summary")
     mx.set_defaults(func=cmd_mixing)
+    npb = sub.add_parser("norm-probe", help="how an honest update's norm grows with its client's local steps, and "
+                                             "what the norm bound sees: one round from the initial master, clients "
+                                             "across the shard sizes, PTQ and QAT, per learning rate")
+    add_config_flags(npb)
+    npb.add_argument("--protocol", metavar="FILE.yaml", help="take the config from this study protocol's --setting")
+    npb.add_argument("--setting", help="the protocol's setting (default: its first)")
+    npb.add_argument("--lrs", type=_csv(float), help="comma-separated constant learning rates (default 0.05,0.001)")
+    npb.add_argument("--probe-clients", type=int, default=10, help="clients probed, spread over the shard sizes")
+    npb.add_argument("--json", metavar="FILE", help="write every probe's norms and spreads")
+    npb.set_defaults(func=cmd_norm_probe)
 
 
 def _add_benchmarks(sub) -> None:

@@ -167,15 +167,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def setting_config(args: argparse.Namespace) -> tuple[str, Any]:
+    """``--protocol P --setting S`` (the protocol's first setting without ``--setting``), else the
+    config flags: the name and config of the one setting a measuring command runs."""
+    if args.protocol:
+        return protocol_from_args(args, None, None, [args.setting] if args.setting else None).configs()[0]
+    if args.setting:
+        raise ConfigError("setting: --setting names a setting of --protocol; give the protocol too")
+    return "config", config_from_args(args)
+
+
+def cmd_norm_probe(args: argparse.Namespace) -> int:
+    from flows.norm_probe import probe, report
+
+    lrs = args.lrs or [0.05, 0.001]
+    if min(lrs) <= 0 or args.probe_clients < 3:
+        raise ConfigError("--lrs: learning rates must be > 0" if min(lrs) <= 0 else "--probe-clients: at least 3")
+    _, cfg = setting_config(args)
+    out = probe(cfg, lrs, args.probe_clients)
+    print(report(out))
+    if args.json:
+        write_json(args.json, {"config": cfg.public_dict(), **out})
+    return 0
+
+
 def cmd_mixing(args: argparse.Namespace) -> int:
     from flows.mixing import DIFFERENCES, run_mixing
 
-    if args.protocol:
-        name, cfg = protocol_from_args(args, None, None, [args.setting] if args.setting else None).configs()[0]
-    elif args.setting:
-        raise ConfigError("setting: --setting names a setting of --protocol; give the protocol too")
-    else:
-        name, cfg = "config", config_from_args(args)
+    name, cfg = setting_config(args)
     seeds = args.seeds or [cfg.seed]
 
     def show(row: dict) -> None:

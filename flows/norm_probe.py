@@ -2,8 +2,10 @@
 one round from the initial master, clients picked across the range of shard sizes, every one
 trained honestly (PTQ and QAT), at each learning rate given::
 
-    python -m flows.norm_probe [--protocol FILE.yaml --setting NAME | --config FILE.yaml]
-                               [--lr 0.05,0.001] [--clients 10] [--set KEY=VALUE ...] [--json FILE]
+    fedhq norm-probe [--protocol FILE.yaml --setting NAME | --config FILE.yaml] [flags]
+                     [--lrs 0.05,0.001] [--probe-clients 10] [--json FILE]
+
+(``python -m flows.norm_probe`` takes the same arguments.)
 
 Per mode and lr it prints the shard sizes' steps, the fitted exponent of norm against steps, and
 the spread (max / median, min / median) of the raw norms and of the norms per step (what
@@ -12,7 +14,6 @@ the spread (max / median, min / median) of the raw norms and of the norms per st
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Any
 
@@ -50,52 +51,23 @@ def probe(cfg: Any, lrs: list[float], n_clients: int = 10, modes: tuple[str, ...
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    from fedhq_core.config import load_config
-    from fedhq_core.errors import ConfigError
-    from fedhq_core.records import write_json
-
-    ap = argparse.ArgumentParser(prog="python -m flows.norm_probe", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config")
-    ap.add_argument("--protocol")
-    ap.add_argument("--setting")
-    ap.add_argument("--lr", default="0.05,0.001", help="comma-separated learning rates (constant)")
-    ap.add_argument("--clients", type=int, default=10)
-    ap.add_argument("--set", dest="set_", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--json")
-    args = ap.parse_args(argv)
-    import yaml
-
-    try:
-        lrs = [float(x) for x in args.lr.split(",") if x.strip()]
-        if not lrs or min(lrs) <= 0:
-            raise ValueError
-    except ValueError:
-        print(f"fedhq: error: --lr: expected positive numbers, got {args.lr!r}", file=sys.stderr)
-        return 2
-    try:
-        overrides = {k: yaml.safe_load(v) for k, v in (i.split("=", 1) for i in args.set_)}
-        if args.protocol:
-            from flows.study import load_protocol
-
-            proto = load_protocol(args.protocol, overrides, None, None, [args.setting] if args.setting else None)
-            cfg = proto.configs()[0][1]
-        else:
-            cfg = load_config(args.config, overrides)
-    except (ConfigError, ValueError) as err:
-        print(f"fedhq: error: {err}", file=sys.stderr)
-        return 2
-    out = probe(cfg, lrs, args.clients)
+def report(out: dict[str, Any]) -> str:
+    """The probe's lines: shard sizes, then per mode and lr the steps, the exponent and the spreads."""
     s = out["shard_sizes"]
-    print(f"shards: {s['min']} to {s['max']} images (median {s['median']:g})")
+    lines = [f"shards: {s['min']} to {s['max']} images (median {s['median']:g})"]
     for r in out["rows"]:
         exp = "n/a" if r["exponent"] is None else f"{r['exponent']:.2f}"
-        print(f"{r['mode']} lr {r['lr']:g}: steps {r['steps']}; norm ~ steps^{exp}; raw max/median "
-              f"{r['raw_spread'][0]:.2f}, min/median {r['raw_spread'][1]:.2f}; per step max/median "
-              f"{r['per_step_spread'][0]:.2f}, min/median {r['per_step_spread'][1]:.2f}; rejected {r['rejected']}")
-    if args.json:
-        write_json(args.json, {"config": cfg.public_dict(), **out})
-    return 0
+        lines.append(f"{r['mode']} lr {r['lr']:g}: steps {r['steps']}; norm ~ steps^{exp}; raw max/median "
+                     f"{r['raw_spread'][0]:.2f}, min/median {r['raw_spread'][1]:.2f}; per step max/median "
+                     f"{r['per_step_spread'][0]:.2f}, min/median {r['per_step_spread'][1]:.2f}; rejected {r['rejected']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flows.norm_probe ...`` is ``fedhq norm-probe ...``."""
+    from flows.cli import main as cli
+
+    return cli(["norm-probe", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

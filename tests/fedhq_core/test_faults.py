@@ -351,7 +351,9 @@ def test_norm_probe_reports_raw_and_per_step_spreads(tiny_cfg, capsys):
     for r in out["rows"]:
         assert max(r["steps"]) >= 5 * min(r["steps"]) and r["exponent"] > 0.5 and not r["rejected"]
         assert r["per_step_spread"][0] < r["raw_spread"][0] and r["per_step_spread"][1] > r["raw_spread"][1]
-    assert main(["--lr", "0,x"]) == 2 and "--lr" in capsys.readouterr().err
+    assert main(["--lrs", "0,x"]) == 2 and "--lrs" in capsys.readouterr().err
+    assert main(["--lrs", "0"]) == 2 and "--lrs: learning rates must be > 0" in capsys.readouterr().err
+    assert main(["--setting", "a0.1-w2a8"]) == 2 and "give the protocol too" in capsys.readouterr().err
 
 
 def test_the_norm_bound_reads_each_modes_own_median(tiny_cfg, monkeypatch):
