@@ -11,7 +11,8 @@ bar)::
     python -m flows.compare_builds --method NEW.json --baselines OLD.json [--json OUT]
 
 ``NEW.json``: a study of fedhq alone (``fedhq study --strategies fedhq``); ``OLD.json``: a study
-with the baselines. Each setting's configs must be equal but for the strategy and keys the old
+with the baselines. Only those whose runs do not depend on fedhq's are taken (all-ptq, all-qat,
+fp32: random-hybrid takes fedhq's QAT share). Each setting's configs must be equal but for the strategy and keys the old
 build did not have (listed in the output); the seeds must match. Bad input: one line, exit 2.
 """
 from __future__ import annotations
@@ -34,8 +35,13 @@ def _read(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read a study JSON ({type(err).__name__})") from None
 
 
-def combine(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
-    """The new study's fedhq runs with the old study's baselines, per setting, summarized as a
+# baselines whose runs do not depend on fedhq's (random-hybrid takes fedhq's QAT share, so a new
+# fedhq build changes its runs too)
+INDEPENDENT = ("all-ptq", "all-qat", "fp32")
+
+
+def combine(new: dict[str, Any], old: dict[str, Any], baselines: tuple[str, ...] = INDEPENDENT) -> dict[str, Any]:
+    """The new study's fedhq runs with the old study's ``baselines``, per setting, summarized as a
     study summarizes a setting. Raises ConfigError where the two do not pair."""
     from fedhq_core.config import from_mapping
     from flows.study import summarize_setting
@@ -55,15 +61,15 @@ def combine(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
         mine = {r["seed"]: r for r in s["runs"] if r["strategy"] == METHOD}
         by_seed: dict[int, dict[str, dict[str, Any]]] = {}
         for r in o["runs"]:
-            if r["strategy"] != METHOD and r["seed"] in mine:
+            if r["strategy"] in baselines and r["seed"] in mine:
                 by_seed.setdefault(r["seed"], {METHOD: dict(mine[r["seed"]])})[r["strategy"]] = dict(r)
         if set(by_seed) != set(mine):
             raise ConfigError(f"setting {s['name']!r}: seeds {sorted(set(mine) - set(by_seed))} have no baselines")
-        strategies = [METHOD] + [n for n in old["strategies"] if n != METHOD and n in by_seed[min(by_seed)]]
+        strategies = [METHOD] + [n for n in old["strategies"] if n in baselines and n in by_seed[min(by_seed)]]
         entry = summarize_setting(s["name"], from_mapping(s["config"]), by_seed, strategies, new["protocol"]["criteria"])
         entry["builds"] = {METHOD: new["code_digest"], "baselines": old["code_digest"]}
         settings.append(entry)
-    strategies = [METHOD] + [n for n in old["strategies"] if n != METHOD]
+    strategies = [METHOD] + [n for n in old["strategies"] if n in baselines]
     return {"study": new["study"], "compare_builds": {"method": new["code_digest"], "baselines": old["code_digest"],
                                                       "keys_the_baselines_lack": sorted(added)},
             "protocol": new["protocol"], "validation": new["validation"], "statistics": new["statistics"],
