@@ -231,6 +231,7 @@ def run_record(res: dict[str, Any], strategy: str, seed: int) -> dict[str, Any]:
     out["measure_sim_s"] = float(sum(r["extra"].get("server_measure_s", 0.0) for r in res["rounds"]))
     out["qat_per_round"] = [r["n_qat"] for r in res["rounds"]]
     out["partial_qat_per_round"] = [int(r["extra"].get("n_partial_qat", 0)) for r in res["rounds"]]
+    out["paired_per_round"] = [int(r["extra"].get("n_paired", 0)) for r in res["rounds"]]   # exploring: shadows
     # the server's checks turned these uploads away (by reason, and per round)
     out["rejected"] = res.get("rejected", {})
     out["rejected_per_round"] = [len(r.get("rejected", {})) for r in res["rounds"]]
