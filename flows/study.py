@@ -461,7 +461,9 @@ def study_flow(proto_dict: dict[str, Any], progress: bool = False) -> dict[str, 
                     res = execute_run(rcfg, speed=speed, sim=sim, parent_run_id=parent, progress=progress,
                                       register=False, run_name=f"{proto.name}-{name}-{strategy}-s{seed}")
                     run = run_record(res, strategy, seed)
-                    run["digest"] = digest
+                    # the CPU it ran on: float kernels differ between CPUs, so the same config and
+                    # code give another realization on another CPU (within the replicate noise)
+                    run.update(digest=digest, cpu=host_info(device)["cpu"])
                     cache.put(name, strategy, seed, digest, run)
                 by_seed[seed][strategy] = run
                 print(bar.step(what, strategy, run["wall_s"], cached), file=sys.stderr, flush=True)
@@ -487,6 +489,7 @@ def study_flow(proto_dict: dict[str, Any], progress: bool = False) -> dict[str, 
                                         "strategy's total simulated time"},
            "settings": out_settings, "strategies": proto.strategies, "seeds": proto.seeds,
            "runs_ran": bar.ran, "runs_cached": bar.cached, "wall_s": time.perf_counter() - t0,
+           "run_cpus": sorted({str(r.get("cpu", "not recorded")) for s in out_settings for r in s["runs"]}),
            "runs_wall_s": float(sum(r["wall_s"] for s in out_settings for r in s["runs"])),
            "host": host_info(device)}
     out["plots"] = study_plots(out, Path(base0.state_dir) / "plots" / f"study-{proto.name}")

@@ -44,6 +44,7 @@ def test_smoke_study_survives_a_kill_is_paired_and_reuses_its_runs(tmp_path, cap
     res = json.loads(out.read_text())
     assert res["runs_cached"] >= 1 and res["runs_ran"] + res["runs_cached"] == 6
     assert res["validation"]["size"] == round(0.1 * 1437) and res["wall_s"] > 0 and res["host"]["cores"]
+    assert res["run_cpus"] == [res["host"]["cpu"]]       # each run records the CPU it ran on
     (s,) = res["settings"]
     assert s["name"] == "default" and s["config"]["rounds"] == 3
     assert {(r["strategy"], r["seed"]) for r in s["runs"]} == {(n, k) for n in ("fedhq", "all-ptq", "all-qat")
