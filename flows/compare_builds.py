@@ -70,8 +70,11 @@ def combine(new: dict[str, Any], old: dict[str, Any], baselines: tuple[str, ...]
         entry["builds"] = {METHOD: new["code_digest"], "baselines": old["code_digest"]}
         settings.append(entry)
     strategies = [METHOD] + [n for n in old["strategies"] if n in baselines]
+    # the CPUs the paired runs ran on: another CPU gives another realization (float kernels)
+    cpus = {side: sorted({str(r.get("cpu", "not recorded")) for s in settings for r in s["runs"]
+                          if (r["strategy"] == METHOD) == (side == "method")}) for side in ("method", "baselines")}
     return {"study": new["study"], "compare_builds": {"method": new["code_digest"], "baselines": old["code_digest"],
-                                                      "keys_the_baselines_lack": sorted(added)},
+                                                      "keys_the_baselines_lack": sorted(added), "cpus": cpus},
             "protocol": new["protocol"], "validation": new["validation"], "statistics": new["statistics"],
             "settings": settings, "strategies": strategies, "seeds": new["seeds"], "host": new["host"]}
 
@@ -94,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fedhq at code {cb['method']} against the baselines at code {cb['baselines']} (keys the baselines' "
           f"build lacks: {', '.join(cb['keys_the_baselines_lack']) or 'none'}); check that the baselines' code path "
           "is unchanged with python -m flows.check_behaviour --ref <their commit>")
+    if cb["cpus"]["method"] != cb["cpus"]["baselines"]:
+        print(f"runs on other CPUs ({', '.join(cb['cpus']['method'])} against {', '.join(cb['cpus']['baselines'])}) "
+              "pair as replicates: float kernels differ, so the same run gives other accuracies")
     print(format_table(*study_table(out)))
     print(format_table(*paired_table(out)))
     for s in out["settings"]:

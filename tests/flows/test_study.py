@@ -93,6 +93,7 @@ def test_smoke_study_survives_a_kill_is_paired_and_reuses_its_runs(tmp_path, cap
     del old_study["settings"][0]["config"]["paired_explore"]       # a key the older build lacked
     both = combine(new_study, old_study)
     assert both["compare_builds"]["keys_the_baselines_lack"] == ["paired_explore"]
+    assert both["compare_builds"]["cpus"] == {"method": res["run_cpus"], "baselines": res["run_cpus"]}
     assert both["settings"][0]["paired"] == s["paired"] and both["settings"][0]["bar"]["per_seed"] == s["bar"]["per_seed"]
     old_study["settings"][0]["config"]["lr"] = 0.5
     (tmp_path / "old.json").write_text(json.dumps(old_study))
