@@ -76,27 +76,31 @@ def _add_run_commands(sub) -> None:
                     help="put this study JSON's runs into the cache first (repeatable), so that a fresh checkout "
                          "resumes from committed results; a run of another build or config is run again")
     st.set_defaults(func=cmd_study)
-    mx = sub.add_parser("mixing", help="what a hybrid round costs, in isolation: every client trains both ways from "
-                                       "the same master; all-PTQ, all-QAT and a half-and-half mix, each deployed as a "
-                                       "run deploys it (and the mix with either set of steps alone), on validation")
-    add_config_flags(mx)
-    mx.add_argument("--protocol", metavar="FILE.yaml", help="take the config from this study protocol's --setting")
-    mx.add_argument("--setting", help="the protocol's setting to measure (default: its first)")
+    mx = _setting_parser(sub, "mixing", "what a hybrid round costs, in isolation: every client trains both ways from "
+                                        "the same master; all-PTQ, all-QAT and a half-and-half mix, each deployed as a "
+                                        "run deploys it (and the mix with either set of steps alone), on validation")
     mx.add_argument("--seeds", type=_csv(int), help="comma-separated seeds (default: the config's seed)")
     mx.add_argument("--warmup", type=int, help="PTQ rounds before measuring (default: fedhq's warm-up)")
     mx.add_argument("--measure", type=int, help="rounds measured (default: fedhq's exploring rounds)")
     mx.add_argument("--json", metavar="FILE", help="write every round's figures and the summary")
     mx.set_defaults(func=cmd_mixing)
-    npb = sub.add_parser("norm-probe", help="how an honest update's norm grows with its client's local steps, and "
-                                             "what the norm bound sees: one round from the initial master, clients "
-                                             "across the shard sizes, PTQ and QAT, per learning rate")
-    add_config_flags(npb)
-    npb.add_argument("--protocol", metavar="FILE.yaml", help="take the config from this study protocol's --setting")
-    npb.add_argument("--setting", help="the protocol's setting (default: its first)")
+    npb = _setting_parser(sub, "norm-probe", "how an honest update's norm grows with its client's local steps, and "
+                                              "what the norm bound sees: one round from the initial master, clients "
+                                              "across the shard sizes, PTQ and QAT, per learning rate")
     npb.add_argument("--lrs", type=_csv(float), help="comma-separated constant learning rates (default 0.05,0.001)")
     npb.add_argument("--probe-clients", type=int, default=10, help="clients probed, spread over the shard sizes")
     npb.add_argument("--json", metavar="FILE", help="write every probe's norms and spreads")
     npb.set_defaults(func=cmd_norm_probe)
+
+
+def _setting_parser(sub, name: str, help_text: str):
+    """A measuring command of one setting: the config flags, or ``--protocol`` and its ``--setting``
+    (read by ``commands.setting_config``)."""
+    p = sub.add_parser(name, help=help_text)
+    add_config_flags(p)
+    p.add_argument("--protocol", metavar="FILE.yaml", help="take the config from this study protocol's --setting")
+    p.add_argument("--setting", help="the protocol's setting to measure (default: its first)")
+    return p
 
 
 def _add_benchmarks(sub) -> None:

@@ -268,9 +268,9 @@ class FedHQAllocator(Allocator):
             x = online
         elif self.fine:
             x = best_deadline(gains, t_ptq, t_qat, self.xi, max_stretch=self.max_stretch)
-        partial = self._partial(sampled, x, t_ptq, t_qat, spec["qat"], view)
+        deadline = float(np.max(np.where(x, t_qat, t_ptq)))     # the round's predicted time
+        partial = self._partial(sampled, x, t_qat, spec["qat"], deadline, view)
         strategies = {c: ("qat" if q or c in partial else "ptq") for c, q in zip(sampled, x)}
-        deadline = float(np.max(np.where(x, t_qat, t_ptq)))
         self._last_pred = {c: ((deadline, deadline * sq / tq) if c in partial else (tp + tq, sp + sq) if c in self._shadow
                                else (float(np.where(q, tq, tp)), float(np.where(q, sq, sp))))
                            for c, q, tp, tq, sp, sq in zip(sampled, x, t_ptq, t_qat, spec["ptq"], spec["qat"])}
@@ -282,7 +282,7 @@ class FedHQAllocator(Allocator):
             "qat_share": float(np.mean([s == "qat" for s in strategies.values()])), "n_free_qat": int(free.sum()),
             "n_partial_qat": len(partial), "n_flipped": int((x != coarse).sum()),
             "n_sign_ptq": int((gains <= 0).sum()), **estimate,
-            "pred_round_s": float(np.max(np.where(x, t_qat, t_ptq))), "cost_model_version": self.cost.version,
+            "pred_round_s": deadline, "cost_model_version": self.cost.version,
             "scatter": {"cids": list(sampled), "s_hat": s_hat.tolist(), "a_hat": normalised_significance(gains).tolist(),
                         "gain": gains.tolist(), "qat": x.tolist(), "free": free.tolist(), "coarse": coarse.tolist(),
                         "xi": self.xi, "round": rnd, "adjusted": adjusted},
@@ -290,15 +290,14 @@ class FedHQAllocator(Allocator):
         }
         return Allocation(strategies, info=info, max_samples=partial, shadow=dict(self._shadow))
 
-    def _partial(self, sampled: list[int], x: np.ndarray, t_ptq: np.ndarray, t_qat: np.ndarray,
-                 spec_qat: np.ndarray, view: FleetView) -> dict[int, int]:
+    def _partial(self, sampled: list[int], x: np.ndarray, t_qat: np.ndarray, spec_qat: np.ndarray,
+                 deadline: float, view: FleetView) -> dict[int, int]:
         """Partial work once committed to QAT: client -> the shard samples whose QAT round fits
         the round's deadline (the spec sheet's budget, scaled by the cost model's correction),
         for each client whose full QAT round does not."""
         if not (self.partial_qat and self.decision.get("mode") == "qat" and not x.all()
                 and hasattr(view, "qat_samples_within")):
             return {}
-        deadline = float(np.max(np.where(x, t_qat, t_ptq)))
         out = ~x
         budgets = deadline * spec_qat[out] / t_qat[out]
         cids = [c for c, o in zip(sampled, out) if o]
