@@ -78,17 +78,19 @@ class ClientResult:
 
     @property
     def device_work(self) -> dict[str, list[int]]:
-        """What ran on the device: ``work``, plus its shadow's (see ``upload_bytes``)."""
+        """What ran on the device: ``work``, plus its shadow's (see ``upload_bytes``) under its
+        step kinds prefixed ``SHADOW_PREFIX``: priced as those kinds, itemized apart."""
         shadow = self.extra.get("shadow")
         if shadow is None:
             return self.work
-        return {k: list(self.work.get(k, [])) + list(shadow.work.get(k, [])) for k in {*self.work, *shadow.work}}
+        return {**self.work, **{SHADOW_PREFIX + k: list(v) for k, v in shadow.work.items()}}
 
 
 # Step kinds a client runs; the clock prices each from an op trace of these very functions
 # (``hardware.trace``). Values in ``ClientResult.work`` are batch sizes, one per step; for
 # ``wsearch`` one 0 per search; for ``pack`` the upload bits, one per packed update.
 STEP_KINDS = ("fp32", "qat", "fwd", "calib", "wsearch", "pack")
+SHADOW_PREFIX = "shadow_"   # a paired measurement's work in ``ClientResult.device_work``: priced as its kind
 
 
 def make_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:

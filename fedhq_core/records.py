@@ -48,7 +48,8 @@ class RoundRecord:
 
 def sim_breakdown(records: Iterable[RoundRecord]) -> dict[str, float]:
     """The run's simulated time split by what the critical client of each round spent it on:
-    step kinds (``client.STEP_KINDS``), upload, server and failed attempts."""
+    step kinds (``client.STEP_KINDS``; ``shadow_<kind>``, a paired measurement's), upload,
+    server and failed attempts."""
     out: dict[str, float] = {}
     for r in records:
         for k, v in r.extra.items():
@@ -97,6 +98,7 @@ def records_summary(records: list[RoundRecord]) -> dict[str, Any]:
         "qat_share": float(np.mean([r.n_qat / max(1, r.n_qat + r.n_ptq + r.n_fp32) for r in records]))
         if records else 0.0,
         "sim_breakdown_s": sim_breakdown(records),
+        "shadow_device_s": float(sum(r.extra.get("shadow_device_s", 0.0) for r in records)),
         "ptq_extras_share": _mean_of(r.extra.get("ptq_extras_share") for r in records),
         "rejected": {"total": sum(len(r.rejected) for r in records),
                      "by_reason": reject_counts(r.rejected for r in records),

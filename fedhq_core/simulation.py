@@ -26,7 +26,7 @@ from torch import nn
 
 from .allocation import Allocation, Capabilities, RoundFeedback, build_allocator
 from .allocation.pilot import FitInfo
-from .client import ClientResult, Mode
+from .client import SHADOW_PREFIX, ClientResult, Mode
 from .config import ExperimentConfig
 from .data import Dataset, Split, partition
 from .dispatch import Dispatch
@@ -305,6 +305,9 @@ class Simulation:
         host.merge(decode)
         extra["host_priced_s"], extra["host_measured_s"] = host.priced_s(), host.measured_s
         self.run_work.merge(host)
+        shadow_s = sum(v for t in times.values() for k, v in t.by_kind.items() if k.startswith(SHADOW_PREFIX))
+        if shadow_s:   # every client's paired-measurement work (the critical client's is in the sim_shadow_* split)
+            extra["shadow_device_s"] = float(shadow_s)
         ptq = [times[r.cid] for r in results if r.strategy == Mode.PTQ]
         if ptq:   # what PTQ runs on the device beyond FP32 training, as a share of its client's time
             extra["ptq_extras_share"] = float(np.mean([sum(t.by_kind.get(k, 0.0) for k in PTQ_EXTRAS) / t.total_s

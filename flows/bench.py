@@ -32,7 +32,7 @@ from tasks.run_tracking import tracker_for  # noqa: E402
 ALL_STRATEGIES = STRATEGY_NAMES     # every registered strategy (fedhq_core.strategies)
 METRICS = ("final_acc_q", "tail_acc_q", "tail_acc_q_val", "final_acc_fp32", "tta_sim_s", "tta_uncharged_sim_s", "total_sim_s",
            "charged_total_sim_s", "fit_sim_s", "fit_wall_s", "wall_s", "upload_bytes", "qat_share", "alloc_overhead_s",
-           "ptq_extras_share", "label_hist_sim_s", "host_work_priced_s", "host_work_measured_s")
+           "ptq_extras_share", "label_hist_sim_s", "host_work_priced_s", "host_work_measured_s", "shadow_device_s")
 
 
 def host_info(device: str) -> dict[str, Any]:
@@ -278,13 +278,16 @@ def bench_table(out: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     return headers, rows
 
 
-BREAKDOWN_PARTS = ("fp32", "qat", "calib", "wsearch", "fwd", "pack", "upload", "alloc", "server", "server_wait",
+BREAKDOWN_PARTS = ("fp32", "qat", "calib", "wsearch", "fwd", "pack", "shadow", "upload", "alloc", "server", "server_wait",
                    "deploy", "failed")
 
 
 def breakdown_table(out: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """Each strategy's simulated time split by what the critical client of each round spent it on."""
-    parts = [p for p in BREAKDOWN_PARTS if any(p in e.get("sim_breakdown_s", {}) for e in out["strategies"].values())]
-    rows = [[name] + [round(e.get("sim_breakdown_s", {}).get(p, 0.0), 2) for p in parts] + [round(e["total_sim_s"], 2)]
+    def part(e: dict[str, Any], p: str) -> float:   # "shadow": every shadow_<kind> (a paired measurement's work)
+        split = e.get("sim_breakdown_s", {})
+        return sum(v for k, v in split.items() if k.startswith("shadow_")) if p == "shadow" else split.get(p, 0.0)
+    parts = [p for p in BREAKDOWN_PARTS if any(part(e, p) for e in out["strategies"].values())]
+    rows = [[name] + [round(part(e, p), 2) for p in parts] + [round(e["total_sim_s"], 2)]
             for name, e in out["strategies"].items()]
     return ["strategy"] + [f"{p}_s" for p in parts] + ["total_sim_s"], rows

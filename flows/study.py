@@ -207,7 +207,7 @@ def restore_runs(paths: list[str], proto: Protocol) -> int:
 # --- one run's figures --------------------------------------------------------------------------
 RUN_KEEP = ("final_acc_q", "final_acc_q_val", "final_acc_fp32", "total_sim_s", "charged_total_sim_s", "fit_sim_s",
             "fit_charged_sim_s", "fit_source", "wall_s", "upload_bytes", "qat_share", "alloc_overhead_s", "host_work_priced_s",
-            "host_work_measured_s",
+            "host_work_measured_s", "shadow_device_s",
             "sim_breakdown_s", "label_hist_sim_s", "run_id", "significance")
 
 

@@ -24,6 +24,7 @@ from scipy.optimize import least_squares
 
 from .host_work import simulator_work
 from .catalog import DEVICES, DeviceClass
+from ..client import SHADOW_PREFIX
 from .profile import KINDS, TraceBook
 from .trace import StepTrace
 
@@ -73,8 +74,9 @@ class RooflineModel:
         return self._cache[key]
 
     def work_breakdown(self, work: dict[str, list[int]], d: DeviceClass) -> dict[str, float]:
-        """Seconds per step kind of everything a client ran (see ``client.STEP_KINDS``)."""
-        return {kind: sum(n * self.step_time(kind, b, d) for b, n in Counter(sizes).items())
+        """Seconds per step kind of everything a client ran (see ``client.STEP_KINDS``; a kind
+        prefixed ``client.SHADOW_PREFIX``, a paired measurement's, is priced as the kind)."""
+        return {kind: sum(n * self.step_time(kind.removeprefix(SHADOW_PREFIX), b, d) for b, n in Counter(sizes).items())
                 for kind, sizes in work.items() if sizes}
 
     def work_time(self, work: dict[str, list[int]], d: DeviceClass) -> float:

@@ -116,6 +116,16 @@ def test_smoke_study_survives_a_kill_is_paired_and_reuses_its_runs(tmp_path, cap
     cache = RunCache(tmp_path / "old" / "study" / "study")
     assert cache.get("default", r0["strategy"], r0["seed"], real) is None
     assert "another version of the code or another config" in capsys.readouterr().err
+    # a replicate (only the minibatch order redrawn) of one run: it runs (its digest is its own),
+    # prints how far the tail moved, and the JSON carries the same figures
+    rep = SMOKE[:SMOKE.index("--seeds")] + ["--seeds", "0", "--strategies", "all-ptq"] + SMOKE[SMOKE.index("--rounds"):]
+    rep += ["--set", "replicate=1", "--replicate-of", str(out), "--state-dir", str(state), "--json", str(tmp_path / "rep.json")]
+    assert main(rep) == 0
+    printed = capsys.readouterr().out
+    rj = json.loads((tmp_path / "rep.json").read_text())
+    rn = rj["settings"][0]["replicate_noise"]
+    assert rj["runs_ran"] == 1 and rn["n"] == 1 and rn["pairs"][0]["main"] == by["all-ptq", 0]["tail_acc_q"]
+    assert f"default: replicate of {out}: 1 runs, tails moved by up to {100 * rn['max_abs_diff']:.1f} points" in printed
 
 
 def test_cache_refuses_another_code_version_or_config(tmp_path, capsys):

@@ -284,9 +284,18 @@ def test_online_run_pays_only_for_what_it_measured(tiny_cfg):
     exploring = [r.extra["exploring"] for r in sim.records]
     assert exploring == [0, 1, 1, 1, 0] and len(sim.server.partials) == 3
     assert all(g is None or np.isfinite(g) for g in sim.server.partials)
+    # the paired measurements' device work is charged and itemized: every client's in the
+    # summary (a critical client's would stand as shadow_<kind> in the simulated-time split)
+    paired = [r.extra.get("n_paired", 0) for r in sim.records]
+    assert sum(paired) > 0 and all(p == 0 for p, e in zip(paired, exploring) if not e)
+    s = sim.summary()
+    assert s["shadow_device_s"] > 0
+    assert s["shadow_device_s"] == pytest.approx(sum(r.extra.get("shadow_device_s", 0.0) for r in sim.records))
+    assert all((r.extra.get("shadow_device_s", 0.0) > 0) == (p > 0) for r, p in zip(sim.records, paired))
     base = Simulation(cfg.replace(strategy="all-ptq"))
     run(base.cfg, sim=base)
     assert base.server.partials == [] and base.server.gaps == []
+    assert base.summary()["shadow_device_s"] == 0 and not any(k.startswith("shadow_") for k in base.summary()["sim_breakdown_s"])
 
 
 def test_significance_none_skips_the_fit(tiny_cfg):
@@ -469,10 +478,14 @@ def test_a_shadow_is_trained_from_the_same_start_charged_and_compared_paired(tin
         s = by[c].extra["shadow"]
         assert s.strategy == alloc.shadow[c] and s.n_samples == by[c].n_samples
         assert by[c].upload_bytes == by[c].payload.nbytes + s.payload.nbytes
-        assert set(by[c].device_work) == set(by[c].work) | set(s.work)
+        assert set(by[c].device_work) == set(by[c].work) | {"shadow_" + k for k in s.work}
     alone = sim.pricing.clock.client_time(0, 4, by[4].work, by[4].payload.nbytes)
     charged = sim.pricing.client_times(0, [by[4]])[4]
     assert charged.total_s > alone.total_s and charged.upload_s > alone.upload_s
+    # the shadow's work is priced as its step kinds and itemized apart: the same seconds as alone
+    shadow = sim.pricing.clock.client_time(0, 4, by[4].extra["shadow"].work, 0)
+    assert charged.by_kind["shadow_qat"] == pytest.approx(shadow.by_kind["qat"])
+    assert charged.observed_s == pytest.approx(alone.observed_s + shadow.observed_s)
     assert "shadow" not in by[1].extra
     seen = []
     import fedhq_core.server as S
