@@ -14,6 +14,13 @@ bar)::
 with the baselines. Only those whose runs do not depend on fedhq's are taken (all-ptq, all-qat,
 fp32: random-hybrid takes fedhq's QAT share). Each setting's configs must be equal but for the strategy and keys the old
 build did not have (listed in the output); the seeds must match. Bad input: one line, exit 2.
+
+``--pool A.json B.json ...`` instead pools the seeds of studies of the same settings run at
+builds whose behaviour is the same (checked with ``check_behaviour``): every strategy of each
+seed from one study, the seeds disjoint, the intervals over all of them; which build and CPU
+ran each seed is listed::
+
+    python -m flows.compare_builds --pool A.json B.json [--json OUT]
 """
 from __future__ import annotations
 
@@ -40,6 +47,60 @@ def _read(path: str) -> dict[str, Any]:
 INDEPENDENT = ("all-ptq", "all-qat", "fp32")
 
 
+def _check_configs(s: dict[str, Any], o: dict[str, Any]) -> set[str]:
+    """Setting ``s``'s config against ``o``'s (an older build's): equal but for the strategy and
+    keys ``o`` lacks, which are returned. Raises ConfigError naming the first key that differs."""
+    differ = sorted(k for k in set(s["config"]) & set(o["config"]) if k != "strategy" and s["config"][k] != o["config"][k])
+    if differ or set(o["config"]) - set(s["config"]):
+        raise ConfigError(f"setting {s['name']!r}: configs differ in {(differ or sorted(set(o['config']) - set(s['config'])))[0]!r}")
+    return set(s["config"]) - set(o["config"])
+
+
+def _cpus(runs: list[dict[str, Any]]) -> list[str]:
+    return sorted({str(r.get("cpu", "not recorded")) for r in runs})
+
+
+def pool(studies: list[dict[str, Any]]) -> dict[str, Any]:
+    """The seeds of several studies of the same settings pooled, per setting: each seed's runs
+    (every strategy) from the one study that ran it, summarized as one study over all the seeds.
+    Raises ConfigError where they do not pool (configs, strategies or a seed in two studies)."""
+    from fedhq_core.config import from_mapping
+    from flows.study import summarize_setting
+
+    if len(studies) < 2:
+        raise ConfigError("--pool: give two or more study JSONs")
+    first = studies[0]
+    settings, strategies = [], list(first["strategies"])
+    for s in first.get("settings", []):
+        parts = [next((o for o in st.get("settings", []) if o["name"] == s["name"]), None) for st in studies]
+        if any(p is None for p in parts):
+            raise ConfigError(f"setting {s['name']!r}: not in every study")
+        for p in parts[1:]:
+            if _check_configs(s, p):     # equal, key for key (it raises where a value differs or p has more)
+                raise ConfigError(f"setting {s['name']!r}: configs differ in {sorted(set(s['config']) - set(p['config']))[0]!r}")
+        strategies = [n for n in first["strategies"] if all(any(r["strategy"] == n for r in p["runs"]) for p in parts)]
+        by_seed: dict[int, dict[str, dict[str, Any]]] = {}
+        builds: dict[str, list[int]] = {}
+        for st, p in zip(studies, parts):
+            for seed in sorted({r["seed"] for r in p["runs"]}):
+                if seed in by_seed:
+                    raise ConfigError(f"setting {s['name']!r}: seed {seed} is in two studies")
+                by_seed[seed] = {r["strategy"]: dict(r) for r in p["runs"] if r["seed"] == seed and r["strategy"] in strategies}
+                builds.setdefault(st["code_digest"], []).append(seed)
+        missing = [(k, n) for k, runs in by_seed.items() for n in strategies if n not in runs]
+        if missing:
+            raise ConfigError(f"setting {s['name']!r}: seed {missing[0][0]} has no {missing[0][1]} run")
+        entry = summarize_setting(s["name"], from_mapping(s["config"]), by_seed, strategies, first["protocol"]["criteria"])
+        entry["builds"] = builds
+        entry["cpus"] = {str(k): _cpus(list(v.values())) for k, v in sorted(by_seed.items())}
+        settings.append(entry)
+    seeds = sorted({k for s in settings for k in (int(x) for x in s["cpus"])})
+    return {"study": first["study"], "pool": {"builds": [st["code_digest"] for st in studies],
+                                              "cpus": sorted({c for s in settings for v in s["cpus"].values() for c in v})},
+            "protocol": first["protocol"], "validation": first["validation"], "statistics": first["statistics"],
+            "settings": settings, "strategies": strategies, "seeds": seeds, "host": first["host"]}
+
+
 def combine(new: dict[str, Any], old: dict[str, Any], baselines: tuple[str, ...] = INDEPENDENT) -> dict[str, Any]:
     """The new study's fedhq runs with the old study's ``baselines``, per setting, summarized as a
     study summarizes a setting. Raises ConfigError where the two do not pair."""
@@ -52,12 +113,7 @@ def combine(new: dict[str, Any], old: dict[str, Any], baselines: tuple[str, ...]
         if s["name"] not in olds:
             raise ConfigError(f"setting {s['name']!r}: not in the baselines' study")
         o = olds[s["name"]]
-        extra = set(s["config"]) - set(o["config"])
-        added |= extra
-        differ = sorted(k for k in set(s["config"]) & set(o["config"])
-                        if k != "strategy" and s["config"][k] != o["config"][k])
-        if differ or set(o["config"]) - set(s["config"]):
-            raise ConfigError(f"setting {s['name']!r}: configs differ in {(differ or sorted(set(o['config']) - set(s['config'])))[0]!r}")
+        added |= _check_configs(s, o)
         mine = {r["seed"]: r for r in s["runs"] if r["strategy"] == METHOD}
         by_seed: dict[int, dict[str, dict[str, Any]]] = {}
         for r in o["runs"]:
@@ -71,8 +127,8 @@ def combine(new: dict[str, Any], old: dict[str, Any], baselines: tuple[str, ...]
         settings.append(entry)
     strategies = [METHOD] + [n for n in old["strategies"] if n in baselines]
     # the CPUs the paired runs ran on: another CPU gives another realization (float kernels)
-    cpus = {side: sorted({str(r.get("cpu", "not recorded")) for s in settings for r in s["runs"]
-                          if (r["strategy"] == METHOD) == (side == "method")}) for side in ("method", "baselines")}
+    cpus = {side: _cpus([r for s in settings for r in s["runs"] if (r["strategy"] == METHOD) == (side == "method")])
+            for side in ("method", "baselines")}
     return {"study": new["study"], "compare_builds": {"method": new["code_digest"], "baselines": old["code_digest"],
                                                       "keys_the_baselines_lack": sorted(added), "cpus": cpus},
             "protocol": new["protocol"], "validation": new["validation"], "statistics": new["statistics"],
@@ -81,25 +137,40 @@ def combine(new: dict[str, Any], old: dict[str, Any], baselines: tuple[str, ...]
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.compare_builds", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--method", required=True, metavar="NEW.json", help="a study of fedhq at the newer build")
-    ap.add_argument("--baselines", required=True, metavar="OLD.json", help="a study with the baselines")
+    ap.add_argument("--method", metavar="NEW.json", help="a study of fedhq at the newer build")
+    ap.add_argument("--baselines", metavar="OLD.json", help="a study with the baselines")
+    ap.add_argument("--pool", nargs="+", metavar="STUDY.json", help="pool the seeds of these studies instead")
     ap.add_argument("--json", metavar="OUT", help="write the combined results")
     args = ap.parse_args(argv)
     try:
-        out = combine(_read(args.method), _read(args.baselines))
+        if args.pool:
+            if args.method or args.baselines:
+                raise ConfigError("--pool: give either --pool or --method and --baselines")
+            out = pool([_read(f) for f in args.pool])
+        elif not (args.method and args.baselines):
+            raise ConfigError("give --method NEW.json and --baselines OLD.json, or --pool STUDY.json ...")
+        else:
+            out = combine(_read(args.method), _read(args.baselines))
     except ConfigError as err:
         print(f"compare_builds: error: {err}", file=sys.stderr)
         return 2
     from flows.cli_options import format_table
     from flows.study import paired_table, study_table
 
-    cb = out["compare_builds"]
-    print(f"fedhq at code {cb['method']} against the baselines at code {cb['baselines']} (keys the baselines' "
-          f"build lacks: {', '.join(cb['keys_the_baselines_lack']) or 'none'}); check that the baselines' code path "
-          "is unchanged with python -m flows.check_behaviour --ref <their commit>")
-    if cb["cpus"]["method"] != cb["cpus"]["baselines"]:
-        print(f"runs on other CPUs ({', '.join(cb['cpus']['method'])} against {', '.join(cb['cpus']['baselines'])}) "
-              "pair as replicates: float kernels differ, so the same run gives other accuracies")
+    if args.pool:
+        for s in out["settings"]:
+            print(f"{s['name']}: seeds pooled from builds " + "; ".join(f"{b}: {', '.join(map(str, k))}"
+                                                                      for b, k in s["builds"].items())
+                  + f" (CPUs: {', '.join(out['pool']['cpus'])}); check that they behave alike with "
+                  "python -m flows.check_behaviour --ref <commit>")
+    else:
+        cb = out["compare_builds"]
+        print(f"fedhq at code {cb['method']} against the baselines at code {cb['baselines']} (keys the baselines' "
+              f"build lacks: {', '.join(cb['keys_the_baselines_lack']) or 'none'}); check that the baselines' code path "
+              "is unchanged with python -m flows.check_behaviour --ref <their commit>")
+        if cb["cpus"]["method"] != cb["cpus"]["baselines"]:
+            print(f"runs on other CPUs ({', '.join(cb['cpus']['method'])} against {', '.join(cb['cpus']['baselines'])}) "
+                  "pair as replicates: float kernels differ, so the same run gives other accuracies")
     print(format_table(*study_table(out)))
     print(format_table(*paired_table(out)))
     for s in out["settings"]:

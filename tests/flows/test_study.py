@@ -102,6 +102,18 @@ def test_smoke_study_survives_a_kill_is_paired_and_reuses_its_runs(tmp_path, cap
     assert compare_main(["--method", str(tmp_path / "new.json"), "--baselines", str(tmp_path / "old.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "configs differ in 'lr'" in err
+    # the seeds of two studies (here the smoke study split by seed) pool into the study of both
+    from flows.compare_builds import pool
+
+    halves = [json.loads(json.dumps(res)) for _ in (0, 1)]
+    for k, h in enumerate(halves):
+        h["settings"][0]["runs"] = [r for r in h["settings"][0]["runs"] if r["seed"] == k]
+    pooled = pool(halves)
+    assert pooled["settings"][0]["paired"] == s["paired"] and pooled["settings"][0]["builds"] == {res["code_digest"]: [0, 1]}
+    for k, h in enumerate(halves):
+        (tmp_path / f"half{k}.json").write_text(json.dumps(h))
+    assert compare_main(["--pool", str(tmp_path / "half0.json"), str(tmp_path / "half0.json")]) == 2
+    assert capsys.readouterr().err.strip().endswith("seed 0 is in two studies")
     # a run of another build is put back with its own digest, so the cache check refuses it
     from flows.study import RunCache, restore_runs
     from flows.commands import protocol_from_args
