@@ -98,6 +98,8 @@ class ExperimentConfig:
                                      # trains QAT on the shard samples that fit it (false: it trains FP32, PTQ)
     paired_explore: bool = True      # [design] fedhq exploring: clients with the slack train both ways (same start and
                                      # minibatches) and the server compares the same clients' QAT and PTQ uploads
+    online_statistic: str = "tcp"    # [design] fedhq exploring: the comparisons' gain: tcp (QAT minus PTQ mean true-class
+                                     # probability on the same proxy images, paired) | accuracy
     pilot_rounds: int = 0            # [design] fit-significance: paired pilot rounds per setting; 0 = the setting's run
     significance: str = "auto"       # auto | setting | online | none : a covering family's model else online;
                                      # also its setting-level model; online only; skip
@@ -118,6 +120,8 @@ class ExperimentConfig:
     profile_reps: int = 5
     # --- execution ----------------------------------------------------------------------
     seed: int = 0
+    data_seed: int = 0               # the dataset's own draws (digits' train/test split, the --max-*-samples subsets):
+                                     # fixed while seed varies, so `fedhq run --seed N` is seed N of a bench or study
     replicate: int = 0               # > 0 re-draws only the clients' minibatch order (same shards, devices, samples,
                                      # initial weights): a replicate of the seed, to measure its SGD noise
     device: str = "auto"             # auto | cpu | cuda
@@ -297,6 +301,7 @@ def _validate_run(cfg: ExperimentConfig) -> None:
     _check(cfg.pilot_rounds >= 0, "pilot_rounds", "must be >= 0 (0: the whole run)")
     _check(cfg.significance in ("auto", "setting", "online", "none"), "significance",
            "must be auto, setting, online or none")
+    _check(cfg.online_statistic in ("tcp", "accuracy"), "online_statistic", "must be tcp or accuracy")
     _check(0.5 <= cfg.fedfq_avg_bits <= 16, "fedfq_avg_bits", "must be in [0.5, 16]")
     _check(cfg.fedfq_iters >= 1, "fedfq_iters", "must be >= 1")
     _check(50 < cfg.ptq_act_percentile <= 100, "ptq_act_percentile", "must be in (50, 100]")

@@ -269,23 +269,28 @@ def upload_quant_loss(model: nn.Module, state: dict[str, torch.Tensor], result: 
     return m["acc_fp32"] - m["acc_q"]
 
 
-def deployed_acc(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[str, tuple[float, float]] | None,
-                 results: Sequence[ClientResult], x: torch.Tensor, y: torch.Tensor) -> float:
-    """Accuracy on ``x``, ``y`` of ``results`` aggregated (FedAvg) into ``state`` and deployed as a
-    run deploys (averaged ranges; :func:`blend_steps`). Accuracy, not
-    cross-entropy: a 2-bit model quantized to noise predicts near-uniformly and so scores a
-    *lower* loss than a confident model of two classes (measured: it sent digits at w2a2 to PTQ)."""
+def deployed_scores(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[str, tuple[float, float]] | None,
+                    results: Sequence[ClientResult], x: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per image of ``x``, ``y``, of ``results`` aggregated (FedAvg) into ``state`` and deployed
+    as a run deploys (averaged ranges; :func:`blend_steps`): whether the answer is right, and
+    :func:`true_class_prob` (one pass for both). Not cross-entropy: a 2-bit model quantized to
+    noise predicts near-uniformly and so scores a *lower* loss than a confident model of two
+    classes (measured: it sent digits at w2a2 to PTQ)."""
     with aggregated_deployment(model, state, ranges, results):
-        return evaluate(model, x, y)[0]
+        return image_scores(model, x, y)
+
+
+ONLINE_STATISTICS = ("tcp", "accuracy")   # config.online_statistic: what a partial comparison's gain is
 
 
 def partial_gain(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[str, tuple[float, float]] | None,
-                 results: Sequence[ClientResult], x: torch.Tensor, y: torch.Tensor) -> tuple[float | None, int]:
+                 results: Sequence[ClientResult], x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, float] | None, int]:
     """The round's online SigAcc signal: ``k`` of its QAT uploads and ``k`` of its PTQ uploads
     (``k`` the smaller count; the larger side drawn seeded by the round's clients, so neither
     partial averages more updates than the other) aggregated apart from the same master, each
-    deployed (:func:`deployed_acc`) and scored on the proxy split: QAT minus PTQ accuracy (None
-    when the round had not both strategies), and ``k``.
+    deployed (:func:`deployed_scores`) and scored on the same proxy images; QAT minus PTQ as
+    ``{"accuracy", "tcp", "tcp_se"}`` (accuracy; mean true-class probability and its paired
+    standard error over the images; fractions; None when the round had not both strategies), and ``k``.
 
     Paired, where two or more clients trained both ways from the same master (a result with
     ``extra["shadow"]``): the QAT and the PTQ uploads of those same clients, so the two partials
@@ -295,43 +300,52 @@ def partial_gain(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[
     if len(pairs) >= 2:
         both = [(r, r.extra["shadow"]) for r in pairs]
         sides = {s: [a if a.strategy == s else b for a, b in both] for s in (Mode.QAT, Mode.PTQ)}
-        return (deployed_acc(model, state, ranges, sides[Mode.QAT], x, y)
-                - deployed_acc(model, state, ranges, sides[Mode.PTQ], x, y)), len(pairs)
-    sides = {s: sorted((r for r in results if r.strategy == s), key=lambda r: r.cid) for s in (Mode.QAT, Mode.PTQ)}
-    k = min(len(v) for v in sides.values())
-    if k == 0:
-        return None, 0
-    pick = np.random.default_rng(sorted(r.cid for r in results))
-    acc = {}
-    for strategy, sub in sides.items():
-        if len(sub) > k:
-            sub = [sub[i] for i in sorted(pick.choice(len(sub), k, replace=False))]
-        acc[strategy] = deployed_acc(model, state, ranges, sub, x, y)
-    return acc["qat"] - acc["ptq"], k
+        k = len(pairs)
+    else:
+        sides = {s: sorted((r for r in results if r.strategy == s), key=lambda r: r.cid) for s in (Mode.QAT, Mode.PTQ)}
+        k = min(len(v) for v in sides.values())
+        if k == 0:
+            return None, 0
+        pick = np.random.default_rng(sorted(r.cid for r in results))
+        sides = {st: [sub[i] for i in sorted(pick.choice(len(sub), k, replace=False))] if len(sub) > k else sub
+                 for st, sub in sides.items()}
+    (cq, tq), (cp, tp) = (deployed_scores(model, state, ranges, sides[m], x, y) for m in (Mode.QAT, Mode.PTQ))
+    tcp, tcp_se = paired_points(tq, tp)
+    return {"accuracy": float(cq.mean() - cp.mean()), "tcp": tcp / 100.0, "tcp_se": tcp_se / 100.0}, k
 
 
 @torch.no_grad()
+def image_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: whether ``model`` (in its current mode) answers right (as :func:`evaluate`
+    counts it), and :func:`true_class_prob`."""
+    model.eval()
+    device = next(model.parameters()).device
+    right, prob = [], []
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        out = model(xb)
+        right.append((out.argmax(1) == yb).cpu())
+        prob.append(F.softmax(out, dim=1).gather(1, yb[:, None])[:, 0].cpu())
+    if not right:
+        return np.zeros(0, dtype=bool), np.zeros(0)
+    # a diverged model (non-finite logits) gives the true class nothing
+    return torch.cat(right).numpy(), torch.nan_to_num(torch.cat(prob).double(), nan=0.0).numpy()
+
+
 def true_class_prob(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> np.ndarray:
     """Per image, the probability ``model`` (in its current mode) gives the true class. Its mean is
     the accuracy of answering by sampling the prediction: it orders models as accuracy does (a
     model quantized to noise scores 1/C, below a confident one of two classes, which cross-entropy
-    does not: see :func:`deployed_acc`), yet moves smoothly with the weights, so two models scored
+    does not: see :func:`deployed_scores`), yet moves smoothly with the weights, so two models scored
     on the same images differ by a paired, low-variance amount (:func:`paired_points`). A
     diverged model's non-finite outputs score 0."""
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(y), batch_size):
-        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-        out.append(F.softmax(model(xb), dim=1).gather(1, yb[:, None])[:, 0].cpu())
-    # a diverged model (non-finite logits) gives the true class nothing
-    return torch.nan_to_num(torch.cat(out).double(), nan=0.0).numpy() if out else np.zeros(0)
+    return image_scores(model, x, y, batch_size)[1]
 
 
 def deployed_soft(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[str, tuple[float, float]] | None,
                   results: Sequence[ClientResult], x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     """:func:`true_class_prob` per image of ``results`` aggregated and deployed as a run deploys
-    (as :func:`deployed_acc`)."""
+    (as :func:`deployed_scores`)."""
     with aggregated_deployment(model, state, ranges, results):
         return true_class_prob(model, x, y)
 

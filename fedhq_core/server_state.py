@@ -72,8 +72,13 @@ class ServerState:
 
     @property
     def partials(self) -> list[float | None]:
-        """QAT minus PTQ partial aggregates on the proxy split, per round it was measured."""
-        return self.measurements["partials"].history
+        """QAT minus PTQ partial aggregates on the proxy split, per round it was measured (the
+        configured ``online_statistic``)."""
+        return self.measurements["partials"].gains()
+
+    def take_records(self) -> dict[str, float]:
+        """Every measurement's figures of this round, for its record."""
+        return {k: v for m in self.measurements.values() for k, v in m.take().items()}
 
     # --- aggregation --------------------------------------------------------------------------
     def aggregate(self, results: list[ClientResult], measure: Iterable[str] = (), norm_checks: int = 0) -> float:

@@ -43,7 +43,9 @@ from .worker import DataKey, ShardRef
 
 
 def data_key(cfg: ExperimentConfig) -> DataKey:
-    return DataKey(cfg.dataset, cfg.data_dir, cfg.download, cfg.seed, cfg.test_fraction, cfg.max_train_samples,
+    """The images a config trains and tests on: drawn with ``data_seed``, not the run's ``seed``
+    (a bench or study loads them once for all its seeds)."""
+    return DataKey(cfg.dataset, cfg.data_dir, cfg.download, cfg.data_seed, cfg.test_fraction, cfg.max_train_samples,
                    cfg.max_test_samples, os.path.join(cfg.state_dir, "cache"))
 
 
@@ -314,6 +316,7 @@ class Simulation:
                                                        for t in ptq]))
         if self.capabilities.reads("gap"):
             extra["quant_gap_measured"] = self.server.gaps[-1]
+        extra.update(self.server.take_records())    # e.g. an exploring round's partial comparison, every statistic
         if failed_s:
             extra["sim_failed_s"] = failed_s
         extra.update({k: v for k, v in metrics.items() if k.startswith("val_")})   # the validation split's

@@ -30,7 +30,9 @@ Fine [paper: ML-based adjustment with a cost model; design: what it learns and t
       every client with the slack to train both ways within the deadline (t^PTQ + t^QAT, two
       uploads included) also trains the other way from the same master and minibatches (a
       shadow: charged on the clock, compared, never aggregated), and where two or more do, the
-      comparison is between the same clients' QAT and PTQ uploads;
+      comparison is between the same clients' QAT and PTQ uploads. The gain compared is the
+      two deployments' mean true-class probability on the same proxy images (``online_statistic:
+      tcp``; a paired, smooth score, ordered as accuracy is) or their accuracy (``accuracy``);
     - *commits* once (:func:`commit`) to the option the comparisons favour: PTQ for every client
       (nothing is mixed or measured again), or QAT for every client it costs no round time. It
       never switches back, so the share cannot swing from round to round, and the rounds spent
@@ -90,7 +92,8 @@ def explore_split(t_qat: np.ndarray, deadline: float, rng: np.random.Generator) 
 
 
 def commit(online: list[float]) -> dict[str, Any]:
-    """The online decision from the exploring rounds' comparisons (QAT minus PTQ partial accuracy):
+    """The online decision from the exploring rounds' comparisons (QAT minus PTQ partial
+    aggregates, as ``config.online_statistic``):
     ``qat`` where their mean is positive, else ``ptq`` (also with none to read), with the mean,
     its standard error and how many comparisons it rests on."""
     g = np.asarray(online, dtype=float)

@@ -15,6 +15,7 @@ class Measurement:
     def __init__(self, cfg: Any = None):
         self.cfg = cfg
         self.history: list[Any] = []
+        self.fresh: dict[str, float] = {}   # this round's figures for its record (see take)
 
     def active(self) -> bool:
         """Whether the server takes it at all in this run (an allocator asked for it)."""
@@ -25,6 +26,11 @@ class Measurement:
 
     def read(self) -> Any:
         return self.history
+
+    def take(self) -> dict[str, float]:
+        """The figures measured since the last call, for the round's record (once)."""
+        out, self.fresh = self.fresh, {}
+        return out
 
     def state(self) -> list[Any]:
         return list(self.history)

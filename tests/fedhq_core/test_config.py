@@ -27,6 +27,7 @@ def test_defaults_are_valid():
     ({"xi": 2}, "xi"),
     ({"replicate": -1}, "replicate"),
     ({"lr_schedule": "step"}, "lr_schedule"),
+    ({"online_statistic": "loss"}, "online_statistic"),
     ({"val_fraction": 0.6}, "val_fraction"),
     ({"eval_every": 2, "test_every": 3}, "test_every"),
 ])

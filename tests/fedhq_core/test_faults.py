@@ -325,7 +325,7 @@ def test_the_norm_bound_is_per_local_step_so_large_shards_pass(tiny_cfg):
     accepted median, turns the large shards away (the ratchet that stalled CIFAR-10 at α 0.1)."""
     from fedhq_core.server import update_norm
 
-    cfg = tiny_cfg.replace(strategy="all-ptq", clients=8, fraction=1.0, batch_size=16, alpha=0.1, seed=2,
+    cfg = tiny_cfg.replace(strategy="all-ptq", clients=8, fraction=1.0, batch_size=16, alpha=0.1, seed=2, data_seed=2,
                            min_shard_size=8)
     sim = Simulation(cfg)
     small, every = [0, 1, 2], list(range(8))

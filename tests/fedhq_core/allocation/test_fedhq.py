@@ -292,6 +292,14 @@ def test_online_run_pays_only_for_what_it_measured(tiny_cfg):
     assert s["shadow_device_s"] > 0
     assert s["shadow_device_s"] == pytest.approx(sum(r.extra.get("shadow_device_s", 0.0) for r in sim.records))
     assert all((r.extra.get("shadow_device_s", 0.0) > 0) == (p > 0) for r, p in zip(sim.records, paired))
+    # every statistic of each comparison is on its round's record; the commit read tcp's
+    recorded = [r.extra for r in sim.records if "partial_tcp" in r.extra]
+    assert len(recorded) == 3 and all({"partial_accuracy", "partial_tcp_se"} <= set(e) for e in recorded)
+    assert sim.server.partials == pytest.approx([e["partial_tcp"] for e in recorded])
+    assert sim.allocator.decision["online_gain"] == pytest.approx(np.mean([e["partial_tcp"] for e in recorded[:-1]]))
+    acc = Simulation(cfg.replace(online_statistic="accuracy"))
+    run(acc.cfg, sim=acc)
+    assert acc.server.partials == pytest.approx([r.extra["partial_accuracy"] for r in acc.records if "partial_tcp" in r.extra])
     base = Simulation(cfg.replace(strategy="all-ptq"))
     run(base.cfg, sim=base)
     assert base.server.partials == [] and base.server.gaps == []
@@ -490,14 +498,20 @@ def test_a_shadow_is_trained_from_the_same_start_charged_and_compared_paired(tin
     seen = []
     import fedhq_core.server as S
 
-    orig = S.deployed_acc
-    S.deployed_acc = lambda m, st, rg, res, x, y: seen.append([(r.cid, r.strategy) for r in res]) or orig(m, st, rg, res, x, y)
+    orig = S.deployed_scores
+    S.deployed_scores = lambda m, st, rg, res, x, y: seen.append([(r.cid, r.strategy) for r in res]) or orig(m, st, rg, res, x, y)
     try:
         gain, k = partial_gain(sim.server.eval_model, sim.server.global_state, sim.server.global_ranges, results,
                                sim.server.proxy.x, sim.server.proxy.y)
     finally:
-        S.deployed_acc = orig
-    assert k == 2 and gain is not None
+        S.deployed_scores = orig
+    assert k == 2 and gain is not None and set(gain) == {"accuracy", "tcp", "tcp_se"}
+    # each statistic is QAT minus PTQ of the same two deployments on the same images
+    (cq, tq), (cp, tp) = (S.deployed_scores(sim.server.eval_model, sim.server.global_state, sim.server.global_ranges,
+                                            [u for c in (0, 4) for u in (by[c], by[c].extra["shadow"]) if u.strategy == m],
+                                            sim.server.proxy.x, sim.server.proxy.y) for m in ("qat", "ptq"))
+    assert gain["accuracy"] == pytest.approx(cq.mean() - cp.mean())
+    assert gain["tcp"] == pytest.approx((tq - tp).mean()) and gain["tcp_se"] == pytest.approx((tq - tp).std(ddof=1) / np.sqrt(len(tq)))
     assert seen == [[(0, "qat"), (4, "qat")], [(0, "ptq"), (4, "ptq")]]
     # a shadow of another mode than the one asked for (here the primary's own) is not kept
     first = run_jobs(sim.dispatch.round_inputs(), sim.dispatch.jobs(0, alloc, cids)[:1])
