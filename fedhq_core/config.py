@@ -98,8 +98,8 @@ class ExperimentConfig:
                                      # trains QAT on the shard samples that fit it (false: it trains FP32, PTQ)
     paired_explore: bool = True      # [design] fedhq exploring: clients with the slack train both ways (same start and
                                      # minibatches) and the server compares the same clients' QAT and PTQ uploads
-    online_statistic: str = "tcp"    # [design] fedhq exploring: the comparisons' gain: tcp (QAT minus PTQ mean true-class
-                                     # probability on the same proxy images, paired) | accuracy
+    online_statistic: str = "accuracy"  # [design] fedhq exploring: the comparisons' gain: accuracy | tcp (QAT minus PTQ
+                                     # mean true-class probability, paired per image: less noisy, but biased to QAT)
     pilot_rounds: int = 0            # [design] fit-significance: paired pilot rounds per setting; 0 = the setting's run
     significance: str = "auto"       # auto | setting | online | none : a covering family's model else online;
                                      # also its setting-level model; online only; skip

@@ -31,8 +31,10 @@ Fine [paper: ML-based adjustment with a cost model; design: what it learns and t
       uploads included) also trains the other way from the same master and minibatches (a
       shadow: charged on the clock, compared, never aggregated), and where two or more do, the
       comparison is between the same clients' QAT and PTQ uploads. The gain compared is the
-      two deployments' mean true-class probability on the same proxy images (``online_statistic:
-      tcp``; a paired, smooth score, ordered as accuracy is) or their accuracy (``accuracy``);
+      two deployments' accuracy on the same proxy images (``online_statistic: accuracy``) or
+      their mean true-class probability (``tcp``: paired per image and far less noisy, but
+      biased to QAT, whose partial aggregates are more confident without being more often
+      right: docs/design.md);
     - *commits* once (:func:`commit`) to the option the comparisons favour: PTQ for every client
       (nothing is mixed or measured again), or QAT for every client it costs no round time. It
       never switches back, so the share cannot swing from round to round, and the rounds spent

@@ -11,15 +11,15 @@ class PartialGain(Measurement):
     """The round's QAT and PTQ uploads aggregated apart from the master they started from, each
     deployed and scored on the same proxy images (``server.partial_gain``); None for a round
     without both modes. Measured while the next round trains, so allocators read every value but
-    the newest, as the gain ``config.online_statistic`` names (``tcp``: the paired mean
-    true-class probability; ``accuracy``). Every statistic is kept (``history``) and recorded with
+    the newest, as the gain ``config.online_statistic`` names (``accuracy``; ``tcp``: the
+    paired mean true-class probability). Every statistic is kept (``history``) and recorded with
     its round (``partial_<statistic>``)."""
 
     name, when, later_only, state_key = "partials", CARRIED, True, "partials"
 
     @property
     def statistic(self) -> str:
-        return getattr(self.cfg, "online_statistic", "tcp")
+        return getattr(self.cfg, "online_statistic", "accuracy")
 
     def measure(self, server: Any, results: list[Any]) -> float:
         gains, k = partial_gain(server.eval_model, server.global_state, server.global_ranges, results,

@@ -292,14 +292,14 @@ def test_online_run_pays_only_for_what_it_measured(tiny_cfg):
     assert s["shadow_device_s"] > 0
     assert s["shadow_device_s"] == pytest.approx(sum(r.extra.get("shadow_device_s", 0.0) for r in sim.records))
     assert all((r.extra.get("shadow_device_s", 0.0) > 0) == (p > 0) for r, p in zip(sim.records, paired))
-    # every statistic of each comparison is on its round's record; the commit read tcp's
+    # every statistic of each comparison is on its round's record; the commit read accuracy's
     recorded = [r.extra for r in sim.records if "partial_tcp" in r.extra]
     assert len(recorded) == 3 and all({"partial_accuracy", "partial_tcp_se"} <= set(e) for e in recorded)
-    assert sim.server.partials == pytest.approx([e["partial_tcp"] for e in recorded])
-    assert sim.allocator.decision["online_gain"] == pytest.approx(np.mean([e["partial_tcp"] for e in recorded[:-1]]))
-    acc = Simulation(cfg.replace(online_statistic="accuracy"))
-    run(acc.cfg, sim=acc)
-    assert acc.server.partials == pytest.approx([r.extra["partial_accuracy"] for r in acc.records if "partial_tcp" in r.extra])
+    assert sim.server.partials == pytest.approx([e["partial_accuracy"] for e in recorded])
+    assert sim.allocator.decision["online_gain"] == pytest.approx(np.mean([e["partial_accuracy"] for e in recorded[:-1]]))
+    tcp = Simulation(cfg.replace(online_statistic="tcp"))
+    run(tcp.cfg, sim=tcp)
+    assert tcp.server.partials == pytest.approx([r.extra["partial_tcp"] for r in tcp.records if "partial_tcp" in r.extra])
     base = Simulation(cfg.replace(strategy="all-ptq"))
     run(base.cfg, sim=base)
     assert base.server.partials == [] and base.server.gaps == []
