@@ -39,6 +39,8 @@ REGISTRY: dict[str, Strategy] = {s.name: s for s in (
              uses_significance=True),
     Strategy("fedhq-coarse", "fedhq:build_coarse", "FedHQ's coarse stage only (spec-sheet times)",
              uses_significance=True),
+    Strategy("ptq-then-qat", "fedhq:build_ptq_then_qat", "fedhq's schedule, its decision fixed to QAT: PTQ warm-up "
+             "(20% of rounds), then QAT where it costs no round time (partial work elsewhere); no exploring"),
     Strategy("fedfq", "fedfq:build", "FP32 training, uplink bits per tensor by simulated annealing (FedFQ)"),
 )}
 

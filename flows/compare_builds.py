@@ -12,7 +12,9 @@ bar)::
 
 ``NEW.json``: a study of fedhq alone (``fedhq study --strategies fedhq``); ``OLD.json``: a study
 with the baselines. Only those whose runs do not depend on fedhq's are taken (all-ptq, all-qat,
-fp32: random-hybrid takes fedhq's QAT share). Each setting's configs must be equal but for the strategy and keys the old
+fp32: random-hybrid takes fedhq's QAT share). ``--take NAMES`` takes other strategies from
+``NEW.json`` instead (e.g. a new baseline, ``--take ptq-then-qat``, against the old build's
+fedhq and pure strategies). Each setting's configs must be equal but for the strategy and keys the old
 build did not have (listed in the output); the seeds must match. Bad input: one line, exit 2.
 
 ``--pool A.json B.json ...`` instead pools the seeds of studies of the same settings run at
@@ -40,11 +42,6 @@ def _read(path: str) -> dict[str, Any]:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
         raise ConfigError(f"{path}: cannot read a study JSON ({type(err).__name__})") from None
-
-
-# baselines whose runs do not depend on fedhq's (random-hybrid takes fedhq's QAT share, so a new
-# fedhq build changes its runs too)
-INDEPENDENT = ("all-ptq", "all-qat", "fp32")
 
 
 def _check_configs(s: dict[str, Any], o: dict[str, Any]) -> set[str]:
@@ -101,12 +98,20 @@ def pool(studies: list[dict[str, Any]]) -> dict[str, Any]:
             "settings": settings, "strategies": strategies, "seeds": seeds, "host": first["host"]}
 
 
-def combine(new: dict[str, Any], old: dict[str, Any], baselines: tuple[str, ...] = INDEPENDENT) -> dict[str, Any]:
-    """The new study's fedhq runs with the old study's ``baselines``, per setting, summarized as a
-    study summarizes a setting. Raises ConfigError where the two do not pair."""
+def combine(new: dict[str, Any], old: dict[str, Any], take: tuple[str, ...] = (METHOD,)) -> dict[str, Any]:
+    """The new study's runs of the strategies ``take`` (fedhq by default) with the old study's
+    runs of the others, per setting and seed, summarized as a study summarizes a setting. From
+    the old study every strategy is taken that is not in ``take`` and does not take its QAT
+    share from one that is (random-hybrid reads fedhq's). Raises ConfigError where the two do
+    not pair."""
     from fedhq_core.config import from_mapping
+    from fedhq_core.strategies import REGISTRY
     from flows.study import summarize_setting
 
+    unknown = [n for n in take if n not in REGISTRY]
+    if unknown:
+        raise ConfigError(f"--take: unknown strategy {unknown[0]!r}")
+    from_old = [n for n in old["strategies"] if n not in take and REGISTRY[n].share_from not in take]
     olds = {s["name"]: s for s in old.get("settings", [])}
     settings, added = [], set()
     for s in new.get("settings", []):
@@ -114,31 +119,38 @@ def combine(new: dict[str, Any], old: dict[str, Any], baselines: tuple[str, ...]
             raise ConfigError(f"setting {s['name']!r}: not in the baselines' study")
         o = olds[s["name"]]
         added |= _check_configs(s, o)
-        mine = {r["seed"]: r for r in s["runs"] if r["strategy"] == METHOD}
+        mine: dict[int, dict[str, dict[str, Any]]] = {}
+        for r in s["runs"]:
+            if r["strategy"] in take:
+                mine.setdefault(r["seed"], {})[r["strategy"]] = dict(r)
         by_seed: dict[int, dict[str, dict[str, Any]]] = {}
         for r in o["runs"]:
-            if r["strategy"] in baselines and r["seed"] in mine:
-                by_seed.setdefault(r["seed"], {METHOD: dict(mine[r["seed"]])})[r["strategy"]] = dict(r)
-        if set(by_seed) != set(mine):
-            raise ConfigError(f"setting {s['name']!r}: seeds {sorted(set(mine) - set(by_seed))} have no baselines")
-        strategies = [METHOD] + [n for n in old["strategies"] if n in baselines and n in by_seed[min(by_seed)]]
+            if r["strategy"] in from_old and r["seed"] in mine:
+                by_seed.setdefault(r["seed"], dict(mine[r["seed"]]))[r["strategy"]] = dict(r)
+        if not mine or set(by_seed) != set(mine):
+            raise ConfigError(f"setting {s['name']!r}: seeds {sorted(set(mine) - set(by_seed)) or 'none'} have no baselines")
+        strategies = [n for n in [METHOD, *from_old, *take] if all(n in runs for runs in by_seed.values())]
+        strategies = list(dict.fromkeys(strategies))
         entry = summarize_setting(s["name"], from_mapping(s["config"]), by_seed, strategies, new["protocol"]["criteria"])
-        entry["builds"] = {METHOD: new["code_digest"], "baselines": old["code_digest"]}
+        entry["builds"] = {", ".join(take): new["code_digest"], "baselines": old["code_digest"]}
         settings.append(entry)
-    strategies = [METHOD] + [n for n in old["strategies"] if n in baselines]
     # the CPUs the paired runs ran on: another CPU gives another realization (float kernels)
-    cpus = {side: _cpus([r for s in settings for r in s["runs"] if (r["strategy"] == METHOD) == (side == "method")])
+    cpus = {side: _cpus([r for s in settings for r in s["runs"] if (r["strategy"] in take) == (side == "method")])
             for side in ("method", "baselines")}
     return {"study": new["study"], "compare_builds": {"method": new["code_digest"], "baselines": old["code_digest"],
+                                                      "taken_from_method": list(take),
                                                       "keys_the_baselines_lack": sorted(added), "cpus": cpus},
             "protocol": new["protocol"], "validation": new["validation"], "statistics": new["statistics"],
-            "settings": settings, "strategies": strategies, "seeds": new["seeds"], "host": new["host"]}
+            "settings": settings, "strategies": list(dict.fromkeys(r["strategy"] for st in settings for r in st["runs"])),
+            "seeds": new["seeds"], "host": new["host"]}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.compare_builds", description=__doc__.split("\n\n")[0])
     ap.add_argument("--method", metavar="NEW.json", help="a study of fedhq at the newer build")
     ap.add_argument("--baselines", metavar="OLD.json", help="a study with the baselines")
+    ap.add_argument("--take", default=METHOD, metavar="NAMES", help="the strategies taken from NEW.json, comma-separated "
+                    "(default fedhq); the rest come from OLD.json")
     ap.add_argument("--pool", nargs="+", metavar="STUDY.json", help="pool the seeds of these studies instead")
     ap.add_argument("--json", metavar="OUT", help="write the combined results")
     args = ap.parse_args(argv)
@@ -150,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         elif not (args.method and args.baselines):
             raise ConfigError("give --method NEW.json and --baselines OLD.json, or --pool STUDY.json ...")
         else:
-            out = combine(_read(args.method), _read(args.baselines))
+            out = combine(_read(args.method), _read(args.baselines), tuple(args.take.split(",")))
     except ConfigError as err:
         print(f"compare_builds: error: {err}", file=sys.stderr)
         return 2

@@ -158,10 +158,12 @@ class FedHQAllocator(Allocator):
 
     def __init__(self, xi: float, significance: SignificanceModel | None, *, fine: bool = True,
                  adjust_every: int = 3, seed: int = 0, uses_significance: bool = True,
-                 max_stretch: float = float("inf"), partial_qat: bool = False, paired_explore: bool = False):
+                 max_stretch: float = float("inf"), partial_qat: bool = False, paired_explore: bool = False,
+                 forced: str | None = None):
         import sklearn.linear_model  # noqa: F401  (import once here, not inside a timed adjustment)
 
         self.name = "fedhq" if fine else "fedhq-coarse"
+        self.forced = forced     # the ``ptq-then-qat`` ablation: this commit after the warm-up, no exploring
         self.xi = xi
         self.significance = significance
         self.fine = fine
@@ -181,11 +183,14 @@ class FedHQAllocator(Allocator):
         self.decision: dict[str, Any] = {}      # online: the commit (mode, the comparisons' mean, se, n)
         self.prior: dict[str, Any] = {}         # a family's setting-level decision: committed after the warm-up
         self._round, self._start = 0, 0         # the round being allocated; the first exploring round
+        if forced is not None:
+            self.name, self.prior = f"ptq-then-{forced}", {"mode": forced, "forced": 1}
 
     @property
     def online(self) -> bool:
-        """Deciding from the rounds: the fine stage, with SigAcc wanted but no (predictive) family."""
-        return self.fine and self.uses_significance and self.significance is None
+        """Deciding from the rounds: the fine stage, with SigAcc wanted but no (predictive) family
+        (or the decision forced: the same schedule, without the comparisons)."""
+        return self.fine and (self.forced is not None or (self.uses_significance and self.significance is None))
 
     @property
     def capabilities(self) -> Capabilities:
@@ -362,6 +367,15 @@ def build(cfg: Any, significance: SignificanceModel | None = None, fine: bool = 
     return FedHQAllocator(cfg.xi, significance, fine=fine, adjust_every=cfg.adjust_every, seed=cfg.seed,
                           uses_significance=cfg.significance != "none", max_stretch=cfg.max_stretch,
                           partial_qat=cfg.partial_qat, paired_explore=cfg.paired_explore)
+
+
+def build_ptq_then_qat(cfg: Any, significance: SignificanceModel | None = None) -> FedHQAllocator:
+    """The ``ptq-then-qat`` ablation: fedhq's online schedule with its decision fixed to QAT, so
+    it separates the schedule from the deciding. The PTQ warm-up (FP32 training, the first 20% of
+    rounds), then QAT for every client it costs no round time and partial-work QAT for the rest,
+    as a QAT-committed fedhq run; no exploring round, no comparison, no SigAcc."""
+    return FedHQAllocator(cfg.xi, None, adjust_every=cfg.adjust_every, seed=cfg.seed, uses_significance=False,
+                          max_stretch=cfg.max_stretch, partial_qat=cfg.partial_qat, forced="qat")
 
 
 def build_coarse(cfg: Any, significance: SignificanceModel | None = None) -> FedHQAllocator:

@@ -102,6 +102,12 @@ def test_smoke_study_survives_a_kill_is_paired_and_reuses_its_runs(tmp_path, cap
     assert compare_main(["--method", str(tmp_path / "new.json"), "--baselines", str(tmp_path / "old.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "configs differ in 'lr'" in err
+    # a strategy taken from the newer study (here all-qat) pairs with the older study's others
+    qat_only = json.loads(json.dumps(res))
+    qat_only["settings"][0]["runs"] = [r for r in qat_only["settings"][0]["runs"] if r["strategy"] == "all-qat"]
+    taken = combine(qat_only, json.loads(json.dumps(res)), ("all-qat",))
+    assert taken["settings"][0]["paired"] == s["paired"] and taken["compare_builds"]["taken_from_method"] == ["all-qat"]
+    assert sorted(taken["strategies"]) == ["all-ptq", "all-qat", "fedhq"]
     # the seeds of two studies (here the smoke study split by seed) pool into the study of both
     from flows.compare_builds import pool
 

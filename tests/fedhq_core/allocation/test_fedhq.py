@@ -518,3 +518,19 @@ def test_a_shadow_is_trained_from_the_same_start_charged_and_compared_paired(tin
     sim.dispatch.shadows[0] = "qat"
     (again,), _ = sim.dispatch.accept(first)
     assert again.cid == 0 and "shadow" not in again.extra
+
+
+def test_ptq_then_qat_is_the_schedule_without_the_decision(tiny_cfg):
+    """The ablation: the PTQ warm-up (20% of rounds), then QAT committed without exploring, no
+    comparison measured or priced, no SigAcc obtained; once committed it allocates as a
+    QAT-committed fedhq run (free QAT, partial work for the rest)."""
+    from fedhq_core.loop import run
+
+    cfg = tiny_cfg.replace(strategy="ptq-then-qat", clients=10, rounds=10, fraction=0.5)
+    sim = Simulation(cfg)
+    run(cfg, sim=sim)
+    assert [r.n_qat for r in sim.records][:2] == [0, 0] and all(r.n_qat > 0 for r in sim.records[2:])
+    assert all(not r.extra.get("exploring") and "partial_accuracy" not in r.extra for r in sim.records)
+    assert sim.server.partials == [] and sim.fit.source == "none" and sim.summary()["fit_sim_s"] == 0
+    assert sim.allocator.decision == {"mode": "qat", "forced": 1, "round": 2}
+    assert all(r.extra["committed_qat"] == 1 for r in sim.records[2:])
