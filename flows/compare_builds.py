@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                   "python -m flows.check_behaviour --ref <commit>")
     else:
         cb = out["compare_builds"]
-        print(f"fedhq at code {cb['method']} against the baselines at code {cb['baselines']} (keys the baselines' "
+        print(f"{', '.join(cb['taken_from_method'])} at code {cb['method']} against the others at code {cb['baselines']} (keys the baselines' "
               f"build lacks: {', '.join(cb['keys_the_baselines_lack']) or 'none'}); check that the baselines' code path "
               "is unchanged with python -m flows.check_behaviour --ref <their commit>")
         if cb["cpus"]["method"] != cb["cpus"]["baselines"]:
