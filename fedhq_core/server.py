@@ -280,9 +280,6 @@ def deployed_scores(model: nn.Module, state: dict[str, torch.Tensor], ranges: di
         return image_scores(model, x, y)
 
 
-ONLINE_STATISTICS = ("tcp", "accuracy")   # config.online_statistic: what a partial comparison's gain is
-
-
 def partial_gain(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[str, tuple[float, float]] | None,
                  results: Sequence[ClientResult], x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, float] | None, int]:
     """The round's online SigAcc signal: ``k`` of its QAT uploads and ``k`` of its PTQ uploads
