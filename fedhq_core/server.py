@@ -343,8 +343,7 @@ def deployed_soft(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict
                   results: Sequence[ClientResult], x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     """:func:`true_class_prob` per image of ``results`` aggregated and deployed as a run deploys
     (as :func:`deployed_scores`)."""
-    with aggregated_deployment(model, state, ranges, results):
-        return true_class_prob(model, x, y)
+    return deployed_scores(model, state, ranges, results, x, y)[1]
 
 
 def paired_points(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:

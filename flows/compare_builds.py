@@ -67,7 +67,8 @@ def pool(studies: list[dict[str, Any]]) -> dict[str, Any]:
     if len(studies) < 2:
         raise ConfigError("--pool: give two or more study JSONs")
     first = studies[0]
-    settings, strategies = [], list(first["strategies"])
+    settings: list[dict[str, Any]] = []
+    strategies: list[str] = []
     for s in first.get("settings", []):
         parts = [next((o for o in st.get("settings", []) if o["name"] == s["name"]), None) for st in studies]
         if any(p is None for p in parts):
@@ -92,10 +93,16 @@ def pool(studies: list[dict[str, Any]]) -> dict[str, Any]:
         entry["cpus"] = {str(k): _cpus(list(v.values())) for k, v in sorted(by_seed.items())}
         settings.append(entry)
     seeds = sorted({k for s in settings for k in (int(x) for x in s["cpus"])})
-    return {"study": first["study"], "pool": {"builds": [st["code_digest"] for st in studies],
-                                              "cpus": sorted({c for s in settings for v in s["cpus"].values() for c in v})},
-            "protocol": first["protocol"], "validation": first["validation"], "statistics": first["statistics"],
-            "settings": settings, "strategies": strategies, "seeds": seeds, "host": first["host"]}
+    return _study(first, settings, strategies, seeds,
+                  pool={"builds": [st["code_digest"] for st in studies],
+                        "cpus": sorted({c for s in settings for v in s["cpus"].values() for c in v})})
+
+
+def _study(like: dict[str, Any], settings: list[dict[str, Any]], strategies: list[str], seeds: list[int],
+           **extra: Any) -> dict[str, Any]:
+    """A study JSON of ``settings``, its protocol, validation, statistics and host as ``like``'s."""
+    return {"study": like["study"], **extra, **{k: like[k] for k in ("protocol", "validation", "statistics")},
+            "settings": settings, "strategies": strategies, "seeds": seeds, "host": like["host"]}
 
 
 def combine(new: dict[str, Any], old: dict[str, Any], take: tuple[str, ...] = (METHOD,)) -> dict[str, Any]:
@@ -137,12 +144,9 @@ def combine(new: dict[str, Any], old: dict[str, Any], take: tuple[str, ...] = (M
     # the CPUs the paired runs ran on: another CPU gives another realization (float kernels)
     cpus = {side: _cpus([r for s in settings for r in s["runs"] if (r["strategy"] in take) == (side == "method")])
             for side in ("method", "baselines")}
-    return {"study": new["study"], "compare_builds": {"method": new["code_digest"], "baselines": old["code_digest"],
-                                                      "taken_from_method": list(take),
-                                                      "keys_the_baselines_lack": sorted(added), "cpus": cpus},
-            "protocol": new["protocol"], "validation": new["validation"], "statistics": new["statistics"],
-            "settings": settings, "strategies": list(dict.fromkeys(r["strategy"] for st in settings for r in st["runs"])),
-            "seeds": new["seeds"], "host": new["host"]}
+    return _study(new, settings, list(dict.fromkeys(r["strategy"] for st in settings for r in st["runs"])), new["seeds"],
+                  compare_builds={"method": new["code_digest"], "baselines": old["code_digest"],
+                                  "taken_from_method": list(take), "keys_the_baselines_lack": sorted(added), "cpus": cpus})
 
 
 def main(argv: list[str] | None = None) -> int:
