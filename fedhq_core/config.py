@@ -148,6 +148,10 @@ class ExperimentConfig:
     share_label_histograms: bool = True   # each client sends its label histogram once (priced), for SigAcc's shard
                                           # features; false: the allocator reads only the sample counts uploads carry
     aggregation: str = "fedavg"      # fedavg | trimmed-mean | median (coordinate-wise, robust to poisoned updates)
+    server_momentum: float = 0.0     # FedAvgM (Hsu et al. 2019, Flower's FedAvgM): the server's momentum on the
+                                     # pseudo-gradient (old master - FedAvg's); 0 = FedAvg
+    server_lr: float = 1.0           # FedAvgM's server learning rate (1 - server_momentum keeps FedAvg's effective
+                                     # step: the momentum then only filters the round-to-round client sampling noise)
     trim_fraction: float = 0.2       # [design] trimmed-mean: share of the uploads cut at each end, per coordinate
     fault_rate: float = 0.0          # fault injection: share of client tasks that misbehave
     fault_kinds: list[str] = field(default_factory=lambda: ["raise", "nan", "inf", "shape", "dtype", "size"])
@@ -352,6 +356,8 @@ def _validate_execution(cfg: ExperimentConfig) -> None:
            f"must be true or false, got {cfg.share_label_histograms!r}")
     _check(cfg.aggregation in AGGREGATIONS, "aggregation",
            f"unknown aggregation {cfg.aggregation!r} (choose from {', '.join(AGGREGATIONS)})")
+    _check(0 <= cfg.server_momentum < 1, "server_momentum", "must be in [0, 1)")
+    _check(0 < cfg.server_lr <= 1, "server_lr", "must be in (0, 1]")
     _check(0 <= cfg.trim_fraction < 0.5, "trim_fraction", "must be in [0, 0.5)")
     _check(0 <= cfg.fault_rate <= 1, "fault_rate", f"must be in [0, 1], got {cfg.fault_rate}")
     _check(bool(cfg.fault_kinds) or cfg.fault_rate == 0, "fault_kinds", "must name at least one kind when fault_rate > 0")

@@ -164,4 +164,5 @@ class FleetPricing:
         blend = self.server.mse_s() if 0 < n_qat < len(results) else 0.0   # server.blend_steps
         if step_search and n_qat == len(results) > 0:
             blend += self.server.mse_s()
-        return blend + self.server.aggregate_s(len(results) - n_qat, n_qat, bits, cfg.aggregation, norm_checks)
+        mom = self.server.momentum_s() if results and (cfg.server_momentum > 0 or cfg.server_lr != 1) else 0.0
+        return blend + mom + self.server.aggregate_s(len(results) - n_qat, n_qat, bits, cfg.aggregation, norm_checks)

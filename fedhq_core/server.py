@@ -155,6 +155,29 @@ def aggregate(global_state: dict[str, torch.Tensor], global_ranges: dict[str, tu
             average_steps(results, method, trim, bound, ref))
 
 
+def momentum_keys(state: dict[str, torch.Tensor]) -> list[str]:
+    """The master's trained tensors: floating, and not a BatchNorm statistic (those are
+    measurements of the activations, averaged as they come)."""
+    return [k for k, v in state.items() if v.is_floating_point() and not k.endswith(STATS)]
+
+
+def server_momentum_step(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor],
+                         velocity: dict[str, torch.Tensor] | None, momentum: float, lr: float,
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """FedAvgM (Hsu et al., 2019; Flower's ``FedAvgM``): with the pseudo-gradient ``d = old -
+    new`` (``new``: this round's aggregate), ``velocity = momentum * velocity + d`` and the master
+    ``old - lr * velocity``, on the trained tensors (:func:`momentum_keys`); the rest are
+    ``new``'s. ``velocity`` None: the first round (zero). Returns the master and the velocity. The
+    clock prices it from its trace (``s_mom``)."""
+    out = dict(new)
+    vel = {}
+    for k in momentum_keys(new):
+        d = old[k] - new[k]
+        vel[k] = d if velocity is None else velocity[k].mul(momentum).add_(d)
+        out[k] = old[k] - lr * vel[k]
+    return out, vel
+
+
 VAR_FLOOR = 1e-5   # BatchNorm's default eps: a variance never ends below it
 
 

@@ -23,7 +23,8 @@ from .phases import span
 from .pricing import FleetPricing
 from .quant import integer_weights, load_model_state, model_state, prepare_deploy, set_mode
 from .measurements import DURING, Measurement
-from .server import aggregate, blend_steps, calibrate_on_server, evaluate_deployed, evaluate_global, master_mse_steps
+from .server import (aggregate, blend_steps, calibrate_on_server, evaluate_deployed, evaluate_global, master_mse_steps,
+                     server_momentum_step)
 
 
 @contextlib.contextmanager
@@ -44,13 +45,15 @@ class ServerState:
 
     def __init__(self, eval_model: nn.Module, proxy: Split, test: Split, pricing: FleetPricing, calibrates: bool,
                  aggregation: str = "fedavg", trim: float = 0.2, bound: float = 0.0, val: Split | None = None,
-                 measurements: Iterable[Measurement] = ()):
+                 measurements: Iterable[Measurement] = (), server_momentum: float = 0.0, server_lr: float = 1.0):
         self.eval_model, self.proxy, self.test, self.pricing = eval_model, proxy, test, pricing
         self.val = val               # the experimenter's validation split: what selections read (not priced)
         self.calibrates, self.aggregation, self.trim, self.bound = calibrates, aggregation, trim, bound
         self.global_state = {k: v.detach().clone() for k, v in model_state(eval_model).items()}
         self.global_ranges: dict[str, tuple[float, float]] | None = None
         self.global_steps: dict[str, torch.Tensor] | None = None
+        self.server_momentum, self.server_lr = server_momentum, server_lr   # FedAvgM (off: 0 and 1)
+        self.velocity: dict[str, torch.Tensor] | None = None                # its momentum buffer
         self.measurements = {m.name: m for m in measurements}   # one of each registered (measurements.build)
         self.gap_s = 0.0             # priced seconds of the server's work done while this round's clients train
         self.carried_s = 0.0         # priced server work of this round done while the next one trains
@@ -119,9 +122,13 @@ class ServerState:
             return searched["mse"]
 
         qat = self.bound > 0 and any(r.payload.weight_steps for r in results)
+        old = self.global_state
         self.global_state, self.global_ranges, learned = aggregate(
             self.global_state, self.global_ranges, results, self.aggregation, self.trim, self.bound,
             reference if qat else None)
+        if results and (self.server_momentum > 0 or self.server_lr != 1):
+            self.global_state, self.velocity = server_momentum_step(old, self.global_state, self.velocity,
+                                                                    self.server_momentum, self.server_lr)
         self.global_steps = blend_steps(self.eval_model, self.global_state, learned, results, searched.get("mse"))
         return "mse" in searched
 
@@ -159,6 +166,7 @@ class ServerState:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {f"global/{k}": v for k, v in self.global_state.items()}
         tensors.update({f"steps/{k}": v for k, v in (self.global_steps or {}).items()})
+        tensors.update({f"velocity/{k}": v for k, v in (self.velocity or {}).items()})
         return tensors
 
     def state_meta(self) -> dict[str, Any]:
@@ -177,6 +185,8 @@ class ServerState:
         self.global_state = {k: master[k].to(device=v.device, dtype=v.dtype) for k, v in self.global_state.items()}
         steps = {k[len("steps/"):]: v.to(device) for k, v in tensors.items() if k.startswith("steps/")}
         self.global_steps = steps if meta["has_steps"] else None
+        velocity = {k[len("velocity/"):]: v.to(device) for k, v in tensors.items() if k.startswith("velocity/")}
+        self.velocity = velocity or None
         ranges = meta["global_ranges"]
         self.global_ranges = None if ranges is None else {k: (v[0], v[1]) for k, v in ranges.items()}
         for m in self.measurements.values():

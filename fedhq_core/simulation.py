@@ -125,7 +125,8 @@ class Simulation:
         self.server = ServerState(self.new_model(), self.server_calib, ds.test, self.pricing,
                                   calibrates=self.allocator.capabilities.server_calibrates, aggregation=cfg.aggregation,
                                   trim=cfg.trim_fraction, bound=cfg.norm_bound, val=val,
-                                  measurements=build_measurements(cfg))
+                                  measurements=build_measurements(cfg), server_momentum=cfg.server_momentum,
+                                  server_lr=cfg.server_lr)
         self.dispatch = Dispatch(cfg, self.shards, self.server, self.model_spec, on_device, self.host_work)
         self.fit = FitInfo()         # what obtaining SigAcc cost this run (see allocation.pilot)
         self._shard_features: dict[int, np.ndarray] | None = None

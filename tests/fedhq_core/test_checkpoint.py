@@ -23,7 +23,9 @@ def _crash_after(n):
 
 
 def test_corrupt_checkpoint_falls_back_and_resume_matches_uninterrupted(tiny_cfg, tmp_path):
-    cfg = tiny_cfg.replace(rounds=4, strategy="fedhq", significance="none", adjust_every=1)
+    # with FedAvgM: its velocity is server state a resumed run must restore
+    cfg = tiny_cfg.replace(rounds=4, strategy="fedhq", significance="none", adjust_every=1,
+                           server_momentum=0.5, server_lr=0.5)
     ref = run(cfg)
 
     ck = Checkpoints(tmp_path / "runs" / "r1", keep=3)
@@ -45,6 +47,8 @@ def test_corrupt_checkpoint_falls_back_and_resume_matches_uninterrupted(tiny_cfg
     run(cfg, sim=sim)
     for k, v in ref.server.global_state.items():
         assert torch.allclose(sim.server.global_state[k].to(v.dtype), v, atol=1e-6), k
+    assert ref.server.velocity and all(torch.allclose(sim.server.velocity[k], v, atol=1e-6)
+                                       for k, v in ref.server.velocity.items())
     assert [r.acc_q for r in sim.records] == [r.acc_q for r in ref.records]
     assert [r.strategies for r in sim.records] == [r.strategies for r in ref.records]
 

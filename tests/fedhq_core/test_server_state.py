@@ -98,3 +98,41 @@ def test_aggregation_reports_the_step_search_it_ran(tiny_cfg):
     unbounded = Simulation(tiny_cfg.replace(strategy="fedhq", significance="online", norm_bound=0))
     unbounded.profile()
     assert not unbounded.server.aggregate_results([qat])
+
+
+def test_server_momentum_is_fedavgm():
+    """FedAvgM (Flower's rule): velocity = m * velocity + (old - new), master = old - lr * velocity,
+    on the trained tensors; BatchNorm statistics and integer buffers are the new aggregate's.
+    m = 0, lr = 1 is FedAvg."""
+    from fedhq_core.server import server_momentum_step
+
+    old = {"w": torch.zeros(3), "bn.running_mean": torch.zeros(2), "bn.num_batches_tracked": torch.tensor(4)}
+    new = {"w": torch.ones(3), "bn.running_mean": torch.full((2,), 0.5), "bn.num_batches_tracked": torch.tensor(5)}
+    same, _ = server_momentum_step(old, new, None, 0.0, 1.0)
+    assert all(torch.equal(same[k], new[k]) for k in new)
+    m1, v1 = server_momentum_step(old, new, None, 0.9, 0.1)
+    assert set(v1) == {"w"} and torch.allclose(v1["w"], -torch.ones(3)) and torch.allclose(m1["w"], torch.full((3,), 0.1))
+    assert torch.equal(m1["bn.running_mean"], new["bn.running_mean"]) and int(m1["bn.num_batches_tracked"]) == 5
+    new2 = {**new, "w": m1["w"] + 1.0}                     # the next round's aggregate moves it by 1 again
+    m2, v2 = server_momentum_step(m1, new2, v1, 0.9, 0.1)
+    assert torch.allclose(v2["w"], torch.full((3,), -1.9)) and torch.allclose(m2["w"], torch.full((3,), 0.29))
+    assert torch.allclose(v1["w"], -torch.ones(3))         # the previous velocity is not changed in place
+
+
+def test_server_momentum_runs_priced_and_resumes(tiny_cfg):
+    """A run with FedAvgM pays the traced momentum step once a round, on top of FedAvg's price."""
+    cfg = tiny_cfg.replace(rounds=2, strategy="all-ptq", server_momentum=0.9, server_lr=0.1)
+    sim = Simulation(cfg)
+    sim.profile()
+    res = [_result(0, torch.zeros(2, 3), 3)]
+    plain = Simulation(tiny_cfg)
+    plain.profile()
+    mom = sim.pricing.server.momentum_s()
+    assert mom > 0 and sim.pricing.aggregation_s(res) == pytest.approx(plain.pricing.aggregation_s(res) + mom)
+    done = run(cfg, sim=sim)
+    assert done.server.velocity is not None and set(done.server.velocity) <= set(done.server.global_state)
+    assert any(k.startswith("velocity/") for k in done.server.state_tensors())
+    from fedhq_core.config import validate
+
+    with pytest.raises(ConfigError, match="server_momentum"):
+        validate(tiny_cfg.replace(server_momentum=1.0))
