@@ -152,6 +152,9 @@ class ExperimentConfig:
                                      # pseudo-gradient (old master - FedAvg's); 0 = FedAvg
     server_lr: float = 1.0           # FedAvgM's server learning rate (1 - server_momentum keeps FedAvg's effective
                                      # step: the momentum then only filters the round-to-round client sampling noise)
+    server_average: float = 0.0      # SWA on the server (Izmailov et al. 2018; in FL, Caldarola et al. 2022): over this
+                                     # last share of the rounds the deployed model is the uniform running average of the
+                                     # masters (clients still train from the latest); 0 = the latest master
     trim_fraction: float = 0.2       # [design] trimmed-mean: share of the uploads cut at each end, per coordinate
     fault_rate: float = 0.0          # fault injection: share of client tasks that misbehave
     fault_kinds: list[str] = field(default_factory=lambda: ["raise", "nan", "inf", "shape", "dtype", "size"])
@@ -358,6 +361,7 @@ def _validate_execution(cfg: ExperimentConfig) -> None:
            f"unknown aggregation {cfg.aggregation!r} (choose from {', '.join(AGGREGATIONS)})")
     _check(0 <= cfg.server_momentum < 1, "server_momentum", "must be in [0, 1)")
     _check(0 < cfg.server_lr <= 1, "server_lr", "must be in (0, 1]")
+    _check(0 <= cfg.server_average < 1, "server_average", "must be in [0, 1)")
     _check(0 <= cfg.trim_fraction < 0.5, "trim_fraction", "must be in [0, 0.5)")
     _check(0 <= cfg.fault_rate <= 1, "fault_rate", f"must be in [0, 1], got {cfg.fault_rate}")
     _check(bool(cfg.fault_kinds) or cfg.fault_rate == 0, "fault_kinds", "must name at least one kind when fault_rate > 0")

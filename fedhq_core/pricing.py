@@ -152,11 +152,13 @@ class FleetPricing:
         assert self.clock is not None, "profile() first"
         return {r.cid: self.clock.client_time(rnd, r.cid, r.device_work, r.upload_bytes) for r in results}
 
-    def aggregation_s(self, results: list[ClientResult], norm_checks: int = 0, step_search: bool = False) -> float:
+    def aggregation_s(self, results: list[ClientResult], norm_checks: int = 0, step_search: bool = False,
+                      averaged: bool = False) -> float:
         """Priced seconds of aggregating ``results`` on the server's device, after
         ``norm_checks`` update norms; ``step_search``: QAT steps were bounded against the new
         master's MSE steps (no steps deployed yet), searched for it: the blend's own search in a
-        hybrid round, one more in an all-QAT round (``ServerState.aggregate_results``)."""
+        hybrid round, one more in an all-QAT round (``ServerState.aggregate_results``); ``averaged``:
+        the master joined the deployed running average (``server_average``)."""
         assert self.server is not None, "profile() first"
         cfg = self.cfg
         n_qat = sum(bool(r.payload.weight_steps) for r in results)
@@ -164,5 +166,6 @@ class FleetPricing:
         blend = self.server.mse_s() if 0 < n_qat < len(results) else 0.0   # server.blend_steps
         if step_search and n_qat == len(results) > 0:
             blend += self.server.mse_s()
-        mom = self.server.momentum_s() if results and (cfg.server_momentum > 0 or cfg.server_lr != 1) else 0.0
-        return blend + mom + self.server.aggregate_s(len(results) - n_qat, n_qat, bits, cfg.aggregation, norm_checks)
+        extra = self.server.momentum_s() if results and (cfg.server_momentum > 0 or cfg.server_lr != 1) else 0.0
+        extra += self.server.average_s() if averaged else 0.0
+        return blend + extra + self.server.aggregate_s(len(results) - n_qat, n_qat, bits, cfg.aggregation, norm_checks)

@@ -178,6 +178,21 @@ def server_momentum_step(old: dict[str, torch.Tensor], new: dict[str, torch.Tens
     return out, vel
 
 
+def running_average(avg: dict[str, torch.Tensor] | None, state: dict[str, torch.Tensor], n: int,
+                    ) -> tuple[dict[str, torch.Tensor], int]:
+    """The uniform average of ``n`` states (``avg``) with ``state`` added: ``avg + (state - avg) /
+    (n + 1)`` on the floating tensors, BatchNorm statistics included (SWA without its refresh
+    pass over data); the rest are ``state``'s. Returns it and ``n + 1``. The clock prices it from
+    its trace (``s_avg``)."""
+    if avg is None or n == 0:
+        return {k: v.clone() for k, v in state.items()}, 1
+    out = dict(state)
+    for k, v in state.items():
+        if v.is_floating_point():
+            out[k] = avg[k] + (v - avg[k]) / (n + 1)
+    return out, n + 1
+
+
 VAR_FLOOR = 1e-5   # BatchNorm's default eps: a variance never ends below it
 
 

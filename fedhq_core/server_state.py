@@ -24,7 +24,7 @@ from .pricing import FleetPricing
 from .quant import integer_weights, load_model_state, model_state, prepare_deploy, set_mode
 from .measurements import DURING, Measurement
 from .server import (aggregate, blend_steps, calibrate_on_server, evaluate_deployed, evaluate_global, master_mse_steps,
-                     server_momentum_step)
+                     running_average, server_momentum_step)
 
 
 @contextlib.contextmanager
@@ -54,6 +54,8 @@ class ServerState:
         self.global_steps: dict[str, torch.Tensor] | None = None
         self.server_momentum, self.server_lr = server_momentum, server_lr   # FedAvgM (off: 0 and 1)
         self.velocity: dict[str, torch.Tensor] | None = None                # its momentum buffer
+        self.averaged: dict[str, torch.Tensor] | None = None   # the deployed running average of the masters (SWA)
+        self.n_averaged = 0                                     # how many masters it holds
         self.measurements = {m.name: m for m in measurements}   # one of each registered (measurements.build)
         self.gap_s = 0.0             # priced seconds of the server's work done while this round's clients train
         self.carried_s = 0.0         # priced server work of this round done while the next one trains
@@ -84,12 +86,14 @@ class ServerState:
         return {k: v for m in self.measurements.values() for k, v in m.take().items()}
 
     # --- aggregation --------------------------------------------------------------------------
-    def aggregate(self, results: list[ClientResult], measure: Iterable[str] = (), norm_checks: int = 0) -> float:
+    def aggregate(self, results: list[ClientResult], measure: Iterable[str] = (), norm_checks: int = 0,
+                  average: bool = False) -> float:
         """FedAvg into the master; returns the server's priced seconds after the uploads. First the
         measurements named in ``measure``, in registry order, on the master the clients started
         from: those taken while the round's clients train go to ``gap_s`` (priced, concurrent with
         their training on the clock), those carried into the next round to ``carried_s``. This
-        host's time for all of it is kept in ``host_s`` (a metric, never on the clock)."""
+        host's time for all of it is kept in ``host_s`` (a metric, never on the clock). ``average``:
+        the new master joins the deployed running average (``server_average``)."""
         assert self.pricing.server is not None, "profile() first"
         t0 = time.perf_counter()
         self.gap_s, self.carried_s = self.carried_s, 0.0
@@ -102,8 +106,10 @@ class ServerState:
                     self.carried_s += m.measure(self, results)
         with span("aggregate"):
             searched = self.aggregate_results(results)
+            if average:
+                self.averaged, self.n_averaged = running_average(self.averaged, self.global_state, self.n_averaged)
         self.host_s = time.perf_counter() - t0
-        return self.pricing.aggregation_s(results, norm_checks, searched)
+        return self.pricing.aggregation_s(results, norm_checks, searched, average)
 
     def aggregate_results(self, results: list[ClientResult]) -> bool:
         """FedAvg of the master, the clients' averaged ranges and deployed weight steps (the QAT
@@ -133,12 +139,18 @@ class ServerState:
         return "mse" in searched
 
     # --- deployment and evaluation ------------------------------------------------------------
+    @property
+    def deployed_state(self) -> dict[str, torch.Tensor]:
+        """The master the server deploys: the running average of the masters while
+        ``server_average`` runs, else the latest master (the one the clients train from)."""
+        return self.averaged if self.averaged is not None else self.global_state
+
     def deploy_ranges(self) -> dict[str, tuple[float, float]]:
         """The clients' averaged ranges; only when no client sent any (fp32, fedfq) is the proxy
         split used to calibrate."""
         if self.calibrates or self.global_ranges is None:
             with span("calibrate (server)"):
-                return calibrate_on_server(self.eval_model, self.global_state, self.proxy.x)
+                return calibrate_on_server(self.eval_model, self.deployed_state, self.proxy.x)
         return self.global_ranges
 
     def evaluate(self, test: bool = True) -> dict[str, float]:
@@ -147,19 +159,19 @@ class ServerState:
         selections read). The experimenter's measurement, not the system's: no clock prices it."""
         with all_cores():  # no client trains during evaluation: give it every core
             if test or self.val is None:
-                return evaluate_global(self.eval_model, self.global_state, self.deploy_ranges(), self.test.x,
+                return evaluate_global(self.eval_model, self.deployed_state, self.deploy_ranges(), self.test.x,
                                        self.test.y, self.global_steps, self.val)
-            return evaluate_deployed(self.eval_model, self.global_state, self.deploy_ranges(), self.val,
+            return evaluate_deployed(self.eval_model, self.deployed_state, self.deploy_ranges(), self.val,
                                      self.global_steps)
 
     def deployed_bundle(self, meta: dict[str, Any]) -> dict[str, Any]:
         """Everything needed to rebuild the deployed quantized model, plus its int form."""
         ranges = self.deploy_ranges()
-        load_model_state(self.eval_model, self.global_state)
+        load_model_state(self.eval_model, self.deployed_state)
         prepare_deploy(self.eval_model, ranges, self.global_steps)
         ints = integer_weights(self.eval_model)
         set_mode(self.eval_model, "fp")
-        return {"meta": meta, "state": self.global_state, "steps": self.global_steps, "ranges": ranges,
+        return {"meta": meta, "state": self.deployed_state, "steps": self.global_steps, "ranges": ranges,
                 "int_weights": ints}
 
     # --- checkpoints --------------------------------------------------------------------------
@@ -167,10 +179,11 @@ class ServerState:
         tensors = {f"global/{k}": v for k, v in self.global_state.items()}
         tensors.update({f"steps/{k}": v for k, v in (self.global_steps or {}).items()})
         tensors.update({f"velocity/{k}": v for k, v in (self.velocity or {}).items()})
+        tensors.update({f"averaged/{k}": v for k, v in (self.averaged or {}).items()})
         return tensors
 
     def state_meta(self) -> dict[str, Any]:
-        return {"has_steps": self.global_steps is not None, "carried_s": self.carried_s,
+        return {"has_steps": self.global_steps is not None, "carried_s": self.carried_s, "n_averaged": self.n_averaged,
                 **{m.state_key: m.state() for m in self.measurements.values() if m.state_key},
                 "global_ranges": None if self.global_ranges is None else {k: list(v) for k, v in self.global_ranges.items()}}
 
@@ -187,6 +200,8 @@ class ServerState:
         self.global_steps = steps if meta["has_steps"] else None
         velocity = {k[len("velocity/"):]: v.to(device) for k, v in tensors.items() if k.startswith("velocity/")}
         self.velocity = velocity or None
+        averaged = {k[len("averaged/"):]: v.to(device) for k, v in tensors.items() if k.startswith("averaged/")}
+        self.averaged, self.n_averaged = averaged or None, int(meta.get("n_averaged", 0))
         ranges = meta["global_ranges"]
         self.global_ranges = None if ranges is None else {k: (v[0], v[1]) for k, v in ranges.items()}
         for m in self.measurements.values():

@@ -244,7 +244,13 @@ class Simulation:
         more = self.rnd + 1 < self.cfg.rounds     # a measurement only a later round can use is skipped in the last
         wanted = [m.name for m in self.server.measurements.values()
                   if self.capabilities.reads(m.name) and m.active() and (more or not m.later_only)]
-        return self.server.aggregate(results, wanted, self.dispatch.norm_checks)
+        return self.server.aggregate(results, wanted, self.dispatch.norm_checks, self.averages(self.rnd))
+
+    def averages(self, rnd: int) -> bool:
+        """Round ``rnd``'s master joins the deployed running average (``server_average``: its last
+        share of the rounds)."""
+        c = self.cfg
+        return c.server_average > 0 and rnd >= c.rounds - round(c.rounds * c.server_average)
 
     def evaluate(self) -> dict[str, float]:
         """The deployed model on the test split when it is due (``should_test``), and on the

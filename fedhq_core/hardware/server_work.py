@@ -22,6 +22,8 @@ by :class:`~fedhq_core.hardware.profile.TraceBook` like every client step kind:
   sensitivity measured on the proxy split (what FedHQ's fine stage reads; a baseline never pays).
 * ``s_mom``: :func:`fedhq_core.server.server_momentum_step`, FedAvgM's momentum on the master
   (``server_momentum``), once a round.
+* ``s_avg``: :func:`fedhq_core.server.running_average`, the deployed running average of the
+  masters (``server_average``), once a round while it runs.
 * ``s_mse``: :func:`fedhq_core.server.master_mse_steps`, the master's MSE weight scales (a
   hybrid round's deployed steps blend them in: ``server.blend_steps``).
 
@@ -42,7 +44,7 @@ from .catalog import DeviceClass
 
 ROBUST_KINDS = ("s_median2", "s_median3", "s_tmean2", "s_tmean3")
 AGG_KINDS = ("s_agg1", "s_agg2", "s_aggq", *ROBUST_KINDS, "s_norm")   # traced at the upload bits (like ``pack``)
-SERVER_KINDS = (*AGG_KINDS, "s_gap", "s_calib", "s_proxy", "s_sens", "s_mse", "s_mom")
+SERVER_KINDS = (*AGG_KINDS, "s_gap", "s_calib", "s_proxy", "s_sens", "s_mse", "s_mom", "s_avg")
 
 def gbr_fit_elements(n_rows: int, n_features: int, n_estimators: int = 80, depth: int = 2, fits: int = 1) -> float:
     """A gradient-boosting fit's counted elements (kind ``gbr_fit``, one call a fit): per tree,
@@ -75,7 +77,7 @@ def server_runner(model: nn.Module, kind: str, n: int, in_shape: tuple[int, ...]
     module docstring): ``n`` proxy samples, or ``bits`` for the aggregation kinds."""
     from ..quant import get_weight_steps, init_weight_steps, model_state, quant_layers
     from ..server import (aggregate, calibrate_on_server, evaluate_global, master_mse_steps, proxy_gap,
-                          server_momentum_step, update_norm, upload_quant_loss)
+                          running_average, server_momentum_step, update_norm, upload_quant_loss)
 
     g = torch.Generator().manual_seed(seed)
     state = {k: v.detach().clone() for k, v in model_state(model).items()}
@@ -112,6 +114,8 @@ def server_runner(model: nn.Module, kind: str, n: int, in_shape: tuple[int, ...]
             new = {k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}
             _, vel = server_momentum_step(state, new, None, 0.9, 0.1)
             fn = lambda: server_momentum_step(state, new, vel, 0.9, 0.1)  # noqa: E731 (vel is read, not changed)
+        elif kind == "s_avg":
+            fn = lambda: running_average(state, state, 2)  # noqa: E731
         elif kind == "s_calib":
             fn = lambda: calibrate_on_server(model, state, x)  # noqa: E731
         elif kind == "s_proxy":
@@ -165,6 +169,9 @@ class ServerPricing:
 
     def momentum_s(self) -> float:
         return self._t("s_mom", 1)
+
+    def average_s(self) -> float:
+        return self._t("s_avg", 1)
 
     def sens_s(self) -> float:
         """One PTQ upload's sensitivity measurement (at the run's upload bits: traced at 8)."""

@@ -23,9 +23,9 @@ def _crash_after(n):
 
 
 def test_corrupt_checkpoint_falls_back_and_resume_matches_uninterrupted(tiny_cfg, tmp_path):
-    # with FedAvgM: its velocity is server state a resumed run must restore
+    # with FedAvgM and the deployed running average: server state a resumed run must restore
     cfg = tiny_cfg.replace(rounds=4, strategy="fedhq", significance="none", adjust_every=1,
-                           server_momentum=0.5, server_lr=0.5)
+                           server_momentum=0.5, server_lr=0.5, server_average=0.5)
     ref = run(cfg)
 
     ck = Checkpoints(tmp_path / "runs" / "r1", keep=3)
@@ -49,6 +49,8 @@ def test_corrupt_checkpoint_falls_back_and_resume_matches_uninterrupted(tiny_cfg
         assert torch.allclose(sim.server.global_state[k].to(v.dtype), v, atol=1e-6), k
     assert ref.server.velocity and all(torch.allclose(sim.server.velocity[k], v, atol=1e-6)
                                        for k, v in ref.server.velocity.items())
+    assert ref.server.n_averaged == sim.server.n_averaged == 2 and all(
+        torch.allclose(sim.server.averaged[k].double(), v.double(), atol=1e-6) for k, v in ref.server.averaged.items())
     assert [r.acc_q for r in sim.records] == [r.acc_q for r in ref.records]
     assert [r.strategies for r in sim.records] == [r.strategies for r in ref.records]
 

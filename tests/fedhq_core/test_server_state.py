@@ -136,3 +136,41 @@ def test_server_momentum_runs_priced_and_resumes(tiny_cfg):
 
     with pytest.raises(ConfigError, match="server_momentum"):
         validate(tiny_cfg.replace(server_momentum=1.0))
+
+
+def test_server_average_deploys_the_running_average_of_the_last_masters(tiny_cfg):
+    """``server_average``: the last share of the rounds' masters are averaged uniformly (SWA) and
+    that average is what is evaluated and registered; the clients train from the latest master;
+    each averaging is priced (``s_avg``)."""
+    from fedhq_core.server import evaluate_global, running_average
+
+    a, b, c = ({"w": torch.full((2,), x), "n": torch.tensor(int(x))} for x in (1.0, 2.0, 6.0))
+    avg, n = running_average(None, a, 0)
+    avg, n = running_average(avg, b, n)
+    avg, n = running_average(avg, c, n)
+    assert n == 3 and torch.allclose(avg["w"], torch.full((2,), 3.0)) and avg["n"] is c["n"]
+
+    kept: list = []
+    cfg = tiny_cfg.replace(rounds=4, strategy="all-ptq", server_average=0.5)
+    sim = Simulation(cfg)
+    orig = sim.server.aggregate
+
+    def spy(*args, **kw):
+        out = orig(*args, **kw)
+        kept.append({k: v.clone() for k, v in sim.server.global_state.items()})
+        return out
+    sim.server.aggregate = spy
+    done = run(cfg, sim=sim)
+    srv = done.server
+    assert [done.averages(r) for r in range(4)] == [False, False, True, True] and srv.n_averaged == 2
+    w = next(k for k, v in srv.global_state.items() if v.is_floating_point())
+    assert torch.allclose(srv.averaged[w], (kept[2][w] + kept[3][w]) / 2, atol=1e-6)
+    assert srv.deployed_state is srv.averaged and not torch.equal(srv.averaged[w], srv.global_state[w])
+    want = evaluate_global(srv.eval_model, srv.averaged, srv.deploy_ranges(), srv.test.x, srv.test.y, srv.global_steps)
+    assert done.records[-1].acc_q == pytest.approx(want["acc_q"])
+    assert torch.equal(srv.deployed_bundle({})["state"][w], srv.averaged[w])
+    plain = Simulation(tiny_cfg)
+    plain.profile()
+    res = [_result(0, torch.zeros(2, 3), 3)]
+    assert plain.pricing.aggregation_s(res, averaged=True) == pytest.approx(
+        plain.pricing.aggregation_s(res) + plain.pricing.server.average_s()) and plain.pricing.server.average_s() > 0
