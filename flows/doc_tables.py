@@ -58,8 +58,9 @@ PAPER_HEADER = ("| | paper: ResNet-18, ξ 0.2, A6000 GPUs, CIFAR-10 | here: the 
                 + " (small CNN, simulated fleet) |\n|---|---|---|")
 
 # the README's study table: the current fedhq's studies; results.md's: the older builds' (STUDY_OLDER)
-STUDY = (("build `9f39465`", "study-cifar10-a0.5-9f39465.json"), ("build `68301b1`", "study-cifar10-a0.1-68301b1.json"))
-STUDY_OLDER = (("build `2dea7b9`", "study-cifar10.json"), ("build `dccd559`", "study-cifar10-a0.1.json"))
+STUDY = (("build `191719d`", "study-cifar10-a0.5-191719d.json"), ("build `191719d`", "study-cifar10-a0.1-191719d.json"))
+STUDY_OLDER = (("build `9f39465`", "study-cifar10-a0.5-9f39465.json"), ("build `68301b1`", "study-cifar10-a0.1-68301b1.json"),
+               ("build `2dea7b9`", "study-cifar10.json"), ("build `dccd559`", "study-cifar10-a0.1.json"))
 STUDY_HEADER = ("| setting | strategy | seeds | tail (test) | tail (validation) | TTA (sim s) | total (sim s) | "
                 "QAT share | spread of last 10 (points) |\n|---|---|---|---|---|---|---|---|---|")
 
