@@ -19,6 +19,7 @@ from .client import ClientResult, Mode, calib_size
 from .config import ExperimentConfig
 from .hardware import DEVICES, Fleet, RooflineModel, SimulatedClock, TraceBook, predict_compute
 from .hardware.clock import ClientTime
+from .server import momentum_on
 from .hardware.server_work import ServerPricing
 from .hardware.speed_model import load_profile
 from .quant.payload import packed_layout, tensor_bits
@@ -166,6 +167,6 @@ class FleetPricing:
         blend = self.server.mse_s() if 0 < n_qat < len(results) else 0.0   # server.blend_steps
         if step_search and n_qat == len(results) > 0:
             blend += self.server.mse_s()
-        extra = self.server.momentum_s() if results and (cfg.server_momentum > 0 or cfg.server_lr != 1) else 0.0
+        extra = self.server.momentum_s() if results and momentum_on(cfg.server_momentum, cfg.server_lr) else 0.0
         extra += self.server.average_s() if averaged else 0.0
         return blend + extra + self.server.aggregate_s(len(results) - n_qat, n_qat, bits, cfg.aggregation, norm_checks)

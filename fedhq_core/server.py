@@ -161,6 +161,11 @@ def momentum_keys(state: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in state.items() if v.is_floating_point() and not k.endswith(STATS)]
 
 
+def momentum_on(momentum: float, lr: float) -> bool:
+    """Whether FedAvgM changes FedAvg's master (momentum 0 at server lr 1 is FedAvg)."""
+    return momentum > 0 or lr != 1
+
+
 def server_momentum_step(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor],
                          velocity: dict[str, torch.Tensor] | None, momentum: float, lr: float,
                          ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -24,7 +24,7 @@ from .pricing import FleetPricing
 from .quant import integer_weights, load_model_state, model_state, prepare_deploy, set_mode
 from .measurements import DURING, Measurement
 from .server import (aggregate, blend_steps, calibrate_on_server, evaluate_deployed, evaluate_global, master_mse_steps,
-                     running_average, server_momentum_step)
+                     momentum_on, running_average, server_momentum_step)
 
 
 @contextlib.contextmanager
@@ -132,7 +132,7 @@ class ServerState:
         self.global_state, self.global_ranges, learned = aggregate(
             self.global_state, self.global_ranges, results, self.aggregation, self.trim, self.bound,
             reference if qat else None)
-        if results and (self.server_momentum > 0 or self.server_lr != 1):
+        if results and momentum_on(self.server_momentum, self.server_lr):
             self.global_state, self.velocity = server_momentum_step(old, self.global_state, self.velocity,
                                                                     self.server_momentum, self.server_lr)
         self.global_steps = blend_steps(self.eval_model, self.global_state, learned, results, searched.get("mse"))
