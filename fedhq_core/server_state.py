@@ -38,6 +38,13 @@ def all_cores() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _part(tensors: dict[str, torch.Tensor], name: str, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint holds under ``name/`` (:meth:`ServerState.state_tensors`), keyed
+    without it; moved to ``device`` when given."""
+    p = name + "/"
+    return {k[len(p):]: v if device is None else v.to(device) for k, v in tensors.items() if k.startswith(p)}
+
+
 class ServerState:
     """The server of one run. ``calibrates``: the deployment is calibrated on the proxy split
     (the fp32 and fedfq baselines, whose clients send no ranges); ``aggregation`` and ``trim``:
@@ -176,11 +183,9 @@ class ServerState:
 
     # --- checkpoints --------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {f"global/{k}": v for k, v in self.global_state.items()}
-        tensors.update({f"steps/{k}": v for k, v in (self.global_steps or {}).items()})
-        tensors.update({f"velocity/{k}": v for k, v in (self.velocity or {}).items()})
-        tensors.update({f"averaged/{k}": v for k, v in (self.averaged or {}).items()})
-        return tensors
+        parts = {"global": self.global_state, "steps": self.global_steps, "velocity": self.velocity,
+                 "averaged": self.averaged}
+        return {f"{name}/{k}": v for name, part in parts.items() for k, v in (part or {}).items()}
 
     def state_meta(self) -> dict[str, Any]:
         return {"has_steps": self.global_steps is not None, "carried_s": self.carried_s, "n_averaged": self.n_averaged,
@@ -191,17 +196,15 @@ class ServerState:
         """Continue from :meth:`state_tensors` and :meth:`state_meta` of a run with this model."""
         from .errors import ConfigError
 
-        master = {k[len("global/"):]: v for k, v in tensors.items() if k.startswith("global/")}
+        master = _part(tensors, "global")
         if set(master) != set(self.global_state) or any(master[k].shape != v.shape for k, v in self.global_state.items()):
             raise ConfigError("checkpoint: its model does not match this run's model")
         device = next(iter(self.global_state.values())).device  # checkpoints hold CPU tensors
         self.global_state = {k: master[k].to(device=v.device, dtype=v.dtype) for k, v in self.global_state.items()}
-        steps = {k[len("steps/"):]: v.to(device) for k, v in tensors.items() if k.startswith("steps/")}
+        steps = _part(tensors, "steps", device)
         self.global_steps = steps if meta["has_steps"] else None
-        velocity = {k[len("velocity/"):]: v.to(device) for k, v in tensors.items() if k.startswith("velocity/")}
-        self.velocity = velocity or None
-        averaged = {k[len("averaged/"):]: v.to(device) for k, v in tensors.items() if k.startswith("averaged/")}
-        self.averaged, self.n_averaged = averaged or None, int(meta.get("n_averaged", 0))
+        self.velocity = _part(tensors, "velocity", device) or None
+        self.averaged, self.n_averaged = _part(tensors, "averaged", device) or None, int(meta.get("n_averaged", 0))
         ranges = meta["global_ranges"]
         self.global_ranges = None if ranges is None else {k: (v[0], v[1]) for k, v in ranges.items()}
         for m in self.measurements.values():
