@@ -64,6 +64,10 @@ def test_smoke_study_survives_a_kill_is_paired_and_reuses_its_runs(tmp_path, cap
     # fedhq's online decision is on record (3 rounds: 3 exploring, so no commit yet) and weighed
     # against the shipped digits family (built for 10-30 clients, its per-client model predicting nothing)
     assert by["fedhq", 0]["qat_per_round"][0] >= 1 and by["fedhq", 0]["measure_sim_s"] > 0
+    # with its comparisons and their per-image standard errors (the last round's is never measured: none follows)
+    parts = by["fedhq", 0]["partials"]
+    assert [p[0] for p in parts] == [0, 1] and all(-1 <= a <= 1 and se >= 0 for _, a, se in parts)
+    assert by["all-ptq", 0]["partials"] == []
     fam = s["family"]
     assert not fam["covers"] and "clients=6" in fam["why"] and fam["fields"]["clients"] == "outside"
     assert fam["fields"]["w_bits"] == "grid value" and fam["fields"]["classes_per_client"] == "n/a"
