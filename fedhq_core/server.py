@@ -293,19 +293,12 @@ def calibrate_on_server(model: nn.Module, state: dict[str, torch.Tensor], x: tor
     return get_act_ranges(model)
 
 
-def proxy_gap(model: nn.Module, state: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+def proxy_gap(model: nn.Module, state: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
     """The master's quantization gap under server-side PTQ on the proxy split: ranges calibrated
-    on ``x``, MSE weight scales; FP32 minus quantized accuracy, and its paired standard error over
-    the same images (fractions; the images both models answer alike add no noise)."""
+    on ``x``, MSE weight scales; FP32 minus quantized accuracy."""
     ranges = calibrate_on_server(model, state, x)
-    with span("evaluate fp32"):
-        load_model_state(model, state)
-        set_mode(model, "fp")
-        right_fp = image_scores(model, x, y)[0]
-    with deployment(model, state, ranges, None) as m:
-        right_q = image_scores(m, x, y)[0]
-    gap, se = paired_points(right_fp, right_q)
-    return gap / 100.0, se / 100.0
+    m = evaluate_global(model, state, ranges, x, y)
+    return m["acc_fp32"] - m["acc_q"]
 
 
 def upload_quant_loss(model: nn.Module, state: dict[str, torch.Tensor], result: ClientResult, x: torch.Tensor,
@@ -359,8 +352,9 @@ def partial_gain(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[
         sides = {st: [sub[i] for i in sorted(pick.choice(len(sub), k, replace=False))] if len(sub) > k else sub
                  for st, sub in sides.items()}
     (cq, tq), (cp, tp) = (deployed_scores(model, state, ranges, sides[m], x, y) for m in (Mode.QAT, Mode.PTQ))
-    (acc, acc_se), (tcp, tcp_se) = paired_points(cq, cp), paired_points(tq, tp)
-    return {"accuracy": acc / 100.0, "accuracy_se": acc_se / 100.0, "tcp": tcp / 100.0, "tcp_se": tcp_se / 100.0}, k
+    (_, acc_se), (tcp, tcp_se) = paired_points(cq, cp), paired_points(tq, tp)
+    return {"accuracy": float(cq.mean() - cp.mean()), "accuracy_se": acc_se / 100.0, "tcp": tcp / 100.0,
+            "tcp_se": tcp_se / 100.0}, k
 
 
 @torch.no_grad()

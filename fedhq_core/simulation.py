@@ -193,11 +193,6 @@ class Simulation:
         return self.measured("gap")
 
     @property
-    def quant_gaps(self) -> list[tuple[float, float]]:
-        """Every gap the server measured so far, with its paired standard error (``QuantGap.paired``)."""
-        return self.server.measurements["gap"].paired()
-
-    @property
     def setting(self) -> dict[str, float]:
         from .allocation.significance import setting_of
 

@@ -42,9 +42,6 @@ class FleetView(Protocol):
     def quant_gap(self) -> float: ...   # measured("gap"): the master's quantization gap trend
 
     @property
-    def quant_gaps(self) -> list[tuple[float, float]]: ...   # every gap measured so far, with its paired standard error
-
-    @property
     def setting(self) -> dict[str, float]: ...   # SigAcc's setting fields (significance.setting_of)
 
     @property

@@ -35,15 +35,10 @@ Fine [paper: ML-based adjustment with a cost model; design: what it learns and t
       their mean true-class probability (``tcp``: paired per image and far less noisy, but
       biased to QAT, whose partial aggregates are more confident without being more often
       right: docs/design.md);
-    - *commits* once (:func:`commit`) to the option the comparisons favour, or to QAT where they
-      cannot tell and the master's quantization gap, measured on the proxy split in the same
-      exploring rounds (priced), shows PTQ losing accuracy beyond its paired 95% bound (one
-      round's comparison of partial aggregates measures one round of QAT fine-tuning, not what
-      QAT throughout buys: at CIFAR-10 w2a8 it read -0.6 to +1.0 points while all-QAT ended 2.4
-      to 10.4 above all-PTQ; the gap is what PTQ gives away, and what QAT trains against):
-      PTQ for every client (nothing is mixed or measured again), or QAT for every client it
-      costs no round time. It never switches back, so the share cannot swing from round to
-      round, and the rounds spent mixed are bounded;
+    - *commits* once (:func:`commit`) to the option the comparisons favour: PTQ for every client
+      (nothing is mixed or measured again), or QAT for every client it costs no round time. It
+      never switches back, so the share cannot swing from round to round, and the rounds spent
+      mixed are bounded;
     - once committed to QAT, *partial work* (``partial_qat``, as FedProx and FedNova allow
       stragglers): a client whose full QAT round would miss the round's deadline trains QAT on
       as many of its shard's samples (whole batches, a seeded draw) as fit the deadline, and
@@ -71,8 +66,7 @@ from .significance import SignificanceModel, feature_rows, minmax
 
 EXPLORE_SHARE = 0.2   # [design] online: the first 20% of rounds explore (at least MIN_EXPLORE)
 MIN_EXPLORE = 3       # [design] rounds: at least two comparisons reach the decision (each is seen one round late)
-# (exploring is not gated on the master's PTQ gap: on CIFAR-10 w3a3 it stayed under 1 point while QAT won 2;
-# the gap only decides a commit the comparisons leave open: docs/design.md)
+# (not gated on the master's PTQ gap: on CIFAR-10 w3a3 it stayed under 1 point while QAT won 2; docs/design.md)
 FAMILY_MIN_R2 = 0.5   # [design] a family is used only where its leave-one-setting-out R² reaches this
 
 
@@ -99,33 +93,15 @@ def explore_split(t_qat: np.ndarray, deadline: float, rng: np.random.Generator) 
     return x
 
 
-GAP_Z = 1.96          # [design] a 95% bound: the commit's tests on the gap and on the comparisons
-
-
-def commit(online: list[float], gaps: list[tuple[float, float]] = ()) -> dict[str, Any]:
+def commit(online: list[float]) -> dict[str, Any]:
     """The online decision from the exploring rounds' comparisons (QAT minus PTQ partial
-    aggregates, as ``config.online_statistic``) and the master's quantization gaps measured in
-    those rounds (each with its paired standard error over the proxy images):
-    ``qat`` where the comparisons' mean is positive, or where PTQ demonstrably loses accuracy on
-    the master (the gaps' mean less GAP_Z of their mean standard error is above 0: the gaps are
-    measured on the same images, so their image noise does not average away) and the
-    comparisons do not demonstrably favour PTQ (their mean plus GAP_Z standard errors is not
-    below 0); else ``ptq`` (also with nothing to read). With the mean, its standard error, how
-    many comparisons it rests on, the gap and its standard error, and ``by``: what decided it."""
+    aggregates, as ``config.online_statistic``):
+    ``qat`` where their mean is positive, else ``ptq`` (also with none to read), with the mean,
+    its standard error and how many comparisons it rests on."""
     g = np.asarray(online, dtype=float)
     mean = float(g.mean()) if len(g) else 0.0
     se = float(g.std(ddof=1) / np.sqrt(len(g))) if len(g) > 1 else float("nan")
-    out = {"mode": "qat" if mean > 0 else "ptq", "online_gain": mean, "online_se": se, "online_n": len(g),
-           "by": "comparisons"}
-    if len(gaps):
-        gap = float(np.mean([p[0] for p in gaps]))
-        ses = np.array([p[1] for p in gaps], dtype=float)
-        gap_se = float(ses[np.isfinite(ses)].mean()) if np.isfinite(ses).any() else float("nan")
-        out.update(quant_gap=gap, quant_gap_se=gap_se)
-        ptq_shown = len(g) > 1 and mean + GAP_Z * se < 0
-        if out["mode"] == "ptq" and gap - GAP_Z * gap_se > 0 and not ptq_shown:
-            out.update(mode="qat", by="gap")
-    return out
+    return {"mode": "qat" if mean > 0 else "ptq", "online_gain": mean, "online_se": se, "online_n": len(g)}
 
 
 def normalised_significance(gains: np.ndarray) -> np.ndarray:
@@ -229,7 +205,7 @@ class FedHQAllocator(Allocator):
         exploring = self.online and not self.decision and not self.prior and self._round >= self._start
         return Capabilities(uses_significance=self.uses_significance,
                             measurements=frozenset((["gap", "sensitivity"] if family else [])
-                                                   + (["partials", "gap"] if exploring else [])),
+                                                   + (["partials"] if exploring else [])),
                             min_family_r2=FAMILY_MIN_R2 if self.fine else float("-inf"))
 
     @property
@@ -264,7 +240,7 @@ class FedHQAllocator(Allocator):
         if not self.decision and self.prior and rnd >= start:
             self.decision = {**self.prior, "round": rnd}
         if not self.decision and rnd >= start + span:
-            self.decision = {**commit([g for g in view.online_gains if g is not None], view.quant_gaps), "round": rnd}
+            self.decision = {**commit([g for g in view.online_gains if g is not None]), "round": rnd}
         exploring = not self.decision and rnd >= start
         self._estimate = {"exploring": int(exploring)}
         if exploring:
@@ -278,8 +254,7 @@ class FedHQAllocator(Allocator):
             return x
         if not self.decision:     # warming up: FP32 training (PTQ) gives the master a start
             return np.zeros(len(sampled), dtype=bool)
-        self._estimate.update({k: v for k, v in self.decision.items() if k not in ("mode", "by")},
-                              committed_by_gap=int(self.decision.get("by") == "gap"),
+        self._estimate.update({k: v for k, v in self.decision.items() if k != "mode"},
                               committed_qat=int(self.decision["mode"] == "qat"))
         if self.decision["mode"] == "ptq":
             return np.zeros(len(sampled), dtype=bool)

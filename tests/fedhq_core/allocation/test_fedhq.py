@@ -234,7 +234,7 @@ class _View:
     n_clients, rounds, proxy_size = 10, 20, 200
 
     def __init__(self):
-        self.quant_gap, self.online_gains, self.quant_gaps = 0.0, [], []
+        self.quant_gap, self.online_gains = 0.0, []
 
     def predicted_times(self, cids):
         t = np.array([1.0 + c for c in cids])
@@ -259,43 +259,17 @@ def test_online_explores_a_bounded_span_then_commits_once(sign):
             assert a.info["exploring"] == 0 and not qat and alloc.capabilities.measurements == frozenset()
         elif rnd < 8:
             assert a.info["exploring"] == 1 and 1 <= len(qat) <= 5 and qat <= free
-            assert alloc.capabilities.measurements == {"partials", "gap"}
+            assert alloc.capabilities.measurements == {"partials"}
             view.online_gains.append(sign * 0.02 * (rnd + 1))
-            view.quant_gaps.append((0.01, 0.02))      # a gap within its noise: the comparisons decide
         else:
             assert a.info["exploring"] == 0 and alloc.capabilities.measurements == frozenset()
             assert qat == (free if sign > 0 else set())
     assert alloc.decision["round"] == 8 and alloc.decision["online_n"] == 4
-    assert alloc.decision["mode"] == ("qat" if sign > 0 else "ptq") and alloc.decision["by"] == "comparisons"
-    assert alloc.decision["quant_gap"] == pytest.approx(0.01) and alloc.decision["quant_gap_se"] == pytest.approx(0.02)
+    assert alloc.decision["mode"] == ("qat" if sign > 0 else "ptq")
     assert len({frozenset(m) for m in masks[8:]}) == 1          # never switches back
     again = FedHQAllocator(0.5, None, seed=3)
     again.load_state_dict(alloc.state_dict())
     assert again.decision == alloc.decision
-
-
-def test_commit_reads_the_gap_where_the_comparisons_cannot_tell():
-    """QAT where the comparisons favour it; where they do not, QAT only if PTQ demonstrably loses
-    accuracy on the master (the gap's 95% lower bound above 0) and the comparisons do not
-    demonstrably favour PTQ; the gap's standard error is the mean of its rounds' (the same
-    images), not divided by their number."""
-    from fedhq_core.allocation.fedhq import commit
-
-    unsure = [-0.02, 0.01, -0.01]                               # mean -0.0067, se 0.0088
-    assert commit(unsure)["mode"] == "ptq" and commit(unsure)["by"] == "comparisons"
-    big = [(0.10, 0.02), (0.12, 0.02)]
-    d = commit(unsure, big)
-    assert d["mode"] == "qat" and d["by"] == "gap" and d["quant_gap"] == pytest.approx(0.11)
-    assert d["quant_gap_se"] == pytest.approx(0.02)
-    # a gap inside its noise leaves the comparisons' PTQ: 0.03 - 1.96 x 0.02 < 0
-    assert commit(unsure, [(0.03, 0.02)] * 5)["mode"] == "ptq"
-    # comparisons that show PTQ ahead (mean + 1.96 se < 0) keep PTQ, whatever the gap
-    shown = [-0.03, -0.031, -0.029, -0.03]
-    assert commit(shown, big)["mode"] == "ptq"
-    # comparisons that favour QAT decide it alone; a checkpoint of an older build's gaps (no
-    # standard error) never commits on the gap
-    assert commit([0.01, 0.02], [(-0.2, 0.01)])["mode"] == "qat"
-    assert commit(unsure, [(0.5, float("nan"))])["mode"] == "ptq"
 
 
 def test_online_run_pays_only_for_what_it_measured(tiny_cfg):
@@ -309,11 +283,6 @@ def test_online_run_pays_only_for_what_it_measured(tiny_cfg):
     assert sim.fit.source == "online" and sim.allocator.significance is None
     exploring = [r.extra["exploring"] for r in sim.records]
     assert exploring == [0, 1, 1, 1, 0] and len(sim.server.partials) == 3
-    # the master's gap too, with its paired standard error, in exploring rounds only (each
-    # on the master its round started from, as evaluate_global scores it)
-    assert len(sim.server.gaps) == 3 and [("quant_gap_measured_se" in r.extra) for r in sim.records] == [e == 1 for e in exploring]
-    assert all(0 <= se <= 1 for _, se in sim.quant_gaps)
-    assert sim.allocator.decision["quant_gap"] == pytest.approx(np.mean(sim.server.gaps))
     assert all(g is None or np.isfinite(g) for g in sim.server.partials)
     # the paired measurements' device work is charged and itemized: every client's in the
     # summary (a critical client's would stand as shadow_<kind> in the simulated-time split)
@@ -542,7 +511,7 @@ def test_a_shadow_is_trained_from_the_same_start_charged_and_compared_paired(tin
                                             [u for c in (0, 4) for u in (by[c], by[c].extra["shadow"]) if u.strategy == m],
                                             sim.server.proxy.x, sim.server.proxy.y) for m in ("qat", "ptq"))
     assert gain["accuracy"] == pytest.approx(cq.mean() - cp.mean())
-    dq = cq.astype(float) - cp.astype(float)
+    dq = cq.astype(float) - cp.astype(float)          # its paired standard error over the same images
     assert gain["accuracy_se"] == pytest.approx(dq.std(ddof=1) / np.sqrt(len(dq)))
     assert gain["tcp"] == pytest.approx((tq - tp).mean()) and gain["tcp_se"] == pytest.approx((tq - tp).std(ddof=1) / np.sqrt(len(tq)))
     assert seen == [[(0, "qat"), (4, "qat")], [(0, "ptq"), (4, "ptq")]]
