@@ -352,6 +352,8 @@ def partial_gain(model: nn.Module, state: dict[str, torch.Tensor], ranges: dict[
         sides = {st: [sub[i] for i in sorted(pick.choice(len(sub), k, replace=False))] if len(sub) > k else sub
                  for st, sub in sides.items()}
     (cq, tq), (cp, tp) = (deployed_scores(model, state, ranges, sides[m], x, y) for m in (Mode.QAT, Mode.PTQ))
+    # the accuracy itself as before (the paired mean, x100 then /100, differs in the last bit
+    # and would move a commit on a tie); its standard error from the same per-image differences
     (_, acc_se), (tcp, tcp_se) = paired_points(cq, cp), paired_points(tq, tp)
     return {"accuracy": float(cq.mean() - cp.mean()), "accuracy_se": acc_se / 100.0, "tcp": tcp / 100.0,
             "tcp_se": tcp_se / 100.0}, k
