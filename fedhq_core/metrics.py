@@ -1,7 +1,7 @@
 """Time-to-accuracy and speed-up arithmetic on (simulated time, accuracy) curves."""
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -87,3 +87,42 @@ def verdict(interval: list[float] | None, margin: float = 0.0) -> str:
         return "equal"
     lo, hi = interval
     return "better" if lo > margin else "worse" if hi < -margin else "equal"
+
+
+def commit_audit(by_seed: dict[int, dict[str, dict[str, Any]]], method: str, pure: tuple[str, ...] | list[str]
+                 ) -> dict[str, Any] | None:
+    """An audit of the method's online commits (``by_seed``: seed -> strategy -> study run record),
+    per seed: the mode, the exploring comparisons' mean and standard error (QAT minus PTQ, points), whether their 95% t-interval excludes 0 (``evidence``:
+    the commit rests on more than a coin flip at this power), and whether the commit matches the
+    pure strategy that ended better on *validation* (``right``; the test split only reports).
+    None where no run of the setting decided online."""
+    rows: dict[str, Any] = {}
+    for seed in sorted(by_seed):
+        run = by_seed[seed].get(method, {})
+        d = run.get("decision")
+        if not d or not set(pure) <= set(by_seed[seed]):
+            continue
+        n, gain, se = int(d.get("online_n", 0)), 100 * float(d["online_gain"]), 100 * float(d.get("online_se") or np.nan)
+        half = t975(n - 1) * se if n > 1 and np.isfinite(se) else None
+        better = max(pure, key=lambda p: by_seed[seed][p]["tail_acc_q_val"])
+        mode = "all-qat" if d.get("committed_qat") else "all-ptq"
+        rows[str(seed)] = {"commit": mode.split("-")[1], "gain_pts": gain, "se_pts": se, "n": n,
+                           "evidence": half is not None and abs(gain) > half, "better_pure_on_val": better,
+                           "right": mode == better}
+    if not rows:
+        return None
+    v = list(rows.values())
+    return {"per_seed": rows, "right": sum(r["right"] for r in v), "with_evidence": sum(r["evidence"] for r in v),
+            "right_with_evidence": sum(r["right"] and r["evidence"] for r in v), "n": len(v)}
+
+
+def commit_line(name: str, dec: dict[str, Any] | None) -> str | None:
+    """One line for a setting's :func:`commit_audit`, or None."""
+    if not dec:
+        return None
+    return (f"{name}: fedhq's commits (comparisons' mean +- se, points): " + ", ".join(
+        f"seed {k}: {r['commit'].upper()} on {r['gain_pts']:+.1f} +- {r['se_pts']:.1f}"
+        + ("" if r["evidence"] else " (no evidence)") + ("" if r["right"] else f" (wrong: {r['better_pure_on_val']} "
+                                                          "better on validation)")
+        for k, r in dec["per_seed"].items())
+        + f"; right in {dec['right']}/{dec['n']}, with evidence in {dec['with_evidence']}/{dec['n']}")

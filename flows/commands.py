@@ -249,6 +249,7 @@ def replicated_settings(path: str, proto: Any) -> dict[str, Any]:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
+    from fedhq_core.metrics import commit_line
     from flows.study import paired_table, replicate_noise, restore_runs, run_study, study_table
 
     proto = protocol_from_args(args, args.strategies, args.seeds, args.only, args.name)
@@ -274,6 +275,9 @@ def cmd_study(args: argparse.Namespace) -> int:
     for s in out["settings"]:
         crit = s["criteria"]
         print(f"{s['name']}: criteria " + ("met" if crit["met"] else "MISSED: " + "; ".join(crit["misses"])))
+        line = commit_line(s["name"], s.get("decisions"))
+        if line:
+            print(line)
         if s.get("bar"):
             per = s["bar"]["per_seed"]
             print(f"{s['name']}: bar per seed (acc vs better pure, TTA vs faster pure, sim vs all-ptq): " + ", ".join(

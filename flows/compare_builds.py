@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compare_builds: error: {err}", file=sys.stderr)
         return 2
     from flows.cli_options import format_table
+    from fedhq_core.metrics import commit_line
     from flows.study import paired_table, study_table
 
     if args.pool:
@@ -196,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"seed {k}: {100 * v['acc_vs_best']:+.1f} pts, "
                 + ("TTA not reached" if v["tta_vs_best"] is None else f"TTA {v['tta_vs_best']:.2f}x")
                 + f", {v['sim_vs_all_ptq']:.2f}x time" for k, v in per.items()))
+        line = commit_line(s["name"], s.get("decisions"))
+        if line:
+            print(line)
     if args.json:
         write_json(args.json, out)
     return 0

@@ -74,6 +74,19 @@ MIXING_ROWS = (("all-QAT − all-PTQ aggregate", "qat_minus_ptq"),
                ("blended steps − learned steps alone", "blend_minus_learned_steps"))
 POISONING = ("poisoning-digits.json", "poisoning-cifar10-4rounds.json")
 
+# results.md's audit of fedhq's online commits: (label, build, study JSON)
+COMMITS = (("CIFAR-10 a0.5-w2a8", "`191719d`", "study-cifar10-a0.5-191719d.json"),
+           ("CIFAR-10 a0.1-w2a8", "`191719d`", "pool-cifar10-a0.1-s0-5-191719d.json"),
+           ("CIFAR-10 a0.2-w3a3", "`191719d`", "study-cifar10-a0.2-w3a3-191719d.json"),
+           ("`configs/digits.yaml`", "`fd666e5`", "evidence-digits-fd666e5.json"),
+           ("`configs/digits-ptq-early.yaml`", "`fd666e5`", "evidence-digits-ptq-early-fd666e5.json"))
+LINEAGE_SHARES = (0.2, 0.4, 0.6)   # the shares of a run's rounds after which the pure lineages are compared
+LINEAGE_HEADER = ("| setting | seed | all-QAT − all-PTQ on validation after 20%, 40%, 60% of the rounds (mean of "
+                  "the last 10% of rounds before each; points) | end: validation tail, test tail (points) | fedhq's "
+                  "comparisons (points) |\n|---|---|---|---|---|")
+COMMIT_HEADER = ("| setting | build | commit per seed: QAT − PTQ comparisons, mean ± se (points) | right (the better "
+                 "pure strategy on validation) | with evidence (95% interval excludes 0) |\n|---|---|---|---|---|")
+
 
 def load(name: str) -> dict[str, Any]:
     return json.loads((RESULTS / name).read_text())
@@ -254,6 +267,42 @@ def family_rows() -> list[str]:
     return rows
 
 
+def commit_row(label: str, build: str, d: dict[str, Any]) -> str:
+    """One setting's commits: per seed the mode and what it rested on (``*``: wrong on validation)."""
+    from fedhq_core.metrics import commit_audit
+    from fedhq_core.strategies import METHOD, PURE
+
+    (s,) = d["settings"]
+    by_seed: dict[int, dict[str, dict[str, Any]]] = {}
+    for r in s["runs"]:
+        by_seed.setdefault(r["seed"], {})[r["strategy"]] = r
+    a = commit_audit(by_seed, METHOD, PURE)
+    per = ", ".join(f"{k}: {r['commit'].upper()} {r['gain_pts']:+.1f} ± {r['se_pts']:.1f}" + ("" if r["right"] else "*")
+                    for k, r in a["per_seed"].items())
+    return f"| {label} | {build} | {per} | {a['right']}/{a['n']} | {a['with_evidence']}/{a['n']} |"
+
+
+def lineage_rows(label: str, d: dict[str, Any]) -> list[str]:
+    """What whole lineages show against fedhq's one-round comparisons: per seed, the all-QAT run's
+    validation accuracy minus the all-PTQ run's (each trained alone, every round's clients), as a
+    mean over the last 10% of rounds (at least one) before each of ``LINEAGE_SHARES`` of the rounds,
+    beside the end and fedhq's comparisons."""
+    (s,) = d["settings"]
+    by_seed: dict[int, dict[str, dict[str, Any]]] = {}
+    for r in s["runs"]:
+        by_seed.setdefault(r["seed"], {})[r["strategy"]] = r
+    rows = []
+    for seed, runs in sorted(by_seed.items()):
+        q, p = ([pt[1] for pt in runs[n]["curve_val"]] for n in ("all-qat", "all-ptq"))
+        w = max(1, round(0.1 * len(q)))
+        at = [100 * (sum(q[r - w:r]) - sum(p[r - w:r])) / w for r in (round(f * len(q)) for f in LINEAGE_SHARES)]
+        end = [100 * (runs["all-qat"][k] - runs["all-ptq"][k]) for k in ("tail_acc_q_val", "tail_acc_q")]
+        dec = runs["fedhq"].get("decision", {})
+        rows.append(f"| {label} | {seed} | " + ", ".join(f"{v:+.1f}" for v in at) + f" | {end[0]:+.1f}, {end[1]:+.1f} | "
+                    + (f"{100 * dec['online_gain']:+.1f} ± {100 * dec['online_se']:.1f}" if dec else "–") + " |")
+    return rows
+
+
 def tables() -> dict[str, list[str]]:
     """Every headline table's lines, by the document they stand in."""
     from flows.poisoning import table as poisoning_table
@@ -264,7 +313,9 @@ def tables() -> dict[str, list[str]]:
     return {
         "README.md": study,
         "docs/results.md": (older + transfer + [families_line()] + [HIST_HEADER] + [hist_row(label, load(f), load(g)) for label, f, g in HISTOGRAMS]
-                            + paper_rows() + mixing_rows(load(MIXING)) + family_rows()),
+                            + paper_rows() + mixing_rows(load(MIXING)) + family_rows()
+                            + [COMMIT_HEADER] + [commit_row(label, b, load(f)) for label, b, f in COMMITS]
+                            + [LINEAGE_HEADER] + [row for label, _, f in COMMITS for row in lineage_rows(label, load(f))]),
         "docs/deploy.md": ([EXPORT_HEADER] + [export_row(label, load(f)) for label, f in EXPORTS]
                            + [SPEED_HEADER] + [speed_row(label, load(f)) for label, f in SPEED]),
         "docs/operations.md": [line for f in POISONING for line in poisoning_table(load(f)["rows"])],

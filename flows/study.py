@@ -38,7 +38,7 @@ from prefect import flow  # noqa: E402
 
 from fedhq_core.config import STRATEGIES, ExperimentConfig, from_mapping, read_yaml  # noqa: E402
 from fedhq_core.errors import ConfigError  # noqa: E402
-from fedhq_core.metrics import accuracy_at, running_mean, t975, t_interval, verdict  # noqa: E402
+from fedhq_core.metrics import accuracy_at, commit_audit, running_mean, t975, t_interval, verdict  # noqa: E402
 from fedhq_core.records import write_json  # noqa: E402
 from fedhq_core.simulation import Simulation, data_key  # noqa: E402
 from fedhq_core.strategies import METHOD, REFERENCE, run_order, with_shares  # noqa: E402
@@ -391,7 +391,8 @@ def summarize_setting(name: str, cfg: ExperimentConfig, by_seed: dict[int, dict[
         attach_targets(runs)
     runs = [by_seed[s][n] for s in sorted(by_seed) for n in strategies]
     out = {"name": name, "config": cfg.public_dict(), "runs": runs, "paired": paired(by_seed, strategies),
-           "criteria": criteria(runs, crit), "family": family_report(cfg, runs)}
+           "criteria": criteria(runs, crit), "family": family_report(cfg, runs),
+           "decisions": commit_audit(by_seed, METHOD, PURE)}
     if METHOD in strategies and set(PURE) <= set(strategies):
         out["bar"] = dominance({s: {n: {**r, "charged_total_sim_s": r["total_sim_s"],
                                         "total_sim_s": r["uncharged_total_sim_s"]} for n, r in by_seed[s].items()}
