@@ -98,6 +98,8 @@ class ExperimentConfig:
                                      # trains QAT on the shard samples that fit it (false: it trains FP32, PTQ)
     paired_explore: bool = True      # [design] fedhq exploring: clients with the slack train both ways (same start and
                                      # minibatches) and the server compares the same clients' QAT and PTQ uploads
+    explore: str = "mixed"           # [design] fedhq exploring: mixed (one master; each round's QAT and PTQ partial
+                                     # aggregates compared) | fork (two masters race: a QAT lineage and a PTQ lineage)
     online_statistic: str = "accuracy"  # [design] fedhq exploring: the comparisons' gain: accuracy | tcp (QAT minus PTQ
                                      # mean true-class probability, paired per image: less noisy, but biased to QAT)
     pilot_rounds: int = 0            # [design] fit-significance: paired pilot rounds per setting; 0 = the setting's run
@@ -309,6 +311,7 @@ def _validate_run(cfg: ExperimentConfig) -> None:
     _check(cfg.significance in ("auto", "setting", "online", "none"), "significance",
            "must be auto, setting, online or none")
     _check(cfg.online_statistic in ("tcp", "accuracy"), "online_statistic", "must be tcp or accuracy")
+    _check(cfg.explore in ("mixed", "fork"), "explore", "must be mixed or fork")
     _check(0.5 <= cfg.fedfq_avg_bits <= 16, "fedfq_avg_bits", "must be in [0.5, 16]")
     _check(cfg.fedfq_iters >= 1, "fedfq_iters", "must be >= 1")
     _check(50 < cfg.ptq_act_percentile <= 100, "ptq_act_percentile", "must be in (50, 100]")

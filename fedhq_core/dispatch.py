@@ -64,9 +64,21 @@ class Dispatch:
                                                         ).integers(2**62)), fedfq=fedfq,
                          step_lr_scale=cfg.qat_step_lr_scale, max_samples=max_samples)
 
-    def round_inputs(self) -> RoundInputs:
+    def round_inputs(self, qat_lineage: bool = False) -> RoundInputs:
+        """What the round's clients start from: the master, or during a fork with ``qat_lineage``
+        the QAT lineage's (``ServerState.lineage``)."""
         s = self.server
-        return RoundInputs(self.spec, self.cfg.device, s.global_state, s.global_ranges, s.global_steps)
+        with s.lineage(qat_lineage):
+            return RoundInputs(self.spec, self.cfg.device, s.global_state, s.global_ranges, s.global_steps)
+
+    def tasks(self, jobs: list[ClientJob]) -> list[tuple[RoundInputs, list[ClientJob]]]:
+        """The round's jobs in :meth:`chunks`, each with the inputs its clients start from: during
+        a fork the QAT clients the QAT lineage's master, the others the master."""
+        if self.server.fork is None:
+            inputs = self.round_inputs()
+            return [(inputs, chunk) for chunk in self.chunks(jobs)]
+        return [(self.round_inputs(qat), chunk) for qat in (False, True)
+                for chunk in self.chunks([j for j in jobs if (j.spec.strategy == Mode.QAT) == qat])]
 
     def jobs(self, rnd: int, alloc: Allocation, sampled: list[int], attempt: int = 0) -> list[ClientJob]:
         """One job per sampled client: its shard, its spec and (if configured) its injected fault."""

@@ -72,9 +72,8 @@ def train_round(sim: Simulation, ops: RoundOps, rnd: int) -> RoundOutcome:
             alloc, spent = ops.allocate(sim, rnd, sampled)
         alloc_s += spent
         with span("train (tasks)", rnd):
-            inputs = dispatch.round_inputs()
             jobs = dispatch.jobs(rnd, alloc, sampled, attempt)
-            futures = [(chunk, ops.submit_train(inputs, chunk)) for chunk in dispatch.chunks(jobs)]
+            futures = [(chunk, ops.submit_train(inputs, chunk)) for inputs, chunk in dispatch.tasks(jobs)]
             uploads = collect(futures, cfg.client_timeout_s)
         with span("unpack", rnd):
             results, bad = dispatch.accept(uploads)

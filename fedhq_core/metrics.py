@@ -92,8 +92,9 @@ def verdict(interval: list[float] | None, margin: float = 0.0) -> str:
 def commit_audit(by_seed: dict[int, dict[str, dict[str, Any]]], method: str, pure: tuple[str, ...] | list[str]
                  ) -> dict[str, Any] | None:
     """An audit of the method's online commits (``by_seed``: seed -> strategy -> study run record),
-    per seed: the mode, the exploring comparisons' mean and standard error (QAT minus PTQ, points), whether their 95% t-interval excludes 0 (``evidence``:
-    the commit rests on more than a coin flip at this power), and whether the commit matches the
+    per seed: the mode, the exploring comparisons' mean and standard error (QAT minus PTQ, points),
+    whether their 95% t-interval excludes 0 (``evidence``: the commit rests on more than a coin flip
+    at this power; a forked run's decision carries its own), and whether the commit matches the
     pure strategy that ended better on *validation* (``right``; the test split only reports).
     None where no run of the setting decided online."""
     rows: dict[str, Any] = {}
@@ -104,10 +105,11 @@ def commit_audit(by_seed: dict[int, dict[str, dict[str, Any]]], method: str, pur
             continue
         n, gain, se = int(d.get("online_n", 0)), 100 * float(d["online_gain"]), 100 * float(d.get("online_se") or np.nan)
         half = t975(n - 1) * se if n > 1 and np.isfinite(se) else None
+        evident = bool(d["evidence"]) if "evidence" in d else half is not None and abs(gain) > half
         better = max(pure, key=lambda p: by_seed[seed][p]["tail_acc_q_val"])
         mode = "all-qat" if d.get("committed_qat") else "all-ptq"
         rows[str(seed)] = {"commit": mode.split("-")[1], "gain_pts": gain, "se_pts": se, "n": n,
-                           "evidence": half is not None and abs(gain) > half, "better_pure_on_val": better,
+                           "evidence": evident, "better_pure_on_val": better,
                            "right": mode == better}
     if not rows:
         return None

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
-from .client import ClientResult
+from .client import ClientResult, Mode
 from .data import Split
 from .phases import span
 from .pricing import FleetPricing
@@ -36,6 +36,17 @@ def all_cores() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# what one lineage of the master is: its weights, the clients' averaged ranges, the deployed weight
+# steps and the server momentum's buffer (a fork holds a second set: ``ServerState.start_fork``)
+LINEAGE = ("global_state", "global_ranges", "global_steps", "velocity")
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in value.items()}
+    return value
 
 
 def _part(tensors: dict[str, torch.Tensor], name: str, device: torch.device | None = None) -> dict[str, torch.Tensor]:
@@ -67,6 +78,39 @@ class ServerState:
         self.gap_s = 0.0             # priced seconds of the server's work done while this round's clients train
         self.carried_s = 0.0         # priced server work of this round done while the next one trains
         self.host_s = 0.0            # this host's seconds for the server's work of the round (a metric only)
+        self.fork: dict[str, Any] | None = None   # fedhq's ``explore: fork``: the QAT lineage's master (LINEAGE)
+        self.deploy_qat_lineage = False            # during a fork: the QAT lineage leads on the proxy split, deploy it
+
+    # --- a fork: a second master, trained by the round's QAT clients alone -----------------------
+    def start_fork(self) -> None:
+        """From now on the round's QAT uploads train a copy of the master (the QAT lineage) and
+        its PTQ uploads the master itself (the PTQ lineage), until :meth:`end_fork`."""
+        self.fork = {k: _copy(getattr(self, k)) for k in LINEAGE}
+        self.deploy_qat_lineage = False
+
+    def end_fork(self, keep: str) -> None:
+        """The fork ends: the lineage of mode ``keep`` goes on as the master, the other is dropped."""
+        if self.fork is not None and keep == Mode.QAT:
+            for k in LINEAGE:
+                setattr(self, k, self.fork[k])
+        self.fork, self.deploy_qat_lineage = None, False
+
+    @contextlib.contextmanager
+    def lineage(self, qat: bool) -> Iterator[None]:
+        """Inside the block the master (weights, ranges, steps, momentum) is the QAT lineage's when
+        ``qat`` and a fork runs (what the block changes stays with that lineage), else the master."""
+        if not (qat and self.fork is not None):
+            yield
+            return
+        main = {k: getattr(self, k) for k in LINEAGE}
+        for k in LINEAGE:
+            setattr(self, k, self.fork[k])
+        try:
+            yield
+        finally:
+            self.fork = {k: getattr(self, k) for k in LINEAGE}
+            for k, v in main.items():
+                setattr(self, k, v)
 
     # --- measurements on the proxy split (``fedhq_core.measurements``) -------------------------
     def measure(self, name: str, results: list[ClientResult] | None = None) -> float:
@@ -112,11 +156,21 @@ class ServerState:
                 else:
                     self.carried_s += m.measure(self, results)
         with span("aggregate"):
-            searched = self.aggregate_results(results)
+            if self.fork is None:
+                searched = self.aggregate_results(results)
+                priced = self.pricing.aggregation_s(results, norm_checks, searched, average)
+            else:      # each lineage aggregates its own uploads (a side without any keeps its master)
+                priced = 0.0
+                for qat in (False, True):
+                    side = [r for r in results if (r.strategy == Mode.QAT) == qat]
+                    with self.lineage(qat):
+                        searched = bool(side) and self.aggregate_results(side)
+                        priced += self.pricing.aggregation_s(side, norm_checks if not qat else 0, searched) if side else 0.0
             if average:
                 self.averaged, self.n_averaged = running_average(self.averaged, self.global_state, self.n_averaged)
+                priced += self.pricing.aggregation_s([], 0, False, True) if self.fork is not None else 0.0
         self.host_s = time.perf_counter() - t0
-        return self.pricing.aggregation_s(results, norm_checks, searched, average)
+        return priced
 
     def aggregate_results(self, results: list[ClientResult]) -> bool:
         """FedAvg of the master, the clients' averaged ranges and deployed weight steps (the QAT
@@ -164,7 +218,7 @@ class ServerState:
         """The deployed model on the test split (reported; with ``test``) and, with a validation
         split, its quantized accuracy and loss there (``val_acc_q``, ``val_loss_q``: what
         selections read). The experimenter's measurement, not the system's: no clock prices it."""
-        with all_cores():  # no client trains during evaluation: give it every core
+        with all_cores(), self.lineage(self.deploy_qat_lineage):  # no client trains: every core; a fork's leader
             if test or self.val is None:
                 return evaluate_global(self.eval_model, self.deployed_state, self.deploy_ranges(), self.test.x,
                                        self.test.y, self.global_steps, self.val)
@@ -173,22 +227,29 @@ class ServerState:
 
     def deployed_bundle(self, meta: dict[str, Any]) -> dict[str, Any]:
         """Everything needed to rebuild the deployed quantized model, plus its int form."""
-        ranges = self.deploy_ranges()
-        load_model_state(self.eval_model, self.deployed_state)
-        prepare_deploy(self.eval_model, ranges, self.global_steps)
-        ints = integer_weights(self.eval_model)
-        set_mode(self.eval_model, "fp")
-        return {"meta": meta, "state": self.deployed_state, "steps": self.global_steps, "ranges": ranges,
-                "int_weights": ints}
+        with self.lineage(self.deploy_qat_lineage):
+            ranges = self.deploy_ranges()
+            load_model_state(self.eval_model, self.deployed_state)
+            prepare_deploy(self.eval_model, ranges, self.global_steps)
+            ints = integer_weights(self.eval_model)
+            set_mode(self.eval_model, "fp")
+            return {"meta": meta, "state": self.deployed_state, "steps": self.global_steps, "ranges": ranges,
+                    "int_weights": ints}
 
     # --- checkpoints --------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
+        fork = self.fork or {}
         parts = {"global": self.global_state, "steps": self.global_steps, "velocity": self.velocity,
-                 "averaged": self.averaged}
+                 "averaged": self.averaged, "fork_global": fork.get("global_state"),
+                 "fork_steps": fork.get("global_steps"), "fork_velocity": fork.get("velocity")}
         return {f"{name}/{k}": v for name, part in parts.items() for k, v in (part or {}).items()}
 
     def state_meta(self) -> dict[str, Any]:
+        fork = None if self.fork is None else {
+            "has_steps": self.fork["global_steps"] is not None, "deploy_qat": self.deploy_qat_lineage,
+            "ranges": None if self.fork["global_ranges"] is None else {k: list(v) for k, v in self.fork["global_ranges"].items()}}
         return {"has_steps": self.global_steps is not None, "carried_s": self.carried_s, "n_averaged": self.n_averaged,
+                "fork": fork,
                 **{m.state_key: m.state() for m in self.measurements.values() if m.state_key},
                 "global_ranges": None if self.global_ranges is None else {k: list(v) for k, v in self.global_ranges.items()}}
 
@@ -211,3 +272,11 @@ class ServerState:
             if m.state_key:
                 m.load(meta.get(m.state_key, []))
         self.carried_s = float(meta.get("carried_s", 0.0))
+        fork = meta.get("fork")
+        if fork is not None:
+            self.fork = {"global_state": {k: v.to(device=self.global_state[k].device, dtype=self.global_state[k].dtype)
+                                          for k, v in _part(tensors, "fork_global").items()},
+                         "global_steps": _part(tensors, "fork_steps", device) if fork["has_steps"] else None,
+                         "velocity": _part(tensors, "fork_velocity", device) or None,
+                         "global_ranges": None if fork["ranges"] is None else {k: (v[0], v[1]) for k, v in fork["ranges"].items()}}
+            self.deploy_qat_lineage = bool(fork["deploy_qat"])

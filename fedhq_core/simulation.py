@@ -231,6 +231,10 @@ class Simulation:
         t0 = time.perf_counter()
         with span("allocate", rnd), self.host_work.op(f"allocate/{self.allocator.name}", 1, len(sampled)):
             alloc = self.allocator.allocate(rnd, sampled, self)
+        if alloc.fork == "start":
+            self.server.start_fork()
+        elif alloc.fork is not None:
+            self.server.end_fork(alloc.fork)
         self.last_allocation_info = alloc.info
         return alloc, time.perf_counter() - t0
 

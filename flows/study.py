@@ -240,7 +240,8 @@ def run_record(res: dict[str, Any], strategy: str, seed: int) -> dict[str, Any]:
                        for r in res["rounds"] if "partial_accuracy" in r["extra"]]
     last = res["rounds"][-1]["extra"] if res["rounds"] else {}
     if "committed_qat" in last:
-        out["decision"] = {k: last[k] for k in ("committed_qat", "online_gain", "online_se", "online_n") if k in last}
+        out["decision"] = {k: last[k] for k in ("committed_qat", "online_gain", "online_se", "online_n", "evidence")
+                           if k in last}
     out["total_sim_s"] = res["charged_total_sim_s"]          # fit charged, as fedhq bench charges it
     out["uncharged_total_sim_s"] = res["total_sim_s"]
     return out

@@ -98,6 +98,7 @@ class Allocation:
     upload_bits: dict[int, "int | UplinkSearch"] = field(default_factory=dict)  # per client: a width, or a search
     max_samples: dict[int, int] = field(default_factory=dict)  # partial work: train on this many shard samples
     shadow: dict[int, str] = field(default_factory=dict)  # paired measurement: also train this mode, same start
+    fork: str | None = None   # the server's master: "start" a fork before the round, or end it keeping "qat" / "ptq"
     info: dict[str, Any] = field(default_factory=dict)         # for logging (e.g. scatter data)
 
     @property

@@ -71,6 +71,8 @@ FAMILY_MIN_R2 = 0.5   # [design] a family is used only where its leave-one-setti
 
 
 WARMUP_SHARE = 0.2    # [design] online: the first 20% of rounds train with PTQ before exploring
+FORK_SHARE = 0.4      # [design] ``explore: fork``: the lineages race for at most 40% of the rounds
+FORK_Z = 1.96         # [design] ``explore: fork``: a commit before the bound needs |gain| > FORK_Z x its standard error
 
 
 def explore_rounds(rounds: int) -> int:
@@ -81,6 +83,26 @@ def explore_rounds(rounds: int) -> int:
 def explore_window(rounds: int) -> tuple[int, int]:
     """The first exploring round and how many explore: after a PTQ warm-up of WARMUP_SHARE."""
     return int(np.floor(WARMUP_SHARE * rounds)), explore_rounds(rounds)
+
+
+def fork_rounds(rounds: int) -> int:
+    """Rounds an ``explore: fork`` run races its two lineages at most."""
+    return min(rounds, max(MIN_EXPLORE, int(np.ceil(FORK_SHARE * rounds))))
+
+
+def fork_commit(last: dict[str, float] | None, at_bound: bool) -> dict[str, Any] | None:
+    """The fork's decision from the newest lineage comparison (``measurements.lineages``): the
+    lineage ahead once the gain exceeds ``FORK_Z`` standard errors over a full window of rounds, or
+    at the bound whichever is ahead (PTQ with none to read); None while neither holds."""
+    from ..measurements.lineages import WINDOW
+
+    evident = bool(last) and last["rounds"] >= WINDOW and abs(last["accuracy"]) > FORK_Z * last["accuracy_se"]
+    if not (evident or at_bound):
+        return None
+    gain = float(last["accuracy"]) if last else 0.0
+    return {"mode": "qat" if gain > 0 else "ptq", "online_gain": gain,
+            "online_se": float(last["accuracy_se"]) if last else float("nan"),
+            "online_n": int(last["rounds"]) if last else 0, "evidence": int(evident)}
 
 
 def explore_split(t_qat: np.ndarray, deadline: float, rng: np.random.Generator) -> np.ndarray:
@@ -159,7 +181,7 @@ class FedHQAllocator(Allocator):
     def __init__(self, xi: float, significance: SignificanceModel | None, *, fine: bool = True,
                  adjust_every: int = 3, seed: int = 0, uses_significance: bool = True,
                  max_stretch: float = float("inf"), partial_qat: bool = False, paired_explore: bool = False,
-                 forced: str | None = None):
+                 forced: str | None = None, explore: str = "mixed"):
         import sklearn.linear_model  # noqa: F401  (import once here, not inside a timed adjustment)
 
         self.name = "fedhq" if fine else "fedhq-coarse"
@@ -171,6 +193,8 @@ class FedHQAllocator(Allocator):
         self.max_stretch = max_stretch
         self.partial_qat = partial_qat
         self.paired_explore = paired_explore
+        self.explore = explore                  # mixed: one master, one round's comparisons; fork: two lineages race
+        self._fork_action: str | None = None    # this round's: "start" the fork, or end it keeping "qat" / "ptq"
         self._shadow: dict[int, str] = {}       # the round's paired measurement: client -> its second mode
         self.seed = seed
         self.cost = CostModel(seed=seed)
@@ -205,8 +229,12 @@ class FedHQAllocator(Allocator):
         exploring = self.online and not self.decision and not self.prior and self._round >= self._start
         return Capabilities(uses_significance=self.uses_significance,
                             measurements=frozenset((["gap", "sensitivity"] if family else [])
-                                                   + (["partials"] if exploring else [])),
+                                                   + ([self._exploring_measure] if exploring else [])),
                             min_family_r2=FAMILY_MIN_R2 if self.fine else float("-inf"))
+
+    @property
+    def _exploring_measure(self) -> str:
+        return "lineages" if self.explore == "fork" else "partials"
 
     @property
     def refits(self) -> list[dict[str, Any]]:
@@ -239,7 +267,12 @@ class FedHQAllocator(Allocator):
         self._round, self._start = rnd, start
         if not self.decision and self.prior and rnd >= start:
             self.decision = {**self.prior, "round": rnd}
-        if not self.decision and rnd >= start + span:
+        if not self.decision and self.explore == "fork" and rnd > start:
+            history = view.measured("lineages")
+            decided = fork_commit(history[-1] if history else None, rnd >= start + fork_rounds(view.rounds))
+            if decided:
+                self.decision, self._fork_action = {**decided, "round": rnd}, decided["mode"]
+        elif not self.decision and rnd >= start + span:
             self.decision = {**commit([g for g in view.online_gains if g is not None]), "round": rnd}
         exploring = not self.decision and rnd >= start
         self._estimate = {"exploring": int(exploring)}
@@ -248,7 +281,9 @@ class FedHQAllocator(Allocator):
             deadline = float(np.max(t_ptq))
             x = explore_split(t_qat, deadline, rng)
             both = t_ptq + t_qat <= deadline
-            if self.paired_explore and both.sum() >= 2:
+            if self.explore == "fork":    # each lineage trains its own clients: no shadows
+                self._fork_action = "start" if rnd == start else None
+            elif self.paired_explore and both.sum() >= 2:
                 self._shadow = {c: ("ptq" if q else "qat") for c, q, b in zip(sampled, x, both) if b}
             self._estimate["n_paired"] = len(self._shadow)
             return x
@@ -268,7 +303,7 @@ class FedHQAllocator(Allocator):
             t_ptq = self.cost.correct(sampled, t_ptq, False)
             t_qat = self.cost.correct(sampled, t_qat, True)
         s_hat = minmax(1.0 / t_ptq)
-        self._estimate, self._shadow = {}, {}
+        self._estimate, self._shadow, self._fork_action = {}, {}, None
         online = self._online_mask(rnd, sampled, t_ptq, t_qat, view) if self.online else None
         gains = self.significance_of(sampled, view, rnd)
         x, free = allocate_coarse(s_hat, gains, t_ptq, t_qat, self.xi)
@@ -298,7 +333,7 @@ class FedHQAllocator(Allocator):
                         "xi": self.xi, "round": rnd, "adjusted": adjusted},
             "alloc_compute_s": time.perf_counter() - t0,
         }
-        return Allocation(strategies, info=info, max_samples=partial, shadow=dict(self._shadow))
+        return Allocation(strategies, info=info, max_samples=partial, shadow=dict(self._shadow), fork=self._fork_action)
 
     def _partial(self, sampled: list[int], x: np.ndarray, t_qat: np.ndarray, spec_qat: np.ndarray,
                  deadline: float, view: FleetView) -> dict[int, int]:
@@ -366,7 +401,7 @@ class FedHQAllocator(Allocator):
 def build(cfg: Any, significance: SignificanceModel | None = None, fine: bool = True) -> FedHQAllocator:
     return FedHQAllocator(cfg.xi, significance, fine=fine, adjust_every=cfg.adjust_every, seed=cfg.seed,
                           uses_significance=cfg.significance != "none", max_stretch=cfg.max_stretch,
-                          partial_qat=cfg.partial_qat, paired_explore=cfg.paired_explore)
+                          partial_qat=cfg.partial_qat, paired_explore=cfg.paired_explore, explore=cfg.explore)
 
 
 def build_ptq_then_qat(cfg: Any, significance: SignificanceModel | None = None) -> FedHQAllocator:

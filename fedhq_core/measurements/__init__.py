@@ -22,11 +22,12 @@ from typing import Any
 
 from .base import CARRIED, DURING, Measurement
 from .gap import QuantGap
+from .lineages import LineageGain
 from .partials import PartialGain
 from .sensitivity import UploadSensitivity
 
 # one line per measurement, in the order a round takes them
-REGISTRY: tuple[type[Measurement], ...] = (QuantGap, UploadSensitivity, PartialGain)
+REGISTRY: tuple[type[Measurement], ...] = (QuantGap, UploadSensitivity, PartialGain, LineageGain)
 NAMES = tuple(m.name for m in REGISTRY)
 
 
@@ -35,5 +36,5 @@ def build(cfg: Any) -> list[Measurement]:
     return [m(cfg) for m in REGISTRY]
 
 
-__all__ = ["CARRIED", "DURING", "Measurement", "NAMES", "PartialGain", "QuantGap", "REGISTRY", "UploadSensitivity",
+__all__ = ["CARRIED", "DURING", "LineageGain", "Measurement", "NAMES", "PartialGain", "QuantGap", "REGISTRY", "UploadSensitivity",
            "build"]

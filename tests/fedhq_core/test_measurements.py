@@ -8,9 +8,10 @@ import pytest
 def test_registry_names_the_measurements_in_their_order():
     from fedhq_core.measurements import CARRIED, DURING, NAMES, REGISTRY
 
-    assert NAMES == ("gap", "sensitivity", "partials")
-    assert {m.name: m.when for m in REGISTRY} == {"gap": DURING, "sensitivity": CARRIED, "partials": CARRIED}
-    assert [m.name for m in REGISTRY if m.later_only] == ["sensitivity", "partials"]
+    assert NAMES == ("gap", "sensitivity", "partials", "lineages")
+    assert {m.name: m.when for m in REGISTRY} == {"gap": DURING, "sensitivity": CARRIED, "partials": CARRIED,
+                                                  "lineages": DURING}
+    assert [m.name for m in REGISTRY if m.later_only] == ["sensitivity", "partials", "lineages"]
 
 
 def test_a_new_measurement_runs_where_an_allocator_reads_it(tiny_cfg):

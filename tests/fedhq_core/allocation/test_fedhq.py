@@ -536,3 +536,59 @@ def test_ptq_then_qat_is_the_schedule_without_the_decision(tiny_cfg):
     assert sim.server.partials == [] and sim.fit.source == "none" and sim.summary()["fit_sim_s"] == 0
     assert sim.allocator.decision == {"mode": "qat", "forced": 1, "round": 2}
     assert all(r.extra["committed_qat"] == 1 for r in sim.records[2:])
+
+
+def test_fork_races_two_lineages_commits_on_them_and_resumes_mid_fork(tiny_cfg, tmp_path):
+    """``explore: fork``: after the PTQ warm-up the server keeps a second master that the round's
+    QAT clients train (the PTQ clients train the first), compares the two deployments on its proxy
+    split every round (priced), commits to the lineage ahead (with evidence, or at the bound) and
+    drops the other; a run killed mid-fork resumes to the uninterrupted run's figures."""
+    from fedhq_core.allocation.fedhq import explore_window, fork_commit, fork_rounds
+    from fedhq_core.checkpoint import Checkpoints
+    from fedhq_core.loop import run
+
+    cfg = tiny_cfg.replace(strategy="fedhq", significance="online", explore="fork", rounds=10, clients=6,
+                           fraction=1.0, server_calib_size=64)
+    start, _ = explore_window(10)
+    seen: dict[int, tuple[bool, bool]] = {}
+    ref = Simulation(cfg)
+
+    def watch(rec):
+        fork = ref.server.fork
+        seen[rec.round] = (fork is not None,
+                           fork is not None and any(not torch.equal(fork["global_state"][k], v)
+                                                    for k, v in ref.server.global_state.items() if v.is_floating_point()))
+
+    run(cfg, sim=ref, on_round=watch)
+    recs = ref.records
+    dec = ref.allocator.decision
+    assert start == 2 and start < dec["round"] <= start + fork_rounds(10) and "evidence" in dec
+    assert all(seen[r][0] and seen[r][1] for r in range(start, dec["round"]))   # forked, and the masters differ
+    assert ref.server.fork is None and not any(seen[r][0] for r in range(dec["round"], 10))
+    measured = [r for r in recs if "lineage_accuracy" in r.extra]
+    assert measured and all(r.extra["server_measure_s"] > 0 for r in measured)
+    assert all(r.extra.get("n_paired", 0) == 0 for r in recs)                     # no shadows in a fork
+    last = measured[-1].extra
+    assert dec["mode"] == ("qat" if last["lineage_accuracy"] > 0 else "ptq")
+    # the rule on known numbers: a full window beyond 1.96 standard errors commits early
+    assert fork_commit({"accuracy": 0.05, "accuracy_se": 0.02, "rounds": 3}, False)["mode"] == "qat"
+    assert fork_commit({"accuracy": -0.05, "accuracy_se": 0.02, "rounds": 2}, False) is None
+    assert fork_commit({"accuracy": 0.01, "accuracy_se": 0.02, "rounds": 3}, False) is None
+    assert fork_commit({"accuracy": 0.01, "accuracy_se": 0.02, "rounds": 3}, True)["evidence"] == 0
+    assert fork_commit(None, True)["mode"] == "ptq"
+
+    ck = Checkpoints(tmp_path / "runs" / "fork", keep=2)
+
+    def crash(rec):
+        if rec.round == start + 1:
+            raise RuntimeError("killed mid-fork")
+    with pytest.raises(RuntimeError):
+        run(cfg, on_round=crash, checkpoints=ck)
+    tensors, meta, _ = Checkpoints(ck.run_dir).load_latest(lambda w: None)
+    sim = Simulation(cfg)
+    sim.load_state_dict(tensors, meta)
+    assert sim.server.fork is not None
+    run(cfg, sim=sim)
+    assert [r.acc_q for r in sim.records] == [r.acc_q for r in recs]
+    assert [r.strategies for r in sim.records] == [r.strategies for r in recs]
+    assert sim.allocator.decision == dec
