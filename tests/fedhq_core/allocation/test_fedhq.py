@@ -539,10 +539,11 @@ def test_ptq_then_qat_is_the_schedule_without_the_decision(tiny_cfg):
 
 
 def test_fork_races_two_lineages_commits_on_them_and_resumes_mid_fork(tiny_cfg, tmp_path):
-    """``explore: fork``: after the PTQ warm-up the server keeps a second master that the round's
-    QAT clients train (the PTQ clients train the first), compares the two deployments on its proxy
-    split every round (priced), commits to the lineage ahead (with evidence, or at the bound) and
-    drops the other; a run killed mid-fork resumes to the uninterrupted run's figures."""
+    """``explore: fork``: after the PTQ warm-up the server keeps a second master that half the
+    round's clients (drawn at random) train with QAT (the others train the first with PTQ),
+    compares the two deployments on its proxy split every round (priced), commits to the lineage
+    ahead at the bound and drops the other; a run killed mid-fork resumes to the uninterrupted
+    run's figures."""
     from fedhq_core.allocation.fedhq import explore_window, fork_commit, fork_rounds
     from fedhq_core.checkpoint import Checkpoints
     from fedhq_core.loop import run
@@ -562,20 +563,23 @@ def test_fork_races_two_lineages_commits_on_them_and_resumes_mid_fork(tiny_cfg, 
     run(cfg, sim=ref, on_round=watch)
     recs = ref.records
     dec = ref.allocator.decision
-    assert start == 2 and start < dec["round"] <= start + fork_rounds(10) and "evidence" in dec
+    assert start == 2 and dec["round"] == start + fork_rounds(10) and "evidence" in dec
     assert all(seen[r][0] and seen[r][1] for r in range(start, dec["round"]))   # forked, and the masters differ
     assert ref.server.fork is None and not any(seen[r][0] for r in range(dec["round"], 10))
     measured = [r for r in recs if "lineage_accuracy" in r.extra]
     assert measured and all(r.extra["server_measure_s"] > 0 for r in measured)
     assert all(r.extra.get("n_paired", 0) == 0 for r in recs)                     # no shadows in a fork
+    forked = recs[start:dec["round"]]            # half the clients, drawn at random, train the QAT lineage
+    assert all(r.n_qat == 3 for r in forked)
     last = measured[-1].extra
     assert dec["mode"] == ("qat" if last["lineage_accuracy"] > 0 else "ptq")
     # the rule on known numbers: a full window beyond 1.96 standard errors commits early
-    assert fork_commit({"accuracy": 0.05, "accuracy_se": 0.02, "rounds": 3}, False)["mode"] == "qat"
-    assert fork_commit({"accuracy": -0.05, "accuracy_se": 0.02, "rounds": 2}, False) is None
-    assert fork_commit({"accuracy": 0.01, "accuracy_se": 0.02, "rounds": 3}, False) is None
-    assert fork_commit({"accuracy": 0.01, "accuracy_se": 0.02, "rounds": 3}, True)["evidence"] == 0
-    assert fork_commit(None, True)["mode"] == "ptq"
+    # the rule on known numbers, at the bound: the lineage ahead; evidence beyond 1.96 standard errors
+    assert fork_commit({"accuracy": 0.05, "accuracy_se": 0.02, "rounds": 3}) == {
+        "mode": "qat", "online_gain": 0.05, "online_se": 0.02, "online_n": 3, "evidence": 1}
+    assert fork_commit({"accuracy": -0.05, "accuracy_se": 0.02, "rounds": 2})["evidence"] == 0   # window not full
+    assert fork_commit({"accuracy": -0.01, "accuracy_se": 0.02, "rounds": 3})["mode"] == "ptq"
+    assert fork_commit(None)["mode"] == "ptq"
 
     ck = Checkpoints(tmp_path / "runs" / "fork", keep=2)
 
