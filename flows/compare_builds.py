@@ -53,6 +53,11 @@ def _check_configs(s: dict[str, Any], o: dict[str, Any]) -> set[str]:
     return set(s["config"]) - set(o["config"])
 
 
+def _build(study: dict[str, Any]) -> str:
+    """A study's code digest; a pooled study's, its builds joined (``pool``)."""
+    return study.get("code_digest") or ", ".join(dict.fromkeys(study.get("pool", {}).get("builds", []))) or "not recorded"
+
+
 def _cpus(runs: list[dict[str, Any]]) -> list[str]:
     return sorted({str(r.get("cpu", "not recorded")) for r in runs})
 
@@ -84,7 +89,7 @@ def pool(studies: list[dict[str, Any]]) -> dict[str, Any]:
                 if seed in by_seed:
                     raise ConfigError(f"setting {s['name']!r}: seed {seed} is in two studies")
                 by_seed[seed] = {r["strategy"]: dict(r) for r in p["runs"] if r["seed"] == seed and r["strategy"] in strategies}
-                builds.setdefault(st["code_digest"], []).append(seed)
+                builds.setdefault(_build(st), []).append(seed)
         missing = [(k, n) for k, runs in by_seed.items() for n in strategies if n not in runs]
         if missing:
             raise ConfigError(f"setting {s['name']!r}: seed {missing[0][0]} has no {missing[0][1]} run")
@@ -94,7 +99,7 @@ def pool(studies: list[dict[str, Any]]) -> dict[str, Any]:
         settings.append(entry)
     seeds = sorted({k for s in settings for k in (int(x) for x in s["cpus"])})
     return _study(first, settings, strategies, seeds,
-                  pool={"builds": [st["code_digest"] for st in studies],
+                  pool={"builds": [_build(st) for st in studies],
                         "cpus": sorted({c for s in settings for v in s["cpus"].values() for c in v})})
 
 
@@ -139,13 +144,13 @@ def combine(new: dict[str, Any], old: dict[str, Any], take: tuple[str, ...] = (M
         strategies = [n for n in [METHOD, *from_old, *take] if all(n in runs for runs in by_seed.values())]
         strategies = list(dict.fromkeys(strategies))
         entry = summarize_setting(s["name"], from_mapping(s["config"]), by_seed, strategies, new["protocol"]["criteria"])
-        entry["builds"] = {", ".join(take): new["code_digest"], "baselines": old["code_digest"]}
+        entry["builds"] = {", ".join(take): _build(new), "baselines": _build(old)}
         settings.append(entry)
     # the CPUs the paired runs ran on: another CPU gives another realization (float kernels)
     cpus = {side: _cpus([r for s in settings for r in s["runs"] if (r["strategy"] in take) == (side == "method")])
             for side in ("method", "baselines")}
     return _study(new, settings, list(dict.fromkeys(r["strategy"] for st in settings for r in st["runs"])), new["seeds"],
-                  compare_builds={"method": new["code_digest"], "baselines": old["code_digest"],
+                  compare_builds={"method": _build(new), "baselines": _build(old),
                                   "taken_from_method": list(take), "keys_the_baselines_lack": sorted(added), "cpus": cpus})
 
 

@@ -79,11 +79,21 @@ COMMITS = (("CIFAR-10 a0.5-w2a8", "`191719d`", "study-cifar10-a0.5-191719d.json"
            ("CIFAR-10 a0.1-w2a8", "`191719d`", "pool-cifar10-a0.1-s0-5-191719d.json"),
            ("CIFAR-10 a0.2-w3a3", "`191719d`", "study-cifar10-a0.2-w3a3-191719d.json"),
            ("`configs/digits.yaml`", "`fd666e5`", "evidence-digits-fd666e5.json"),
-           ("`configs/digits-ptq-early.yaml`", "`fd666e5`", "evidence-digits-ptq-early-fd666e5.json"))
+           ("`configs/digits-ptq-early.yaml`", "`fd666e5`", "evidence-digits-ptq-early-fd666e5.json"),
+           ("CIFAR-10 a0.1-w2a8, `explore: fork`", "`1ece845`", "fork-cifar10-a0.1-s145-1ece845.json"),
+           ("`configs/digits.yaml`, `explore: fork`", "`1ece845`", "fork-digits-1ece845.json"),
+           ("`configs/digits-ptq-early.yaml`, `explore: fork`", "`1ece845`", "fork-digits-ptq-early-1ece845.json"))
 LINEAGE_SHARES = (0.2, 0.4, 0.6)   # the shares of a run's rounds after which the pure lineages are compared
 LINEAGE_HEADER = ("| setting | seed | all-QAT − all-PTQ on validation after 20%, 40%, 60% of the rounds (mean of "
                   "the last 10% of rounds before each; points) | end: validation tail, test tail (points) | fedhq's "
                   "comparisons (points) |\n|---|---|---|---|---|")
+# results.md's forked-lineages table: (label, build of the fork, the mixed study JSON, the fork's study JSON)
+FORKS = (("`configs/digits.yaml`", "`1ece845`", "evidence-digits-fd666e5.json", "fork-digits-1ece845.json"),
+         ("`configs/digits-ptq-early.yaml`", "`1ece845`", "evidence-digits-ptq-early-fd666e5.json",
+          "fork-digits-ptq-early-1ece845.json"),
+         ("CIFAR-10 a0.1-w2a8", "`1ece845`", "pool-cifar10-a0.1-s0-5-191719d.json", "fork-cifar10-a0.1-s145-1ece845.json"))
+FORK_HEADER = ("| setting | seed | all-ptq | all-qat | fedhq, mixed (commit) | fedhq, fork (commit: gain ± se, "
+               "points) | fork − better pure | fork's time / all-ptq |\n|---|---|---|---|---|---|---|---|")
 COMMIT_HEADER = ("| setting | build | commit per seed: QAT − PTQ comparisons, mean ± se (points) | right (the better "
                  "pure strategy on validation) | with evidence (95% interval excludes 0) |\n|---|---|---|---|---|")
 
@@ -272,11 +282,7 @@ def commit_row(label: str, build: str, d: dict[str, Any]) -> str:
     from fedhq_core.metrics import commit_audit
     from fedhq_core.strategies import METHOD, PURE
 
-    (s,) = d["settings"]
-    by_seed: dict[int, dict[str, dict[str, Any]]] = {}
-    for r in s["runs"]:
-        by_seed.setdefault(r["seed"], {})[r["strategy"]] = r
-    a = commit_audit(by_seed, METHOD, PURE)
+    a = commit_audit(_by_seed(d), METHOD, PURE)
     per = ", ".join(f"{k}: {r['commit'].upper()} {r['gain_pts']:+.1f} ± {r['se_pts']:.1f}" + ("" if r["right"] else "*")
                     for k, r in a["per_seed"].items())
     return f"| {label} | {build} | {per} | {a['right']}/{a['n']} | {a['with_evidence']}/{a['n']} |"
@@ -287,12 +293,8 @@ def lineage_rows(label: str, d: dict[str, Any]) -> list[str]:
     validation accuracy minus the all-PTQ run's (each trained alone, every round's clients), as a
     mean over the last 10% of rounds (at least one) before each of ``LINEAGE_SHARES`` of the rounds,
     beside the end and fedhq's comparisons."""
-    (s,) = d["settings"]
-    by_seed: dict[int, dict[str, dict[str, Any]]] = {}
-    for r in s["runs"]:
-        by_seed.setdefault(r["seed"], {})[r["strategy"]] = r
     rows = []
-    for seed, runs in sorted(by_seed.items()):
+    for seed, runs in sorted(_by_seed(d).items()):
         q, p = ([pt[1] for pt in runs[n]["curve_val"]] for n in ("all-qat", "all-ptq"))
         w = max(1, round(0.1 * len(q)))
         at = [100 * (sum(q[r - w:r]) - sum(p[r - w:r])) / w for r in (round(f * len(q)) for f in LINEAGE_SHARES)]
@@ -300,6 +302,33 @@ def lineage_rows(label: str, d: dict[str, Any]) -> list[str]:
         dec = runs["fedhq"].get("decision", {})
         rows.append(f"| {label} | {seed} | " + ", ".join(f"{v:+.1f}" for v in at) + f" | {end[0]:+.1f}, {end[1]:+.1f} | "
                     + (f"{100 * dec['online_gain']:+.1f} ± {100 * dec['online_se']:.1f}" if dec else "–") + " |")
+    return rows
+
+
+def _by_seed(d: dict[str, Any]) -> dict[int, dict[str, dict[str, Any]]]:
+    (s,) = d["settings"]
+    out: dict[int, dict[str, dict[str, Any]]] = {}
+    for r in s["runs"]:
+        out.setdefault(r["seed"], {})[r["strategy"]] = r
+    return out
+
+
+def fork_rows(label: str, mixed: dict[str, Any], fork: dict[str, Any]) -> list[str]:
+    """Per seed: the pure strategies and fedhq mixed (from ``mixed``), and fedhq with ``explore:
+    fork`` (from ``fork``, its baselines the same runs' where it has them); test tails, %."""
+    base, new = _by_seed(mixed), _by_seed(fork)
+    rows = []
+    for seed in sorted(new):
+        b, f = base[seed], new[seed]["fedhq"]
+        ptq, qat = b["all-ptq"], b["all-qat"]
+        mode = lambda r: "QAT" if r["decision"]["committed_qat"] else "PTQ"   # noqa: E731
+        d = f["decision"]
+        rows.append(f"| {label} | {seed} | {100 * ptq['tail_acc_q']:.1f} | {100 * qat['tail_acc_q']:.1f} | "
+                    f"{100 * b['fedhq']['tail_acc_q']:.1f} ({mode(b['fedhq'])}) | {100 * f['tail_acc_q']:.1f} "
+                    f"({mode(f)}: {100 * d['online_gain']:+.1f} ± {100 * d['online_se']:.1f}"
+                    + ("" if d.get("evidence") else ", at the bound") + ") | "
+                    f"{100 * (f['tail_acc_q'] - max(ptq['tail_acc_q'], qat['tail_acc_q'])):+.1f} | "
+                    f"{f['total_sim_s'] / ptq['total_sim_s']:.2f}× |")
     return rows
 
 
@@ -314,8 +343,9 @@ def tables() -> dict[str, list[str]]:
         "README.md": study,
         "docs/results.md": (older + transfer + [families_line()] + [HIST_HEADER] + [hist_row(label, load(f), load(g)) for label, f, g in HISTOGRAMS]
                             + paper_rows() + mixing_rows(load(MIXING)) + family_rows()
+                            + [FORK_HEADER] + [row for label, _, m, f in FORKS for row in fork_rows(label, load(m), load(f))]
                             + [COMMIT_HEADER] + [commit_row(label, b, load(f)) for label, b, f in COMMITS]
-                            + [LINEAGE_HEADER] + [row for label, _, f in COMMITS for row in lineage_rows(label, load(f))]),
+                            + [LINEAGE_HEADER] + [row for label, _, f in COMMITS[:5] for row in lineage_rows(label, load(f))]),
         "docs/deploy.md": ([EXPORT_HEADER] + [export_row(label, load(f)) for label, f in EXPORTS]
                            + [SPEED_HEADER] + [speed_row(label, load(f)) for label, f in SPEED]),
         "docs/operations.md": [line for f in POISONING for line in poisoning_table(load(f)["rows"])],

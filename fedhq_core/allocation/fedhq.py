@@ -35,6 +35,12 @@ Fine [paper: ML-based adjustment with a cost model; design: what it learns and t
       their mean true-class probability (``tcp``: paired per image and far less noisy, but
       biased to QAT, whose partial aggregates are more confident without being more often
       right: docs/design.md);
+    - or, with ``explore: fork``, *races two lineages*: the server copies its master; each round
+      a random half of the clients train the copy with QAT (slow ones on partial work) and the
+      rest the master with PTQ, each lineage aggregating its own uploads; the server scores both
+      deployments on its proxy split every round (``measurements.lineages``, priced) and, after
+      ``FORK_SHARE`` of the rounds, keeps the lineage ahead (:func:`fork_commit`) and drops the
+      other;
     - *commits* once (:func:`commit`) to the option the comparisons favour: PTQ for every client
       (nothing is mixed or measured again), or QAT for every client it costs no round time. It
       never switches back, so the share cannot swing from round to round, and the rounds spent

@@ -120,6 +120,10 @@ def test_smoke_study_survives_a_kill_is_paired_and_reuses_its_runs(tmp_path, cap
         h["settings"][0]["runs"] = [r for r in h["settings"][0]["runs"] if r["seed"] == k]
     pooled = pool(halves)
     assert pooled["settings"][0]["paired"] == s["paired"] and pooled["settings"][0]["builds"] == {res["code_digest"]: [0, 1]}
+    # a newer build's fedhq against a pooled study's baselines (a pool has builds, not one digest)
+    against_pool = combine(new_study, pooled)
+    assert against_pool["settings"][0]["paired"] == s["paired"]
+    assert against_pool["compare_builds"]["baselines"] == res["code_digest"]
     for k, h in enumerate(halves):
         (tmp_path / f"half{k}.json").write_text(json.dumps(h))
     assert compare_main(["--pool", str(tmp_path / "half0.json"), str(tmp_path / "half0.json")]) == 2
