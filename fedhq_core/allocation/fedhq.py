@@ -78,6 +78,7 @@ FAMILY_MIN_R2 = 0.5   # [design] a family is used only where its leave-one-setti
 
 WARMUP_SHARE = 0.2    # [design] online: the first 20% of rounds train with PTQ before exploring
 FORK_SHARE = 0.4      # [design] ``explore: fork``: the lineages race for at most 40% of the rounds
+FORK_WINDOW = 3       # [design] ``explore: fork``: rounds pooled per image in the lineage comparison (it still moves)
 FORK_Z = 1.96         # [design] ``explore: fork``: the commit has evidence where |gain| > FORK_Z x its standard error
 
 
@@ -102,9 +103,7 @@ def fork_commit(last: dict[str, float] | None) -> dict[str, Any]:
     gain exceeds ``FORK_Z`` standard errors over a full window of rounds. Never earlier: a QAT
     lineage starts behind and overtakes (measured: build ``0598727`` committed CIFAR-10 α 0.1
     seed 4 to PTQ on −4.3 ± 2.0 points after three rounds; all-QAT ends 12.2 above all-PTQ)."""
-    from ..measurements.lineages import WINDOW
-
-    evident = bool(last) and last["rounds"] >= WINDOW and abs(last["accuracy"]) > FORK_Z * last["accuracy_se"]
+    evident = bool(last) and last["rounds"] >= FORK_WINDOW and abs(last["accuracy"]) > FORK_Z * last["accuracy_se"]
     gain = float(last["accuracy"]) if last else 0.0
     return {"mode": "qat" if gain > 0 else "ptq", "online_gain": gain,
             "online_se": float(last["accuracy_se"]) if last else float("nan"),

@@ -5,10 +5,9 @@ from typing import Any
 
 import numpy as np
 
+from ..allocation.fedhq import FORK_WINDOW as WINDOW
 from ..server import deployment, image_scores, paired_points
 from .base import DURING, Measurement
-
-WINDOW = 3   # [design] rounds pooled per image: a lineage's deployment still moves from round to round
 
 
 class LineageGain(Measurement):
