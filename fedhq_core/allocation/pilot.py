@@ -407,7 +407,7 @@ def choose_significance(sim, registered: tuple[Family | None, str] | None = None
         sim.fit = FitInfo("online", 0.0, time.perf_counter() - t0,
                           f"no family ({why}): " + (
                               "the server races a QAT lineage against the PTQ lineage (explore: fork)"
-                              if getattr(sim.cfg, "explore", "mixed") == "fork" else
+                              if sim.cfg.explore == "fork" else
                               "the server compares the exploring rounds' QAT and PTQ partial aggregates"))
         return None
     model = family_for_run(sim, family, why)

@@ -28,7 +28,7 @@ class LineageGain(Measurement):
         if server.fork is None:
             self.window = []
             return 0.0
-        if server.fork["global_state"] is server.global_state or not self._diverged(server):
+        if not self._diverged(server):
             return 0.0
         right = []
         for qat in (False, True):
