@@ -160,15 +160,17 @@ class ServerState:
                 searched = self.aggregate_results(results)
                 priced = self.pricing.aggregation_s(results, norm_checks, searched, average)
             else:      # each lineage aggregates its own uploads (a side without any keeps its master)
-                priced = 0.0
+                priced, checks = 0.0, norm_checks    # the round's norm checks, billed once, with the first side
                 for qat in (False, True):
                     side = [r for r in results if (r.strategy == Mode.QAT) == qat]
-                    with self.lineage(qat):
-                        searched = bool(side) and self.aggregate_results(side)
-                        priced += self.pricing.aggregation_s(side, norm_checks if not qat else 0, searched) if side else 0.0
+                    if side:
+                        with self.lineage(qat):
+                            priced += self.pricing.aggregation_s(side, checks, self.aggregate_results(side))
+                        checks = 0
+                if average:
+                    priced += self.pricing.aggregation_s([], 0, False, True)
             if average:
                 self.averaged, self.n_averaged = running_average(self.averaged, self.global_state, self.n_averaged)
-                priced += self.pricing.aggregation_s([], 0, False, True) if self.fork is not None else 0.0
         self.host_s = time.perf_counter() - t0
         return priced
 
